@@ -1,0 +1,313 @@
+// Package config reads the broker's configuration from the environment and
+// validates it, reporting every bad variable on its own line.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"reflect"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caarlos0/env/v11"
+)
+
+// Config is a broker node's configuration. Field comments give the
+// environment variable and its default; the zero value of a field that has a
+// default is replaced by that default in Normalize, so tests can build a
+// Config literal with only the fields they care about.
+type Config struct {
+	// Seed variables (kept from the original broker).
+	Port                 int    `env:"BROKER_PORT" envDefault:"7900"`             // HTTP + WebSocket port
+	Host                 string `env:"BROKER_HOST"`                               // bind address; empty = all interfaces
+	DatabaseURL          string `env:"DATABASE_URL"`                              // Postgres connection string
+	StatusTTLSeconds     int    `env:"STATUS_TTL_SECONDS" envDefault:"60"`        // flip stuck "working" to idle
+	HookFreshSeconds     int    `env:"HOOK_FRESH_WINDOW_SECONDS" envDefault:"30"` // a fresh hook beats lower sources
+	MaxConnsPerMesh      int    `env:"MAX_CONNECTIONS_PER_MESH" envDefault:"100"` // live sessions per mesh, cluster-wide
+	MaxMessageBytes      int    `env:"MAX_MESSAGE_BYTES" envDefault:"65536"`      // WebSocket frame and HTTP body limit
+	HookRateLimitPerMin  int    `env:"HOOK_RATE_LIMIT_PER_MIN" envDefault:"30"`   // per (pid, cwd)
+	GitSHA               string `env:"GIT_SHA"`                                   // reported by /health
+	HookRequireSignature bool   `env:"HOOK_REQUIRE_SIGNATURE" envDefault:"true"`  // unsigned hooks only from loopback
+
+	// Cluster.
+	NodeName         string        `env:"NODE_NAME"`                              // default: hostname-port
+	ClusterBind      string        `env:"CLUSTER_BIND" envDefault:":7946"`        // memberlist bind host:port
+	ClusterAdvertise string        `env:"CLUSTER_ADVERTISE"`                      // host:port others reach us at
+	ClusterJoin      []string      `env:"CLUSTER_JOIN" envSeparator:","`          // seeds: host[:port] or DNS names
+	ClusterSecret    string        `env:"CLUSTER_SECRET"`                         // gossip encryption key material
+	ClusterProfile   string        `env:"CLUSTER_PROFILE" envDefault:"lan"`       // lan | wan | local
+	PresenceGrace    int           `env:"PRESENCE_GRACE_SECONDS" envDefault:"90"` // reattach window after a drop
+	MessageTTL       time.Duration `env:"MESSAGE_TTL" envDefault:"168h"`          // undelivered messages expire
+	LogLevel         string        `env:"LOG_LEVEL" envDefault:"info"`            // debug | info | warn | error
+	PublicURL        string        `env:"PUBLIC_URL"`                             // ws URL put into invites
+	AdminToken       string        `env:"ADMIN_TOKEN"`                            // protects /status; empty = disabled
+
+	// Tunables. The defaults suit production; tests shorten them.
+	HelloTimeout       time.Duration `env:"HELLO_TIMEOUT" envDefault:"10s"`
+	PingInterval       time.Duration `env:"PING_INTERVAL" envDefault:"30s"`
+	PongTimeout        time.Duration `env:"PONG_TIMEOUT" envDefault:"75s"`
+	LeaseDuration      time.Duration `env:"LEASE_DURATION" envDefault:"30s"`
+	SweepInterval      time.Duration `env:"SWEEP_INTERVAL" envDefault:"2s"`      // safety re-scan for this node's sessions
+	DeliveredRetention time.Duration `env:"DELIVERED_RETENTION" envDefault:"1h"` // keep delivered rows for message_status and idempotency
+	ShutdownTimeout    time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"10s"`
+	SendRatePerSec     float64       `env:"SEND_RATE_PER_SEC" envDefault:"500"` // per session; burst is twice this
+	HelloRatePerSec    float64       `env:"HELLO_RATE_PER_SEC" envDefault:"50"` // per remote address, before ed25519
+	ConnsPerAddr       int           `env:"MAX_CONNECTIONS_PER_ADDR" envDefault:"20000"`
+	SendQueueLen       int           `env:"SEND_QUEUE_LEN" envDefault:"1024"` // frames buffered per connection
+	DBPoolSize         int           `env:"DB_POOL_SIZE" envDefault:"16"`
+	RevokeCheck        time.Duration `env:"REVOKE_CHECK_INTERVAL" envDefault:"2s"`
+}
+
+// Load reads the configuration from the process environment.
+func Load() (*Config, error) { return LoadFrom(nil) }
+
+// LoadFrom reads the configuration from environ (KEY=VALUE strings);
+// nil means the process environment.
+func LoadFrom(environ []string) (*Config, error) {
+	var opts env.Options
+	if environ != nil {
+		opts.Environment = env.ToMap(environ)
+	}
+	cfg := &Config{}
+	if err := env.ParseWithOptions(cfg, opts); err != nil {
+		return nil, describe(err)
+	}
+	cfg.Normalize()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// describe turns the env library's errors into one line per variable.
+func describe(err error) error {
+	var agg env.AggregateError
+	if !errors.As(err, &agg) {
+		return fmt.Errorf("config: %w", err)
+	}
+	var lines []string
+	for _, e := range agg.Errors {
+		var pe env.ParseError
+		if errors.As(e, &pe) {
+			lines = append(lines, fmt.Sprintf("config: %s: cannot parse as %s: %v", envName(pe.Name), pe.Type, pe.Err))
+			continue
+		}
+		lines = append(lines, "config: "+e.Error())
+	}
+	return errors.New(strings.Join(lines, "\n"))
+}
+
+// envName maps a field name back to its variable for error messages.
+func envName(field string) string {
+	for _, f := range fields() {
+		if f.field == field {
+			return f.env
+		}
+	}
+	return field
+}
+
+// Normalize fills zero values with defaults and derived values.
+func (c *Config) Normalize() {
+	def := func(p *int, v int) {
+		if *p == 0 {
+			*p = v
+		}
+	}
+	defD := func(p *time.Duration, v time.Duration) {
+		if *p == 0 {
+			*p = v
+		}
+	}
+	def(&c.Port, 7900)
+	def(&c.StatusTTLSeconds, 60)
+	def(&c.HookFreshSeconds, 30)
+	def(&c.MaxConnsPerMesh, 100)
+	def(&c.MaxMessageBytes, 65536)
+	def(&c.HookRateLimitPerMin, 30)
+	def(&c.PresenceGrace, 90)
+	def(&c.ConnsPerAddr, 20000)
+	def(&c.SendQueueLen, 1024)
+	def(&c.DBPoolSize, 16)
+	defD(&c.MessageTTL, 168*time.Hour)
+	defD(&c.HelloTimeout, 10*time.Second)
+	defD(&c.PingInterval, 30*time.Second)
+	defD(&c.PongTimeout, 75*time.Second)
+	defD(&c.LeaseDuration, 30*time.Second)
+	defD(&c.SweepInterval, 2*time.Second)
+	defD(&c.DeliveredRetention, time.Hour)
+	defD(&c.ShutdownTimeout, 10*time.Second)
+	defD(&c.RevokeCheck, 2*time.Second)
+	if c.SendRatePerSec == 0 {
+		c.SendRatePerSec = 500
+	}
+	if c.HelloRatePerSec == 0 {
+		c.HelloRatePerSec = 50
+	}
+	if c.ClusterBind == "" {
+		c.ClusterBind = ":7946"
+	}
+	if c.ClusterProfile == "" {
+		c.ClusterProfile = "lan"
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	if c.NodeName == "" {
+		h, err := os.Hostname()
+		if err != nil || h == "" {
+			h = "node"
+		}
+		c.NodeName = h + "-" + strconv.Itoa(c.Port)
+	}
+	if c.PublicURL == "" {
+		host := c.Host
+		if host == "" || host == "0.0.0.0" || host == "::" {
+			host = "localhost"
+		}
+		c.PublicURL = "ws://" + net.JoinHostPort(host, strconv.Itoa(c.Port)) + "/ws"
+	}
+}
+
+// Validate reports every invalid setting, one per line.
+func (c *Config) Validate() error {
+	var lines []string
+	bad := func(name, format string, args ...any) {
+		lines = append(lines, fmt.Sprintf("config: %s: %s", name, fmt.Sprintf(format, args...)))
+	}
+	if c.Port < 0 || c.Port > 65535 {
+		bad("BROKER_PORT", "%d is not a TCP port (1..65535, or 0 for any)", c.Port)
+	}
+	if c.StatusTTLSeconds < 1 {
+		bad("STATUS_TTL_SECONDS", "must be at least 1, got %d", c.StatusTTLSeconds)
+	}
+	if c.HookFreshSeconds < 1 {
+		bad("HOOK_FRESH_WINDOW_SECONDS", "must be at least 1, got %d", c.HookFreshSeconds)
+	}
+	if c.MaxConnsPerMesh < 1 {
+		bad("MAX_CONNECTIONS_PER_MESH", "must be at least 1, got %d", c.MaxConnsPerMesh)
+	}
+	if c.MaxMessageBytes < 1024 || c.MaxMessageBytes > 16<<20 {
+		bad("MAX_MESSAGE_BYTES", "must be between 1024 and 16777216, got %d", c.MaxMessageBytes)
+	}
+	if c.HookRateLimitPerMin < 1 {
+		bad("HOOK_RATE_LIMIT_PER_MIN", "must be at least 1, got %d", c.HookRateLimitPerMin)
+	}
+	if c.PresenceGrace < 0 {
+		bad("PRESENCE_GRACE_SECONDS", "must not be negative, got %d", c.PresenceGrace)
+	}
+	if c.MessageTTL < time.Second {
+		bad("MESSAGE_TTL", "must be at least 1s, got %s", c.MessageTTL)
+	}
+	switch c.ClusterProfile {
+	case "lan", "wan", "local":
+	default:
+		bad("CLUSTER_PROFILE", "must be lan, wan or local, got %q", c.ClusterProfile)
+	}
+	if _, _, err := net.SplitHostPort(c.ClusterBind); err != nil {
+		bad("CLUSTER_BIND", "must be host:port, got %q", c.ClusterBind)
+	}
+	if c.ClusterAdvertise != "" {
+		if _, _, err := net.SplitHostPort(c.ClusterAdvertise); err != nil {
+			bad("CLUSTER_ADVERTISE", "must be host:port, got %q", c.ClusterAdvertise)
+		}
+	}
+	for _, j := range c.ClusterJoin {
+		if strings.TrimSpace(j) == "" {
+			bad("CLUSTER_JOIN", "has an empty entry")
+		}
+	}
+	if c.ClusterSecret != "" && len(c.ClusterSecret) < 16 {
+		bad("CLUSTER_SECRET", "must be at least 16 characters")
+	}
+	if _, err := ParseLevel(c.LogLevel); err != nil {
+		bad("LOG_LEVEL", "%v", err)
+	}
+	if !strings.HasPrefix(c.PublicURL, "ws://") && !strings.HasPrefix(c.PublicURL, "wss://") {
+		bad("PUBLIC_URL", "must start with ws:// or wss://, got %q", c.PublicURL)
+	}
+	if c.LeaseDuration < time.Second {
+		bad("LEASE_DURATION", "must be at least 1s")
+	}
+	if c.PongTimeout <= c.PingInterval {
+		bad("PONG_TIMEOUT", "must be longer than PING_INTERVAL (%s)", c.PingInterval)
+	}
+	if c.SendQueueLen < 16 {
+		bad("SEND_QUEUE_LEN", "must be at least 16")
+	}
+	if c.DBPoolSize < 4 {
+		bad("DB_POOL_SIZE", "must be at least 4")
+	}
+	if c.SendRatePerSec < 0 || c.HelloRatePerSec < 0 {
+		bad("SEND_RATE_PER_SEC/HELLO_RATE_PER_SEC", "must not be negative")
+	}
+	if len(lines) > 0 {
+		return errors.New(strings.Join(lines, "\n"))
+	}
+	return nil
+}
+
+// RequireDatabase reports a clear error when DATABASE_URL is missing.
+func (c *Config) RequireDatabase() error {
+	if c.DatabaseURL == "" {
+		return errors.New("config: DATABASE_URL: required (a postgres:// URL); or run `broker dev` for a local cluster on a private Postgres")
+	}
+	return nil
+}
+
+// Addr is the HTTP listen address.
+func (c *Config) Addr() string { return net.JoinHostPort(c.Host, strconv.Itoa(c.Port)) }
+
+// StatusTTL is STATUS_TTL_SECONDS as a duration.
+func (c *Config) StatusTTL() time.Duration { return time.Duration(c.StatusTTLSeconds) * time.Second }
+
+// HookFresh is HOOK_FRESH_WINDOW_SECONDS as a duration.
+func (c *Config) HookFresh() time.Duration { return time.Duration(c.HookFreshSeconds) * time.Second }
+
+// Grace is PRESENCE_GRACE_SECONDS as a duration.
+func (c *Config) Grace() time.Duration { return time.Duration(c.PresenceGrace) * time.Second }
+
+// ParseLevel maps LOG_LEVEL to a slog level.
+func ParseLevel(s string) (slog.Level, error) {
+	switch strings.ToLower(s) {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "info", "":
+		return slog.LevelInfo, nil
+	case "warn", "warning":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, fmt.Errorf("must be debug, info, warn or error, got %q", s)
+}
+
+type fieldInfo struct{ field, env, def string }
+
+// Variables lists every environment variable the broker reads, with its
+// default; the README table and the deployment checks are built from it.
+func Variables() []string {
+	var out []string
+	for _, f := range fields() {
+		out = append(out, f.env)
+	}
+	return out
+}
+
+func fields() []fieldInfo {
+	t := reflect.TypeOf(Config{})
+	out := make([]fieldInfo, 0, t.NumField())
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("env"), ",")
+		if name == "" {
+			continue
+		}
+		out = append(out, fieldInfo{field: f.Name, env: name, def: f.Tag.Get("envDefault")})
+	}
+	return out
+}

@@ -1,0 +1,85 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Audit event types. Metadata never holds ciphertext or nonce.
+const (
+	EventPeerConnected    = "peer_connected"
+	EventPeerDisconnected = "peer_disconnected"
+	EventHelloRejected    = "hello_rejected"
+	EventMessageQueued    = "message_queued"
+	EventMessageDelivered = "message_delivered"
+	EventMessageExpired   = "message_expired"
+	EventMemberJoined     = "member_joined"
+	EventMemberRevoked    = "member_revoked"
+	EventInviteCreated    = "invite_created"
+	EventInviteUsed       = "invite_used"
+	EventStatusChanged    = "status_changed"
+	EventMeshCreated      = "mesh_created"
+	EventMemberAdded      = "member_added"
+)
+
+// AuditEvent is one audit_log row.
+type AuditEvent struct {
+	ID        int64          `json:"id"`
+	MeshID    string         `json:"meshId,omitempty"`
+	Type      string         `json:"type"`
+	Actor     string         `json:"actor,omitempty"`
+	Target    string         `json:"target,omitempty"`
+	Metadata  map[string]any `json:"metadata,omitempty"`
+	CreatedAt time.Time      `json:"createdAt"`
+}
+
+// InsertAudit writes events with COPY.
+func (s *Store) InsertAudit(ctx context.Context, events []AuditEvent) error {
+	rows := make([][]any, len(events))
+	for i, e := range events {
+		meta, err := json.Marshal(e.Metadata)
+		if err != nil || e.Metadata == nil {
+			meta = []byte("{}")
+		}
+		created := e.CreatedAt
+		if created.IsZero() {
+			created = time.Now()
+		}
+		rows[i] = []any{nullable(e.MeshID), e.Type, nullable(e.Actor), nullable(e.Target), string(meta), created}
+	}
+	_, err := s.pool.CopyFrom(ctx, pgx.Identifier{"audit_log"},
+		[]string{"mesh_id", "event_type", "actor", "target", "metadata", "created_at"}, pgx.CopyFromRows(rows))
+	if err != nil {
+		return fmt.Errorf("insert audit events: %w", err)
+	}
+	return nil
+}
+
+func nullable(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+// ListAudit returns a mesh's newest events (all meshes when meshID is
+// empty), optionally of one type.
+func (s *Store) ListAudit(ctx context.Context, meshID, eventType string, limit int) ([]AuditEvent, error) {
+	rows, err := s.pool.Query(ctx, `
+		SELECT id, coalesce(mesh_id, ''), event_type, coalesce(actor, ''), coalesce(target, ''), metadata, created_at
+		FROM audit_log
+		WHERE ($1 = '' OR mesh_id = $1) AND ($2 = '' OR event_type = $2)
+		ORDER BY created_at DESC, id DESC LIMIT $3`, meshID, eventType, limit)
+	if err != nil {
+		return nil, fmt.Errorf("list audit: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (AuditEvent, error) {
+		var e AuditEvent
+		err := r.Scan(&e.ID, &e.MeshID, &e.Type, &e.Actor, &e.Target, &e.Metadata, &e.CreatedAt)
+		return e, err
+	})
+}

@@ -1,0 +1,462 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// NewMessage is a send to commit: the envelope and its recipient members
+// (already expanded from the target spec).
+type NewMessage struct {
+	MeshID          string
+	SenderMemberID  string
+	SenderPubkey    string
+	SenderName      string
+	TargetSpec      string
+	Priority        int16
+	Nonce           string
+	Ciphertext      string
+	ClientMessageID string // empty: no idempotency key
+	Recipients      []Recipient
+}
+
+// Recipient is one delivery row to write. A non-empty LeaseConn writes the
+// row already leased to that connection (the local fast path).
+type Recipient struct {
+	MemberID  string
+	LeaseConn string
+}
+
+// Inserted is the outcome of one NewMessage.
+type Inserted struct {
+	ID        int64
+	CreatedAt time.Time
+	// Duplicate means the sender already sent this client_message_id: ID is
+	// the first message's id and nothing new was queued.
+	Duplicate bool
+}
+
+// InsertMessages commits a batch of messages and their delivery rows in one
+// statement (one round trip, one transaction). Message ids are allocated in
+// batch order, so two messages of one sender in one batch keep their order.
+// leaseNode and lease apply to recipients with a LeaseConn.
+func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode string, lease time.Duration, msgs []NewMessage) ([]Inserted, error) {
+	n := len(msgs)
+	var (
+		ord      = make([]int32, n)
+		meshID   = make([]string, n)
+		sender   = make([]string, n)
+		spub     = make([]string, n)
+		sname    = make([]string, n)
+		target   = make([]string, n)
+		prio     = make([]int16, n)
+		nonce    = make([]string, n)
+		cipher   = make([]string, n)
+		cmid     = make([]*string, n)
+		dOrd     []int32
+		dMember  []string
+		dConn    []*string
+		dNode    []*string
+		nodeName = leaseNode
+	)
+	for i, m := range msgs {
+		ord[i] = int32(i)
+		meshID[i], sender[i], spub[i], sname[i] = m.MeshID, m.SenderMemberID, m.SenderPubkey, m.SenderName
+		target[i], prio[i], nonce[i], cipher[i] = m.TargetSpec, m.Priority, m.Nonce, m.Ciphertext
+		if m.ClientMessageID != "" {
+			c := m.ClientMessageID
+			cmid[i] = &c
+		}
+		for _, r := range m.Recipients {
+			dOrd = append(dOrd, int32(i))
+			dMember = append(dMember, r.MemberID)
+			if r.LeaseConn != "" {
+				c := r.LeaseConn
+				dConn = append(dConn, &c)
+				dNode = append(dNode, &nodeName)
+			} else {
+				dConn = append(dConn, nil)
+				dNode = append(dNode, nil)
+			}
+		}
+	}
+	rows, err := s.pool.Query(ctx, `
+		WITH input AS (
+			SELECT nextval('message_id_seq') AS id, u.*
+			FROM (SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+			                           $7::int2[], $8::text[], $9::text[], $10::text[])
+			          AS t(ord, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
+			               priority, nonce, ciphertext, client_message_id)
+			      ORDER BY ord) u
+		), ins AS (
+			INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
+			                     priority, nonce, ciphertext, client_message_id, expires_at)
+			SELECT id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
+			       priority, nonce, ciphertext, client_message_id, now() + $11::interval
+			FROM input
+			ON CONFLICT (sender_member_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+			RETURNING id, created_at, expires_at
+		), dl AS (
+			INSERT INTO delivery (message_id, recipient_member_id, priority, expires_at,
+			                      lease_conn, lease_node, lease_expires_at, attempts)
+			SELECT ins.id, d.member, i.priority, ins.expires_at, d.conn, d.node,
+			       CASE WHEN d.conn IS NOT NULL THEN now() + $16::interval END,
+			       CASE WHEN d.conn IS NOT NULL THEN 1 ELSE 0 END
+			FROM unnest($12::int4[], $13::text[], $14::text[], $15::text[]) AS d(ord, member, conn, node)
+			JOIN input i ON i.ord = d.ord
+			JOIN ins ON ins.id = i.id
+		)
+		SELECT i.ord, i.id, ins.created_at FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`,
+		ord, meshID, sender, spub, sname, target, prio, nonce, cipher, cmid, ttl,
+		dOrd, dMember, dConn, dNode, lease)
+	if err != nil {
+		return nil, fmt.Errorf("insert messages: %w", err)
+	}
+	out := make([]Inserted, n)
+	var dups []int
+	for rows.Next() {
+		var o int32
+		var id int64
+		var created *time.Time
+		if err := rows.Scan(&o, &id, &created); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("insert messages: %w", err)
+		}
+		if created == nil {
+			out[o].Duplicate = true
+			dups = append(dups, int(o))
+			continue
+		}
+		out[o] = Inserted{ID: id, CreatedAt: *created}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("insert messages: %w", err)
+	}
+	for _, o := range dups {
+		m := msgs[o]
+		err := s.pool.QueryRow(ctx, `SELECT id, created_at FROM message WHERE sender_member_id = $1 AND client_message_id = $2`,
+			m.SenderMemberID, m.ClientMessageID).Scan(&out[o].ID, &out[o].CreatedAt)
+		if err != nil {
+			return nil, fmt.Errorf("find duplicate message: %w", err)
+		}
+	}
+	return out, nil
+}
+
+// ClaimRequest asks for up to Limit deliverable rows of MemberID, leased to
+// Conn, with priority rank at most MaxPriority.
+type ClaimRequest struct {
+	MemberID    string
+	Conn        string
+	MaxPriority int16
+	Limit       int32
+}
+
+// Delivery is a claimed row with its envelope.
+type Delivery struct {
+	MessageID       int64
+	MemberID        string // recipient
+	Conn            string
+	Attempts        int32
+	MeshID          string
+	SenderMemberID  string
+	SenderPubkey    string
+	SenderName      string
+	TargetSpec      string
+	Priority        int16
+	Nonce           string
+	Ciphertext      string
+	ClientMessageID string
+	CreatedAt       time.Time
+}
+
+// Claim leases deliverable rows for many members in one statement.
+// Concurrent claimers on any node get disjoint rows (FOR UPDATE SKIP
+// LOCKED); a row is deliverable when it is neither delivered nor expired
+// and its lease (if any) has run out by Postgres' clock. Rows come back
+// ordered by recipient, then message id.
+func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, reqs []ClaimRequest) ([]Delivery, error) {
+	if len(reqs) == 0 {
+		return nil, nil
+	}
+	members := make([]string, len(reqs))
+	conns := make([]string, len(reqs))
+	maxp := make([]int16, len(reqs))
+	limits := make([]int32, len(reqs))
+	for i, r := range reqs {
+		members[i], conns[i], maxp[i], limits[i] = r.MemberID, r.Conn, r.MaxPriority, r.Limit
+	}
+	rows, err := s.pool.Query(ctx, `
+		WITH picked AS (
+			SELECT x.message_id, x.recipient_member_id, r.conn
+			FROM unnest($1::text[], $2::text[], $3::int2[], $4::int4[]) AS r(member, conn, maxp, lim)
+			CROSS JOIN LATERAL (
+				SELECT d.message_id, d.recipient_member_id FROM delivery d
+				WHERE d.recipient_member_id = r.member
+				  AND d.delivered_at IS NULL AND d.expired_at IS NULL
+				  AND d.priority <= r.maxp AND d.expires_at > now()
+				  AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now())
+				ORDER BY d.message_id
+				LIMIT r.lim
+				FOR UPDATE SKIP LOCKED
+			) x
+		), upd AS (
+			UPDATE delivery d
+			SET lease_conn = p.conn, lease_node = $5, lease_expires_at = now() + $6::interval, attempts = d.attempts + 1
+			FROM picked p
+			WHERE d.message_id = p.message_id AND d.recipient_member_id = p.recipient_member_id
+			RETURNING d.message_id, d.recipient_member_id, d.lease_conn, d.attempts
+		)
+		SELECT u.message_id, u.recipient_member_id, u.lease_conn, u.attempts,
+		       m.mesh_id, m.sender_member_id, m.sender_pubkey, m.sender_name, m.target_spec,
+		       m.priority, m.nonce, m.ciphertext, coalesce(m.client_message_id, ''), m.created_at
+		FROM upd u JOIN message m ON m.id = u.message_id
+		ORDER BY u.recipient_member_id, u.message_id`,
+		members, conns, maxp, limits, node, lease)
+	if err != nil {
+		return nil, fmt.Errorf("claim deliveries: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Delivery, error) {
+		var d Delivery
+		err := r.Scan(&d.MessageID, &d.MemberID, &d.Conn, &d.Attempts, &d.MeshID, &d.SenderMemberID,
+			&d.SenderPubkey, &d.SenderName, &d.TargetSpec, &d.Priority, &d.Nonce, &d.Ciphertext,
+			&d.ClientMessageID, &d.CreatedAt)
+		return d, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim deliveries: %w", err)
+	}
+	return out, nil
+}
+
+// DeliveryKey names one delivery row.
+type DeliveryKey struct {
+	MessageID int64
+	MemberID  string
+}
+
+func splitKeys(keys []DeliveryKey) ([]int64, []string) {
+	ids := make([]int64, len(keys))
+	members := make([]string, len(keys))
+	for i, k := range keys {
+		ids[i], members[i] = k.MessageID, k.MemberID
+	}
+	return ids, members
+}
+
+// Delivered is a row newly marked delivered.
+type Delivered struct {
+	DeliveryKey
+	MeshID    string
+	CreatedAt time.Time // when the message was committed
+}
+
+// MarkDelivered marks rows delivered (a client_ack, or a push written to a
+// session without the client_ack capability). It returns the rows that
+// were not already delivered.
+func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) ([]Delivered, error) {
+	ids, members := splitKeys(keys)
+	rows, err := s.pool.Query(ctx, `
+		WITH upd AS (
+			UPDATE delivery d SET delivered_at = now(), lease_expires_at = NULL
+			FROM unnest($1::int8[], $2::text[]) AS a(mid, member)
+			WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
+			  AND d.delivered_at IS NULL AND d.expired_at IS NULL
+			RETURNING d.message_id, d.recipient_member_id
+		)
+		SELECT u.message_id, u.recipient_member_id, m.mesh_id, m.created_at
+		FROM upd u JOIN message m ON m.id = u.message_id`, ids, members)
+	if err != nil {
+		return nil, fmt.Errorf("mark delivered: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Delivered, error) {
+		var d Delivered
+		err := r.Scan(&d.MessageID, &d.MemberID, &d.MeshID, &d.CreatedAt)
+		return d, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mark delivered: %w", err)
+	}
+	return out, nil
+}
+
+// ReleaseLeases gives back rows leased to conn that were not delivered, so
+// another session of the member can claim them at once.
+func (s *Store) ReleaseLeases(ctx context.Context, conn string, keys []DeliveryKey) (int64, error) {
+	ids, members := splitKeys(keys)
+	tag, err := s.pool.Exec(ctx, `
+		UPDATE delivery d SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
+		FROM unnest($2::int8[], $3::text[]) AS a(mid, member)
+		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
+		  AND d.lease_conn = $1 AND d.delivered_at IS NULL`, conn, ids, members)
+	if err != nil {
+		return 0, fmt.Errorf("release leases: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
+
+// ReleaseNodeLeases releases every live lease held by node incarnations
+// matching the LIKE pattern, except the one named keep. It returns the
+// members whose rows became claimable.
+func (s *Store) ReleaseNodeLeases(ctx context.Context, pattern, keep string) ([]string, error) {
+	rows, err := s.pool.Query(ctx, `
+		UPDATE delivery SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
+		WHERE delivered_at IS NULL AND expired_at IS NULL AND lease_expires_at > now()
+		  AND lease_node LIKE $1 AND lease_node <> $2
+		RETURNING recipient_member_id`, pattern, keep)
+	if err != nil {
+		return nil, fmt.Errorf("release node leases: %w", err)
+	}
+	members, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("release node leases: %w", err)
+	}
+	return dedupe(members), nil
+}
+
+func dedupe(in []string) []string {
+	seen := make(map[string]struct{}, len(in))
+	out := in[:0]
+	for _, s := range in {
+		if _, ok := seen[s]; !ok {
+			seen[s] = struct{}{}
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Expired is a delivery row that ran out of time undelivered.
+type Expired struct {
+	DeliveryKey
+	MeshID string
+}
+
+// ExpireDue marks up to limit undelivered rows past their expiry.
+func (s *Store) ExpireDue(ctx context.Context, limit int) ([]Expired, error) {
+	rows, err := s.pool.Query(ctx, `
+		WITH due AS (
+			SELECT message_id, recipient_member_id FROM delivery
+			WHERE delivered_at IS NULL AND expired_at IS NULL AND expires_at <= now()
+			LIMIT $1 FOR UPDATE SKIP LOCKED
+		), upd AS (
+			UPDATE delivery d SET expired_at = now(), lease_conn = NULL, lease_expires_at = NULL
+			FROM due WHERE d.message_id = due.message_id AND d.recipient_member_id = due.recipient_member_id
+			RETURNING d.message_id, d.recipient_member_id
+		)
+		SELECT u.message_id, u.recipient_member_id, m.mesh_id FROM upd u JOIN message m ON m.id = u.message_id`, limit)
+	if err != nil {
+		return nil, fmt.Errorf("expire deliveries: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Expired, error) {
+		var e Expired
+		err := r.Scan(&e.MessageID, &e.MemberID, &e.MeshID)
+		return e, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("expire deliveries: %w", err)
+	}
+	return out, nil
+}
+
+// Purge deletes up to limit messages older than retention that have no
+// pending delivery, with their delivery rows, plus stale hello and pending
+// hook rows. It returns the number of messages deleted.
+func (s *Store) Purge(ctx context.Context, retention time.Duration, limit int) (int64, error) {
+	var n int64
+	err := s.pool.QueryRow(ctx, `
+		WITH done AS (
+			SELECT m.id FROM message m
+			WHERE m.created_at < now() - $1::interval
+			  AND NOT EXISTS (SELECT 1 FROM delivery d WHERE d.message_id = m.id
+			                  AND d.delivered_at IS NULL AND d.expired_at IS NULL)
+			ORDER BY m.created_at LIMIT $2
+		), dd AS (
+			DELETE FROM delivery d USING done WHERE d.message_id = done.id
+		), dm AS (
+			DELETE FROM message m USING done WHERE m.id = done.id RETURNING 1
+		)
+		SELECT count(*) FROM dm`, retention, limit).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("purge messages: %w", err)
+	}
+	if _, err := s.pool.Exec(ctx, `DELETE FROM hello_seen WHERE expires_at < now()`); err != nil {
+		return n, fmt.Errorf("purge hello_seen: %w", err)
+	}
+	if _, err := s.pool.Exec(ctx, `DELETE FROM pending_status WHERE created_at < now() - interval '1 minute'`); err != nil {
+		return n, fmt.Errorf("purge pending_status: %w", err)
+	}
+	return n, nil
+}
+
+// QueueDepth counts delivery rows still to deliver.
+func (s *Store) QueueDepth(ctx context.Context) (int64, error) {
+	var n int64
+	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM delivery WHERE delivered_at IS NULL AND expired_at IS NULL`).Scan(&n)
+	return n, err
+}
+
+// MessageInfo is what message_status reports about one message.
+type MessageInfo struct {
+	ID             int64
+	MeshID         string
+	SenderMemberID string
+	Priority       int16
+	Recipients     []RecipientRow
+}
+
+// RecipientRow is one recipient's delivery state.
+type RecipientRow struct {
+	MemberID    string
+	DisplayName string
+	Delivered   bool
+	Expired     bool
+	Leased      bool
+}
+
+// MessageStatus loads a message of meshID and its delivery rows.
+func (s *Store) MessageStatus(ctx context.Context, meshID string, id int64) (MessageInfo, error) {
+	info := MessageInfo{ID: id}
+	err := s.pool.QueryRow(ctx, `SELECT mesh_id, sender_member_id, priority FROM message WHERE id = $1 AND mesh_id = $2`, id, meshID).
+		Scan(&info.MeshID, &info.SenderMemberID, &info.Priority)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return info, ErrNotFound
+	}
+	if err != nil {
+		return info, fmt.Errorf("message status: %w", err)
+	}
+	rows, err := s.pool.Query(ctx, `
+		SELECT d.recipient_member_id, coalesce(mb.display_name, ''), d.delivered_at IS NOT NULL,
+		       d.delivered_at IS NULL AND (d.expired_at IS NOT NULL OR d.expires_at <= now()),
+		       d.delivered_at IS NULL AND d.lease_expires_at IS NOT NULL AND d.lease_expires_at > now()
+		FROM delivery d LEFT JOIN member mb ON mb.id = d.recipient_member_id
+		WHERE d.message_id = $1 ORDER BY mb.display_name, d.recipient_member_id`, id)
+	if err != nil {
+		return info, fmt.Errorf("message status: %w", err)
+	}
+	info.Recipients, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (RecipientRow, error) {
+		var x RecipientRow
+		err := r.Scan(&x.MemberID, &x.DisplayName, &x.Delivered, &x.Expired, &x.Leased)
+		return x, err
+	})
+	if err != nil {
+		return info, fmt.Errorf("message status: %w", err)
+	}
+	return info, nil
+}
+
+// Notify sends notifications in one statement (one notifying transaction).
+func (s *Store) Notify(ctx context.Context, channels, payloads []string) error {
+	if len(channels) == 0 {
+		return nil
+	}
+	_, err := s.pool.Exec(ctx, `SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)`, channels, payloads)
+	if err != nil {
+		return fmt.Errorf("notify: %w", err)
+	}
+	return nil
+}

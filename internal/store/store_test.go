@@ -1,0 +1,220 @@
+package store_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/claudemesh/broker/internal/pgtest"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+
+func open(t *testing.T) *store.Store {
+	t.Helper()
+	s, err := store.Open(context.Background(), pgtest.NewDB(t), 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+type fixture struct {
+	mesh    store.Mesh
+	members []store.Member
+}
+
+func seed(t *testing.T, s *store.Store, n int) fixture {
+	t.Helper()
+	ctx := context.Background()
+	m, err := s.CreateMesh(ctx, store.Mesh{Name: "m", Slug: fmt.Sprintf("m-%d", time.Now().UnixNano()), OwnerPubkey: fmt.Sprintf("%064x", 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := fixture{mesh: m}
+	for i := 0; i < n; i++ {
+		mem, err := s.AddMember(ctx, store.Member{MeshID: m.ID, Pubkey: fmt.Sprintf("%064x", i+10), DisplayName: fmt.Sprintf("p%d", i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.members = append(f.members, mem)
+	}
+	return f
+}
+
+func msg(f fixture, from, to int, prio int16, cmid string) store.NewMessage {
+	return store.NewMessage{
+		MeshID: f.mesh.ID, SenderMemberID: f.members[from].ID, SenderPubkey: f.members[from].Pubkey,
+		SenderName: f.members[from].DisplayName, TargetSpec: f.members[to].Pubkey, Priority: prio,
+		Nonce: "n", Ciphertext: "c", ClientMessageID: cmid,
+		Recipients: []store.Recipient{{MemberID: f.members[to].ID}},
+	}
+}
+
+func TestInsertOrderAndIdempotency(t *testing.T) {
+	s := open(t)
+	f := seed(t, s, 2)
+	ctx := context.Background()
+	batch := []store.NewMessage{msg(f, 0, 1, 1, ""), msg(f, 0, 1, 1, "k1"), msg(f, 0, 1, 1, "")}
+	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !(res[0].ID < res[1].ID && res[1].ID < res[2].ID) {
+		t.Fatalf("ids not in batch order: %+v", res)
+	}
+	again, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 1, "k1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !again[0].Duplicate || again[0].ID != res[1].ID {
+		t.Fatalf("duplicate client_message_id: got %+v, want id %d duplicate", again[0], res[1].ID)
+	}
+	got, err := s.Claim(ctx, "n#1", 30*time.Second, []store.ClaimRequest{{MemberID: f.members[1].ID, Conn: "c1", MaxPriority: 2, Limit: 100}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 3 {
+		t.Fatalf("claimed %d rows, want 3 (the duplicate must not be queued twice)", len(got))
+	}
+	for i := 1; i < len(got); i++ {
+		if got[i-1].MessageID >= got[i].MessageID {
+			t.Fatalf("claim not ordered by message id")
+		}
+	}
+}
+
+// Eight claimers race over 1,000 rows: every row is claimed exactly once.
+func TestConcurrentClaimersDisjoint(t *testing.T) {
+	s := open(t)
+	f := seed(t, s, 2)
+	ctx := context.Background()
+	const total = 1000
+	batch := make([]store.NewMessage, 0, 100)
+	for i := 0; i < total; i++ {
+		batch = append(batch, msg(f, 0, 1, 0, ""))
+		if len(batch) == 100 {
+			if _, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch); err != nil {
+				t.Fatal(err)
+			}
+			batch = batch[:0]
+		}
+	}
+	var mu sync.Mutex
+	seen := map[int64]int{}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for {
+				got, err := s.Claim(ctx, "n#1", time.Minute, []store.ClaimRequest{{MemberID: f.members[1].ID, Conn: fmt.Sprintf("w%d", w), MaxPriority: 2, Limit: 7}})
+				if err != nil {
+					errs <- err
+					return
+				}
+				if len(got) == 0 {
+					return
+				}
+				mu.Lock()
+				for _, d := range got {
+					seen[d.MessageID]++
+				}
+				mu.Unlock()
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if len(seen) != total {
+		t.Fatalf("claimed %d distinct rows, want %d", len(seen), total)
+	}
+	for id, n := range seen {
+		if n != 1 {
+			t.Fatalf("message %d claimed %d times", id, n)
+		}
+	}
+}
+
+func TestLeaseReleaseDeliverExpire(t *testing.T) {
+	s := open(t)
+	f := seed(t, s, 2)
+	ctx := context.Background()
+	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 2, ""), msg(f, 0, 1, 0, "")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := f.members[1].ID
+	// A working session (max priority now) gets only the "now" message.
+	got, err := s.Claim(ctx, "n#1", 30*time.Second, []store.ClaimRequest{{MemberID: rec, Conn: "c1", MaxPriority: 0, Limit: 10}})
+	if err != nil || len(got) != 1 || got[0].MessageID != res[1].ID {
+		t.Fatalf("gated claim: %v %+v", err, got)
+	}
+	// Leased: nobody else can claim it until released.
+	again, _ := s.Claim(ctx, "n#1", 30*time.Second, []store.ClaimRequest{{MemberID: rec, Conn: "c2", MaxPriority: 2, Limit: 10}})
+	if len(again) != 1 || again[0].MessageID != res[0].ID {
+		t.Fatalf("second claim should get only the low message: %+v", again)
+	}
+	n, err := s.ReleaseLeases(ctx, "c1", []store.DeliveryKey{{MessageID: res[1].ID, MemberID: rec}})
+	if err != nil || n != 1 {
+		t.Fatalf("release: %v %d", err, n)
+	}
+	third, _ := s.Claim(ctx, "n#1", 30*time.Second, []store.ClaimRequest{{MemberID: rec, Conn: "c3", MaxPriority: 2, Limit: 10}})
+	if len(third) != 1 || third[0].MessageID != res[1].ID || third[0].Attempts != 2 {
+		t.Fatalf("released row not reclaimed: %+v", third)
+	}
+	done, err := s.MarkDelivered(ctx, []store.DeliveryKey{{MessageID: res[1].ID, MemberID: rec}, {MessageID: res[1].ID, MemberID: rec}})
+	if err != nil || len(done) != 1 {
+		t.Fatalf("mark delivered: %v %+v", err, done)
+	}
+	// Node-wide release frees c2's lease on the low message.
+	members, err := s.ReleaseNodeLeases(ctx, "n#%", "n#2")
+	if err != nil || len(members) != 1 || members[0] != rec {
+		t.Fatalf("node release: %v %v", err, members)
+	}
+	// Expiry: a message with a zero TTL is due in any later transaction.
+	short, err := s.InsertMessages(ctx, 0, "n#1", time.Second, []store.NewMessage{msg(f, 1, 0, 1, "")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	exp, err := s.ExpireDue(ctx, 100)
+	if err != nil || len(exp) != 1 || exp[0].MessageID != short[0].ID {
+		t.Fatalf("expire: %v %+v", err, exp)
+	}
+	info, err := s.MessageStatus(ctx, f.mesh.ID, res[1].ID)
+	if err != nil || len(info.Recipients) != 1 || !info.Recipients[0].Delivered {
+		t.Fatalf("status: %v %+v", err, info)
+	}
+	depth, _ := s.QueueDepth(ctx)
+	if depth != 1 {
+		t.Fatalf("queue depth %d, want 1", depth)
+	}
+	if n, err := s.Purge(ctx, 0, 100); err != nil || n != 2 {
+		t.Fatalf("purge: %v %d (want the delivered and the expired message)", err, n)
+	}
+}
+
+func TestHelloReplayAndPending(t *testing.T) {
+	s := open(t)
+	ctx := context.Background()
+	if err := s.AddPendingStatus(ctx, 42, "/w", "working", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	fresh, pend, err := s.AcceptHello(ctx, []byte("sig1"), time.Minute, 42, "/w", "mesh", "pk", 10*time.Second)
+	if err != nil || !fresh || pend != "working" {
+		t.Fatalf("first hello: %v %v %q", err, fresh, pend)
+	}
+	fresh, _, err = s.AcceptHello(ctx, []byte("sig1"), time.Minute, 42, "/w", "mesh", "pk", 10*time.Second)
+	if err != nil || fresh {
+		t.Fatalf("replayed hello accepted: %v %v", err, fresh)
+	}
+}
