@@ -7,6 +7,9 @@ CREATE TABLE mesh (
     owner_pubkey     text NOT NULL,
     -- Kept so `broker admin invite create` can sign invites server-side.
     owner_secret_key text,
+    -- Symmetric key for group and broadcast envelopes, handed to members in
+    -- signed invites (the broker stores it; see README "Encryption").
+    root_key         text,
     created_at       timestamptz NOT NULL DEFAULT now(),
     archived_at      timestamptz
 );

@@ -46,6 +46,11 @@ type Config struct {
 	PublicURL        string        `env:"PUBLIC_URL"`                             // ws URL put into invites
 	AdminToken       string        `env:"ADMIN_TOKEN"`                            // protects /status; empty = disabled
 
+	// Fly.io sets these; they supply defaults for NODE_NAME,
+	// CLUSTER_BIND and CLUSTER_ADVERTISE (gossip over the 6PN network).
+	FlyPrivateIP string `env:"FLY_PRIVATE_IP"`
+	FlyMachineID string `env:"FLY_MACHINE_ID"`
+
 	// Tunables. The defaults suit production; tests shorten them.
 	HelloTimeout       time.Duration `env:"HELLO_TIMEOUT" envDefault:"10s"`
 	PingInterval       time.Duration `env:"PING_INTERVAL" envDefault:"30s"`
@@ -147,6 +152,20 @@ func (c *Config) Normalize() {
 	}
 	if c.HelloRatePerSec == 0 {
 		c.HelloRatePerSec = 50
+	}
+	if c.FlyPrivateIP != "" {
+		// On Fly the private network is IPv6: bind every address, advertise
+		// the machine's 6PN address.
+		if c.ClusterBind == "" || c.ClusterBind == ":7946" {
+			c.ClusterBind = "[::]:7946"
+		}
+		if c.ClusterAdvertise == "" {
+			_, port, _ := net.SplitHostPort(c.ClusterBind)
+			c.ClusterAdvertise = net.JoinHostPort(c.FlyPrivateIP, port)
+		}
+		if c.NodeName == "" && c.FlyMachineID != "" {
+			c.NodeName = c.FlyMachineID
+		}
 	}
 	if c.ClusterBind == "" {
 		c.ClusterBind = ":7946"

@@ -21,6 +21,7 @@ type Mesh struct {
 	Slug           string     `json:"slug"`
 	OwnerPubkey    string     `json:"ownerPubkey"`
 	OwnerSecretKey string     `json:"-"`
+	RootKey        string     `json:"-"`
 	CreatedAt      time.Time  `json:"createdAt"`
 	ArchivedAt     *time.Time `json:"archivedAt,omitempty"`
 	MemberCount    int        `json:"memberCount"`
@@ -44,10 +45,10 @@ func (s *Store) CreateMesh(ctx context.Context, m Mesh) (Mesh, error) {
 		m.ID = NewID()
 	}
 	err := s.pool.QueryRow(ctx, `
-		INSERT INTO mesh (id, name, slug, owner_pubkey, owner_secret_key)
-		VALUES ($1, $2, $3, $4, NULLIF($5, ''))
+		INSERT INTO mesh (id, name, slug, owner_pubkey, owner_secret_key, root_key)
+		VALUES ($1, $2, $3, $4, NULLIF($5, ''), NULLIF($6, ''))
 		RETURNING created_at`,
-		m.ID, m.Name, m.Slug, m.OwnerPubkey, m.OwnerSecretKey).Scan(&m.CreatedAt)
+		m.ID, m.Name, m.Slug, m.OwnerPubkey, m.OwnerSecretKey, m.RootKey).Scan(&m.CreatedAt)
 	if isUniqueViolation(err) {
 		return Mesh{}, fmt.Errorf("mesh slug %q: %w", m.Slug, ErrConflict)
 	}
@@ -60,11 +61,11 @@ func (s *Store) CreateMesh(ctx context.Context, m Mesh) (Mesh, error) {
 // GetMesh loads a mesh by id.
 func (s *Store) GetMesh(ctx context.Context, id string) (Mesh, error) {
 	var m Mesh
-	var secret *string
+	var secret, root *string
 	err := s.pool.QueryRow(ctx, `
-		SELECT id, name, slug, owner_pubkey, owner_secret_key, created_at, archived_at
+		SELECT id, name, slug, owner_pubkey, owner_secret_key, root_key, created_at, archived_at
 		FROM mesh WHERE id = $1`, id).
-		Scan(&m.ID, &m.Name, &m.Slug, &m.OwnerPubkey, &secret, &m.CreatedAt, &m.ArchivedAt)
+		Scan(&m.ID, &m.Name, &m.Slug, &m.OwnerPubkey, &secret, &root, &m.CreatedAt, &m.ArchivedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Mesh{}, fmt.Errorf("mesh %s: %w", id, ErrNotFound)
 	}
@@ -73,6 +74,9 @@ func (s *Store) GetMesh(ctx context.Context, id string) (Mesh, error) {
 	}
 	if secret != nil {
 		m.OwnerSecretKey = *secret
+	}
+	if root != nil {
+		m.RootKey = *root
 	}
 	return m, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -299,35 +300,42 @@ func (s *Store) ReleaseLeases(ctx context.Context, conn string, keys []DeliveryK
 	return tag.RowsAffected(), nil
 }
 
+// MemberRef names a member and its mesh.
+type MemberRef struct {
+	MeshID   string
+	MemberID string
+}
+
 // ReleaseNodeLeases releases every live lease held by node incarnations
 // matching the LIKE pattern, except the one named keep. It returns the
 // members whose rows became claimable.
-func (s *Store) ReleaseNodeLeases(ctx context.Context, pattern, keep string) ([]string, error) {
+func (s *Store) ReleaseNodeLeases(ctx context.Context, pattern, keep string) ([]MemberRef, error) {
 	rows, err := s.pool.Query(ctx, `
-		UPDATE delivery SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
-		WHERE delivered_at IS NULL AND expired_at IS NULL AND lease_expires_at > now()
-		  AND lease_node LIKE $1 AND lease_node <> $2
-		RETURNING recipient_member_id`, pattern, keep)
+		WITH rel AS (
+			UPDATE delivery SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
+			WHERE delivered_at IS NULL AND expired_at IS NULL AND lease_expires_at > now()
+			  AND lease_node LIKE $1 AND lease_node <> $2
+			RETURNING recipient_member_id
+		)
+		SELECT DISTINCT m.mesh_id, m.id FROM rel JOIN member m ON m.id = rel.recipient_member_id`, pattern, keep)
 	if err != nil {
 		return nil, fmt.Errorf("release node leases: %w", err)
 	}
-	members, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (MemberRef, error) {
+		var m MemberRef
+		err := r.Scan(&m.MeshID, &m.MemberID)
+		return m, err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("release node leases: %w", err)
 	}
-	return dedupe(members), nil
+	return out, nil
 }
 
-func dedupe(in []string) []string {
-	seen := make(map[string]struct{}, len(in))
-	out := in[:0]
-	for _, s := range in {
-		if _, ok := seen[s]; !ok {
-			seen[s] = struct{}{}
-			out = append(out, s)
-		}
-	}
-	return out
+// EscapeLike escapes LIKE wildcards in s.
+func EscapeLike(s string) string {
+	r := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`)
+	return r.Replace(s)
 }
 
 // Expired is a delivery row that ran out of time undelivered.

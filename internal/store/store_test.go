@@ -178,7 +178,7 @@ func TestLeaseReleaseDeliverExpire(t *testing.T) {
 	}
 	// Node-wide release frees c2's lease on the low message.
 	members, err := s.ReleaseNodeLeases(ctx, "n#%", "n#2")
-	if err != nil || len(members) != 1 || members[0] != rec {
+	if err != nil || len(members) != 1 || members[0].MemberID != rec || members[0].MeshID != f.mesh.ID {
 		t.Fatalf("node release: %v %v", err, members)
 	}
 	// Expiry: a message with a zero TTL is due in any later transaction.

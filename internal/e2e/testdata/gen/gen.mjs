@@ -229,7 +229,16 @@ function generate() {
     secretbox,
     secretbox_must_fail: secretboxFailures(secretbox[2]),
     pk_to_curve25519: pkEdgeCases(keypairs),
+    base64_decoding: base64Cases(),
   };
+}
+
+/** Whether libsodium's ORIGINAL-variant decoder accepts each string. */
+function base64Cases() {
+  const inputs = ['', 'AA==', 'AAA=', 'AAAA', 'AB==', 'AAB=', 'AA', 'AAA', 'AA=', 'A===', '====',
+    'AAAAA', 'AA==AA==', 'AA=A', 'AAA\nA', 'AAAA\r\n', '\nAAAA', ' AAAA', 'AAAA ', 'AA AA',
+    '-_-_', '+/+/', '+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/', b64(det(24, 'base64 nonce'))];
+  return inputs.map((input) => ({ input, ok: attempt(() => unb64(input)) !== null }));
 }
 
 /** Mutations of a valid box vector that libsodium refuses to open. */
@@ -318,11 +327,9 @@ function pkEdgeCases(keypairs) {
     for (const [j, T] of TORSION.entries()) {
       const sum = add(A, T);
       push(`keypair ${i} + torsion[${j}] (order ${order(T)})`, compress(sum));
-      // Non-canonical aliases are only possible for y < 19; record when hit.
     }
   }
-  // Non-canonical alias (y+p) of any accepted small y is covered above; add
-  // random 32-byte strings for good measure.
+  // Random 32-byte strings: about half are points, few of those torsion-free.
   for (let i = 0; i < 48; i++) push(`random ${i}`, det(32, `random pk ${i}`));
 
   return inputs.map(([name, u8]) => {
@@ -387,11 +394,17 @@ const flag = (name) => {
   if (i + 1 >= args.length) throw new Error(`${name} needs a file argument`);
   return args[i + 1];
 };
-const verifyFile = flag('--verify');
-if (verifyFile !== undefined) {
-  verify(verifyFile);
-} else {
-  const out = flag('--out') ?? fileURLToPath(new URL('../libsodium_vectors.json', import.meta.url));
-  writeFileSync(out, JSON.stringify(generate(), null, 1) + '\n');
-  console.log(`wrote ${out}`);
+try {
+  const verifyFile = flag('--verify');
+  if (verifyFile !== undefined) {
+    verify(verifyFile);
+  } else {
+    const out = flag('--out') ?? fileURLToPath(new URL('../libsodium_vectors.json', import.meta.url));
+    writeFileSync(out, JSON.stringify(generate(), null, 1) + '\n');
+    console.log(`wrote ${out}`);
+  }
+} catch (e) {
+  // Report briefly: the default handler prints a line of minified libsodium.
+  console.error(`gen.mjs: ${e.stack.split('\n').filter((l) => !l.includes('node_modules')).join('\n')}`);
+  process.exit(2);
 }

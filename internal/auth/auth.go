@@ -1,0 +1,217 @@
+// Package auth signs and verifies the three signed artefacts of claudemesh:
+// the WebSocket hello, hook requests, and mesh invites. All signatures are
+// ed25519 (libsodium crypto_sign_detached), hex encoded.
+package auth
+
+import (
+	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/claudemesh/broker/internal/protocol"
+)
+
+// VerifyHello runs handshake checks 1–3 (timestamp window, hex shapes,
+// signature) in protocol order and returns the rejection reason, or "" when
+// the hello passes. Shape check 0 is protocol.DecodeHello's.
+func VerifyHello(h *protocol.Hello, now time.Time) string {
+	ts, err := h.TimestampMillis()
+	if err != nil {
+		return protocol.ReasonMalformed
+	}
+	skew := now.UnixMilli() - ts
+	if skew > protocol.HelloSkew.Milliseconds() || skew < -protocol.HelloSkew.Milliseconds() {
+		return protocol.ReasonTimestampSkew
+	}
+	if !protocol.IsPubkeyHex(h.Pubkey) || !protocol.IsSignatureHex(h.Signature) {
+		return protocol.ReasonMalformed
+	}
+	pub, _ := hex.DecodeString(h.Pubkey)
+	sig, _ := hex.DecodeString(h.Signature)
+	msg := protocol.CanonicalHello(h.MeshID, h.MemberID, h.Pubkey, ts)
+	if !ed25519.Verify(pub, []byte(msg), sig) {
+		return protocol.ReasonBadSignature
+	}
+	return ""
+}
+
+// SignHello returns the hex signature of a hello.
+func SignHello(priv ed25519.PrivateKey, meshID, memberID, pubkeyHex string, timestampMillis int64) string {
+	msg := protocol.CanonicalHello(meshID, memberID, pubkeyHex, timestampMillis)
+	return hex.EncodeToString(ed25519.Sign(priv, []byte(msg)))
+}
+
+// SignatureHash is the replay-protection key of an accepted signature.
+func SignatureHash(sigHex string) []byte {
+	sum := sha256.Sum256([]byte(strings.ToLower(sigHex)))
+	return sum[:]
+}
+
+// Hook request headers.
+const (
+	HeaderMeshID    = "X-Mesh-Id"
+	HeaderPubkey    = "X-Mesh-Pubkey"
+	HeaderTimestamp = "X-Mesh-Timestamp"
+	HeaderSignature = "X-Mesh-Signature"
+)
+
+// Hook verification failures.
+var (
+	ErrHookUnsigned  = errors.New("hook is not signed")
+	ErrHookMalformed = errors.New("hook signature headers are malformed")
+	ErrHookSkew      = errors.New("hook timestamp outside ±60s")
+	ErrHookSignature = errors.New("hook signature does not verify")
+)
+
+// HookCanonical is what a hook signature covers:
+// "hook|meshId|pubkey|timestamp|sha256hex(body)".
+func HookCanonical(meshID, pubkeyHex string, timestampMillis int64, body []byte) string {
+	sum := sha256.Sum256(body)
+	return "hook|" + meshID + "|" + pubkeyHex + "|" + strconv.FormatInt(timestampMillis, 10) + "|" + hex.EncodeToString(sum[:])
+}
+
+// SignHook sets the signature headers of a hook request for body.
+func SignHook(h http.Header, priv ed25519.PrivateKey, meshID string, body []byte, now time.Time) {
+	pub := hex.EncodeToString(priv.Public().(ed25519.PublicKey))
+	ts := now.UnixMilli()
+	h.Set(HeaderMeshID, meshID)
+	h.Set(HeaderPubkey, pub)
+	h.Set(HeaderTimestamp, strconv.FormatInt(ts, 10))
+	h.Set(HeaderSignature, hex.EncodeToString(ed25519.Sign(priv, []byte(HookCanonical(meshID, pub, ts, body)))))
+}
+
+// HookSigned reports whether the request carries any signature header.
+func HookSigned(h http.Header) bool {
+	return h.Get(HeaderSignature) != "" || h.Get(HeaderPubkey) != "" || h.Get(HeaderMeshID) != ""
+}
+
+// VerifyHook checks a hook's signature headers and returns the signer's
+// mesh id and lowercase pubkey. It does not check membership.
+func VerifyHook(h http.Header, body []byte, now time.Time) (meshID, pubkey string, err error) {
+	meshID, pubkey = h.Get(HeaderMeshID), strings.ToLower(h.Get(HeaderPubkey))
+	tsText, sigHex := h.Get(HeaderTimestamp), h.Get(HeaderSignature)
+	if meshID == "" && pubkey == "" && tsText == "" && sigHex == "" {
+		return "", "", ErrHookUnsigned
+	}
+	ts, err := strconv.ParseInt(tsText, 10, 64)
+	if err != nil || meshID == "" || len(meshID) > protocol.MaxIDLen || !protocol.IsPubkeyHex(pubkey) || !protocol.IsSignatureHex(sigHex) {
+		return "", "", ErrHookMalformed
+	}
+	if d := now.UnixMilli() - ts; d > protocol.HelloSkew.Milliseconds() || d < -protocol.HelloSkew.Milliseconds() {
+		return "", "", ErrHookSkew
+	}
+	pub, _ := hex.DecodeString(pubkey)
+	sig, _ := hex.DecodeString(sigHex)
+	if !ed25519.Verify(pub, []byte(HookCanonical(meshID, pubkey, ts, body)), sig) {
+		return "", "", ErrHookSignature
+	}
+	return meshID, pubkey, nil
+}
+
+// InvitePrefix starts every invite token.
+const InvitePrefix = "cm1."
+
+// Invite is the signed content of an invite token. The owner signs
+// Canonical(); the token is InvitePrefix + base64url(JSON of Invite).
+type Invite struct {
+	V           int    `json:"v"`
+	InviteID    string `json:"invite_id"`
+	MeshID      string `json:"mesh_id"`
+	MeshSlug    string `json:"mesh_slug"`
+	MeshName    string `json:"mesh_name"`
+	BrokerURL   string `json:"broker_url"`
+	ExpiresAt   int64  `json:"expires_at"` // unix milliseconds
+	RootKey     string `json:"mesh_root_key,omitempty"`
+	Role        string `json:"role"`
+	OwnerPubkey string `json:"owner_pubkey"`
+	Signature   string `json:"signature"`
+}
+
+// Invite failures.
+var (
+	ErrInviteMalformed    = errors.New("invite token is malformed")
+	ErrInviteBadSignature = errors.New("invite signature does not verify")
+)
+
+// Canonical is the byte string the owner signs.
+func (inv *Invite) Canonical() string {
+	return strings.Join([]string{strconv.Itoa(inv.V), inv.InviteID, inv.MeshID, inv.MeshSlug, inv.MeshName,
+		inv.BrokerURL, strconv.FormatInt(inv.ExpiresAt, 10), inv.RootKey, inv.Role, inv.OwnerPubkey}, "|")
+}
+
+// Sign fills OwnerPubkey and Signature.
+func (inv *Invite) Sign(owner ed25519.PrivateKey) {
+	inv.OwnerPubkey = hex.EncodeToString(owner.Public().(ed25519.PublicKey))
+	inv.Signature = hex.EncodeToString(ed25519.Sign(owner, []byte(inv.Canonical())))
+}
+
+// Verify checks the signature against the embedded owner key. Callers must
+// also check that OwnerPubkey is the mesh's owner.
+func (inv *Invite) Verify() error {
+	if !protocol.IsPubkeyHex(inv.OwnerPubkey) || !protocol.IsSignatureHex(inv.Signature) {
+		return ErrInviteMalformed
+	}
+	pub, _ := hex.DecodeString(inv.OwnerPubkey)
+	sig, _ := hex.DecodeString(inv.Signature)
+	if !ed25519.Verify(pub, []byte(inv.Canonical()), sig) {
+		return ErrInviteBadSignature
+	}
+	return nil
+}
+
+// Expires is ExpiresAt as a time.
+func (inv *Invite) Expires() time.Time { return time.UnixMilli(inv.ExpiresAt) }
+
+// Token encodes the invite.
+func (inv *Invite) Token() string {
+	b, _ := json.Marshal(inv)
+	return InvitePrefix + base64.RawURLEncoding.EncodeToString(b)
+}
+
+// normalizeToken strips whitespace and any link prefix from a token.
+func normalizeToken(token string) string {
+	token = strings.TrimSpace(token)
+	if i := strings.LastIndex(token, "/"); i >= 0 {
+		token = token[i+1:]
+	}
+	return token
+}
+
+// InviteTokenKey is what the broker stores to find an invite: the SHA-256
+// of the token, so the invite table holds no usable tokens.
+func InviteTokenKey(token string) string {
+	sum := sha256.Sum256([]byte(normalizeToken(token)))
+	return hex.EncodeToString(sum[:])
+}
+
+// ParseInvite decodes a token (or a link ending in one, such as
+// "claudemesh://join/<token>"). It does not verify the signature.
+func ParseInvite(token string) (*Invite, error) {
+	token = normalizeToken(token)
+	if !strings.HasPrefix(token, InvitePrefix) || len(token) > 8192 {
+		return nil, ErrInviteMalformed
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(token[len(InvitePrefix):])
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInviteMalformed, err)
+	}
+	var inv Invite
+	if err := json.Unmarshal(raw, &inv); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInviteMalformed, err)
+	}
+	if inv.V != 1 || inv.MeshID == "" || inv.InviteID == "" {
+		return nil, ErrInviteMalformed
+	}
+	if inv.Role != "admin" && inv.Role != "member" {
+		return nil, fmt.Errorf("%w: role must be admin or member", ErrInviteMalformed)
+	}
+	return &inv, nil
+}

@@ -1,0 +1,124 @@
+// Package metrics defines the broker's Prometheus series. A Metrics value is
+// registered on an injected registry, so several nodes can run in one
+// process (tests, `broker dev`) without colliding.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics holds every collector of a node.
+type Metrics struct {
+	ConnectionsTotal    prometheus.Counter
+	ConnectionsRejected *prometheus.CounterVec // reason
+	ConnectionsActive   prometheus.Gauge
+	MessagesRouted      *prometheus.CounterVec // priority
+	MessagesRejected    *prometheus.CounterVec // reason
+	MessagesDelivered   prometheus.Counter
+	MessagesExpired     prometheus.Counter
+	QueueDepth          prometheus.Gauge
+	TTLSweeps           prometheus.Counter
+	StatusFlips         prometheus.Counter
+	HookRequests        prometheus.Counter
+	HookRateLimited     prometheus.Counter
+	DBHealthy           prometheus.Gauge
+	CommitToPush        prometheus.Histogram
+	CommitDuration      prometheus.Histogram
+	CommitBatchSize     prometheus.Histogram
+	Claims              *prometheus.CounterVec // reason: local, notify, backlog, sweep, status, reattach
+	Recovered           *prometheus.CounterVec // via: backlog, sweep
+	SlowConsumers       prometheus.Counter
+	ClientCloses        *prometheus.CounterVec // reason
+	ClusterMembers      prometheus.Gauge
+	PresenceEntries     prometheus.Gauge
+	RelaySent           prometheus.Counter
+	RelayReceived       prometheus.Counter
+	RelayLag            prometheus.Histogram
+	RelayReconnects     prometheus.Counter
+	GossipDropped       prometheus.Counter
+	AuditDropped        prometheus.Counter
+}
+
+// latencyBuckets span 100 µs to 30 s.
+var latencyBuckets = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}
+
+// New creates the collectors and registers them (and the Go and process
+// collectors) on reg.
+func New(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		ConnectionsTotal: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_connections_total", Help: "WebSocket connections accepted (before the hello)."}),
+		ConnectionsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_connections_rejected_total", Help: "Hellos rejected, by reason."}, []string{"reason"}),
+		ConnectionsActive: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "broker_connections_active", Help: "Authenticated sessions on this node."}),
+		MessagesRouted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_messages_routed_total", Help: "Envelopes pushed to a session, by priority."}, []string{"priority"}),
+		MessagesRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_messages_rejected_total", Help: "Sends rejected, by reason."}, []string{"reason"}),
+		MessagesDelivered: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_messages_delivered_total", Help: "Delivery rows marked delivered by this node."}),
+		MessagesExpired: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_messages_expired_total", Help: "Delivery rows that reached MESSAGE_TTL undelivered."}),
+		QueueDepth: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "broker_queue_depth", Help: "Delivery rows waiting, cluster-wide."}),
+		TTLSweeps: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_ttl_sweeps_total", Help: "Status TTL sweeps run."}),
+		StatusFlips: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_ttl_status_flips_total", Help: "Sessions flipped from working to idle by the TTL sweep."}),
+		HookRequests: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_hook_requests_total", Help: "POST /hook/set-status requests."}),
+		HookRateLimited: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_hook_requests_rate_limited_total", Help: "Hook requests refused with 429."}),
+		DBHealthy: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "broker_db_healthy", Help: "1 when Postgres answers, else 0."}),
+		CommitToPush: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "broker_commit_to_push_seconds", Help: "From a message's commit to its push being written.", Buckets: latencyBuckets}),
+		CommitDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "broker_send_commit_seconds", Help: "Duration of one group commit of sends.", Buckets: latencyBuckets}),
+		CommitBatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "broker_send_batch_size", Help: "Messages per group commit.", Buckets: prometheus.ExponentialBuckets(1, 2, 12)}),
+		Claims: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_delivery_claims_total", Help: "Delivery rows handed to a session, by what triggered the claim."}, []string{"reason"}),
+		Recovered: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_relay_recovered_total", Help: "Rows delivered by a backlog or sweep re-scan rather than a notification."}, []string{"via"}),
+		SlowConsumers: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_slow_consumers_total", Help: "Sessions closed because they stopped reading."}),
+		ClientCloses: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "broker_session_closes_total", Help: "Sessions closed, by reason."}, []string{"reason"}),
+		ClusterMembers: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "broker_cluster_members", Help: "Live nodes in the gossip cluster, this one included."}),
+		PresenceEntries: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "broker_presence_entries", Help: "Presence entries in this node's replica (live and grace)."}),
+		RelaySent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_relay_notifications_sent_total", Help: "NOTIFY payloads sent."}),
+		RelayReceived: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_relay_notifications_received_total", Help: "Relay notifications received."}),
+		RelayLag: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "broker_relay_lag_seconds", Help: "From NOTIFY to its receipt on this node.", Buckets: latencyBuckets}),
+		RelayReconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_relay_listens_total", Help: "Times the relay listener (re)started listening."}),
+		GossipDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_gossip_invalid_total", Help: "Gossip messages dropped as invalid."}),
+		AuditDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_audit_dropped_total", Help: "Audit events dropped because the buffer was full."}),
+	}
+	reg.MustRegister(
+		m.ConnectionsTotal, m.ConnectionsRejected, m.ConnectionsActive, m.MessagesRouted, m.MessagesRejected,
+		m.MessagesDelivered, m.MessagesExpired, m.QueueDepth, m.TTLSweeps, m.StatusFlips, m.HookRequests,
+		m.HookRateLimited, m.DBHealthy, m.CommitToPush, m.CommitDuration, m.CommitBatchSize, m.Claims,
+		m.Recovered, m.SlowConsumers, m.ClientCloses, m.ClusterMembers, m.PresenceEntries, m.RelaySent,
+		m.RelayReceived, m.RelayLag, m.RelayReconnects, m.GossipDropped, m.AuditDropped,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	// Pre-create the label values operators alert on, so they export 0.
+	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
+		m.ConnectionsRejected.WithLabelValues(r)
+	}
+	for _, p := range []string{"now", "next", "low"} {
+		m.MessagesRouted.WithLabelValues(p)
+	}
+	return m
+}

@@ -1,0 +1,331 @@
+// Package node assembles one broker node from its parts (store, relay,
+// presence, server) and runs it. `broker serve`, `broker dev` and the tests
+// all start nodes through Start.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/metrics"
+	"github.com/claudemesh/broker/internal/presence"
+	"github.com/claudemesh/broker/internal/relay"
+	"github.com/claudemesh/broker/internal/server"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// Options configure a node beyond its Config.
+type Options struct {
+	Config *config.Config
+	Logger *slog.Logger
+	// Registry receives the node's metrics; a new one when nil.
+	Registry *prometheus.Registry
+	// Listener, when set, is used instead of listening on Config.Addr().
+	Listener net.Listener
+	// SkipMigrate skips applying migrations at start-up.
+	SkipMigrate bool
+	// WrapTransport wraps the gossip transport (tests cut the network).
+	WrapTransport func(memberlist.NodeAwareTransport) memberlist.NodeAwareTransport
+}
+
+// Node is a running broker node.
+type Node struct {
+	cfg      *config.Config
+	logger   *slog.Logger
+	store    *store.Store
+	replica  *presence.Replica
+	cluster  *presence.Cluster
+	notifier *relay.Notifier
+	srv      *server.Server
+	http     *http.Server
+	ln       net.Listener
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	once   sync.Once
+	err    error
+}
+
+// Start brings a node up: migrations, gossip, relay listener, HTTP. It
+// returns once the node serves.
+func Start(ctx context.Context, o Options) (*Node, error) {
+	cfg := o.Config
+	if err := cfg.RequireDatabase(); err != nil {
+		return nil, err
+	}
+	logger := o.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	logger = logger.With("node", cfg.NodeName)
+	reg := o.Registry
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	if !o.SkipMigrate {
+		if err := migrateWithRetry(ctx, cfg.DatabaseURL, logger); err != nil {
+			return nil, err
+		}
+	}
+	st, err := store.Open(ctx, cfg.DatabaseURL, cfg.DBPoolSize)
+	if err != nil {
+		return nil, err
+	}
+	n := &Node{cfg: cfg, logger: logger, store: st}
+	ok := false
+	defer func() {
+		if !ok {
+			n.abort()
+		}
+	}()
+
+	m := metrics.New(reg)
+	inc := time.Now().UnixNano()
+	n.replica = presence.NewReplica(cfg.NodeName, inc, cfg.Grace())
+
+	ln := o.Listener
+	if ln == nil {
+		if ln, err = net.Listen("tcp", cfg.Addr()); err != nil {
+			return nil, fmt.Errorf("listen on %s: %w", cfg.Addr(), err)
+		}
+	}
+	n.ln = ln
+
+	bindHost, bindPort, err := splitHostPort(cfg.ClusterBind)
+	if err != nil {
+		return nil, fmt.Errorf("CLUSTER_BIND: %w", err)
+	}
+	gopts := presence.Options{
+		Name: cfg.NodeName, Incarnation: inc, BindAddr: bindHost, BindPort: bindPort,
+		Profile: cfg.ClusterProfile, Secret: cfg.ClusterSecret, HTTPAddr: ln.Addr().String(),
+		Logger: logger.With("component", "gossip"), WrapTransport: o.WrapTransport,
+		OnInvalid: m.GossipDropped.Inc,
+	}
+	if cfg.ClusterAdvertise != "" {
+		if gopts.AdvertiseAddr, gopts.AdvertisePort, err = splitHostPort(cfg.ClusterAdvertise); err != nil {
+			return nil, fmt.Errorf("CLUSTER_ADVERTISE: %w", err)
+		}
+	}
+	n.cluster = presence.New(gopts, n.replica)
+	n.notifier = relay.NewNotifier(st.Notify, logger, func(k int) { m.RelaySent.Add(float64(k)) })
+
+	n.srv = server.New(server.Deps{
+		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Notifier: n.notifier,
+		Metrics: m, Gatherer: reg, Logger: logger, Incarnation: inc,
+	})
+	n.replica.SetObservers(n.srv.PresenceChanged, n.cluster.Replicate)
+	n.cluster.SetHandlers(n.srv.HandleCommand, n.srv.NodeEvent)
+	if err := n.cluster.Start(); err != nil {
+		return nil, err
+	}
+	n.srv.Start()
+
+	runCtx, cancel := context.WithCancel(context.Background())
+	n.cancel = cancel
+	listener := relay.NewListener(func(ctx context.Context) (*pgx.Conn, error) {
+		return pgx.Connect(ctx, cfg.DatabaseURL)
+	}, store.MemberChannel, relay.Handlers{
+		Wake: n.srv.RelayWake, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
+	}, logger.With("component", "relay"))
+	n.goRun(func() { _ = listener.Run(runCtx) })
+
+	n.http = &http.Server{Handler: n.srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}
+	n.goRun(func() {
+		if err := n.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			logger.Error("http server stopped", "err", err)
+		}
+	})
+	n.goRun(func() { n.discovery(runCtx) })
+	ok = true
+	logger.Info("broker listening", "addr", ln.Addr().String(), "ws_path", "/ws", "gossip", n.cluster.LocalAddr(),
+		"version", server.Version, "git_sha", cfg.GitSHA, "ttl_seconds", cfg.StatusTTLSeconds,
+		"hook_fresh_seconds", cfg.HookFreshSeconds, "max_connections_per_mesh", cfg.MaxConnsPerMesh,
+		"max_message_bytes", cfg.MaxMessageBytes, "hook_rate_limit_per_min", cfg.HookRateLimitPerMin,
+		"cluster_profile", cfg.ClusterProfile)
+	return n, nil
+}
+
+func splitHostPort(hp string) (string, int, error) {
+	host, portText, err := net.SplitHostPort(hp)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.Atoi(portText)
+	if err != nil || port < 0 || port > 65535 {
+		return "", 0, fmt.Errorf("bad port in %q", hp)
+	}
+	return host, port, nil
+}
+
+func migrateWithRetry(ctx context.Context, url string, logger *slog.Logger) error {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		applied, err := store.Migrate(ctx, url)
+		if err == nil {
+			if len(applied) > 0 {
+				logger.Info("migrations applied", "versions", applied)
+			}
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("migrate (is Postgres reachable at DATABASE_URL?): %w", err)
+		}
+		logger.Warn("migration failed; retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+func (n *Node) goRun(fn func()) {
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		fn()
+	}()
+}
+
+// discovery joins the cluster (CLUSTER_JOIN, else nodes registered in
+// Postgres), keeps this node registered, and retries while alone.
+func (n *Node) discovery(ctx context.Context) {
+	register := func() {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		_ = n.store.UpsertNode(cctx, store.Node{Name: n.cfg.NodeName, GossipAddr: n.cluster.LocalAddr(), HTTPAddr: n.ln.Addr().String()})
+	}
+	join := func() {
+		seeds := n.cfg.ClusterJoin
+		if len(seeds) == 0 {
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			nodes, err := n.store.RecentNodes(cctx, time.Minute)
+			cancel()
+			if err != nil {
+				return
+			}
+			for _, x := range nodes {
+				if x.Name != n.cfg.NodeName {
+					seeds = append(seeds, x.GossipAddr)
+				}
+			}
+		}
+		if len(seeds) == 0 {
+			return
+		}
+		if k, err := n.cluster.Join(seeds); err != nil && k == 0 {
+			n.logger.Debug("cluster join failed; will retry", "seeds", seeds, "err", err)
+		} else if k > 0 {
+			n.logger.Info("joined cluster", "contacted", k, "size", n.cluster.NumMembers())
+		}
+	}
+	register()
+	join()
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	for i := 1; ; i++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if i%2 == 0 {
+			register()
+		}
+		if n.cluster.NumMembers() <= 1 {
+			join()
+		}
+	}
+}
+
+// Addr is the HTTP address the node listens on.
+func (n *Node) Addr() string { return n.ln.Addr().String() }
+
+// URL is the node's WebSocket URL.
+func (n *Node) URL() string { return "ws://" + n.Addr() + "/ws" }
+
+// HTTPURL is the node's base HTTP URL.
+func (n *Node) HTTPURL() string { return "http://" + n.Addr() }
+
+// GossipAddr is the node's gossip address.
+func (n *Node) GossipAddr() string { return n.cluster.LocalAddr() }
+
+// Name is the node's name.
+func (n *Node) Name() string { return n.cfg.NodeName }
+
+// Cluster exposes the gossip layer (tests inspect membership).
+func (n *Node) Cluster() *presence.Cluster { return n.cluster }
+
+// Replica exposes the presence replica.
+func (n *Node) Replica() *presence.Replica { return n.replica }
+
+// Store exposes the node's store.
+func (n *Node) Store() *store.Store { return n.store }
+
+// Shutdown stops the node in order: stop accepting, close sessions with
+// 1001 after flushing their queues, flush acks and notifications, leave the
+// cluster, stop the relay listener, close the pool. It is idempotent.
+func (n *Node) Shutdown(ctx context.Context) error {
+	n.once.Do(func() {
+		_ = n.http.Shutdown(ctx) // stops accepting; WebSockets are hijacked and drained below
+		if err := n.srv.Shutdown(ctx); err != nil {
+			n.err = err
+		}
+		n.notifier.Close()
+		n.cluster.Flush(time.Second)
+		_ = n.cluster.Leave(time.Second)
+		_ = n.cluster.Shutdown()
+		n.cancel()
+		n.wg.Wait()
+		cctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = n.store.DeleteNode(cctx, n.cfg.NodeName)
+		cancel()
+		n.store.Close()
+	})
+	return n.err
+}
+
+// Kill stops the node abruptly, without draining or leaving the cluster,
+// as a crash would (sockets are cut, nothing is flushed).
+func (n *Node) Kill() {
+	n.once.Do(func() {
+		_ = n.ln.Close()
+		_ = n.http.Close()
+		_ = n.cluster.Shutdown()
+		n.srv.Abort()
+		n.notifier.Close()
+		n.cancel()
+		n.wg.Wait()
+		n.store.Close()
+	})
+}
+
+// abort releases what a failed Start acquired.
+func (n *Node) abort() {
+	if n.cluster != nil {
+		_ = n.cluster.Shutdown()
+	}
+	if n.notifier != nil {
+		n.notifier.Close()
+	}
+	if n.cancel != nil {
+		n.cancel()
+	}
+	if n.ln != nil {
+		_ = n.ln.Close()
+	}
+	n.wg.Wait()
+	n.store.Close()
+}

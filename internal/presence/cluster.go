@@ -1,0 +1,591 @@
+package presence
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// Options configure the gossip layer.
+type Options struct {
+	Name          string // node name, unique in the cluster
+	Incarnation   int64  // changes on every start
+	BindAddr      string // IP to bind ("" or "0.0.0.0" or "::" for all)
+	BindPort      int    // 0 picks a free port
+	AdvertiseAddr string // IP others reach us at; "" lets memberlist choose
+	AdvertisePort int
+	Profile       string // lan, wan, local or test
+	Secret        string // enables AES-GCM gossip encryption when set
+	HTTPAddr      string // carried in node metadata for operators
+	Logger        *slog.Logger
+	// WrapTransport, when set, wraps the network transport (tests use it
+	// to cut the network between nodes).
+	WrapTransport func(memberlist.NodeAwareTransport) memberlist.NodeAwareTransport
+	// OnInvalid is called for each gossip message dropped as malformed.
+	OnInvalid func()
+}
+
+// Command is a request sent to the node that owns a presence.
+type Command struct {
+	Kind       string `json:"k"` // "hook"
+	PresenceID string `json:"p"`
+	Status     string `json:"s,omitempty"`
+	Source     string `json:"src,omitempty"`
+	From       string `json:"f,omitempty"`
+}
+
+// NodeEvent reports a cluster membership change.
+type NodeEvent struct {
+	Name        string
+	Incarnation int64
+	Addr        string
+	Up          bool
+}
+
+// NodeInfo describes one cluster member.
+type NodeInfo struct {
+	Name        string `json:"name"`
+	Addr        string `json:"gossipAddr"`
+	HTTPAddr    string `json:"httpAddr"`
+	Incarnation int64  `json:"incarnation"`
+	State       string `json:"state"`
+	Self        bool   `json:"self"`
+}
+
+type nodeMeta struct {
+	Inc  int64  `json:"i"`
+	HTTP string `json:"h,omitempty"`
+}
+
+// Message kinds on the wire (first byte).
+const (
+	msgDeltas  byte = 'D'
+	msgCommand byte = 'C'
+)
+
+type deltaMsg struct {
+	From    string  `json:"f"`
+	Entries []Entry `json:"e"`
+}
+
+type stateMsg struct {
+	From    string  `json:"f"`
+	Inc     int64   `json:"i"`
+	Clock   uint64  `json:"c"`
+	Entries []Entry `json:"e"`
+}
+
+// Cluster replicates a Replica over memberlist. Deltas of the node's own
+// entries go straight to every other node over memberlist's reliable
+// (TCP) channel, coalesced per peer; push-pull exchanges of whole
+// snapshots repair anything a lost delta missed.
+type Cluster struct {
+	opts    Options
+	replica *Replica
+	ml      *memberlist.Memberlist
+	logger  *slog.Logger
+
+	onCommand func(Command)
+	onNode    func(NodeEvent)
+
+	mu     sync.Mutex
+	peers  map[string]*peer
+	closed bool
+	cmds   chan Command
+	done   chan struct{}
+	wg     sync.WaitGroup
+}
+
+// peer coalesces deltas for one remote node; newest entry per id wins.
+type peer struct {
+	node    *memberlist.Node
+	mu      sync.Mutex
+	pending map[string]Entry
+	wake    chan struct{}
+	stop    chan struct{}
+}
+
+// maxDeltaBatch bounds one reliable message.
+const maxDeltaBatch = 2000
+
+// New creates a cluster layer for replica. Call SetHandlers, then Start.
+func New(opts Options, replica *Replica) *Cluster {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	c := &Cluster{
+		opts: opts, replica: replica, logger: opts.Logger,
+		peers: map[string]*peer{}, cmds: make(chan Command, 1024), done: make(chan struct{}),
+	}
+	return c
+}
+
+// SetHandlers sets the callbacks for commands addressed to this node and
+// for membership changes. They run on the cluster's goroutines.
+func (c *Cluster) SetHandlers(onCommand func(Command), onNode func(NodeEvent)) {
+	c.onCommand, c.onNode = onCommand, onNode
+}
+
+func (c *Cluster) config() (*memberlist.Config, error) {
+	var cfg *memberlist.Config
+	switch c.opts.Profile {
+	case "wan":
+		cfg = memberlist.DefaultWANConfig()
+	case "local":
+		cfg = memberlist.DefaultLocalConfig()
+		cfg.PushPullInterval = 5 * time.Second
+	case "test":
+		cfg = memberlist.DefaultLocalConfig()
+		cfg.ProbeInterval = 200 * time.Millisecond
+		cfg.ProbeTimeout = 100 * time.Millisecond
+		cfg.SuspicionMult = 2
+		cfg.PushPullInterval = time.Second
+		cfg.GossipInterval = 50 * time.Millisecond
+		cfg.TCPTimeout = time.Second
+		cfg.GossipToTheDeadTime = 2 * time.Second
+		cfg.DeadNodeReclaimTime = time.Millisecond
+	default:
+		cfg = memberlist.DefaultLANConfig()
+		cfg.PushPullInterval = 10 * time.Second
+	}
+	if cfg.DeadNodeReclaimTime == 0 {
+		// A restarted node keeps its name even if its address changed.
+		cfg.DeadNodeReclaimTime = 10 * time.Second
+	}
+	cfg.Name = c.opts.Name
+	cfg.BindAddr = c.opts.BindAddr
+	if cfg.BindAddr == "" {
+		cfg.BindAddr = "0.0.0.0"
+	}
+	cfg.BindPort = c.opts.BindPort
+	cfg.AdvertiseAddr = c.opts.AdvertiseAddr
+	cfg.AdvertisePort = c.opts.AdvertisePort
+	if cfg.AdvertisePort == 0 {
+		cfg.AdvertisePort = cfg.BindPort
+	}
+	if c.opts.Secret != "" {
+		key := sha256.Sum256([]byte(c.opts.Secret))
+		cfg.SecretKey = key[:]
+	}
+	cfg.Delegate = &delegate{c}
+	cfg.Events = &events{c}
+	cfg.Logger = log.New(&logWriter{c.logger}, "", 0)
+	if c.opts.WrapTransport != nil {
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
+			BindAddrs: []string{cfg.BindAddr}, BindPort: cfg.BindPort, Logger: cfg.Logger,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("gossip transport: %w", err)
+		}
+		if cfg.BindPort == 0 {
+			cfg.BindPort = nt.GetAutoBindPort()
+			if c.opts.AdvertisePort == 0 {
+				cfg.AdvertisePort = cfg.BindPort
+			}
+		}
+		cfg.Transport = c.opts.WrapTransport(nt)
+	}
+	return cfg, nil
+}
+
+// Start creates the memberlist (binding the gossip port).
+func (c *Cluster) Start() error {
+	cfg, err := c.config()
+	if err != nil {
+		return err
+	}
+	ml, err := memberlist.Create(cfg)
+	if err != nil {
+		return fmt.Errorf("start gossip on %s:%d: %w", cfg.BindAddr, cfg.BindPort, err)
+	}
+	c.ml = ml
+	c.wg.Add(1)
+	go c.commandLoop()
+	return nil
+}
+
+// LocalAddr is the gossip address other nodes should use to join us.
+func (c *Cluster) LocalAddr() string {
+	n := c.ml.LocalNode()
+	return net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
+}
+
+// Join contacts existing members (host[:port] or DNS names resolving to
+// several addresses). It returns how many it reached.
+func (c *Cluster) Join(addrs []string) (int, error) {
+	var targets []string
+	self := c.LocalAddr()
+	for _, a := range addrs {
+		a = strings.TrimSpace(a)
+		if a == "" || a == self {
+			continue
+		}
+		targets = append(targets, a)
+	}
+	if len(targets) == 0 {
+		return 0, nil
+	}
+	return c.ml.Join(targets)
+}
+
+// NumMembers counts live nodes, this one included.
+func (c *Cluster) NumMembers() int { return c.ml.NumMembers() }
+
+// Members lists the live nodes.
+func (c *Cluster) Members() []NodeInfo {
+	var out []NodeInfo
+	for _, n := range c.ml.Members() {
+		var meta nodeMeta
+		_ = json.Unmarshal(n.Meta, &meta)
+		out = append(out, NodeInfo{
+			Name: n.Name, Addr: net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port))),
+			HTTPAddr: meta.HTTP, Incarnation: meta.Inc, State: stateName(n.State), Self: n.Name == c.opts.Name,
+		})
+	}
+	return out
+}
+
+func stateName(s memberlist.NodeStateType) string {
+	switch s {
+	case memberlist.StateAlive:
+		return "alive"
+	case memberlist.StateSuspect:
+		return "suspect"
+	case memberlist.StateLeft:
+		return "left"
+	}
+	return "dead"
+}
+
+// Replicate queues own entries for every other node. It never blocks.
+func (c *Cluster) Replicate(entries []Entry) {
+	c.mu.Lock()
+	peers := make([]*peer, 0, len(c.peers))
+	for _, p := range c.peers {
+		peers = append(peers, p)
+	}
+	c.mu.Unlock()
+	for _, p := range peers {
+		p.mu.Lock()
+		for _, e := range entries {
+			p.pending[e.PresenceID] = wireEntry(e)
+		}
+		p.mu.Unlock()
+		select {
+		case p.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// wireEntry bounds the free-text fields of an entry before it travels.
+func wireEntry(e Entry) Entry {
+	e.Cwd = truncate(e.Cwd, 1024)
+	e.Summary = truncate(e.Summary, 512)
+	e.Hostname = truncate(e.Hostname, 255)
+	return e
+}
+
+func (c *Cluster) sendLoop(p *peer) {
+	defer c.wg.Done()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-c.done:
+			return
+		case <-p.wake:
+		}
+		for {
+			p.mu.Lock()
+			if len(p.pending) == 0 {
+				p.mu.Unlock()
+				break
+			}
+			batch := make([]Entry, 0, min(len(p.pending), maxDeltaBatch))
+			for id, e := range p.pending {
+				batch = append(batch, e)
+				delete(p.pending, id)
+				if len(batch) == maxDeltaBatch {
+					break
+				}
+			}
+			node := p.node
+			p.mu.Unlock()
+			body, _ := json.Marshal(deltaMsg{From: c.opts.Name, Entries: batch})
+			if err := c.ml.SendReliable(node, append([]byte{msgDeltas}, body...)); err != nil {
+				// Anti-entropy (push-pull) repairs what this loses.
+				c.logger.Debug("presence delta not sent", "peer", node.Name, "err", err)
+			}
+		}
+	}
+}
+
+// Send delivers a command to node name over the reliable channel.
+func (c *Cluster) Send(name string, cmd Command) error {
+	cmd.From = c.opts.Name
+	if name == c.opts.Name {
+		select {
+		case c.cmds <- cmd:
+			return nil
+		default:
+			return errors.New("command queue full")
+		}
+	}
+	var target *memberlist.Node
+	for _, n := range c.ml.Members() {
+		if n.Name == name {
+			target = n
+			break
+		}
+	}
+	if target == nil {
+		return fmt.Errorf("node %s is not in the cluster", name)
+	}
+	body, _ := json.Marshal(cmd)
+	return c.ml.SendReliable(target, append([]byte{msgCommand}, body...))
+}
+
+func (c *Cluster) commandLoop() {
+	defer c.wg.Done()
+	for {
+		select {
+		case <-c.done:
+			return
+		case cmd := <-c.cmds:
+			if c.onCommand != nil {
+				c.onCommand(cmd)
+			}
+		}
+	}
+}
+
+// Leave announces departure and waits up to timeout for it to spread.
+func (c *Cluster) Leave(timeout time.Duration) error {
+	if c.ml == nil {
+		return nil
+	}
+	return c.ml.Leave(timeout)
+}
+
+// Shutdown stops gossip. It is idempotent.
+func (c *Cluster) Shutdown() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	close(c.done)
+	c.mu.Unlock()
+	var err error
+	if c.ml != nil {
+		err = c.ml.Shutdown()
+	}
+	c.wg.Wait()
+	return err
+}
+
+func (c *Cluster) invalid(what string, err error) {
+	c.logger.Warn("dropped invalid gossip message", "what", what, "err", err)
+	if c.opts.OnInvalid != nil {
+		c.opts.OnInvalid()
+	}
+}
+
+// delegate adapts memberlist's Delegate to the cluster.
+type delegate struct{ c *Cluster }
+
+func (d *delegate) NodeMeta(limit int) []byte {
+	b, _ := json.Marshal(nodeMeta{Inc: d.c.opts.Incarnation, HTTP: d.c.opts.HTTPAddr})
+	if len(b) > limit {
+		b, _ = json.Marshal(nodeMeta{Inc: d.c.opts.Incarnation})
+	}
+	return b
+}
+
+func (d *delegate) NotifyMsg(b []byte) {
+	if len(b) == 0 {
+		d.c.invalid("empty", errors.New("empty message"))
+		return
+	}
+	switch b[0] {
+	case msgDeltas:
+		var m deltaMsg
+		if err := json.Unmarshal(b[1:], &m); err != nil {
+			d.c.invalid("deltas", err)
+			return
+		}
+		entries, err := validEntries(m.Entries)
+		if err != nil {
+			d.c.invalid("deltas", err)
+			return
+		}
+		d.c.replica.Apply(entries)
+	case msgCommand:
+		var cmd Command
+		if err := json.Unmarshal(b[1:], &cmd); err != nil {
+			d.c.invalid("command", err)
+			return
+		}
+		select {
+		case d.c.cmds <- cmd:
+		default:
+			d.c.logger.Warn("command queue full; dropping", "kind", cmd.Kind)
+		}
+	default:
+		d.c.invalid("unknown kind", fmt.Errorf("kind %q", b[0]))
+	}
+}
+
+// validEntries rejects entries that cannot be stored safely.
+func validEntries(in []Entry) ([]Entry, error) {
+	for i := range in {
+		e := &in[i]
+		if e.PresenceID == "" || e.Owner == "" || e.MeshID == "" || e.MemberID == "" {
+			return nil, errors.New("entry without id, owner, mesh or member")
+		}
+		if e.State > Gone {
+			return nil, fmt.Errorf("entry state %d", e.State)
+		}
+		if len(e.Groups) > 256 {
+			return nil, errors.New("entry with too many groups")
+		}
+		e.orphaned, e.orphanUntil = false, 0
+	}
+	return in, nil
+}
+
+func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
+
+func (d *delegate) LocalState(join bool) []byte {
+	clock, entries := d.c.replica.Snapshot()
+	for i := range entries {
+		entries[i] = wireEntry(entries[i])
+	}
+	b, _ := json.Marshal(stateMsg{From: d.c.opts.Name, Inc: d.c.opts.Incarnation, Clock: clock, Entries: entries})
+	return b
+}
+
+func (d *delegate) MergeRemoteState(buf []byte, join bool) {
+	if len(buf) == 0 {
+		return
+	}
+	var m stateMsg
+	if err := json.Unmarshal(buf, &m); err != nil {
+		d.c.invalid("state", err)
+		return
+	}
+	entries, err := validEntries(m.Entries)
+	if err != nil {
+		d.c.invalid("state", err)
+		return
+	}
+	d.c.replica.MergeSnapshot(m.From, m.Inc, m.Clock, entries)
+}
+
+// events adapts memberlist's EventDelegate.
+type events struct{ c *Cluster }
+
+func (e *events) NotifyJoin(n *memberlist.Node)   { e.c.nodeUp(n) }
+func (e *events) NotifyUpdate(n *memberlist.Node) { e.c.nodeUp(n) }
+func (e *events) NotifyLeave(n *memberlist.Node)  { e.c.nodeDown(n) }
+
+func (c *Cluster) nodeUp(n *memberlist.Node) {
+	if n.Name == c.opts.Name {
+		return
+	}
+	var meta nodeMeta
+	_ = json.Unmarshal(n.Meta, &meta)
+	c.replica.NodeAlive(n.Name, meta.Inc)
+	c.mu.Lock()
+	p, ok := c.peers[n.Name]
+	if !ok && !c.closed {
+		p = &peer{node: n, pending: map[string]Entry{}, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+		c.peers[n.Name] = p
+		c.wg.Add(1)
+		go c.sendLoop(p)
+	} else if ok {
+		p.mu.Lock()
+		p.node = n
+		p.mu.Unlock()
+	}
+	c.mu.Unlock()
+	if !ok {
+		c.logger.Info("cluster node joined", "peer", n.Name, "addr", n.Address())
+	}
+	if c.onNode != nil {
+		c.onNode(NodeEvent{Name: n.Name, Incarnation: meta.Inc, Addr: n.Address(), Up: true})
+	}
+}
+
+func (c *Cluster) nodeDown(n *memberlist.Node) {
+	if n.Name == c.opts.Name {
+		return
+	}
+	var meta nodeMeta
+	_ = json.Unmarshal(n.Meta, &meta)
+	c.replica.NodeDead(n.Name)
+	c.mu.Lock()
+	if p, ok := c.peers[n.Name]; ok {
+		close(p.stop)
+		delete(c.peers, n.Name)
+	}
+	c.mu.Unlock()
+	c.logger.Info("cluster node left", "peer", n.Name, "state", stateName(n.State))
+	if c.onNode != nil {
+		c.onNode(NodeEvent{Name: n.Name, Incarnation: meta.Inc, Addr: n.Address(), Up: false})
+	}
+}
+
+// logWriter sends memberlist's log lines to slog at their level.
+type logWriter struct{ logger *slog.Logger }
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	line := string(bytes.TrimSpace(p))
+	level := slog.LevelInfo
+	switch {
+	case strings.Contains(line, "[DEBUG]"):
+		level = slog.LevelDebug
+	case strings.Contains(line, "[WARN]"):
+		level = slog.LevelWarn
+	case strings.Contains(line, "[ERR]"):
+		level = slog.LevelError
+	}
+	w.logger.Log(context.Background(), level, "memberlist", "msg", line)
+	return len(p), nil
+}
+
+var _ io.Writer = (*logWriter)(nil)
+
+// Flush waits up to timeout for queued deltas to be sent.
+func (c *Cluster) Flush(timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		c.mu.Lock()
+		pending := 0
+		for _, p := range c.peers {
+			p.mu.Lock()
+			pending += len(p.pending)
+			p.mu.Unlock()
+		}
+		c.mu.Unlock()
+		if pending == 0 {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

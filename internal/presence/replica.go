@@ -1,0 +1,521 @@
+package presence
+
+import (
+	"sort"
+	"sync"
+	"time"
+)
+
+// Change describes one entry's transition, for observers. Prev is nil when
+// the entry was not present before; Cur.State is Gone when it left.
+// IsLive/InGrace on Prev and Cur tell joins, leaves and grace.
+type Change struct {
+	Prev *Entry
+	Cur  *Entry
+}
+
+// Replica is a node's copy of every presence entry in the cluster. The
+// node's own entries are authoritative; the rest are replicas merged by
+// (epoch, version). It is safe for concurrent use.
+type Replica struct {
+	self  string
+	inc   int64
+	grace time.Duration
+	now   func() time.Time
+
+	mu       sync.RWMutex
+	clock    uint64
+	entries  map[string]*Entry            // by presence id, tombstones included
+	goneAt   map[string]int64             // tombstone id → when it became gone (local ms)
+	bySess   map[string]map[string]*Entry // session key → present entries
+	byMesh   map[string]map[string]*Entry // mesh → present entries
+	byMember map[string]map[string]*Entry // member → present entries
+	alive    map[string]int64             // live node name → incarnation
+
+	onChange func([]Change) // called without the lock held
+	onOwn    func([]Entry)  // own entries to replicate; called without the lock
+}
+
+// tombstoneTTL is how long a deleted entry is remembered, so that stale
+// copies arriving through anti-entropy cannot resurrect it.
+const tombstoneTTL = 10 * time.Minute
+
+// NewReplica creates a replica for node self with incarnation inc.
+func NewReplica(self string, inc int64, grace time.Duration) *Replica {
+	r := &Replica{
+		self: self, inc: inc, grace: grace, now: time.Now,
+		entries:  map[string]*Entry{},
+		goneAt:   map[string]int64{},
+		bySess:   map[string]map[string]*Entry{},
+		byMesh:   map[string]map[string]*Entry{},
+		byMember: map[string]map[string]*Entry{},
+		alive:    map[string]int64{self: inc},
+	}
+	return r
+}
+
+// Self is the owning node's name.
+func (r *Replica) Self() string { return r.self }
+
+// Incarnation is the owning node's incarnation.
+func (r *Replica) Incarnation() int64 { return r.inc }
+
+// SetObservers sets the change callback and the callback that receives the
+// node's own changed entries for replication. Call before use.
+func (r *Replica) SetObservers(onChange func([]Change), onOwn func([]Entry)) {
+	r.onChange, r.onOwn = onChange, onOwn
+}
+
+func sessKey(mesh, member, session string) string { return mesh + "\x00" + member + "\x00" + session }
+
+func (e *Entry) sessKey() string { return sessKey(e.MeshID, e.MemberID, e.SessionID) }
+
+func addIdx(m map[string]map[string]*Entry, k string, e *Entry) {
+	s := m[k]
+	if s == nil {
+		s = map[string]*Entry{}
+		m[k] = s
+	}
+	s[e.PresenceID] = e
+}
+
+func delIdx(m map[string]map[string]*Entry, k, id string) {
+	if s := m[k]; s != nil {
+		delete(s, id)
+		if len(s) == 0 {
+			delete(m, k)
+		}
+	}
+}
+
+// put stores e (replacing any entry with its id) and maintains indexes.
+// Callers hold the write lock.
+func (r *Replica) put(e *Entry) *Entry {
+	prev := r.entries[e.PresenceID]
+	if prev != nil && prev.Present() {
+		delIdx(r.bySess, prev.sessKey(), prev.PresenceID)
+		delIdx(r.byMesh, prev.MeshID, prev.PresenceID)
+		delIdx(r.byMember, prev.MemberID, prev.PresenceID)
+	}
+	r.entries[e.PresenceID] = e
+	if e.Present() {
+		delete(r.goneAt, e.PresenceID)
+		addIdx(r.bySess, e.sessKey(), e)
+		addIdx(r.byMesh, e.MeshID, e)
+		addIdx(r.byMember, e.MemberID, e)
+	} else if _, ok := r.goneAt[e.PresenceID]; !ok {
+		r.goneAt[e.PresenceID] = r.now().UnixMilli()
+	}
+	if prev != nil && !prev.Present() {
+		prev = nil // a tombstone is "not present" for observers
+	}
+	return prev
+}
+
+func (r *Replica) tick(v uint64) {
+	if v > r.clock {
+		r.clock = v
+	}
+}
+
+// markOrphan applies what the replica knows about the owner's liveness.
+func (r *Replica) markOrphan(e *Entry) {
+	if e.Owner == r.self && e.OwnerInc == r.inc {
+		e.orphaned = false
+		return
+	}
+	inc, ok := r.alive[e.Owner]
+	if ok && inc == e.OwnerInc {
+		e.orphaned = false
+		return
+	}
+	if !e.orphaned {
+		e.orphaned = true
+		e.orphanUntil = r.now().Add(r.grace).UnixMilli()
+	}
+}
+
+func (r *Replica) notify(changes []Change, own []Entry) {
+	if len(changes) > 0 && r.onChange != nil {
+		r.onChange(changes)
+	}
+	if len(own) > 0 && r.onOwn != nil {
+		r.onOwn(own)
+	}
+}
+
+// Create adds a live entry owned by this node. The epoch is above every
+// version this node has seen, so a takeover of an existing presence id
+// wins over the previous owner's entry.
+func (r *Replica) Create(e Entry) Entry {
+	r.mu.Lock()
+	r.clock++
+	e.Owner, e.OwnerInc = r.self, r.inc
+	e.Epoch, e.Version = r.clock, r.clock
+	e.State, e.GraceUntil = Live, 0
+	e.orphaned = false
+	stored := e
+	prev := r.put(&stored)
+	out := stored
+	r.mu.Unlock()
+	r.notify([]Change{{Prev: prev, Cur: &out}}, []Entry{out})
+	return out
+}
+
+// Update changes an entry this node owns. fn edits a copy and returns
+// whether it changed anything worth replicating. It reports false when the
+// entry is not present, not ours, or fn made no change.
+func (r *Replica) Update(id string, fn func(*Entry) bool) (Entry, bool) {
+	r.mu.Lock()
+	cur := r.entries[id]
+	if cur == nil || !cur.Present() || cur.Owner != r.self || cur.OwnerInc != r.inc {
+		r.mu.Unlock()
+		return Entry{}, false
+	}
+	next := *cur
+	if !fn(&next) {
+		// Keep local-only edits (such as a refreshed status timestamp).
+		*cur = next
+		r.mu.Unlock()
+		return next, false
+	}
+	r.clock++
+	next.Version = r.clock
+	prev := r.put(&next)
+	out := next
+	r.mu.Unlock()
+	r.notify([]Change{{Prev: prev, Cur: &out}}, []Entry{out})
+	return out, true
+}
+
+// Disconnect moves this node's entry to grace if connID still owns it (the
+// session was not taken over by a newer connection).
+func (r *Replica) Disconnect(id, connID string) (Entry, bool) {
+	until := r.now().Add(r.grace).UnixMilli()
+	return r.Update(id, func(e *Entry) bool {
+		if e.ConnID != connID || e.State != Live {
+			return false
+		}
+		e.State, e.GraceUntil = Grace, until
+		return true
+	})
+}
+
+// Remove deletes this node's entry (a tombstone is replicated).
+func (r *Replica) Remove(id string) (Entry, bool) {
+	return r.Update(id, func(e *Entry) bool {
+		e.State = Gone
+		return true
+	})
+}
+
+// Apply merges entries received from other nodes, keeping the newest of
+// each. Entries of this node's current incarnation are authoritative here:
+// an unknown one is a stale copy of something already deleted, and is
+// answered with a fresh tombstone.
+func (r *Replica) Apply(in []Entry) {
+	var changes []Change
+	var own []Entry
+	r.mu.Lock()
+	for i := range in {
+		e := in[i]
+		r.tick(e.Epoch)
+		r.tick(e.Version)
+		cur := r.entries[e.PresenceID]
+		if e.Owner == r.self && e.OwnerInc == r.inc {
+			if cur == nil && e.State != Gone {
+				r.clock++
+				e.State, e.Version = Gone, r.clock
+				r.put(&e)
+				own = append(own, e)
+			}
+			continue
+		}
+		if cur != nil && !e.newer(cur) {
+			continue
+		}
+		r.markOrphan(&e)
+		stored := e
+		prev := r.put(&stored)
+		if prev == nil && !stored.Present() {
+			continue // a tombstone for something we never saw
+		}
+		out := stored
+		changes = append(changes, Change{Prev: prev, Cur: &out})
+	}
+	r.mu.Unlock()
+	r.notify(changes, own)
+}
+
+// Snapshot returns the Lamport clock and every entry (tombstones included)
+// for a push-pull exchange.
+func (r *Replica) Snapshot() (uint64, []Entry) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	out := make([]Entry, 0, len(r.entries))
+	for _, e := range r.entries {
+		out = append(out, *e)
+	}
+	return r.clock, out
+}
+
+// MergeSnapshot merges another node's snapshot. That node is authoritative
+// for its own entries: one of ours that it owns, that it no longer lists
+// and that is older than its clock was deleted there.
+func (r *Replica) MergeSnapshot(from string, fromInc int64, clock uint64, entries []Entry) {
+	r.Apply(entries)
+	listed := make(map[string]struct{}, len(entries))
+	for _, e := range entries {
+		listed[e.PresenceID] = struct{}{}
+	}
+	var changes []Change
+	r.mu.Lock()
+	for id, e := range r.entries {
+		if e.Owner != from || e.OwnerInc != fromInc || !e.Present() || e.Version > clock {
+			continue
+		}
+		if _, ok := listed[id]; ok {
+			continue
+		}
+		gone := *e
+		gone.State = Gone
+		prev := r.put(&gone)
+		out := gone
+		changes = append(changes, Change{Prev: prev, Cur: &out})
+	}
+	r.mu.Unlock()
+	r.notify(changes, nil)
+}
+
+// NodeAlive records that node name (incarnation inc) is up: its entries of
+// that incarnation are no longer orphans.
+func (r *Replica) NodeAlive(name string, inc int64) {
+	var changes []Change
+	r.mu.Lock()
+	r.alive[name] = inc
+	for _, e := range r.entries {
+		if e.Owner != name || !e.Present() {
+			continue
+		}
+		wasLive := e.IsLive()
+		before := *e
+		r.markOrphan(e)
+		if e.IsLive() != wasLive {
+			cur := *e
+			changes = append(changes, Change{Prev: &before, Cur: &cur})
+		}
+	}
+	r.mu.Unlock()
+	r.notify(changes, nil)
+}
+
+// NodeDead records that node name left or failed: its sessions go to grace
+// here and leave when the grace period ends unless they reattach.
+func (r *Replica) NodeDead(name string) {
+	if name == r.self {
+		return
+	}
+	var changes []Change
+	r.mu.Lock()
+	delete(r.alive, name)
+	for _, e := range r.entries {
+		if e.Owner != name || !e.Present() || e.orphaned {
+			continue
+		}
+		before := *e
+		r.markOrphan(e)
+		cur := *e
+		changes = append(changes, Change{Prev: &before, Cur: &cur})
+	}
+	r.mu.Unlock()
+	r.notify(changes, nil)
+}
+
+// Expire ends grace periods that ran out and forgets old tombstones. Own
+// entries get a replicated tombstone; others are dropped locally (their
+// owner, or every node for a dead owner, does the same).
+func (r *Replica) Expire() {
+	now := r.now().UnixMilli()
+	var changes []Change
+	var own []Entry
+	r.mu.Lock()
+	for id, e := range r.entries {
+		if !e.Present() {
+			if now-r.goneAt[id] > tombstoneTTL.Milliseconds() {
+				delete(r.entries, id)
+				delete(r.goneAt, id)
+			}
+			continue
+		}
+		expired := (e.State == Grace && e.GraceUntil <= now) || (e.orphaned && e.orphanUntil <= now)
+		if !expired {
+			continue
+		}
+		gone := *e
+		gone.State = Gone
+		if e.Owner == r.self && e.OwnerInc == r.inc {
+			r.clock++
+			gone.Version = r.clock
+			own = append(own, gone)
+		}
+		prev := r.put(&gone)
+		out := gone
+		changes = append(changes, Change{Prev: prev, Cur: &out})
+	}
+	r.mu.Unlock()
+	r.notify(changes, own)
+}
+
+// Get returns an entry by presence id (tombstones excluded).
+func (r *Replica) Get(id string) (Entry, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	e := r.entries[id]
+	if e == nil || !e.Present() {
+		return Entry{}, false
+	}
+	return *e, true
+}
+
+// FindSession returns the newest present entry of (mesh, member, session).
+func (r *Replica) FindSession(mesh, member, session string) (Entry, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var best *Entry
+	for _, e := range r.bySess[sessKey(mesh, member, session)] {
+		if best == nil || e.newer(best) {
+			best = e
+		}
+	}
+	if best == nil {
+		return Entry{}, false
+	}
+	return *best, true
+}
+
+// Live returns the live sessions of a mesh, ordered by connection time.
+func (r *Replica) Live(mesh string) []Entry {
+	r.mu.RLock()
+	out := make([]Entry, 0, len(r.byMesh[mesh]))
+	for _, e := range r.byMesh[mesh] {
+		if e.IsLive() {
+			out = append(out, *e)
+		}
+	}
+	r.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].ConnectedAt != out[j].ConnectedAt {
+			return out[i].ConnectedAt < out[j].ConnectedAt
+		}
+		return out[i].PresenceID < out[j].PresenceID
+	})
+	return out
+}
+
+// CountLive counts a mesh's live sessions.
+func (r *Replica) CountLive(mesh string) int {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	n := 0
+	for _, e := range r.byMesh[mesh] {
+		if e.IsLive() {
+			n++
+		}
+	}
+	return n
+}
+
+// MemberEntries returns a member's present entries (live and grace).
+func (r *Replica) MemberEntries(member string) []Entry {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	out := make([]Entry, 0, len(r.byMember[member]))
+	for _, e := range r.byMember[member] {
+		out = append(out, *e)
+	}
+	return out
+}
+
+// MemberPresent reports whether a member has any live or grace session,
+// and whether one of them is hosted by a node other than this one.
+func (r *Replica) MemberPresent(member string) (present, remote bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	for _, e := range r.byMember[member] {
+		present = true
+		if e.Owner != r.self || e.OwnerInc != r.inc {
+			remote = true
+		}
+	}
+	return present, remote
+}
+
+// GroupMembers returns the members of a mesh with a live session in group.
+func (r *Replica) GroupMembers(mesh, group string) []string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	seen := map[string]struct{}{}
+	var out []string
+	for _, e := range r.byMesh[mesh] {
+		if !e.IsLive() || !e.HasGroup(group) {
+			continue
+		}
+		if _, ok := seen[e.MemberID]; !ok {
+			seen[e.MemberID] = struct{}{}
+			out = append(out, e.MemberID)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Find returns live entries matching pred.
+func (r *Replica) Find(pred func(*Entry) bool) []Entry {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var out []Entry
+	for _, e := range r.entries {
+		if e.IsLive() && pred(e) {
+			out = append(out, *e)
+		}
+	}
+	return out
+}
+
+// Own returns this node's present entries.
+func (r *Replica) Own() []Entry {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var out []Entry
+	for _, e := range r.entries {
+		if e.Owner == r.self && e.OwnerInc == r.inc && e.Present() {
+			out = append(out, *e)
+		}
+	}
+	return out
+}
+
+// Len counts present entries (live and grace).
+func (r *Replica) Len() int {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	n := 0
+	for _, e := range r.entries {
+		if e.Present() {
+			n++
+		}
+	}
+	return n
+}
+
+// Meshes returns the ids of meshes with present entries.
+func (r *Replica) Meshes() []string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	out := make([]string, 0, len(r.byMesh))
+	for m := range r.byMesh {
+		out = append(out, m)
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,328 @@
+// Package relay wakes the nodes that host a message's recipients through
+// Postgres LISTEN/NOTIFY. Notifications are only hints: the rows are already
+// committed, every node re-scans after (re)listening and on a slow sweep, so a
+// lost notification delays a delivery but never loses it.
+//
+// Senders notify after commit, once per channel per batch; channels come from
+// a fixed set keyed by a hash of the mesh id (pgxlisten cannot add channels
+// while listening), and every node listens to all of them.
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgxlisten"
+)
+
+// Channels is the number of mesh channels. Every node must agree on it.
+const Channels = 16
+
+// MaxPayload keeps NOTIFY payloads under Postgres' 8000-byte limit.
+const MaxPayload = 7000
+
+// ChannelFor names the channel of a mesh.
+func ChannelFor(meshID string) string {
+	h := fnv.New32a()
+	h.Write([]byte(meshID))
+	return "cm_mesh_" + strconv.Itoa(int(h.Sum32()%Channels))
+}
+
+// AllChannels lists the mesh channels.
+func AllChannels() []string {
+	out := make([]string, Channels)
+	for i := range out {
+		out[i] = "cm_mesh_" + strconv.Itoa(i)
+	}
+	return out
+}
+
+// Wake is one mesh's part of a notification: its recipient members, or
+// All when the payload had no room to list them.
+type Wake struct {
+	MeshID  string
+	Members []string
+	All     bool
+}
+
+// Encode renders wakes into payloads of at most MaxPayload bytes:
+// "v1 <unix micros>" then one line per mesh, "meshId\tm1,m2" or
+// "meshId\t*". A mesh whose members do not fit is sent as "*".
+func Encode(sentAt time.Time, wakes []Wake) []string {
+	header := "v1 " + strconv.FormatInt(sentAt.UnixMicro(), 10)
+	var out []string
+	var b strings.Builder
+	b.WriteString(header)
+	flush := func() {
+		if b.Len() > len(header) {
+			out = append(out, b.String())
+		}
+		b.Reset()
+		b.WriteString(header)
+	}
+	for _, w := range wakes {
+		line := "\n" + w.MeshID + "\t"
+		if w.All {
+			line += "*"
+		} else {
+			line += strings.Join(w.Members, ",")
+		}
+		if len(header)+len(line) > MaxPayload {
+			line = "\n" + w.MeshID + "\t*"
+		}
+		if b.Len()+len(line) > MaxPayload {
+			flush()
+		}
+		b.WriteString(line)
+	}
+	flush()
+	return out
+}
+
+// Decode parses a payload made by Encode.
+func Decode(payload string) (time.Time, []Wake, error) {
+	lines := strings.Split(payload, "\n")
+	head := strings.Fields(lines[0])
+	if len(head) != 2 || head[0] != "v1" {
+		return time.Time{}, nil, errors.New("relay: unknown payload version")
+	}
+	us, err := strconv.ParseInt(head[1], 10, 64)
+	if err != nil {
+		return time.Time{}, nil, fmt.Errorf("relay: bad timestamp: %w", err)
+	}
+	var wakes []Wake
+	for _, line := range lines[1:] {
+		mesh, members, ok := strings.Cut(line, "\t")
+		if !ok || mesh == "" {
+			return time.Time{}, nil, errors.New("relay: malformed line")
+		}
+		w := Wake{MeshID: mesh}
+		if members == "*" {
+			w.All = true
+		} else if members != "" {
+			w.Members = strings.Split(members, ",")
+		}
+		wakes = append(wakes, w)
+	}
+	return time.UnixMicro(us), wakes, nil
+}
+
+// NotifyFunc sends notifications (one statement, one transaction).
+type NotifyFunc func(ctx context.Context, channels, payloads []string) error
+
+// Notifier coalesces wake-ups and sends them after the caller's commit.
+// While one NOTIFY is in flight, new wake-ups accumulate and go out
+// together in the next one: one notifying transaction per batch, whatever
+// the number of meshes and members.
+type Notifier struct {
+	send   NotifyFunc
+	logger *slog.Logger
+	onSent func(n int)
+
+	mu      sync.Mutex
+	pending map[string]map[string]struct{} // mesh → members; nil set means all
+	wake    chan struct{}
+	done    chan struct{}
+	stopped chan struct{}
+}
+
+// NewNotifier starts a notifier. onSent (optional) counts payloads sent.
+func NewNotifier(send NotifyFunc, logger *slog.Logger, onSent func(int)) *Notifier {
+	n := &Notifier{
+		send: send, logger: logger, onSent: onSent,
+		pending: map[string]map[string]struct{}{},
+		wake:    make(chan struct{}, 1), done: make(chan struct{}), stopped: make(chan struct{}),
+	}
+	go n.loop()
+	return n
+}
+
+// Notify queues a wake-up for members of a mesh; nil members wakes every
+// session of the mesh.
+func (n *Notifier) Notify(meshID string, members []string) {
+	n.mu.Lock()
+	set, ok := n.pending[meshID]
+	switch {
+	case members == nil:
+		n.pending[meshID] = nil
+	case ok && set == nil:
+		// already "all"
+	default:
+		if set == nil {
+			set = make(map[string]struct{}, len(members))
+			n.pending[meshID] = set
+		}
+		for _, m := range members {
+			set[m] = struct{}{}
+		}
+	}
+	n.mu.Unlock()
+	select {
+	case n.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (n *Notifier) loop() {
+	defer close(n.stopped)
+	for {
+		select {
+		case <-n.wake:
+		case <-n.done:
+			n.flush() // last call: send what is queued
+			return
+		}
+		n.flush()
+	}
+}
+
+func (n *Notifier) flush() {
+	n.mu.Lock()
+	pending := n.pending
+	n.pending = map[string]map[string]struct{}{}
+	n.mu.Unlock()
+	if len(pending) == 0 {
+		return
+	}
+	byChannel := map[string][]Wake{}
+	for mesh, set := range pending {
+		w := Wake{MeshID: mesh, All: set == nil}
+		for m := range set {
+			w.Members = append(w.Members, m)
+		}
+		sort.Strings(w.Members)
+		ch := ChannelFor(mesh)
+		byChannel[ch] = append(byChannel[ch], w)
+	}
+	now := time.Now()
+	var channels, payloads []string
+	for ch, wakes := range byChannel {
+		for _, p := range Encode(now, wakes) {
+			channels = append(channels, ch)
+			payloads = append(payloads, p)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := n.send(ctx, channels, payloads); err != nil {
+		// Nothing is lost: the recipients' nodes re-scan on their sweep.
+		n.logger.Warn("relay notify failed; recipients will be found by the sweep", "err", err, "payloads", len(payloads))
+		return
+	}
+	if n.onSent != nil {
+		n.onSent(len(payloads))
+	}
+}
+
+// Close sends what is queued and stops the notifier.
+func (n *Notifier) Close() {
+	select {
+	case <-n.done:
+	default:
+		close(n.done)
+	}
+	<-n.stopped
+}
+
+// Handlers receive what the listener hears. They must not block for long.
+type Handlers struct {
+	// Wake is called for each mesh of a delivery notification.
+	Wake func(sentAt time.Time, w Wake)
+	// MemberChange is called with a member-channel payload.
+	MemberChange func(payload string)
+	// Listening is called after every (re)LISTEN, before notifications
+	// flow: the node re-scans for anything it may have missed.
+	Listening func()
+}
+
+// Listener is the node's single LISTEN connection.
+type Listener struct {
+	l      *pgxlisten.Listener
+	logger *slog.Logger
+}
+
+// NewListener prepares a listener on the mesh channels and memberChannel.
+// connect must return a dedicated connection (not from the pool).
+func NewListener(connect func(ctx context.Context) (*pgx.Conn, error), memberChannel string, h Handlers, logger *slog.Logger) *Listener {
+	l := &pgxlisten.Listener{
+		Connect: connect,
+		LogError: func(ctx context.Context, err error) {
+			if ctx.Err() == nil {
+				logger.Warn("relay listener error", "err", err)
+			}
+		},
+		ReconnectDelay: time.Second,
+	}
+	mesh := func(ctx context.Context, n *pgconn.Notification, _ *pgx.Conn) error {
+		sentAt, wakes, err := Decode(n.Payload)
+		if err != nil {
+			return err
+		}
+		for _, w := range wakes {
+			h.Wake(sentAt, w)
+		}
+		return nil
+	}
+	member := func(_ context.Context, n *pgconn.Notification, _ *pgx.Conn) error {
+		h.MemberChange(n.Payload)
+		return nil
+	}
+	// pgxlisten calls each handler's backlog right after that channel's
+	// LISTEN; the re-scan must wait until every channel listens, or a
+	// notification could slip between the scan and the last LISTEN.
+	total := Channels + 1
+	var mu sync.Mutex
+	var conn *pgx.Conn
+	count := 0
+	backlog := func(_ context.Context, _ string, c *pgx.Conn) error {
+		mu.Lock()
+		if c != conn {
+			conn, count = c, 0
+		}
+		count++
+		done := count == total
+		mu.Unlock()
+		if done {
+			h.Listening()
+		}
+		return nil
+	}
+	for _, ch := range AllChannels() {
+		l.Handle(ch, handler{mesh, backlog})
+	}
+	l.Handle(memberChannel, handler{member, backlog})
+	return &Listener{l: l, logger: logger}
+}
+
+// handler adapts functions to pgxlisten's Handler and BacklogHandler.
+type handler struct {
+	notify  func(context.Context, *pgconn.Notification, *pgx.Conn) error
+	backlog func(context.Context, string, *pgx.Conn) error
+}
+
+func (h handler) HandleNotification(ctx context.Context, n *pgconn.Notification, c *pgx.Conn) error {
+	return h.notify(ctx, n, c)
+}
+
+func (h handler) HandleBacklog(ctx context.Context, channel string, c *pgx.Conn) error {
+	return h.backlog(ctx, channel, c)
+}
+
+// Run listens until ctx ends, reconnecting after a second on failure.
+func (l *Listener) Run(ctx context.Context) error {
+	err := l.l.Listen(ctx)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,224 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/claudemesh/broker/internal/presence"
+	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/relay"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// PresenceChanged observes the presence replica: it closes local sockets
+// whose session moved to another connection, and turns joins, leaves and
+// status changes into system events for this node's sessions. Every node
+// does the same for its own sessions, so events reach the whole cluster.
+func (s *Server) PresenceChanged(changes []presence.Change) {
+	for _, ch := range changes {
+		cur, prev := ch.Cur, ch.Prev
+		if ss := s.sessionByPresence(cur.PresenceID); ss != nil && cur.ConnID != ss.id && ss.authed.Load() {
+			// A newer connection of this session took over (here or on
+			// another node).
+			if cur.Present() {
+				ss.replaced()
+			}
+		}
+		if cur.IsLive() && cur.Owner != s.node {
+			s.resolveDuplicateSession(cur)
+		}
+		var event string
+		switch {
+		case prev == nil && cur.IsLive():
+			event = protocol.EventPeerJoined
+		case prev != nil && !cur.Present():
+			event = protocol.EventPeerLeft
+		case prev != nil && cur.Present() && prev.Status != cur.Status:
+			event = protocol.EventPeerStatus
+		}
+		if event != "" {
+			s.systemEvent(cur, event)
+		}
+	}
+	s.m.PresenceEntries.Set(float64(s.replica.Len()))
+}
+
+// resolveDuplicateSession handles two live connections of one session on
+// different nodes with different presence ids (both connected before either
+// saw the other): the newer epoch keeps the session.
+func (s *Server) resolveDuplicateSession(remote *presence.Entry) {
+	for _, ss := range s.meshSessions(remote.MeshID) {
+		if ss.memberID != remote.MemberID || ss.sessionID != remote.SessionID || ss.presenceID == remote.PresenceID {
+			continue
+		}
+		mine, ok := s.replica.Get(ss.presenceID)
+		if !ok || mine.Epoch > remote.Epoch || (mine.Epoch == remote.Epoch && mine.Owner > remote.Owner) {
+			continue
+		}
+		s.replica.Remove(ss.presenceID)
+		ss.replaced()
+	}
+}
+
+// systemEvent pushes a peer event to this node's other sessions of the mesh
+// that asked for system events.
+func (s *Server) systemEvent(e *presence.Entry, event string) {
+	targets := s.meshSessions(e.MeshID)
+	if len(targets) == 0 {
+		return
+	}
+	data, _ := json.Marshal(e.Event())
+	frame, _ := json.Marshal(protocol.Push{
+		Type: protocol.TypePush, Subtype: protocol.SubtypeSystem, Event: event, MeshID: e.MeshID,
+		SenderPubkey: protocol.SystemSender, Ciphertext: "", EventData: data,
+		CreatedAt: protocol.FormatTime(time.Now()),
+	})
+	for _, ss := range targets {
+		if ss.sysEvents && ss.presenceID != e.PresenceID && ss.authed.Load() {
+			ss.queueRaw(frameData(frame))
+		}
+	}
+}
+
+func frameData(b []byte) frame { return frame{data: b} }
+
+// meshSessions lists this node's authenticated sessions of a mesh.
+func (s *Server) meshSessions(mesh string) []*session {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	set := s.byMesh[mesh]
+	out := make([]*session, 0, len(set))
+	for ss := range set {
+		out = append(out, ss)
+	}
+	return out
+}
+
+// setStatus applies a status report to a session this node owns and
+// releases held messages when its status now accepts more.
+func (s *Server) setStatus(presenceID, status, source string) (presence.Entry, bool) {
+	var before, after int
+	e, changed := s.replica.Update(presenceID, func(e *presence.Entry) bool {
+		before = e.MaxPriority()
+		ok := presence.ApplyStatus(e, status, source, time.Now(), s.cfg.HookFresh())
+		after = e.MaxPriority()
+		return ok
+	})
+	if e.PresenceID == "" {
+		return e, false
+	}
+	if ss := s.sessionByPresence(presenceID); ss != nil {
+		ss.maxPrio.Store(int32(after))
+	}
+	if after > before {
+		s.engine.wake([]string{e.MemberID}, reasonStatus)
+	}
+	if changed {
+		s.audit.add(store.AuditEvent{MeshID: e.MeshID, Type: store.EventStatusChanged, Actor: e.MemberID,
+			Target: presenceID, Metadata: map[string]any{"status": e.Status, "source": e.StatusSource}})
+	}
+	return e, changed
+}
+
+// HandleCommand runs a command another node sent to this owner.
+func (s *Server) HandleCommand(cmd presence.Command) {
+	switch cmd.Kind {
+	case "hook":
+		if !protocol.ValidStatus(cmd.Status) {
+			return
+		}
+		e, _ := s.setStatus(cmd.PresenceID, cmd.Status, protocol.SourceHook)
+		s.logger.Info("hook applied", "presence_id", cmd.PresenceID, "status", e.Status, "from", cmd.From)
+	default:
+		s.logger.Warn("unknown cluster command", "kind", cmd.Kind, "from", cmd.From)
+	}
+}
+
+// NodeEvent reacts to a node joining or leaving the cluster: the leases of
+// a departed node are released so its peers' messages move at once.
+func (s *Server) NodeEvent(ev presence.NodeEvent) {
+	if ev.Up {
+		return
+	}
+	pattern := store.EscapeLike(ev.Name) + "#" + strconv.FormatInt(ev.Incarnation, 10)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.releaseNodeLeases(s.ctx, pattern, "")
+	}()
+}
+
+// RelayWake handles one mesh of a relay notification.
+func (s *Server) RelayWake(sentAt time.Time, w relay.Wake) {
+	s.m.RelayReceived.Inc()
+	if lag := time.Since(sentAt); lag >= 0 {
+		s.m.RelayLag.Observe(lag.Seconds())
+	}
+	if w.All {
+		s.engine.wakeMesh(w.MeshID, reasonNotify)
+		return
+	}
+	s.engine.wake(w.Members, reasonNotify)
+}
+
+// RelayListening runs after every (re)LISTEN: anything notified while the
+// listener was away is found by a re-scan.
+func (s *Server) RelayListening() {
+	s.m.RelayReconnects.Inc()
+	s.engine.wakeAll(reasonBacklog)
+}
+
+// MemberChanged handles a membership change: "meshId", or
+// "meshId|memberId|revoked".
+func (s *Server) MemberChanged(payload string) {
+	parts := strings.Split(payload, "|")
+	if parts[0] == "" {
+		return
+	}
+	s.members.invalidate(parts[0])
+	if len(parts) == 3 && parts[2] == "revoked" {
+		s.closeMember(parts[1], "revoked")
+	}
+}
+
+// closeMember closes every local session of a revoked member.
+func (s *Server) closeMember(memberID, why string) {
+	for _, ss := range s.localSessions() {
+		if ss.authed.Load() && ss.memberID == memberID {
+			ss.logger.Info("closing session of revoked member", "why", why)
+			ss.closeAfterFlush(websocket.StatusPolicyViolation, protocol.CloseReasonRevoked)
+		}
+	}
+}
+
+// checkRevoked closes sessions whose member was revoked, in case the
+// notification was missed.
+func (s *Server) checkRevoked(ctx context.Context) {
+	ids := map[string]struct{}{}
+	for _, ss := range s.localSessions() {
+		if ss.authed.Load() {
+			ids[ss.memberID] = struct{}{}
+		}
+	}
+	if len(ids) == 0 {
+		return
+	}
+	list := make([]string, 0, len(ids))
+	for id := range ids {
+		list = append(list, id)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	revoked, err := s.store.RevokedAmong(cctx, list)
+	if err != nil {
+		return
+	}
+	for _, id := range revoked {
+		s.closeMember(id, "revocation check")
+	}
+}

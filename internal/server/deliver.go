@@ -1,0 +1,486 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// claimReason records why a member needs a claim; the counters use the
+// most specific one.
+type claimReason uint16
+
+const (
+	reasonHello   claimReason = 1 << iota // a session connected
+	reasonLocal                           // a send on this node committed rows for it
+	reasonNotify                          // a relay notification named it
+	reasonStatus                          // its status now accepts more priorities
+	reasonRelease                         // leases were given back
+	reasonMore                            // the last claim hit its limit
+	reasonBacklog                         // re-scan after (re)LISTEN
+	reasonSweep                           // periodic safety re-scan
+)
+
+func (r claimReason) label() string {
+	switch {
+	case r&reasonHello != 0:
+		return "hello"
+	case r&reasonLocal != 0:
+		return "local"
+	case r&reasonNotify != 0:
+		return "notify"
+	case r&reasonStatus != 0:
+		return "status"
+	case r&reasonRelease != 0:
+		return "release"
+	case r&reasonMore != 0:
+		return "more"
+	case r&reasonBacklog != 0:
+		return "backlog"
+	}
+	return "sweep"
+}
+
+// claimLimit bounds the rows claimed for one member per round.
+const claimLimit = 256
+
+// localMember is the delivery state of a member with sessions here.
+type localMember struct {
+	meshID   string
+	sessions []*session
+	dirty    claimReason // non-zero: rows may be waiting
+	inflight bool        // a claim for it is running
+}
+
+// engine moves rows from Postgres to this node's sessions. Wake-ups mark
+// members dirty; one loop claims for every dirty member in a single
+// statement and queues the envelopes on their sessions.
+type engine struct {
+	s      *Server
+	signal chan struct{}
+
+	mu      sync.Mutex
+	members map[string]*localMember
+}
+
+func newEngine(s *Server) *engine {
+	return &engine{s: s, signal: make(chan struct{}, 1), members: map[string]*localMember{}}
+}
+
+func (e *engine) kick() {
+	select {
+	case e.signal <- struct{}{}:
+	default:
+	}
+}
+
+func (e *engine) attach(ss *session) {
+	e.mu.Lock()
+	lm := e.members[ss.memberID]
+	if lm == nil {
+		lm = &localMember{meshID: ss.meshID}
+		e.members[ss.memberID] = lm
+	}
+	lm.sessions = append(lm.sessions, ss)
+	lm.dirty |= reasonHello
+	e.mu.Unlock()
+	e.kick()
+}
+
+func (e *engine) detach(ss *session) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	lm := e.members[ss.memberID]
+	if lm == nil {
+		return
+	}
+	for i, x := range lm.sessions {
+		if x == ss {
+			lm.sessions = append(lm.sessions[:i], lm.sessions[i+1:]...)
+			break
+		}
+	}
+	if len(lm.sessions) == 0 && !lm.inflight {
+		delete(e.members, ss.memberID)
+	}
+}
+
+func (e *engine) hasLocal(member string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	lm := e.members[member]
+	return lm != nil && len(lm.sessions) > 0
+}
+
+// wake marks members (those with sessions here) as needing a claim.
+func (e *engine) wake(members []string, why claimReason) {
+	n := 0
+	e.mu.Lock()
+	for _, m := range members {
+		if lm := e.members[m]; lm != nil {
+			lm.dirty |= why
+			n++
+		}
+	}
+	e.mu.Unlock()
+	if n > 0 {
+		e.kick()
+	}
+}
+
+// wakeMesh marks every local member of a mesh.
+func (e *engine) wakeMesh(mesh string, why claimReason) {
+	n := 0
+	e.mu.Lock()
+	for _, lm := range e.members {
+		if lm.meshID == mesh {
+			lm.dirty |= why
+			n++
+		}
+	}
+	e.mu.Unlock()
+	if n > 0 {
+		e.kick()
+	}
+}
+
+func (e *engine) wakeAll(why claimReason) {
+	e.mu.Lock()
+	for _, lm := range e.members {
+		lm.dirty |= why
+	}
+	n := len(e.members)
+	e.mu.Unlock()
+	if n > 0 {
+		e.kick()
+	}
+}
+
+// fastPath picks a local session to receive a new row directly: the member
+// must be caught up (no claim running, nothing marked waiting), so the
+// direct push cannot overtake older rows. It returns nil otherwise.
+func (e *engine) fastPath(member string, priority int) *session {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	lm := e.members[member]
+	if lm == nil || lm.dirty != 0 || lm.inflight {
+		return nil
+	}
+	for _, ss := range lm.sessions {
+		if int(ss.maxPrio.Load()) >= priority && ss.q.free() > 16 && !ss.isClosing() {
+			return ss
+		}
+	}
+	return nil
+}
+
+// pick chooses the session a member's claim goes to: the one accepting
+// the most priorities, then the one with the most queue room.
+func (lm *localMember) pick() (*session, int) {
+	var best *session
+	bestFree := 0
+	for _, ss := range lm.sessions {
+		if ss.isClosing() {
+			continue
+		}
+		free := ss.q.free()
+		if best == nil || ss.maxPrio.Load() > best.maxPrio.Load() ||
+			(ss.maxPrio.Load() == best.maxPrio.Load() && free > bestFree) {
+			best, bestFree = ss, free
+		}
+	}
+	return best, bestFree
+}
+
+func (e *engine) run(ctx context.Context) {
+	sweep := time.NewTicker(e.s.cfg.SweepInterval)
+	defer sweep.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sweep.C:
+			e.wakeAll(reasonSweep)
+		case <-e.signal:
+			e.claimRound(ctx)
+		}
+	}
+}
+
+type claimTarget struct {
+	ss     *session
+	reason claimReason
+	limit  int32
+	got    int32
+}
+
+// claimRound claims for every dirty member in one statement per chunk.
+func (e *engine) claimRound(ctx context.Context) {
+	s := e.s
+	targets := map[string]*claimTarget{}
+	var reqs []store.ClaimRequest
+	e.mu.Lock()
+	for id, lm := range e.members {
+		if lm.dirty == 0 || lm.inflight {
+			continue
+		}
+		ss, free := lm.pick()
+		if ss == nil {
+			lm.dirty = 0
+			continue
+		}
+		// Leave room in the queue for acks and replies.
+		limit := min(claimLimit, free-16)
+		if limit <= 0 {
+			ss.starved.Store(true) // the write loop kicks us when it drains
+			continue
+		}
+		targets[id] = &claimTarget{ss: ss, reason: lm.dirty, limit: int32(limit)}
+		reqs = append(reqs, store.ClaimRequest{MemberID: id, Conn: ss.id, MaxPriority: int16(ss.maxPrio.Load()), Limit: int32(limit)})
+		lm.dirty, lm.inflight = 0, true
+	}
+	e.mu.Unlock()
+	if len(reqs) == 0 {
+		return
+	}
+	failed := false
+	const chunk = 2000
+	for i := 0; i < len(reqs); i += chunk {
+		part := reqs[i:min(i+chunk, len(reqs))]
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		rows, err := s.store.Claim(cctx, s.leaseNode, s.cfg.LeaseDuration, part)
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				s.logger.Warn("claim failed; will retry", "err", err, "members", len(part))
+			}
+			failed = true
+			e.mu.Lock()
+			for _, r := range reqs[i:] {
+				if lm := e.members[r.MemberID]; lm != nil {
+					lm.dirty |= targets[r.MemberID].reason
+				}
+			}
+			e.mu.Unlock()
+			break
+		}
+		for _, d := range rows {
+			t := targets[d.MemberID]
+			t.got++
+			s.m.Claims.WithLabelValues(t.reason.label()).Inc()
+			if t.reason&^(reasonBacklog|reasonSweep) == 0 {
+				via := "sweep"
+				if t.reason&reasonBacklog != 0 {
+					via = "backlog"
+				}
+				s.m.Recovered.WithLabelValues(via).Inc()
+			}
+			t.ss.pushEnvelope(d, d.CreatedAt)
+		}
+	}
+	more := false
+	e.mu.Lock()
+	for id, t := range targets {
+		lm := e.members[id]
+		if lm == nil {
+			continue
+		}
+		lm.inflight = false
+		if t.got >= t.limit {
+			lm.dirty |= reasonMore
+			more = true
+		}
+		if len(lm.sessions) == 0 {
+			delete(e.members, id)
+		}
+	}
+	e.mu.Unlock()
+	if failed {
+		// Postgres trouble: back off before the next attempt.
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+		e.kick()
+		return
+	}
+	if more {
+		e.kick()
+	}
+}
+
+// pushEnvelope queues a claimed (or fast-path) row on the session. A row
+// that cannot be queued goes back to the queue.
+func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
+	s := ss.s
+	ss.mu.Lock()
+	if ss.closing || ss.inflight == nil {
+		ss.mu.Unlock()
+		s.releaseLeases(d.Conn, d.MeshID, d.MemberID, []store.DeliveryKey{{MessageID: d.MessageID, MemberID: d.MemberID}})
+		return false
+	}
+	ss.inflight[d.MessageID] = struct{}{}
+	ss.mu.Unlock()
+	data, _ := json.Marshal(protocol.Push{
+		Type: protocol.TypePush, MessageID: strconv.FormatInt(d.MessageID, 10), MeshID: d.MeshID,
+		SenderPubkey: d.SenderPubkey, Priority: protocol.PriorityName(int(d.Priority)), Nonce: d.Nonce,
+		Ciphertext: d.Ciphertext, CreatedAt: protocol.FormatTime(d.CreatedAt), SenderMemberID: d.SenderMemberID,
+		SenderName: d.SenderName, TargetSpec: d.TargetSpec, ClientMessageID: d.ClientMessageID,
+	})
+	meta := &pushMeta{key: store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID},
+		committed: committed, priority: protocol.PriorityName(int(d.Priority))}
+	if ss.q.push(frame{data: data, push: meta}) {
+		return true
+	}
+	ss.mu.Lock()
+	if ss.inflight != nil {
+		delete(ss.inflight, d.MessageID)
+	}
+	ss.mu.Unlock()
+	s.releaseLeases(d.Conn, d.MeshID, d.MemberID, []store.DeliveryKey{meta.key})
+	ss.slow()
+	return false
+}
+
+// releaseLeases gives rows back and wakes the member's other sessions, here
+// and on other nodes.
+func (s *Server) releaseLeases(conn, mesh, member string, keys []store.DeliveryKey) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := s.store.ReleaseLeases(ctx, conn, keys); err != nil {
+			// The leases run out by themselves; the sweep then redelivers.
+			s.logger.Warn("release leases failed; they will expire", "err", err, "rows", len(keys))
+			return
+		}
+		s.engine.wake([]string{member}, reasonRelease)
+		if _, elsewhere := s.replica.MemberPresent(member); elsewhere {
+			s.notifier.Notify(mesh, []string{member})
+		}
+	}()
+}
+
+// releaseNodeLeases releases the leases of dead node incarnations.
+func (s *Server) releaseNodeLeases(ctx context.Context, pattern, keep string) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	refs, err := s.store.ReleaseNodeLeases(cctx, pattern, keep)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.logger.Warn("release node leases failed; they will expire", "pattern", pattern, "err", err)
+		}
+		return
+	}
+	if len(refs) == 0 {
+		return
+	}
+	s.logger.Info("released leases of a departed node", "pattern", pattern, "members", len(refs))
+	members := make([]string, 0, len(refs))
+	for _, r := range refs {
+		members = append(members, r.MemberID)
+		if _, elsewhere := s.replica.MemberPresent(r.MemberID); elsewhere {
+			s.notifier.Notify(r.MeshID, []string{r.MemberID})
+		}
+	}
+	s.engine.wake(members, reasonRelease)
+}
+
+// acker marks delivered rows in batches: client_acks, and pushes written
+// to sessions without client_ack.
+type acker struct {
+	s       *Server
+	mu      sync.Mutex
+	pending []store.DeliveryKey
+	signal  chan struct{}
+}
+
+// maxPendingAcks bounds the acks kept while Postgres is down.
+const maxPendingAcks = 1 << 20
+
+func newAcker(s *Server) *acker { return &acker{s: s, signal: make(chan struct{}, 1)} }
+
+func (a *acker) add(keys ...store.DeliveryKey) {
+	a.mu.Lock()
+	if len(a.pending)+len(keys) <= maxPendingAcks {
+		a.pending = append(a.pending, keys...)
+	}
+	a.mu.Unlock()
+	select {
+	case a.signal <- struct{}{}:
+	default:
+	}
+}
+
+func (a *acker) run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.signal:
+		}
+		for a.flush(ctx) {
+		}
+	}
+}
+
+// flush writes one batch and reports whether more is pending.
+func (a *acker) flush(ctx context.Context) bool {
+	a.mu.Lock()
+	n := min(len(a.pending), 4096)
+	if n == 0 {
+		a.mu.Unlock()
+		return false
+	}
+	batch := make([]store.DeliveryKey, n)
+	copy(batch, a.pending)
+	a.pending = a.pending[n:]
+	if len(a.pending) == 0 {
+		a.pending = nil
+	}
+	a.mu.Unlock()
+	s := a.s
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	done, err := s.store.MarkDelivered(cctx, batch)
+	cancel()
+	if err != nil {
+		a.mu.Lock()
+		a.pending = append(batch, a.pending...)
+		a.mu.Unlock()
+		if ctx.Err() == nil {
+			s.logger.Warn("marking deliveries failed; will retry", "err", err, "rows", len(batch))
+			select {
+			case <-ctx.Done():
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+		return ctx.Err() == nil
+	}
+	s.m.MessagesDelivered.Add(float64(len(done)))
+	for _, d := range done {
+		s.audit.add(store.AuditEvent{MeshID: d.MeshID, Type: store.EventMessageDelivered, Actor: d.MemberID,
+			Metadata: map[string]any{"message_id": d.MessageID}})
+	}
+	return true
+}
+
+// flushNow writes every pending ack (used at shutdown).
+func (a *acker) flushNow(ctx context.Context) {
+	for ctx.Err() == nil {
+		a.mu.Lock()
+		n := len(a.pending)
+		a.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		if !a.flush(ctx) {
+			return
+		}
+	}
+}

@@ -1,0 +1,377 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/claudemesh/broker/internal/auth"
+	"github.com/claudemesh/broker/internal/presence"
+	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// pendingHookTTL is how long a hook that arrived before its session is kept.
+const pendingHookTTL = 10 * time.Second
+
+// helloSeenFor keeps accepted signatures past the ±60 s window on either
+// side, with margin for clock differences between nodes.
+const helloSeenFor = 3 * time.Minute
+
+// handleFrame dispatches one text frame, strictly in arrival order.
+func (ss *session) handleFrame(data []byte) {
+	env, err := protocol.DecodeEnvelope(data)
+	if !ss.authed.Load() {
+		if err == nil && env.Type != protocol.TypeHello {
+			ss.sendError(protocol.CodeNoHello, "send a hello first", env.ReqID)
+			return
+		}
+		ss.handleHello(data)
+		return
+	}
+	if err != nil {
+		ss.sendError(protocol.CodeMalformed, err.Error(), env.ReqID)
+		return
+	}
+	switch env.Type {
+	case protocol.TypeSend:
+		ss.handleSend(data, env.ReqID)
+	case protocol.TypeClientAck:
+		ss.handleClientAck(data, env.ReqID)
+	case protocol.TypeSetStatus:
+		ss.handleSetStatus(data, env.ReqID)
+	case protocol.TypeSetSummary:
+		ss.handleSetSummary(data, env.ReqID)
+	case protocol.TypeJoinGroup, protocol.TypeLeaveGroup:
+		ss.handleGroup(data, env.Type, env.ReqID)
+	case protocol.TypeListPeers:
+		ss.handleListPeers(env.ReqID)
+	case protocol.TypeMessageStatus:
+		ss.handleMessageStatus(data, env.ReqID)
+	case protocol.TypePing:
+		ss.queue(protocol.Pong{Type: protocol.TypePong, ReqID: env.ReqID})
+	case protocol.TypeHello:
+		ss.sendError(protocol.CodeMalformed, "already authenticated", env.ReqID)
+	default:
+		ss.sendError(protocol.CodeUnknownType, "unknown frame type "+strconv.Quote(truncateString(env.Type, 64)), env.ReqID)
+	}
+}
+
+func truncateString(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
+
+// handleHello runs the handshake checks in protocol order.
+func (ss *session) handleHello(data []byte) {
+	s := ss.s
+	if s.draining.Load() {
+		ss.reject(protocol.ReasonDraining, "")
+		return
+	}
+	// Per-address limit before any cryptography, so a flood of bad hellos
+	// cannot burn the CPU.
+	if !s.helloRate.allow(ss.remote) {
+		ss.reject(protocol.ReasonRateLimited, "hello rate")
+		return
+	}
+	h, err := protocol.DecodeHello(data)
+	if err != nil {
+		ss.reject(protocol.ReasonMalformed, err.Error())
+		return
+	}
+	ss.meshID, ss.pubkey = h.MeshID, h.Pubkey
+	if reason := auth.VerifyHello(h, time.Now()); reason != "" {
+		ss.reject(reason, "")
+		return
+	}
+	ctx, cancel := context.WithTimeout(ss.ctx, 10*time.Second)
+	defer cancel()
+	pubkey := toLowerHex(h.Pubkey)
+	member, err := s.members.byPubkey(ctx, h.MeshID, pubkey)
+	if errors.Is(err, store.ErrNotFound) {
+		ss.reject(protocol.ReasonUnauthorized, "not a member")
+		return
+	}
+	if err != nil {
+		ss.reject(protocol.ReasonUnavailable, err.Error())
+		return
+	}
+	if member.ID != h.MemberID {
+		ss.reject(protocol.ReasonUnauthorized, "memberId does not match pubkey")
+		return
+	}
+	prev, hasPrev := s.replica.FindSession(h.MeshID, member.ID, h.SessionID)
+	live := s.replica.CountLive(h.MeshID)
+	if hasPrev && prev.IsLive() {
+		live-- // the replaced session frees its slot
+	}
+	if live >= s.cfg.MaxConnsPerMesh {
+		ss.reject(protocol.ReasonCapacity, "")
+		return
+	}
+	fresh, pending, err := s.store.AcceptHello(ctx, auth.SignatureHash(h.Signature), helloSeenFor,
+		h.PID, h.Cwd, h.MeshID, pubkey, pendingHookTTL)
+	if err != nil {
+		ss.reject(protocol.ReasonUnavailable, err.Error())
+		return
+	}
+	if !fresh {
+		ss.reject(protocol.ReasonReplayed, "")
+		return
+	}
+	ss.register(h, member, prev, hasPrev, pending)
+}
+
+func toLowerHex(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c >= 'A' && c <= 'F' {
+			b[i] = c + ('a' - 'A')
+		}
+	}
+	return string(b)
+}
+
+// register makes the session live: it creates (or takes over) the presence
+// entry, acks the hello and starts delivery.
+func (ss *session) register(h *protocol.Hello, member store.Member, prev presence.Entry, hasPrev bool, pending string) {
+	s := ss.s
+	now := time.Now()
+	ss.memberID, ss.displayName, ss.sessionID, ss.pubkey = member.ID, member.DisplayName, h.SessionID, member.Pubkey
+	ss.clientAck = h.HasCapability(protocol.CapClientAck)
+	ss.sysEvents = h.HasCapability(protocol.CapSystemEvents)
+
+	groups := h.GroupNames()
+	e := presence.Entry{
+		PresenceID: store.NewID(), ConnID: ss.id,
+		MeshID: h.MeshID, MemberID: member.ID, Pubkey: member.Pubkey, DisplayName: member.DisplayName,
+		SessionID: h.SessionID, PID: h.PID, Cwd: h.Cwd, Hostname: h.Hostname,
+		Status: protocol.StatusIdle, StatusSource: protocol.SourceJSONL, StatusUpdatedAt: now.UnixMilli(),
+		ConnectedAt: now.UnixMilli(), Groups: groups,
+	}
+	reattached := hasPrev
+	if hasPrev {
+		// Same session reconnecting (or replacing itself): keep the presence.
+		e.PresenceID = prev.PresenceID
+		e.Status, e.StatusSource, e.StatusUpdatedAt = prev.Status, prev.StatusSource, prev.StatusUpdatedAt
+		e.Summary = prev.Summary
+		for _, g := range prev.Groups {
+			if !slices.Contains(e.Groups, g) && len(e.Groups) < protocol.MaxGroups {
+				e.Groups = append(e.Groups, g)
+			}
+		}
+	}
+	if pending != "" {
+		presence.ApplyStatus(&e, pending, protocol.SourceHook, now, s.cfg.HookFresh())
+	}
+	ss.presenceID = e.PresenceID
+	ss.maxPrio.Store(int32(protocol.MaxPriorityRank(e.Status)))
+
+	s.mu.Lock()
+	old := s.byPresence[e.PresenceID]
+	s.byPresence[e.PresenceID] = ss
+	set := s.byMesh[ss.meshID]
+	if set == nil {
+		set = map[*session]struct{}{}
+		s.byMesh[ss.meshID] = set
+	}
+	set[ss] = struct{}{}
+	s.mu.Unlock()
+	ss.authed.Store(true)
+	s.m.ConnectionsActive.Inc()
+
+	entry := s.replica.Create(e)
+	if old != nil && old != ss {
+		old.replaced()
+	}
+	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
+		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
+	s.engine.attach(ss)
+	ss.logger = ss.logger.With("mesh_id", h.MeshID, "presence_id", entry.PresenceID)
+	ss.logger.Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
+		"reattached", reattached, "client_ack", ss.clientAck)
+	s.audit.add(store.AuditEvent{MeshID: h.MeshID, Type: store.EventPeerConnected, Actor: member.ID,
+		Target: entry.PresenceID, Metadata: map[string]any{"session_id": h.SessionID, "node": s.node,
+			"reattached": reattached, "remote": ss.remote}})
+}
+
+// replaced closes a session whose presence was taken over by a newer
+// connection of the same session.
+func (ss *session) replaced() {
+	ss.logger.Info("session replaced")
+	ss.closeAfterFlush(websocket.StatusNormalClosure, protocol.CloseReasonReplaced)
+}
+
+func (ss *session) handleClientAck(data []byte, reqID string) {
+	var a protocol.ClientAck
+	if err := protocol.Decode(data, &a); err != nil {
+		ss.sendError(protocol.CodeMalformed, err.Error(), reqID)
+		return
+	}
+	id, err := strconv.ParseInt(a.BrokerMessageID, 10, 64)
+	if err != nil || id <= 0 {
+		ss.sendError(protocol.CodeMalformed, "brokerMessageId is not a message id", reqID)
+		return
+	}
+	// Only this member's own delivery row can be acknowledged: the key
+	// carries the session's member id.
+	ss.mu.Lock()
+	if ss.inflight != nil {
+		delete(ss.inflight, id)
+	}
+	ss.mu.Unlock()
+	ss.s.acks.add(store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
+}
+
+func (ss *session) handleSetStatus(data []byte, reqID string) {
+	var m protocol.SetStatus
+	if err := protocol.Decode(data, &m); err != nil || !protocol.ValidStatus(m.Status) {
+		ss.sendError(protocol.CodeMalformed, "status must be idle, working or dnd", reqID)
+		return
+	}
+	source := protocol.SourceManual
+	if m.Source == protocol.SourceJSONL {
+		source = protocol.SourceJSONL
+	} else if m.Source != "" && m.Source != protocol.SourceManual {
+		ss.sendError(protocol.CodeMalformed, "source must be manual or jsonl", reqID)
+		return
+	}
+	ss.logger.Info("ws set_status", "status", m.Status, "source", source)
+	ss.s.setStatus(ss.presenceID, m.Status, source)
+}
+
+func (ss *session) handleSetSummary(data []byte, reqID string) {
+	var m protocol.SetSummary
+	if err := protocol.Decode(data, &m); err != nil {
+		ss.sendError(protocol.CodeMalformed, err.Error(), reqID)
+		return
+	}
+	if len(m.Summary) > protocol.MaxSummaryLen {
+		ss.sendError(protocol.CodeTooLarge, "summary longer than 512 bytes", reqID)
+		return
+	}
+	ss.s.replica.Update(ss.presenceID, func(e *presence.Entry) bool {
+		if e.Summary == m.Summary {
+			return false
+		}
+		e.Summary = m.Summary
+		return true
+	})
+}
+
+func (ss *session) handleGroup(data []byte, typ, reqID string) {
+	var m protocol.GroupOp
+	if err := protocol.Decode(data, &m); err != nil {
+		ss.sendError(protocol.CodeMalformed, err.Error(), reqID)
+		return
+	}
+	if err := protocol.ValidateGroupName(m.Name); err != nil {
+		ss.sendError(protocol.CodeMalformed, err.Error(), reqID)
+		return
+	}
+	var tooMany bool
+	ss.s.replica.Update(ss.presenceID, func(e *presence.Entry) bool {
+		has := e.HasGroup(m.Name)
+		if typ == protocol.TypeJoinGroup {
+			if has {
+				return false
+			}
+			if len(e.Groups) >= protocol.MaxGroups {
+				tooMany = true
+				return false
+			}
+			e.Groups = append(slices.Clone(e.Groups), m.Name)
+			return true
+		}
+		if !has {
+			return false
+		}
+		e.Groups = slices.DeleteFunc(slices.Clone(e.Groups), func(g string) bool { return g == m.Name })
+		return true
+	})
+	if tooMany {
+		ss.sendError(protocol.CodeTooLarge, "a session may be in at most 64 groups", reqID)
+	}
+}
+
+func (ss *session) handleListPeers(reqID string) {
+	entries := ss.s.replica.Live(ss.meshID)
+	peers := make([]protocol.Peer, 0, len(entries))
+	for i := range entries {
+		peers = append(peers, entries[i].Peer())
+	}
+	ss.queue(protocol.PeersList{Type: protocol.TypePeersList, ReqID: reqID, Peers: peers})
+}
+
+func (ss *session) handleMessageStatus(data []byte, reqID string) {
+	var m protocol.MessageStatus
+	if err := protocol.Decode(data, &m); err != nil {
+		ss.sendError(protocol.CodeMalformed, err.Error(), reqID)
+		return
+	}
+	res := protocol.MessageStatusResult{Type: protocol.TypeMessageStatusR, ReqID: reqID, MessageID: m.MessageID,
+		Recipients: []protocol.RecipientState{}}
+	id, err := strconv.ParseInt(m.MessageID, 10, 64)
+	if err != nil || id <= 0 {
+		res.Error = protocol.CodeNotFound
+		ss.queue(res)
+		return
+	}
+	ctx, cancel := context.WithTimeout(ss.ctx, 5*time.Second)
+	defer cancel()
+	info, err := ss.s.store.MessageStatus(ctx, ss.meshID, id)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		res.Error = protocol.CodeNotFound
+	case err != nil:
+		res.Error = protocol.CodeUnavailable
+	default:
+		sender := info.SenderMemberID == ss.memberID
+		for _, r := range info.Recipients {
+			if !sender && r.MemberID != ss.memberID {
+				continue // a recipient sees only its own row
+			}
+			res.Recipients = append(res.Recipients, protocol.RecipientState{
+				MemberID: r.MemberID, DisplayName: r.DisplayName, State: ss.s.deliveryState(r, info.Priority)})
+		}
+		if !sender && len(res.Recipients) == 0 {
+			res.Error = protocol.CodeNotFound
+		}
+	}
+	ss.queue(res)
+}
+
+// deliveryState names a row's state; "held" means the recipient is online
+// but none of its sessions accepts the priority now.
+func (s *Server) deliveryState(r store.RecipientRow, priority int16) string {
+	switch {
+	case r.Delivered:
+		return protocol.StateDelivered
+	case r.Expired:
+		return protocol.StateExpired
+	case r.Leased:
+		return protocol.StateLeased
+	}
+	entries := s.replica.MemberEntries(r.MemberID)
+	live := false
+	for i := range entries {
+		if !entries[i].IsLive() {
+			continue
+		}
+		live = true
+		if int(priority) <= entries[i].MaxPriority() {
+			return protocol.StateQueued
+		}
+	}
+	if live {
+		return protocol.StateHeld
+	}
+	return protocol.StateQueued
+}

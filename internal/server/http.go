@@ -1,0 +1,369 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/claudemesh/broker/internal/auth"
+	"github.com/claudemesh/broker/internal/presence"
+	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// readBody reads at most limit bytes; errTooLarge when there is more.
+func readBody(r *http.Request, limit int) ([]byte, error) {
+	body, err := io.ReadAll(io.LimitReader(r.Body, int64(limit)+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(body) > limit {
+		return nil, errTooLarge
+	}
+	return body, nil
+}
+
+var errTooLarge = errors.New("body too large")
+
+// fromLoopback reports whether the request came straight from this machine
+// (not through a proxy that forwards for someone else).
+func fromLoopback(r *http.Request) bool {
+	ip := net.ParseIP(clientIP(r))
+	if ip == nil || !ip.IsLoopback() {
+		return false
+	}
+	return r.Header.Get("X-Forwarded-For") == "" && r.Header.Get("Forwarded") == "" && r.Header.Get("Fly-Client-IP") == ""
+}
+
+// HookRequest is the body of POST /hook/set-status.
+type HookRequest struct {
+	Cwd       string `json:"cwd"`
+	PID       *int64 `json:"pid,omitempty"`
+	Status    string `json:"status"`
+	SessionID string `json:"session_id,omitempty"`
+}
+
+// HookResponse answers a hook.
+type HookResponse struct {
+	OK         bool   `json:"ok"`
+	PresenceID string `json:"presence_id,omitempty"`
+	Pending    bool   `json:"pending,omitempty"`
+	Error      string `json:"error,omitempty"`
+}
+
+// ParseHook decodes and validates a hook body.
+func ParseHook(body []byte) (HookRequest, error) {
+	var h HookRequest
+	if err := protocol.Decode(body, &h); err != nil {
+		return h, err
+	}
+	if h.Cwd == "" || len(h.Cwd) > protocol.MaxCwdLen {
+		return h, errors.New("cwd is required (at most 4096 bytes)")
+	}
+	if !protocol.ValidStatus(h.Status) {
+		return h, errors.New("status must be idle, working or dnd")
+	}
+	if h.PID != nil && *h.PID < 0 {
+		return h, errors.New("pid must not be negative")
+	}
+	if len(h.SessionID) > protocol.MaxIDLen {
+		return h, errors.New("session_id too long")
+	}
+	return h, nil
+}
+
+func (s *Server) serveHook(w http.ResponseWriter, r *http.Request) {
+	s.m.HookRequests.Inc()
+	body, err := readBody(r, s.cfg.MaxMessageBytes)
+	if errors.Is(err, errTooLarge) {
+		writeJSON(w, http.StatusRequestEntityTooLarge, HookResponse{Error: "payload too large"})
+		return
+	}
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, HookResponse{Error: "cannot read body"})
+		return
+	}
+	h, err := ParseHook(body)
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, HookResponse{Error: err.Error()})
+		return
+	}
+	var meshID, pubkey string
+	if auth.HookSigned(r.Header) {
+		// Bound signature checks per address before the ed25519 work.
+		if !s.helloRate.allow("hook/" + clientIP(r)) {
+			s.m.HookRateLimited.Inc()
+			writeJSON(w, http.StatusTooManyRequests, HookResponse{Error: "rate limited"})
+			return
+		}
+		meshID, pubkey, err = auth.VerifyHook(r.Header, body, time.Now())
+		if err != nil {
+			writeJSON(w, http.StatusUnauthorized, HookResponse{Error: err.Error()})
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+		_, err = s.members.byPubkey(ctx, meshID, pubkey)
+		cancel()
+		if errors.Is(err, store.ErrNotFound) {
+			writeJSON(w, http.StatusUnauthorized, HookResponse{Error: "signer is not a member of the mesh"})
+			return
+		}
+		if err != nil {
+			writeJSON(w, http.StatusServiceUnavailable, HookResponse{Error: "database unavailable"})
+			return
+		}
+	} else if s.cfg.HookRequireSignature && !fromLoopback(r) {
+		writeJSON(w, http.StatusUnauthorized, HookResponse{Error: "unsigned hooks are accepted from loopback only; sign it (X-Mesh-Signature)"})
+		return
+	}
+	var pid int64
+	if h.PID != nil {
+		pid = *h.PID
+	}
+	if !s.hookRate.allow(strconv.FormatInt(pid, 10) + ":" + h.Cwd) {
+		s.m.HookRateLimited.Inc()
+		s.logger.Warn("hook rate limited", "cwd", h.Cwd, "pid", pid)
+		writeJSON(w, http.StatusTooManyRequests, HookResponse{Error: "rate limited"})
+		return
+	}
+	target, ok := s.resolveHook(h, pid, meshID, pubkey)
+	if !ok {
+		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+		err := s.store.AddPendingStatus(ctx, pid, h.Cwd, h.Status, meshID, pubkey)
+		cancel()
+		if err != nil {
+			writeJSON(w, http.StatusServiceUnavailable, HookResponse{Error: "database unavailable"})
+			return
+		}
+		s.logger.Info("hook", "cwd", h.Cwd, "pid", pid, "status", h.Status, "pending", true)
+		writeJSON(w, http.StatusOK, HookResponse{OK: true, Pending: true})
+		return
+	}
+	if target.Owner == s.node {
+		s.setStatus(target.PresenceID, h.Status, protocol.SourceHook)
+	} else if err := s.cluster.Send(target.Owner, presence.Command{Kind: "hook", PresenceID: target.PresenceID, Status: h.Status}); err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, HookResponse{Error: "owning node unreachable: " + err.Error()})
+		return
+	}
+	s.logger.Info("hook", "cwd", h.Cwd, "pid", pid, "status", h.Status, "presence_id", target.PresenceID, "owner", target.Owner)
+	writeJSON(w, http.StatusOK, HookResponse{OK: true, PresenceID: target.PresenceID})
+}
+
+// resolveHook finds the session a hook is about: (pid, cwd) first, else the
+// most recent session in that cwd; limited to the signer's sessions when
+// the hook is signed.
+func (s *Server) resolveHook(h HookRequest, pid int64, meshID, pubkey string) (presence.Entry, bool) {
+	matches := s.replica.Find(func(e *presence.Entry) bool {
+		if e.Cwd != h.Cwd {
+			return false
+		}
+		if h.SessionID != "" && e.SessionID != h.SessionID {
+			return false
+		}
+		if pubkey != "" && (e.MeshID != meshID || e.Pubkey != pubkey) {
+			return false
+		}
+		return true
+	})
+	if len(matches) == 0 {
+		return presence.Entry{}, false
+	}
+	sort.Slice(matches, func(i, j int) bool {
+		pi, pj := matches[i].PID == pid, matches[j].PID == pid
+		if pi != pj {
+			return pi
+		}
+		return matches[i].ConnectedAt > matches[j].ConnectedAt
+	})
+	if pid != 0 && matches[0].PID != pid && h.SessionID == "" {
+		// A pid was given and no session has it: the session may not
+		// have connected yet.
+		return presence.Entry{}, false
+	}
+	return matches[0], true
+}
+
+// JoinRequest is the body of POST /join.
+type JoinRequest struct {
+	InviteToken string `json:"invite_token"`
+	PeerPubkey  string `json:"peer_pubkey"`
+	DisplayName string `json:"display_name"`
+}
+
+// JoinResponse answers /join.
+type JoinResponse struct {
+	OK            bool   `json:"ok"`
+	MemberID      string `json:"memberId,omitempty"`
+	MeshID        string `json:"meshId,omitempty"`
+	MeshSlug      string `json:"meshSlug,omitempty"`
+	MeshName      string `json:"meshName,omitempty"`
+	Role          string `json:"role,omitempty"`
+	AlreadyMember bool   `json:"alreadyMember,omitempty"`
+	Error         string `json:"error,omitempty"`
+	Message       string `json:"message,omitempty"`
+}
+
+func joinError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, JoinResponse{Error: code, Message: msg})
+}
+
+func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
+	body, err := readBody(r, s.cfg.MaxMessageBytes)
+	if errors.Is(err, errTooLarge) {
+		joinError(w, http.StatusRequestEntityTooLarge, "too_large", "body too large")
+		return
+	}
+	var req JoinRequest
+	if err != nil || protocol.Decode(body, &req) != nil {
+		joinError(w, http.StatusBadRequest, "malformed", "body must be JSON {invite_token, peer_pubkey, display_name}")
+		return
+	}
+	req.PeerPubkey = strings.ToLower(req.PeerPubkey)
+	if !protocol.IsPubkeyHex(req.PeerPubkey) {
+		joinError(w, http.StatusBadRequest, "malformed", "peer_pubkey must be 64 hex characters")
+		return
+	}
+	req.DisplayName = strings.TrimSpace(req.DisplayName)
+	if req.DisplayName == "" || len(req.DisplayName) > protocol.MaxDisplayName {
+		joinError(w, http.StatusBadRequest, "malformed", "display_name must be 1..128 characters")
+		return
+	}
+	if !s.helloRate.allow("join/" + clientIP(r)) {
+		joinError(w, http.StatusTooManyRequests, "rate_limited", "too many joins from this address")
+		return
+	}
+	inv, err := auth.ParseInvite(req.InviteToken)
+	if err != nil {
+		joinError(w, http.StatusBadRequest, "invite_malformed", err.Error())
+		return
+	}
+	if err := inv.Verify(); err != nil {
+		joinError(w, http.StatusBadRequest, "invite_bad_signature", err.Error())
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	defer cancel()
+	mesh, err := s.store.GetMesh(ctx, inv.MeshID)
+	if errors.Is(err, store.ErrNotFound) {
+		joinError(w, http.StatusNotFound, "mesh_not_found", "the invite's mesh does not exist")
+		return
+	}
+	if err != nil {
+		joinError(w, http.StatusServiceUnavailable, "unavailable", "database unavailable")
+		return
+	}
+	if mesh.OwnerPubkey != inv.OwnerPubkey {
+		joinError(w, http.StatusBadRequest, "invite_owner_mismatch", "the invite is not signed by the mesh owner")
+		return
+	}
+	row, err := s.store.InviteByToken(ctx, auth.InviteTokenKey(req.InviteToken))
+	if errors.Is(err, store.ErrNotFound) {
+		joinError(w, http.StatusNotFound, "invite_not_found", "the broker does not know this invite")
+		return
+	}
+	if err != nil {
+		joinError(w, http.StatusServiceUnavailable, "unavailable", "database unavailable")
+		return
+	}
+	if row.MeshID != inv.MeshID {
+		joinError(w, http.StatusBadRequest, "invite_mesh_mismatch", "the invite belongs to another mesh")
+		return
+	}
+	m, already, err := s.store.RedeemInvite(ctx, row, req.PeerPubkey, req.DisplayName)
+	switch {
+	case errors.Is(err, store.ErrInviteExpired):
+		joinError(w, http.StatusGone, "invite_expired", "the invite has expired; ask for a new one")
+		return
+	case errors.Is(err, store.ErrInviteRevoked):
+		joinError(w, http.StatusGone, "invite_revoked", "the invite was revoked")
+		return
+	case errors.Is(err, store.ErrInviteExhausted):
+		joinError(w, http.StatusGone, "invite_exhausted", "the invite has no uses left")
+		return
+	case err != nil:
+		joinError(w, http.StatusServiceUnavailable, "unavailable", "database unavailable")
+		return
+	}
+	if !already {
+		s.audit.add(store.AuditEvent{MeshID: m.MeshID, Type: store.EventInviteUsed, Actor: m.ID, Target: row.ID})
+		s.audit.add(store.AuditEvent{MeshID: m.MeshID, Type: store.EventMemberJoined, Actor: m.ID,
+			Metadata: map[string]any{"display_name": m.DisplayName, "role": m.Role}})
+		s.members.invalidate(m.MeshID)
+	}
+	s.logger.Info("join", "mesh_id", m.MeshID, "member_id", m.ID, "already_member", already)
+	writeJSON(w, http.StatusOK, JoinResponse{OK: true, MemberID: m.ID, MeshID: m.MeshID, MeshSlug: mesh.Slug,
+		MeshName: mesh.Name, Role: m.Role, AlreadyMember: already})
+}
+
+// Health is the body of GET /health.
+type Health struct {
+	Status      string  `json:"status"`
+	DB          string  `json:"db"`
+	Version     string  `json:"version"`
+	GitSHA      string  `json:"gitSha"`
+	Uptime      float64 `json:"uptime"`
+	Node        string  `json:"node"`
+	ClusterSize int     `json:"clusterSize"`
+	Sessions    int     `json:"sessions"`
+}
+
+func (s *Server) serveHealth(w http.ResponseWriter, _ *http.Request) {
+	h := Health{Status: "ok", DB: "up", Version: Version, GitSHA: s.cfg.GitSHA,
+		Uptime: time.Since(s.started).Round(time.Millisecond).Seconds(), Node: s.node, ClusterSize: s.cluster.NumMembers()}
+	if h.GitSHA == "" {
+		h.GitSHA = "unknown"
+	}
+	s.mu.RLock()
+	h.Sessions = len(s.byPresence)
+	s.mu.RUnlock()
+	status := http.StatusOK
+	if !s.dbHealthy.Load() {
+		h.Status, h.DB, status = "degraded", "down", http.StatusServiceUnavailable
+	}
+	writeJSON(w, status, h)
+}
+
+// healthLoop pings Postgres and logs transitions.
+func (s *Server) healthLoop(ctx context.Context) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := s.store.Ping(cctx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		was := s.dbHealthy.Load()
+		switch {
+		case err == nil && !was:
+			s.dbHealthy.Store(true)
+			s.m.DBHealthy.Set(1)
+			s.logger.Info("db healthy")
+			// Work that failed while Postgres was away may be waiting.
+			s.engine.wakeAll(reasonSweep)
+		case err != nil && was:
+			s.dbHealthy.Store(false)
+			s.m.DBHealthy.Set(0)
+			s.logger.Error("db ping failed", "err", err)
+		}
+	}
+}

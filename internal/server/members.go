@@ -1,0 +1,111 @@
+package server
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/singleflight"
+
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// memberCacheTTL bounds how stale a mesh's member list may be when a
+// change notification was lost.
+const memberCacheTTL = 30 * time.Second
+
+// memberCache keeps each active mesh's live members in memory. Membership
+// changes are announced on the member channel and drop the mesh's entry.
+type memberCache struct {
+	store *store.Store
+	sf    singleflight.Group
+
+	mu     sync.RWMutex
+	meshes map[string]*meshMembers
+}
+
+type meshMembers struct {
+	loaded   time.Time
+	all      []store.Member
+	byPubkey map[string]store.Member
+}
+
+func newMemberCache(st *store.Store) *memberCache {
+	return &memberCache{store: st, meshes: map[string]*meshMembers{}}
+}
+
+func (c *memberCache) get(ctx context.Context, mesh string, maxAge time.Duration) (*meshMembers, error) {
+	c.mu.RLock()
+	mm := c.meshes[mesh]
+	c.mu.RUnlock()
+	if mm != nil && time.Since(mm.loaded) < maxAge {
+		return mm, nil
+	}
+	v, err, _ := c.sf.Do(mesh, func() (any, error) {
+		all, err := c.store.MeshMembers(ctx, mesh)
+		if err != nil {
+			return nil, err
+		}
+		mm := &meshMembers{loaded: time.Now(), all: all, byPubkey: make(map[string]store.Member, len(all))}
+		for _, m := range all {
+			mm.byPubkey[m.Pubkey] = m
+		}
+		c.mu.Lock()
+		c.meshes[mesh] = mm
+		c.mu.Unlock()
+		return mm, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(*meshMembers), nil
+}
+
+// byPubkey finds a live member. A miss on a list older than a second is
+// checked again against Postgres, so a member enrolled a moment ago is found
+// even if its notification was lost.
+func (c *memberCache) byPubkey(ctx context.Context, mesh, pubkey string) (store.Member, error) {
+	mm, err := c.get(ctx, mesh, memberCacheTTL)
+	if err != nil {
+		return store.Member{}, err
+	}
+	if m, ok := mm.byPubkey[pubkey]; ok {
+		return m, nil
+	}
+	if time.Since(mm.loaded) > time.Second {
+		if mm, err = c.get(ctx, mesh, time.Second); err != nil {
+			return store.Member{}, err
+		}
+		if m, ok := mm.byPubkey[pubkey]; ok {
+			return m, nil
+		}
+	}
+	return store.Member{}, store.ErrNotFound
+}
+
+// all returns the mesh's live members.
+func (c *memberCache) all(ctx context.Context, mesh string) ([]store.Member, error) {
+	mm, err := c.get(ctx, mesh, memberCacheTTL)
+	if err != nil {
+		return nil, err
+	}
+	return mm.all, nil
+}
+
+// invalidate drops a mesh's list.
+func (c *memberCache) invalidate(mesh string) {
+	c.mu.Lock()
+	delete(c.meshes, mesh)
+	c.mu.Unlock()
+}
+
+// gc drops lists nobody used for a while.
+func (c *memberCache) gc() {
+	c.mu.Lock()
+	for id, mm := range c.meshes {
+		if time.Since(mm.loaded) > 10*memberCacheTTL {
+			delete(c.meshes, id)
+		}
+	}
+	c.mu.Unlock()
+}

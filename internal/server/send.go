@@ -1,0 +1,288 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"hash/fnv"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// sendItem is one accepted send waiting for its group commit.
+type sendItem struct {
+	ss      *session
+	reqID   string
+	id      string // the client's correlation id
+	msg     store.NewMessage
+	prio    string
+	fast    []*session // per recipient: the local session it goes to directly, or nil
+	started time.Time
+}
+
+// handleSend validates a send, resolves its recipients and hands it to the
+// committer. The ack is written after the commit.
+func (ss *session) handleSend(data []byte, reqID string) {
+	s := ss.s
+	m, err := protocol.DecodeSend(data)
+	if err != nil {
+		id := ""
+		if m != nil {
+			id = m.ID
+		}
+		ss.rejectSend(reqID, id, protocol.CodeMalformed)
+		return
+	}
+	if ss.sendLimit != nil && !ss.sendLimit.Allow() {
+		ss.rejectSend(reqID, m.ID, protocol.CodeRateLimited)
+		return
+	}
+	if len(m.Ciphertext)+len(m.Nonce) > s.cfg.MaxMessageBytes {
+		ss.rejectSend(reqID, m.ID, protocol.CodeTooLarge)
+		return
+	}
+	rank, _ := protocol.PriorityRank(m.Priority)
+	recipients, code := s.resolveTargets(ss, m.TargetSpec)
+	if code != "" {
+		ss.rejectSend(reqID, m.ID, code)
+		return
+	}
+	item := &sendItem{
+		ss: ss, reqID: reqID, id: m.ID, prio: protocol.PriorityName(rank), started: time.Now(),
+		msg: store.NewMessage{
+			MeshID: ss.meshID, SenderMemberID: ss.memberID, SenderPubkey: ss.pubkey, SenderName: ss.displayName,
+			TargetSpec: m.TargetSpec, Priority: int16(rank), Nonce: m.Nonce, Ciphertext: m.Ciphertext,
+			ClientMessageID: m.ClientMessageID,
+		},
+	}
+	item.msg.Recipients = make([]store.Recipient, len(recipients))
+	for i, r := range recipients {
+		item.msg.Recipients[i].MemberID = r
+	}
+	s.commit.submit(item)
+}
+
+func (ss *session) rejectSend(reqID, id, code string) {
+	ss.s.m.MessagesRejected.WithLabelValues(code).Inc()
+	ss.queue(protocol.Ack{Type: protocol.TypeAck, ReqID: reqID, ID: id, MessageID: "", Queued: false, Error: code})
+}
+
+// resolveTargets expands a target spec into recipient member ids (fan-out
+// on write: a broadcast reaches offline members too).
+func (s *Server) resolveTargets(ss *session, spec string) ([]string, string) {
+	kind, arg := protocol.ParseTarget(spec)
+	ctx, cancel := context.WithTimeout(ss.ctx, 5*time.Second)
+	defer cancel()
+	switch kind {
+	case protocol.TargetPubkey:
+		m, err := s.members.byPubkey(ctx, ss.meshID, arg)
+		if errors.Is(err, store.ErrNotFound) {
+			return nil, protocol.CodeUnknownRecipient
+		}
+		if err != nil {
+			return nil, protocol.CodeUnavailable
+		}
+		return []string{m.ID}, ""
+	case protocol.TargetBroadcast:
+		all, err := s.members.all(ctx, ss.meshID)
+		if err != nil {
+			return nil, protocol.CodeUnavailable
+		}
+		out := make([]string, 0, len(all))
+		for _, m := range all {
+			if m.ID != ss.memberID {
+				out = append(out, m.ID)
+			}
+		}
+		if len(out) == 0 {
+			return nil, protocol.CodeNoRecipients
+		}
+		return out, ""
+	case protocol.TargetGroup:
+		var out []string
+		for _, id := range s.replica.GroupMembers(ss.meshID, arg) {
+			if id != ss.memberID {
+				out = append(out, id)
+			}
+		}
+		if len(out) == 0 {
+			return nil, protocol.CodeNoRecipients
+		}
+		return out, ""
+	}
+	return nil, protocol.CodeMalformed
+}
+
+// committer group-commits sends: each shard takes whatever accumulated
+// while its previous commit ran and writes it in one statement. A sender's
+// sends always go to the same shard, so they commit (and are acked and
+// pushed) in order.
+type committer struct {
+	s      *Server
+	shards []chan *sendItem
+	quit   chan struct{}
+	wg     sync.WaitGroup
+	once   sync.Once
+}
+
+// Batch bounds.
+const (
+	maxBatchMessages   = 512
+	maxBatchRecipients = 8192
+)
+
+func newCommitter(s *Server, shards int) *committer {
+	c := &committer{s: s, shards: make([]chan *sendItem, shards), quit: make(chan struct{})}
+	for i := range c.shards {
+		c.shards[i] = make(chan *sendItem, 4096)
+	}
+	return c
+}
+
+func (c *committer) start() {
+	for _, ch := range c.shards {
+		c.wg.Add(1)
+		go c.run(ch)
+	}
+}
+
+// submit queues an item; it blocks when the shard is full, which
+// back-pressures the sender's read loop.
+func (c *committer) submit(it *sendItem) {
+	h := fnv.New32a()
+	h.Write([]byte(it.msg.SenderMemberID))
+	select {
+	case c.shards[h.Sum32()%uint32(len(c.shards))] <- it:
+	case <-c.quit:
+		it.ss.rejectSend(it.reqID, it.id, protocol.CodeUnavailable)
+	case <-it.ss.ctx.Done():
+	}
+}
+
+// stop commits what is queued and stops the shards.
+func (c *committer) stop() {
+	c.once.Do(func() { close(c.quit) })
+	c.wg.Wait()
+}
+
+func (c *committer) run(in chan *sendItem) {
+	defer c.wg.Done()
+	batch := make([]*sendItem, 0, maxBatchMessages)
+	for {
+		var first *sendItem
+		select {
+		case first = <-in:
+		case <-c.quit:
+			select {
+			case first = <-in: // drain what was accepted before the stop
+			default:
+				return
+			}
+		}
+		batch = append(batch[:0], first)
+		recipients := len(first.msg.Recipients)
+	gather:
+		for len(batch) < maxBatchMessages && recipients < maxBatchRecipients {
+			select {
+			case it := <-in:
+				batch = append(batch, it)
+				recipients += len(it.msg.Recipients)
+			default:
+				break gather
+			}
+		}
+		c.commit(batch)
+	}
+}
+
+// commit writes one batch and, after the commit, pushes fast-path
+// envelopes, wakes local and remote recipients and acks the senders.
+func (c *committer) commit(batch []*sendItem) {
+	s := c.s
+	msgs := make([]store.NewMessage, len(batch))
+	for i, it := range batch {
+		// Local fast path: a recipient with an eligible, caught-up session
+		// on this node gets its row already leased to that session.
+		it.fast = make([]*session, len(it.msg.Recipients))
+		for j := range it.msg.Recipients {
+			if ss := s.engine.fastPath(it.msg.Recipients[j].MemberID, int(it.msg.Priority)); ss != nil {
+				it.fast[j] = ss
+				it.msg.Recipients[j].LeaseConn = ss.id
+			}
+		}
+		msgs[i] = it.msg
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+	if s.ctx.Err() != nil {
+		// Shutting down: still commit what was accepted.
+		ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+	}
+	res, err := s.store.InsertMessages(ctx, s.cfg.MessageTTL, s.leaseNode, s.cfg.LeaseDuration, msgs)
+	cancel()
+	s.m.CommitDuration.Observe(time.Since(start).Seconds())
+	s.m.CommitBatchSize.Observe(float64(len(batch)))
+	if err != nil {
+		code := protocol.CodeInternal
+		if store.IsUnavailable(err) {
+			code = protocol.CodeUnavailable
+		}
+		s.logger.Warn("send commit failed", "err", err, "messages", len(batch))
+		for _, it := range batch {
+			it.ss.rejectSend(it.reqID, it.id, code)
+		}
+		return
+	}
+	committed := time.Now()
+	wakeLocal := map[string]struct{}{}
+	remote := map[string][]string{} // mesh → members hosted elsewhere
+	for i, it := range batch {
+		r := res[i]
+		if r.Duplicate {
+			it.ss.queue(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id,
+				MessageID: strconv.FormatInt(r.ID, 10), Queued: true, Duplicate: true})
+			continue
+		}
+		for j, rec := range it.msg.Recipients {
+			if f := it.fast[j]; f != nil {
+				f.pushEnvelope(deliveryFromSend(r, it, rec.MemberID, f.id), committed)
+				continue
+			}
+			if s.engine.hasLocal(rec.MemberID) {
+				wakeLocal[rec.MemberID] = struct{}{}
+			}
+			if _, elsewhere := s.replica.MemberPresent(rec.MemberID); elsewhere {
+				remote[it.msg.MeshID] = append(remote[it.msg.MeshID], rec.MemberID)
+			}
+		}
+		it.ss.queue(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id,
+			MessageID: strconv.FormatInt(r.ID, 10), Queued: true})
+		s.audit.add(store.AuditEvent{MeshID: it.msg.MeshID, Type: store.EventMessageQueued, Actor: it.msg.SenderMemberID,
+			Target: it.msg.TargetSpec, CreatedAt: committed, Metadata: map[string]any{
+				"message_id": r.ID, "priority": it.prio, "size": len(it.msg.Ciphertext) + len(it.msg.Nonce),
+				"recipients": len(it.msg.Recipients)}})
+	}
+	if len(wakeLocal) > 0 {
+		members := make([]string, 0, len(wakeLocal))
+		for m := range wakeLocal {
+			members = append(members, m)
+		}
+		s.engine.wake(members, reasonLocal)
+	}
+	for mesh, members := range remote {
+		s.notifier.Notify(mesh, members)
+	}
+}
+
+func deliveryFromSend(r store.Inserted, it *sendItem, member, conn string) store.Delivery {
+	return store.Delivery{
+		MessageID: r.ID, MemberID: member, Conn: conn, Attempts: 1,
+		MeshID: it.msg.MeshID, SenderMemberID: it.msg.SenderMemberID, SenderPubkey: it.msg.SenderPubkey,
+		SenderName: it.msg.SenderName, TargetSpec: it.msg.TargetSpec, Priority: it.msg.Priority,
+		Nonce: it.msg.Nonce, Ciphertext: it.msg.Ciphertext, ClientMessageID: it.msg.ClientMessageID,
+		CreatedAt: r.CreatedAt,
+	}
+}

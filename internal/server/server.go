@@ -1,0 +1,232 @@
+// Package server is a broker node's front: the HTTP routes, the WebSocket
+// sessions and the delivery engine that moves envelopes from Postgres to
+// sockets. It owns this node's sockets and nothing else; what the cluster
+// shares lives in Postgres (messages, members) and in the presence replica.
+package server
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/metrics"
+	"github.com/claudemesh/broker/internal/presence"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// Version is the broker's release version, reported by /health.
+const Version = "0.1.0"
+
+// Cluster is what the server needs from the gossip layer.
+type Cluster interface {
+	Send(node string, cmd presence.Command) error
+	NumMembers() int
+	Members() []presence.NodeInfo
+}
+
+// Notifier wakes other nodes after a commit (relay.Notifier).
+type Notifier interface {
+	Notify(meshID string, members []string)
+}
+
+// Deps are a server's collaborators.
+type Deps struct {
+	Config      *config.Config
+	Store       *store.Store
+	Replica     *presence.Replica
+	Cluster     Cluster
+	Notifier    Notifier
+	Metrics     *metrics.Metrics
+	Gatherer    prometheus.Gatherer
+	Logger      *slog.Logger
+	Incarnation int64
+}
+
+// Server is one broker node's HTTP and WebSocket front and delivery engine.
+type Server struct {
+	cfg      *config.Config
+	store    *store.Store
+	replica  *presence.Replica
+	cluster  Cluster
+	notifier Notifier
+	m        *metrics.Metrics
+	gatherer prometheus.Gatherer
+	logger   *slog.Logger
+
+	node      string // this node's name
+	leaseNode string // name#incarnation, written on every lease
+	started   time.Time
+
+	members   *memberCache
+	engine    *engine
+	commit    *committer
+	acks      *acker
+	audit     *auditor
+	hookRate  *keyedLimiter
+	helloRate *keyedLimiter
+
+	dbHealthy atomic.Bool
+	draining  atomic.Bool
+	connSeq   atomic.Int64
+
+	mu         sync.RWMutex
+	sessions   map[*session]struct{}
+	byPresence map[string]*session
+	byMesh     map[string]map[*session]struct{}
+	perAddr    map[string]int
+
+	ctx    context.Context // cancelled by Shutdown
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	closed chan struct{}
+	once   sync.Once
+}
+
+// New creates a server. Call Start before serving.
+func New(d Deps) *Server {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{
+		cfg: d.Config, store: d.Store, replica: d.Replica, cluster: d.Cluster, notifier: d.Notifier,
+		m: d.Metrics, gatherer: d.Gatherer, logger: d.Logger,
+		node:       d.Replica.Self(),
+		leaseNode:  d.Replica.Self() + "#" + strconv.FormatInt(d.Incarnation, 10),
+		started:    time.Now(),
+		sessions:   map[*session]struct{}{},
+		byPresence: map[string]*session{},
+		byMesh:     map[string]map[*session]struct{}{},
+		perAddr:    map[string]int{},
+		ctx:        ctx, cancel: cancel,
+		closed: make(chan struct{}),
+	}
+	s.members = newMemberCache(d.Store)
+	s.engine = newEngine(s)
+	s.commit = newCommitter(s, 2)
+	s.acks = newAcker(s)
+	s.audit = newAuditor(s)
+	s.hookRate = newKeyedLimiter(float64(d.Config.HookRateLimitPerMin)/60, d.Config.HookRateLimitPerMin)
+	s.helloRate = newKeyedLimiter(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1)
+	s.dbHealthy.Store(true)
+	s.m.DBHealthy.Set(1)
+	return s
+}
+
+// Start launches the background loops: delivery, acks, audit, sweeps and
+// the Postgres health check.
+func (s *Server) Start() {
+	s.goLoop(s.engine.run)
+	s.goLoop(s.acks.run)
+	s.goLoop(s.audit.run)
+	s.goLoop(s.healthLoop)
+	s.goLoop(s.sweepLoop)
+	s.goLoop(s.presenceLoop)
+	s.commit.start()
+	// Leases held by an earlier incarnation of this node are void.
+	s.goLoop(func(ctx context.Context) { s.releaseNodeLeases(ctx, s.node+"#%", s.leaseNode) })
+}
+
+func (s *Server) goLoop(fn func(ctx context.Context)) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		fn(s.ctx)
+	}()
+}
+
+// Handler returns the node's HTTP routes.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /ws", s.serveWS)
+	mux.HandleFunc("POST /hook/set-status", s.serveHook)
+	mux.HandleFunc("POST /join", s.serveJoin)
+	mux.HandleFunc("GET /health", s.serveHealth)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{}))
+	return mux
+}
+
+// Node is this node's name.
+func (s *Server) Node() string { return s.node }
+
+// Drain stops accepting hellos, closes every session with 1001 after
+// flushing its queued frames, and waits for them (bounded by ctx).
+func (s *Server) Drain(ctx context.Context) {
+	s.draining.Store(true)
+	s.mu.RLock()
+	all := make([]*session, 0, len(s.sessions))
+	for ss := range s.sessions {
+		all = append(all, ss)
+	}
+	s.mu.RUnlock()
+	for _, ss := range all {
+		ss.closeAfterFlush(1001, "shutdown")
+	}
+	for _, ss := range all {
+		select {
+		case <-ss.done:
+		case <-ctx.Done():
+			ss.closeNow(1001, "shutdown")
+		}
+	}
+}
+
+// Shutdown drains sessions, flushes pending acks and audit events and
+// stops the background loops. It is idempotent.
+func (s *Server) Shutdown(ctx context.Context) error {
+	var err error
+	s.once.Do(func() {
+		s.Drain(ctx)
+		s.commit.stop()
+		s.acks.flushNow(ctx)
+		s.audit.flushNow(ctx)
+		s.cancel()
+		done := make(chan struct{})
+		go func() { s.wg.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			err = errors.New("shutdown: background loops did not stop in time")
+		}
+		close(s.closed)
+	})
+	return err
+}
+
+// localSessions returns a snapshot of this node's sessions.
+func (s *Server) localSessions() []*session {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]*session, 0, len(s.sessions))
+	for ss := range s.sessions {
+		out = append(out, ss)
+	}
+	return out
+}
+
+func (s *Server) sessionByPresence(id string) *session {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.byPresence[id]
+}
+
+// Abort stops the server as a crash would: sockets are cut without a close
+// handshake and nothing is flushed.
+func (s *Server) Abort() {
+	s.once.Do(func() {
+		s.draining.Store(true)
+		for _, ss := range s.localSessions() {
+			_ = ss.conn.CloseNow()
+		}
+		s.cancel()
+		s.commit.stop()
+		s.wg.Wait()
+		close(s.closed)
+	})
+}

@@ -1,0 +1,451 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+	"golang.org/x/time/rate"
+
+	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// writeTimeout bounds one frame write; a peer that cannot take a frame in
+// this long is a slow consumer.
+const writeTimeout = 10 * time.Second
+
+// frame is one queued outgoing WebSocket message.
+type frame struct {
+	data []byte
+	push *pushMeta // set for envelope pushes
+}
+
+// pushMeta tracks a pushed envelope until it is marked delivered.
+type pushMeta struct {
+	key       store.DeliveryKey
+	committed time.Time
+	priority  string
+}
+
+// frameQueue is a session's bounded outgoing queue. It grows on demand, so
+// an idle session costs no buffer.
+type frameQueue struct {
+	mu     sync.Mutex
+	items  []frame
+	max    int
+	signal chan struct{}
+}
+
+func (q *frameQueue) push(f frame) bool {
+	q.mu.Lock()
+	if len(q.items) >= q.max {
+		q.mu.Unlock()
+		return false
+	}
+	q.items = append(q.items, f)
+	q.mu.Unlock()
+	select {
+	case q.signal <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// free is how many frames fit now.
+func (q *frameQueue) free() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.max - len(q.items)
+}
+
+func (q *frameQueue) take(buf []frame) []frame {
+	q.mu.Lock()
+	buf = append(buf[:0], q.items...)
+	clear(q.items)
+	q.items = q.items[:0]
+	if cap(q.items) > 256 {
+		q.items = nil // give a burst's memory back
+	}
+	q.mu.Unlock()
+	return buf
+}
+
+func (q *frameQueue) empty() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.items) == 0
+}
+
+// session is one WebSocket connection. The read loop (serveWS's goroutine)
+// owns frame handling; the write loop owns all writes to the socket.
+type session struct {
+	s      *Server
+	conn   *websocket.Conn
+	id     string // connection id; leases name it
+	remote string // client IP
+	logger *slog.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	// Set by the hello before authed is stored; read-only afterwards.
+	meshID, memberID, pubkey, displayName, presenceID, sessionID string
+	clientAck, sysEvents                                         bool
+	authed                                                       atomic.Bool
+
+	maxPrio  atomic.Int32 // least urgent priority its status accepts
+	starved  atomic.Bool  // a claim was skipped because the queue was full
+	lastPong atomic.Int64 // unix nanos
+	nextPing atomic.Int64
+
+	q    frameQueue
+	done chan struct{} // closed when the write loop has finished
+
+	sendLimit *rate.Limiter
+
+	mu          sync.Mutex
+	inflight    map[int64]struct{} // leased to this connection, not yet marked delivered
+	closing     bool
+	flushFirst  bool
+	closeCode   websocket.StatusCode
+	closeReason string
+	closeCh     chan struct{}
+}
+
+func (s *Server) newSession(conn *websocket.Conn, remote string) *session {
+	ctx, cancel := context.WithCancel(s.ctx)
+	id := strings.ToLower(s.node) + "/" + store.NewID()
+	ss := &session{
+		s: s, conn: conn, id: id, remote: remote, ctx: ctx, cancel: cancel,
+		logger:   s.logger.With("conn", id, "remote", remote),
+		q:        frameQueue{max: s.cfg.SendQueueLen, signal: make(chan struct{}, 1)},
+		done:     make(chan struct{}),
+		closeCh:  make(chan struct{}),
+		inflight: map[int64]struct{}{},
+	}
+	now := time.Now()
+	ss.lastPong.Store(now.UnixNano())
+	ss.nextPing.Store(now.Add(s.cfg.PingInterval).UnixNano())
+	if s.cfg.SendRatePerSec > 0 {
+		ss.sendLimit = rate.NewLimiter(rate.Limit(s.cfg.SendRatePerSec), int(2*s.cfg.SendRatePerSec)+1)
+	}
+	return ss
+}
+
+// clientIP is the request's remote IP.
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
+	if s.draining.Load() {
+		http.Error(w, "node is shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	ip := clientIP(r)
+	s.mu.Lock()
+	if s.perAddr[ip] >= s.cfg.ConnsPerAddr {
+		s.mu.Unlock()
+		s.m.ConnectionsRejected.WithLabelValues(protocol.ReasonRateLimited).Inc()
+		http.Error(w, "too many connections from this address", http.StatusTooManyRequests)
+		return
+	}
+	s.perAddr[ip]++
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		if s.perAddr[ip]--; s.perAddr[ip] <= 0 {
+			delete(s.perAddr, ip)
+		}
+		s.mu.Unlock()
+	}()
+
+	var ss *session
+	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+		// Clients authenticate by signature, not cookies: any origin may connect.
+		InsecureSkipVerify: true,
+		OnPongReceived: func(context.Context, []byte) {
+			if ss != nil {
+				ss.lastPong.Store(time.Now().UnixNano())
+			}
+		},
+	})
+	if err != nil {
+		return // Accept has written the HTTP error
+	}
+	conn.SetReadLimit(int64(s.cfg.MaxMessageBytes))
+	s.m.ConnectionsTotal.Inc()
+	ss = s.newSession(conn, ip)
+	s.mu.Lock()
+	s.sessions[ss] = struct{}{}
+	s.mu.Unlock()
+
+	go ss.writeLoop()
+	helloTimer := time.AfterFunc(s.cfg.HelloTimeout, func() {
+		if !ss.authed.Load() {
+			ss.reject(protocol.ReasonHelloTimeout, "")
+		}
+	})
+	ss.readLoop()
+	helloTimer.Stop()
+	ss.teardown()
+}
+
+// readLoop reads frames until the connection ends, handling each in order.
+func (ss *session) readLoop() {
+	for {
+		typ, data, err := ss.conn.Read(ss.ctx)
+		if err != nil {
+			ss.noteReadError(err)
+			return
+		}
+		if typ != websocket.MessageText {
+			if !ss.authed.Load() {
+				ss.reject(protocol.ReasonMalformed, "binary frame")
+				return
+			}
+			ss.sendError(protocol.CodeMalformed, "frames must be text", "")
+			continue
+		}
+		ss.handleFrame(data)
+		if ss.isClosing() {
+			return
+		}
+	}
+}
+
+func (ss *session) noteReadError(err error) {
+	if errors.Is(err, websocket.ErrMessageTooBig) || strings.Contains(err.Error(), "read limited at") {
+		ss.setClose(websocket.StatusMessageTooBig, "frame too large", false)
+		ss.s.m.ClientCloses.WithLabelValues("too_large").Inc()
+		return
+	}
+	ss.setClose(websocket.StatusNormalClosure, "", false)
+}
+
+func (ss *session) isClosing() bool {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	return ss.closing
+}
+
+// setClose records why the session closes (first call wins) and wakes the
+// write loop. With flush, frames already queued are written first.
+func (ss *session) setClose(code websocket.StatusCode, reason string, flush bool) {
+	ss.mu.Lock()
+	if ss.closing {
+		ss.mu.Unlock()
+		return
+	}
+	ss.closing, ss.flushFirst, ss.closeCode, ss.closeReason = true, flush, code, reason
+	close(ss.closeCh)
+	ss.mu.Unlock()
+}
+
+// closeAfterFlush closes once queued frames are written.
+func (ss *session) closeAfterFlush(code websocket.StatusCode, reason string) {
+	ss.setClose(code, reason, true)
+}
+
+// closeNow closes without writing queued frames.
+func (ss *session) closeNow(code websocket.StatusCode, reason string) {
+	ss.setClose(code, reason, false)
+	ss.cancel()
+}
+
+// reject answers a failed hello: an error frame, close 1008 with the
+// reason, and the rejection counter.
+func (ss *session) reject(reason, detail string) {
+	ss.s.m.ConnectionsRejected.WithLabelValues(reason).Inc()
+	msg := "hello rejected: " + reason
+	ss.logger.Info("ws hello rejected", "reason", reason, "detail", detail)
+	code := websocket.StatusPolicyViolation
+	switch reason {
+	case protocol.ReasonUnavailable:
+		code = websocket.StatusTryAgainLater
+	case protocol.ReasonDraining:
+		code = websocket.StatusGoingAway
+	}
+	ss.queue(protocol.ErrorFrame{Type: protocol.TypeError, Code: reason, Message: msg})
+	ss.closeAfterFlush(code, reason)
+	ss.s.audit.add(store.AuditEvent{MeshID: ss.meshID, Type: store.EventHelloRejected, Actor: ss.pubkey,
+		Metadata: map[string]any{"reason": reason, "remote": ss.remote}})
+}
+
+// queue marshals v and queues it; a full queue closes the session as a
+// slow consumer.
+func (ss *session) queue(v any) bool {
+	data, err := json.Marshal(v)
+	if err != nil {
+		ss.logger.Error("marshal frame", "err", err)
+		return false
+	}
+	return ss.queueRaw(frame{data: data})
+}
+
+func (ss *session) queueRaw(f frame) bool {
+	if ss.q.push(f) {
+		return true
+	}
+	ss.slow()
+	return false
+}
+
+func (ss *session) slow() {
+	if ss.isClosing() {
+		return
+	}
+	ss.s.m.SlowConsumers.Inc()
+	ss.logger.Warn("slow consumer: closing")
+	ss.closeNow(websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer)
+}
+
+func (ss *session) sendError(code, message, reqID string) {
+	ss.queue(protocol.ErrorFrame{Type: protocol.TypeError, ReqID: reqID, Code: code, Message: message})
+}
+
+// writeLoop owns every write to the socket.
+func (ss *session) writeLoop() {
+	defer close(ss.done)
+	var buf []frame
+	var delivered []store.DeliveryKey
+	for {
+		select {
+		case <-ss.q.signal:
+		case <-ss.closeCh:
+		}
+		ss.mu.Lock()
+		closing, flush := ss.closing, ss.flushFirst
+		ss.mu.Unlock()
+		if !closing || flush {
+			buf = ss.q.take(buf)
+			if ss.starved.Swap(false) {
+				ss.s.engine.kick() // room again: claim what waits
+			}
+			delivered = delivered[:0]
+			for i := range buf {
+				if err := ss.write(buf[i].data); err != nil {
+					ss.writeFailed(err)
+					ss.finishClose()
+					return
+				}
+				if p := buf[i].push; p != nil {
+					ss.pushed(p)
+					if !ss.clientAck {
+						delivered = append(delivered, p.key)
+					}
+				}
+				buf[i] = frame{}
+			}
+			if len(delivered) > 0 {
+				// Without client_ack a written push counts as delivery.
+				ss.s.acks.add(delivered...)
+				ss.mu.Lock()
+				for _, k := range delivered {
+					delete(ss.inflight, k.MessageID)
+				}
+				ss.mu.Unlock()
+			}
+		}
+		if closing && (!flush || ss.q.empty()) {
+			ss.finishClose()
+			return
+		}
+	}
+}
+
+func (ss *session) write(data []byte) error {
+	ctx, cancel := context.WithTimeout(ss.ctx, writeTimeout)
+	defer cancel()
+	return ss.conn.Write(ctx, websocket.MessageText, data)
+}
+
+func (ss *session) writeFailed(err error) {
+	if errors.Is(err, context.DeadlineExceeded) {
+		ss.s.m.SlowConsumers.Inc()
+		ss.setClose(websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer, false)
+	}
+	ss.logger.Debug("write failed", "err", err)
+	ss.cancel()
+}
+
+// pushed records metrics for a written envelope.
+func (ss *session) pushed(p *pushMeta) {
+	ss.s.m.MessagesRouted.WithLabelValues(p.priority).Inc()
+	if !p.committed.IsZero() {
+		ss.s.m.CommitToPush.Observe(time.Since(p.committed).Seconds())
+	}
+}
+
+func (ss *session) finishClose() {
+	ss.mu.Lock()
+	code, reason := ss.closeCode, ss.closeReason
+	ss.mu.Unlock()
+	if code == 0 {
+		code = websocket.StatusNormalClosure
+	}
+	if reason != "" {
+		ss.s.m.ClientCloses.WithLabelValues(reason).Inc()
+	}
+	_ = ss.conn.Close(code, reason)
+	ss.cancel()
+}
+
+// teardown runs once the read loop has ended.
+func (ss *session) teardown() {
+	ss.setClose(websocket.StatusNormalClosure, "", true)
+	<-ss.done
+	s := ss.s
+	s.mu.Lock()
+	delete(s.sessions, ss)
+	if ss.authed.Load() {
+		if s.byPresence[ss.presenceID] == ss {
+			delete(s.byPresence, ss.presenceID)
+		}
+		if set := s.byMesh[ss.meshID]; set != nil {
+			delete(set, ss)
+			if len(set) == 0 {
+				delete(s.byMesh, ss.meshID)
+			}
+		}
+	}
+	s.mu.Unlock()
+	if !ss.authed.Load() {
+		return
+	}
+	s.engine.detach(ss)
+	s.m.ConnectionsActive.Dec()
+	entry, graced := s.replica.Disconnect(ss.presenceID, ss.id)
+	_ = entry
+	// Leased but undelivered envelopes go back to the queue at once, so
+	// another session of the member can take them.
+	ss.mu.Lock()
+	keys := make([]store.DeliveryKey, 0, len(ss.inflight))
+	for id := range ss.inflight {
+		keys = append(keys, store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
+	}
+	ss.inflight = nil
+	ss.mu.Unlock()
+	if len(keys) > 0 {
+		s.releaseLeases(ss.id, ss.meshID, ss.memberID, keys)
+	}
+	ss.mu.Lock()
+	code, reason := ss.closeCode, ss.closeReason
+	ss.mu.Unlock()
+	ss.logger.Info("ws close", "mesh_id", ss.meshID, "member", ss.displayName, "presence_id", ss.presenceID,
+		"code", int(code), "reason", reason, "grace", graced)
+	s.audit.add(store.AuditEvent{MeshID: ss.meshID, Type: store.EventPeerDisconnected, Actor: ss.memberID,
+		Target: ss.presenceID, Metadata: map[string]any{"code": int(code), "reason": reason, "node": s.node}})
+}

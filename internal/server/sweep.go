@@ -1,0 +1,131 @@
+package server
+
+import (
+	"context"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// presenceLoop runs every second: pings, stale sockets, grace expiry.
+func (s *Server) presenceLoop(ctx context.Context) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		s.pingSessions()
+		s.replica.Expire()
+		s.m.PresenceEntries.Set(float64(s.replica.Len()))
+		s.m.ClusterMembers.Set(float64(s.cluster.NumMembers()))
+	}
+}
+
+// pingSessions pings sessions that are due and closes those that have not
+// answered a ping within PONG_TIMEOUT.
+func (s *Server) pingSessions() {
+	now := time.Now()
+	for _, ss := range s.localSessions() {
+		if !ss.authed.Load() || ss.isClosing() {
+			continue
+		}
+		if now.Sub(time.Unix(0, ss.lastPong.Load())) > s.cfg.PongTimeout {
+			ss.logger.Info("closing stale session: no pong")
+			ss.closeNow(websocket.StatusPolicyViolation, protocol.CloseReasonStale)
+			continue
+		}
+		if now.UnixNano() < ss.nextPing.Load() {
+			continue
+		}
+		ss.nextPing.Store(now.Add(s.cfg.PingInterval).UnixNano())
+		go func() {
+			ctx, cancel := context.WithTimeout(ss.ctx, s.cfg.PongTimeout)
+			defer cancel()
+			if ss.conn.Ping(ctx) == nil {
+				ss.lastPong.Store(time.Now().UnixNano())
+			}
+		}()
+	}
+}
+
+// sweepLoop runs the slower periodic jobs.
+func (s *Server) sweepLoop(ctx context.Context) {
+	statusTick := time.NewTicker(5 * time.Second)
+	revokeTick := time.NewTicker(s.cfg.RevokeCheck)
+	expireTick := time.NewTicker(5 * time.Second)
+	depthTick := time.NewTicker(10 * time.Second)
+	purgeTick := time.NewTicker(time.Minute)
+	defer func() {
+		statusTick.Stop()
+		revokeTick.Stop()
+		expireTick.Stop()
+		depthTick.Stop()
+		purgeTick.Stop()
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-statusTick.C:
+			s.sweepStatuses()
+		case <-revokeTick.C:
+			s.checkRevoked(ctx)
+		case <-expireTick.C:
+			s.expireMessages(ctx)
+		case <-depthTick.C:
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if n, err := s.store.QueueDepth(cctx); err == nil {
+				s.m.QueueDepth.Set(float64(n))
+			}
+			cancel()
+		case <-purgeTick.C:
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			if _, err := s.store.Purge(cctx, s.cfg.DeliveredRetention, 10000); err != nil && ctx.Err() == nil {
+				s.logger.Warn("purge failed", "err", err)
+			}
+			cancel()
+			s.hookRate.gc(5 * time.Minute)
+			s.helloRate.gc(5 * time.Minute)
+			s.members.gc()
+		}
+	}
+}
+
+// sweepStatuses flips this node's sessions stuck in "working" for longer
+// than STATUS_TTL_SECONDS back to idle (source jsonl).
+func (s *Server) sweepStatuses() {
+	s.m.TTLSweeps.Inc()
+	cut := time.Now().Add(-s.cfg.StatusTTL()).UnixMilli()
+	for _, e := range s.replica.Own() {
+		if e.IsLive() && e.Status == protocol.StatusWorking && e.StatusUpdatedAt < cut {
+			s.setStatus(e.PresenceID, protocol.StatusIdle, protocol.SourceJSONL)
+			s.m.StatusFlips.Inc()
+		}
+	}
+}
+
+// expireMessages marks rows past MESSAGE_TTL expired.
+func (s *Server) expireMessages(ctx context.Context) {
+	for ctx.Err() == nil {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		rows, err := s.store.ExpireDue(cctx, 5000)
+		cancel()
+		if err != nil || len(rows) == 0 {
+			return
+		}
+		s.m.MessagesExpired.Add(float64(len(rows)))
+		for _, r := range rows {
+			s.audit.add(store.AuditEvent{MeshID: r.MeshID, Type: store.EventMessageExpired, Actor: r.MemberID,
+				Metadata: map[string]any{"message_id": r.MessageID}})
+		}
+		if len(rows) < 5000 {
+			return
+		}
+	}
+}

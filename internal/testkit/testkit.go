@@ -1,0 +1,256 @@
+// Package testkit starts real broker nodes for tests (in-process, real
+// Postgres, real sockets) and gives them members with real keys.
+package testkit
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/claudemesh/broker/internal/admin"
+	"github.com/claudemesh/broker/internal/client"
+	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/node"
+	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+var nodeSeq atomic.Int64
+
+// Config returns a node configuration with short timings for tests.
+func Config(dbURL string) *config.Config {
+	n := nodeSeq.Add(1)
+	cfg := &config.Config{
+		DatabaseURL: dbURL, Host: "127.0.0.1", Port: 0,
+		NodeName:        "test-" + strconv.FormatInt(n, 10),
+		ClusterBind:     "127.0.0.1:0",
+		ClusterProfile:  "test",
+		PresenceGrace:   90,
+		HelloTimeout:    10 * time.Second,
+		SweepInterval:   time.Second,
+		LeaseDuration:   30 * time.Second,
+		RevokeCheck:     time.Second,
+		HelloRatePerSec: 10000,
+		SendRatePerSec:  100000,
+	}
+	cfg.Normalize()
+	return cfg
+}
+
+// Options adjust a test node.
+type Options struct {
+	Configure     func(*config.Config)
+	WrapTransport func(memberlist.NodeAwareTransport) memberlist.NodeAwareTransport
+	Join          []*Node
+}
+
+// Node is a running test node.
+type Node struct {
+	*node.Node
+	Registry *prometheus.Registry
+	Config   *config.Config
+}
+
+// Logger returns a logger for tests: silent unless BROKER_TEST_LOG=1.
+func Logger() *slog.Logger {
+	if os.Getenv("BROKER_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// StartNode starts an in-process node on 127.0.0.1 with a free port; it is
+// shut down when the test ends.
+func StartNode(t testing.TB, dbURL string, o Options) *Node {
+	t.Helper()
+	cfg := Config(dbURL)
+	if len(o.Join) > 0 {
+		for _, j := range o.Join {
+			cfg.ClusterJoin = append(cfg.ClusterJoin, j.GossipAddr())
+		}
+	}
+	if o.Configure != nil {
+		o.Configure(cfg)
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.Host, "0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport})
+	if err != nil {
+		t.Fatalf("start node: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		_ = n.Shutdown(ctx)
+	})
+	return &Node{Node: n, Registry: reg, Config: cfg}
+}
+
+// Counter reads a counter (or gauge) value from the node's registry;
+// labels are name=value pairs.
+func (n *Node) Counter(name string, labels ...string) float64 {
+	mfs, err := n.Registry.Gather()
+	if err != nil {
+		return -1
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		var sum float64
+		for _, m := range mf.GetMetric() {
+			if !matchLabels(m, labels) {
+				continue
+			}
+			switch {
+			case m.Counter != nil:
+				sum += m.Counter.GetValue()
+			case m.Gauge != nil:
+				sum += m.Gauge.GetValue()
+			case m.Histogram != nil:
+				sum += float64(m.Histogram.GetSampleCount())
+			}
+		}
+		return sum
+	}
+	return 0
+}
+
+func matchLabels(m *dto.Metric, labels []string) bool {
+	for i := 0; i+1 < len(labels); i += 2 {
+		found := false
+		for _, lp := range m.GetLabel() {
+			if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
+				found = true
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// Mesh is a mesh with members whose keys the test holds.
+type Mesh struct {
+	admin.MeshCreated
+	Members []client.Identity
+	Names   []string
+}
+
+// NewMesh creates a mesh with n members named p0, p1, …
+func NewMesh(t testing.TB, st *store.Store, n int) *Mesh {
+	t.Helper()
+	ctx := context.Background()
+	mc, err := admin.CreateMesh(ctx, st, "test mesh", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &Mesh{MeshCreated: mc}
+	for i := 0; i < n; i++ {
+		m.AddMember(t, st, fmt.Sprintf("p%d", i))
+	}
+	return m
+}
+
+// AddMember enrols one more member.
+func (m *Mesh) AddMember(t testing.TB, st *store.Store, name string) client.Identity {
+	t.Helper()
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, err := admin.AddMember(context.Background(), st, m.MeshID, hex.EncodeToString(pub), name, "member")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := client.Identity{MeshID: m.MeshID, MemberID: mem.ID, Priv: priv}
+	m.Members = append(m.Members, id)
+	m.Names = append(m.Names, name)
+	return id
+}
+
+// Connect dials url and completes a hello; the connection closes when the
+// test ends.
+func Connect(t testing.TB, url string, id client.Identity, o client.HelloOptions) *client.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := client.Dial(ctx, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.CloseNow() })
+	if _, err := c.Hello(ctx, id, o); err != nil {
+		t.Fatalf("hello: %v", err)
+	}
+	return c
+}
+
+// Expect reads frames until one of type typ arrives (skipping others) or
+// the timeout passes.
+func Expect(t testing.TB, c *client.Conn, typ string, timeout time.Duration) client.Frame {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	for {
+		f, err := c.Next(ctx)
+		if err != nil {
+			t.Fatalf("waiting for %q: %v", typ, err)
+		}
+		if f.Type == typ {
+			return f
+		}
+	}
+}
+
+// ExpectPush waits for the next envelope push (system events skipped).
+func ExpectPush(t testing.TB, c *client.Conn, timeout time.Duration) protocol.Push {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		f := Expect(t, c, protocol.TypePush, time.Until(deadline))
+		var p protocol.Push
+		if err := f.Decode(&p); err != nil {
+			t.Fatal(err)
+		}
+		if p.Subtype == "" {
+			return p
+		}
+	}
+}
+
+// Eventually retries cond until it holds or timeout passes (polling every
+// 20 ms): for state that converges asynchronously, such as gossip.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		if cond() {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
