@@ -221,3 +221,16 @@ func (s *Store) TouchMembers(ctx context.Context, ids []string) error {
 	_, err := s.pool.Exec(ctx, `UPDATE member SET last_seen_at = now() WHERE id = ANY($1)`, ids)
 	return err
 }
+
+// MeshBySlug loads a mesh by slug.
+func (s *Store) MeshBySlug(ctx context.Context, slug string) (Mesh, error) {
+	var id string
+	err := s.pool.QueryRow(ctx, `SELECT id FROM mesh WHERE slug = $1`, slug).Scan(&id)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Mesh{}, fmt.Errorf("mesh %q: %w", slug, ErrNotFound)
+	}
+	if err != nil {
+		return Mesh{}, fmt.Errorf("mesh by slug: %w", err)
+	}
+	return s.GetMesh(ctx, id)
+}

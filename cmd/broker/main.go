@@ -1,0 +1,356 @@
+// Command broker runs a claudemesh broker node, a local dev cluster, the
+// schema migrations and the operator commands.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/alecthomas/kong"
+
+	"github.com/claudemesh/broker/internal/admin"
+	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/devcluster"
+	"github.com/claudemesh/broker/internal/node"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+type cli struct {
+	Serve   serveCmd   `cmd:"" default:"1" help:"Run a broker node (the default). Configured by environment variables; see README."`
+	Migrate migrateCmd `cmd:"" help:"Apply the schema migrations to DATABASE_URL and exit."`
+	Dev     devCmd     `cmd:"" help:"Run a local cluster on a private Postgres started from this machine's server binaries."`
+	Admin   adminCmd   `cmd:"" help:"Operator commands: meshes, members, invites, audit log."`
+}
+
+func main() {
+	var c cli
+	ctx := kong.Parse(&c, kong.Name("broker"),
+		kong.Description("claudemesh broker: routes end-to-end-encrypted messages between Claude Code sessions."),
+		kong.UsageOnError())
+	if err := ctx.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "broker:", err)
+		os.Exit(1)
+	}
+}
+
+func newLogger(level string) *slog.Logger {
+	lvl, err := config.ParseLevel(level)
+	if err != nil {
+		lvl = slog.LevelInfo
+	}
+	return slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+}
+
+// signalContext is cancelled on SIGINT or SIGTERM; the returned function
+// reports which signal arrived.
+func signalContext() (context.Context, func() string) {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan os.Signal, 2)
+	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM)
+	var got os.Signal
+	done := make(chan struct{})
+	go func() {
+		got = <-ch
+		close(done)
+		cancel()
+	}()
+	return ctx, func() string {
+		select {
+		case <-done:
+			return got.String()
+		default:
+			return ""
+		}
+	}
+}
+
+type serveCmd struct{}
+
+func (serveCmd) Run() error {
+	cfg, err := config.Load()
+	if err != nil {
+		return err
+	}
+	if err := cfg.RequireDatabase(); err != nil {
+		return err
+	}
+	logger := newLogger(cfg.LogLevel)
+	slog.SetDefault(logger)
+	ctx, which := signalContext()
+	startCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	n, err := node.Start(startCtx, node.Options{Config: cfg, Logger: logger})
+	cancel()
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("shutdown signal", "signal", which(), "node", cfg.NodeName)
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	err = n.Shutdown(sctx)
+	logger.Info("shutdown complete", "node", cfg.NodeName, "err", errString(err))
+	return err
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+type migrateCmd struct {
+	DatabaseURL string `env:"DATABASE_URL" required:"" help:"Postgres connection string."`
+}
+
+func (m migrateCmd) Run() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	applied, err := store.Migrate(ctx, m.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	if len(applied) == 0 {
+		fmt.Println("schema is up to date")
+		return nil
+	}
+	fmt.Printf("applied migrations %v\n", applied)
+	return nil
+}
+
+type devCmd struct {
+	Nodes      int    `default:"3" help:"Number of broker nodes."`
+	Data       string `default:".data" help:"Folder for the private Postgres and the demo mesh keys."`
+	Port       int    `env:"BROKER_PORT" default:"7900" help:"HTTP/WebSocket port of the first node; the others follow."`
+	GossipPort int    `default:"7946" help:"Gossip port of the first node; the others follow."`
+	PGPort     int    `name:"pg-port" default:"0" help:"Port of the private Postgres (0 picks a free one)."`
+}
+
+func (d devCmd) Run() error {
+	base, err := config.Load()
+	if err != nil {
+		return err
+	}
+	logger := newLogger(base.LogLevel)
+	slog.SetDefault(logger)
+	ctx, which := signalContext()
+	c, err := devcluster.Start(ctx, devcluster.Options{
+		Nodes: d.Nodes, DataDir: d.Data, BasePort: d.Port, GossipPort: d.GossipPort, PGPort: d.PGPort,
+		Base: base, Logger: logger, Out: os.Stdout,
+	})
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("shutdown signal", "signal", which())
+	err = c.Stop(context.Background())
+	logger.Info("shutdown complete", "err", errString(err))
+	return err
+}
+
+type adminCmd struct {
+	DatabaseURL string `env:"DATABASE_URL" required:"" help:"Postgres connection string."`
+
+	Mesh   meshCmd   `cmd:"" help:"Create and list meshes."`
+	Member memberCmd `cmd:"" help:"Add and revoke members."`
+	Invite inviteCmd `cmd:"" help:"Create signed invites."`
+	Audit  auditCmd  `cmd:"" help:"List a mesh's recent audit events."`
+}
+
+func openStore(url string) (*store.Store, context.Context, func(), error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	st, err := store.Open(ctx, url, 4)
+	if err != nil {
+		cancel()
+		return nil, nil, nil, err
+	}
+	return st, ctx, func() { st.Close(); cancel() }, nil
+}
+
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+type meshCmd struct {
+	Create meshCreateCmd `cmd:"" help:"Create a mesh; prints its owner key pair (keep the secret key safe)."`
+	List   meshListCmd   `cmd:"" help:"List meshes."`
+}
+
+type meshCreateCmd struct {
+	Name string `required:"" help:"Mesh name."`
+	Slug string `help:"URL-safe slug (derived from the name when empty)."`
+	JSON bool   `name:"json" help:"Print JSON."`
+}
+
+func (m meshCreateCmd) Run(a *adminCmd) error {
+	st, ctx, done, err := openStore(a.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer done()
+	res, err := admin.CreateMesh(ctx, st, m.Name, m.Slug)
+	if err != nil {
+		return err
+	}
+	if m.JSON {
+		return printJSON(res)
+	}
+	fmt.Printf("mesh %s (%s)\nmeshId:         %s\nownerPubkey:    %s\nownerSecretKey: %s\n", res.Name, res.Slug, res.MeshID, res.OwnerPubkey, res.OwnerSecretKey)
+	return nil
+}
+
+type meshListCmd struct {
+	JSON bool `name:"json" help:"Print JSON."`
+}
+
+func (m meshListCmd) Run(a *adminCmd) error {
+	st, ctx, done, err := openStore(a.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer done()
+	meshes, err := st.ListMeshes(ctx)
+	if err != nil {
+		return err
+	}
+	if m.JSON {
+		if meshes == nil {
+			meshes = []store.Mesh{}
+		}
+		return printJSON(meshes)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "MESH ID\tSLUG\tNAME\tMEMBERS\tCREATED")
+	for _, x := range meshes {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", x.ID, x.Slug, x.Name, x.MemberCount, x.CreatedAt.Format(time.RFC3339))
+	}
+	return tw.Flush()
+}
+
+type memberCmd struct {
+	Add    memberAddCmd    `cmd:"" help:"Enrol a pubkey in a mesh."`
+	Revoke memberRevokeCmd `cmd:"" help:"Revoke a member; its live sessions are closed within seconds."`
+}
+
+type memberAddCmd struct {
+	Mesh   string `required:"" help:"Mesh id."`
+	Pubkey string `required:"" help:"ed25519 public key, 64 hex characters."`
+	Name   string `required:"" help:"Display name."`
+	Role   string `default:"member" enum:"admin,member" help:"admin or member."`
+	JSON   bool   `name:"json" help:"Print JSON."`
+}
+
+func (m memberAddCmd) Run(a *adminCmd) error {
+	st, ctx, done, err := openStore(a.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer done()
+	mem, err := admin.AddMember(ctx, st, m.Mesh, m.Pubkey, m.Name, m.Role)
+	if err != nil {
+		return err
+	}
+	if m.JSON {
+		return printJSON(map[string]string{"memberId": mem.ID})
+	}
+	fmt.Printf("memberId: %s\n", mem.ID)
+	return nil
+}
+
+type memberRevokeCmd struct {
+	Mesh   string `required:"" help:"Mesh id."`
+	Pubkey string `required:"" help:"The member's public key."`
+	JSON   bool   `name:"json" help:"Print JSON."`
+}
+
+func (m memberRevokeCmd) Run(a *adminCmd) error {
+	st, ctx, done, err := openStore(a.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer done()
+	mem, err := admin.RevokeMember(ctx, st, m.Mesh, m.Pubkey)
+	if err != nil {
+		return err
+	}
+	if m.JSON {
+		return printJSON(map[string]any{"memberId": mem.ID, "revokedAt": mem.RevokedAt})
+	}
+	fmt.Printf("revoked member %s (%s)\n", mem.ID, mem.DisplayName)
+	return nil
+}
+
+type inviteCmd struct {
+	Create inviteCreateCmd `cmd:"" help:"Create an invite signed with the mesh owner's key."`
+}
+
+type inviteCreateCmd struct {
+	Mesh      string        `required:"" help:"Mesh id."`
+	MaxUses   int           `default:"1" help:"How many peers may join with it."`
+	TTL       time.Duration `name:"ttl" default:"168h" help:"How long it stays valid."`
+	Role      string        `default:"member" enum:"admin,member" help:"Role given to those who join."`
+	BrokerURL string        `env:"PUBLIC_URL" default:"ws://localhost:7900/ws" help:"Broker URL written into the invite."`
+	JSON      bool          `name:"json" help:"Print JSON."`
+}
+
+func (m inviteCreateCmd) Run(a *adminCmd) error {
+	st, ctx, done, err := openStore(a.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer done()
+	inv, err := admin.CreateInvite(ctx, st, m.Mesh, m.MaxUses, m.TTL, m.Role, m.BrokerURL)
+	if err != nil {
+		return err
+	}
+	if m.JSON {
+		return printJSON(map[string]any{"token": inv.Token, "expiresAt": inv.ExpiresAt, "inviteId": inv.InviteID, "maxUses": inv.MaxUses})
+	}
+	fmt.Printf("invite (valid until %s, %d use(s)):\n%s\n", inv.ExpiresAt.Format(time.RFC3339), inv.MaxUses, inv.Token)
+	return nil
+}
+
+type auditCmd struct {
+	Mesh  string `help:"Mesh id (all meshes when empty)."`
+	Type  string `help:"Only events of this type."`
+	Limit int    `default:"50" help:"How many events."`
+	JSON  bool   `name:"json" help:"Print JSON."`
+}
+
+func (m auditCmd) Run(a *adminCmd) error {
+	st, ctx, done, err := openStore(a.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer done()
+	if m.Limit <= 0 || m.Limit > 10000 {
+		return errors.New("--limit must be between 1 and 10000")
+	}
+	events, err := st.ListAudit(ctx, m.Mesh, m.Type, m.Limit)
+	if err != nil {
+		return err
+	}
+	if m.JSON {
+		if events == nil {
+			events = []store.AuditEvent{}
+		}
+		return printJSON(events)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tEVENT\tACTOR\tTARGET\tMETADATA")
+	for _, e := range events {
+		meta, _ := json.Marshal(e.Metadata)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.CreatedAt.Format(time.RFC3339Nano), e.Type, e.Actor, e.Target, meta)
+	}
+	return tw.Flush()
+}
