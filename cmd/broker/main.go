@@ -7,9 +7,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -28,6 +33,8 @@ type cli struct {
 	Migrate migrateCmd `cmd:"" help:"Apply the schema migrations to DATABASE_URL and exit."`
 	Dev     devCmd     `cmd:"" help:"Run a local cluster on a private Postgres started from this machine's server binaries."`
 	Admin   adminCmd   `cmd:"" help:"Operator commands: meshes, members, invites, audit log."`
+
+	Healthcheck healthcheckCmd `cmd:"" help:"Probe a node's /health and exit 0 when it answers 200 (the container HEALTHCHECK)."`
 }
 
 func main() {
@@ -132,6 +139,7 @@ type devCmd struct {
 	Port       int    `env:"BROKER_PORT" default:"7900" help:"HTTP/WebSocket port of the first node; the others follow."`
 	GossipPort int    `default:"7946" help:"Gossip port of the first node; the others follow."`
 	PGPort     int    `name:"pg-port" default:"0" help:"Port of the private Postgres (0 picks a free one)."`
+	LBPort     int    `name:"lb-port" default:"7800" help:"Port of the load balancer in front of the nodes, as in docker-compose.yml (0: none)."`
 }
 
 func (d devCmd) Run() error {
@@ -144,7 +152,7 @@ func (d devCmd) Run() error {
 	ctx, which := signalContext()
 	c, err := devcluster.Start(ctx, devcluster.Options{
 		Nodes: d.Nodes, DataDir: d.Data, BasePort: d.Port, GossipPort: d.GossipPort, PGPort: d.PGPort,
-		Base: base, Logger: logger, Out: os.Stdout,
+		LBPort: d.LBPort, Base: base, Logger: logger, Out: os.Stdout,
 	})
 	if err != nil {
 		return err
@@ -154,6 +162,46 @@ func (d devCmd) Run() error {
 	err = c.Stop(context.Background())
 	logger.Info("shutdown complete", "err", errString(err))
 	return err
+}
+
+// healthcheckCmd is the image's HEALTHCHECK: the runtime image has no shell,
+// curl or wget, so the broker probes itself.
+type healthcheckCmd struct {
+	URL     string        `help:"URL to probe; default http://127.0.0.1:$BROKER_PORT/health (BROKER_HOST when it names one address)."`
+	Port    int           `env:"BROKER_PORT" default:"7900" help:"The node's port, when --url is not given."`
+	Host    string        `env:"BROKER_HOST" help:"The node's bind address, when --url is not given."`
+	Timeout time.Duration `default:"3s" help:"Give up after this long."`
+}
+
+func (h healthcheckCmd) Run() error {
+	url := h.URL
+	if url == "" {
+		host := h.Host
+		if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+			host = "127.0.0.1"
+		}
+		url = "http://" + net.JoinHostPort(host, strconv.Itoa(h.Port)) + "/health"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), h.Timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	// No keep-alive and no proxy: one probe, straight to the node.
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	summary := strings.TrimSpace(string(body))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthcheck %s: %s %s", url, resp.Status, summary)
+	}
+	fmt.Println(summary)
+	return nil
 }
 
 type adminCmd struct {

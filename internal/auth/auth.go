@@ -215,3 +215,8 @@ func ParseInvite(token string) (*Invite, error) {
 	}
 	return &inv, nil
 }
+
+// PubkeyHex renders a key's public half as 64 lowercase hex characters.
+func PubkeyHex(priv ed25519.PrivateKey) string {
+	return hex.EncodeToString(priv.Public().(ed25519.PublicKey))
+}

@@ -22,16 +22,18 @@ import (
 // Config literal with only the fields they care about.
 type Config struct {
 	// Seed variables (kept from the original broker).
-	Port                 int    `env:"BROKER_PORT" envDefault:"7900"`             // HTTP + WebSocket port
-	Host                 string `env:"BROKER_HOST"`                               // bind address; empty = all interfaces
-	DatabaseURL          string `env:"DATABASE_URL"`                              // Postgres connection string
-	StatusTTLSeconds     int    `env:"STATUS_TTL_SECONDS" envDefault:"60"`        // flip stuck "working" to idle
-	HookFreshSeconds     int    `env:"HOOK_FRESH_WINDOW_SECONDS" envDefault:"30"` // a fresh hook beats lower sources
-	MaxConnsPerMesh      int    `env:"MAX_CONNECTIONS_PER_MESH" envDefault:"100"` // live sessions per mesh, cluster-wide
-	MaxMessageBytes      int    `env:"MAX_MESSAGE_BYTES" envDefault:"65536"`      // WebSocket frame and HTTP body limit
-	HookRateLimitPerMin  int    `env:"HOOK_RATE_LIMIT_PER_MIN" envDefault:"30"`   // per (pid, cwd)
-	GitSHA               string `env:"GIT_SHA"`                                   // reported by /health
-	HookRequireSignature bool   `env:"HOOK_REQUIRE_SIGNATURE" envDefault:"true"`  // unsigned hooks only from loopback
+	Port                int    `env:"BROKER_PORT" envDefault:"7900"`             // HTTP + WebSocket port
+	Host                string `env:"BROKER_HOST"`                               // bind address; empty = all interfaces
+	DatabaseURL         string `env:"DATABASE_URL"`                              // Postgres connection string
+	StatusTTLSeconds    int    `env:"STATUS_TTL_SECONDS" envDefault:"60"`        // flip stuck "working" to idle
+	HookFreshSeconds    int    `env:"HOOK_FRESH_WINDOW_SECONDS" envDefault:"30"` // a fresh hook beats lower sources
+	MaxConnsPerMesh     int    `env:"MAX_CONNECTIONS_PER_MESH" envDefault:"100"` // live sessions per mesh, cluster-wide
+	MaxMessageBytes     int    `env:"MAX_MESSAGE_BYTES" envDefault:"65536"`      // WebSocket frame and HTTP body limit
+	HookRateLimitPerMin int    `env:"HOOK_RATE_LIMIT_PER_MIN" envDefault:"30"`   // per (pid, cwd)
+	GitSHA              string `env:"GIT_SHA"`                                   // reported by /health
+	// HookRequireSignature is "true" (the default, also when empty):
+	// unsigned hooks are accepted from loopback only; "false": from anywhere.
+	HookRequireSignature string `env:"HOOK_REQUIRE_SIGNATURE" envDefault:"true"`
 
 	// Cluster.
 	NodeName         string        `env:"NODE_NAME"`                              // default: hostname-port
@@ -213,6 +215,11 @@ func (c *Config) Validate() error {
 	if c.MaxMessageBytes < 1024 || c.MaxMessageBytes > 16<<20 {
 		bad("MAX_MESSAGE_BYTES", "must be between 1024 and 16777216, got %d", c.MaxMessageBytes)
 	}
+	if c.HookRequireSignature != "" {
+		if _, err := strconv.ParseBool(c.HookRequireSignature); err != nil {
+			bad("HOOK_REQUIRE_SIGNATURE", "must be true or false, got %q", c.HookRequireSignature)
+		}
+	}
 	if c.HookRateLimitPerMin < 1 {
 		bad("HOOK_RATE_LIMIT_PER_MIN", "must be at least 1, got %d", c.HookRateLimitPerMin)
 	}
@@ -276,6 +283,13 @@ func (c *Config) RequireDatabase() error {
 		return errors.New("config: DATABASE_URL: required (a postgres:// URL); or run `broker dev` for a local cluster on a private Postgres")
 	}
 	return nil
+}
+
+// RequireHookSignature reports whether unsigned hooks are refused from
+// clients other than loopback.
+func (c *Config) RequireHookSignature() bool {
+	v, err := strconv.ParseBool(c.HookRequireSignature)
+	return err != nil || v
 }
 
 // Addr is the HTTP listen address.

@@ -33,6 +33,7 @@ type Options struct {
 	BasePort   int    // first node's HTTP port; default BROKER_PORT or 7900
 	GossipPort int    // first node's gossip port; default 7946
 	PGPort     int    // 0: a free port
+	LBPort     int    // load balancer in front of the nodes, as in docker-compose.yml; 0: none
 	Base       *config.Config
 	Logger     *slog.Logger
 	Out        io.Writer // where the connection details are printed
@@ -61,6 +62,7 @@ type Cluster struct {
 	PG     *pgembed.Server // nil when DATABASE_URL was given
 	DBURL  string
 	Nodes  []*node.Node
+	LB     *LB // nil when Options.LBPort is 0
 	Demo   Demo
 	logger *slog.Logger
 }
@@ -149,8 +151,19 @@ func Start(ctx context.Context, o Options) (*Cluster, error) {
 		}
 		c.Nodes = append(c.Nodes, n)
 	}
+	if o.LBPort != 0 {
+		backends := make([]Backend, len(c.Nodes))
+		for i, n := range c.Nodes {
+			backends[i] = Backend{Name: n.Name(), URL: n.HTTPURL()}
+		}
+		lb, err := StartLB(LBOptions{Addr: net.JoinHostPort(host, strconv.Itoa(o.LBPort)), Backends: backends, Logger: o.Logger})
+		if err != nil {
+			return nil, err
+		}
+		c.LB = lb
+	}
 	ok = true
-	c.print(o.Out)
+	c.print(o.Out, o.Base.AdminToken != "")
 	return c, nil
 }
 
@@ -186,25 +199,43 @@ func seed(ctx context.Context, st *store.Store, path string) (Demo, error) {
 	return d, nil
 }
 
-func (c *Cluster) print(w io.Writer) {
+func (c *Cluster) print(w io.Writer, statusPage bool) {
 	fmt.Fprintf(w, "\nclaudemesh dev cluster: %d nodes\n", len(c.Nodes))
+	if c.LB != nil {
+		fmt.Fprintf(w, "  lb     %s   (round-robin over the healthy nodes, like docker-compose's HAProxy)\n", c.LB.URL())
+	}
 	for _, n := range c.Nodes {
 		fmt.Fprintf(w, "  %-6s %s   (health: %s/health, metrics: %s/metrics, gossip %s)\n", n.Name(), n.URL(), n.HTTPURL(), n.HTTPURL(), n.GossipAddr())
+	}
+	if statusPage {
+		base := c.Nodes[0].HTTPURL()
+		if c.LB != nil {
+			base = c.LB.HTTPURL()
+		}
+		fmt.Fprintf(w, "\nStatus page: %s/status?token=<ADMIN_TOKEN>\n", base)
 	}
 	fmt.Fprintf(w, "\nPostgres: %s\n", c.DBURL)
 	fmt.Fprintf(w, "\nDemo mesh %q\n  meshId: %s\n", c.Demo.Slug, c.Demo.MeshID)
 	for _, m := range c.Demo.Members {
 		fmt.Fprintf(w, "  %-6s memberId %s\n         pubkey    %s\n         secretKey %s\n", m.Name, m.MemberID, m.Pubkey, m.SecretKey)
 	}
-	fmt.Fprintf(w, "\nConnect a peer to any node: send a signed hello to one of the URLs above\n(canonical \"meshId|memberId|pubkey|timestampMs\", ed25519 with the secret key).\nCtrl-C stops the cluster.\n\n")
+	fmt.Fprintf(w, "\nConnect a peer to the lb or to any node: send a signed hello to one of the URLs above\n(canonical \"meshId|memberId|pubkey|timestampMs\", ed25519 with the secret key).\nCtrl-C stops the cluster.\n\n")
 }
 
-// Stop shuts the nodes down gracefully, then Postgres.
+// Stop shuts the nodes down gracefully (their sockets, load-balanced ones
+// included, get a 1001 close), then the load balancer, then Postgres.
 func (c *Cluster) Stop(ctx context.Context) error {
 	var errs []error
 	for _, n := range c.Nodes {
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		if err := n.Shutdown(sctx); err != nil {
+			errs = append(errs, err)
+		}
+		cancel()
+	}
+	if c.LB != nil {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := c.LB.Close(sctx); err != nil {
 			errs = append(errs, err)
 		}
 		cancel()

@@ -117,6 +117,9 @@ func New(reg prometheus.Registerer) *Metrics {
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)
 	}
+	for _, r := range []string{"malformed", "unknown_recipient", "too_large", "rate_limited", "no_recipients", "unavailable"} {
+		m.MessagesRejected.WithLabelValues(r)
+	}
 	for _, p := range []string{"now", "next", "low"} {
 		m.MessagesRouted.WithLabelValues(p)
 	}

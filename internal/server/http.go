@@ -125,7 +125,7 @@ func (s *Server) serveHook(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, http.StatusServiceUnavailable, HookResponse{Error: "database unavailable"})
 			return
 		}
-	} else if s.cfg.HookRequireSignature && !fromLoopback(r) {
+	} else if s.cfg.RequireHookSignature() && !fromLoopback(r) {
 		writeJSON(w, http.StatusUnauthorized, HookResponse{Error: "unsigned hooks are accepted from loopback only; sign it (X-Mesh-Signature)"})
 		return
 	}

@@ -40,7 +40,7 @@ func (ss *session) handleSend(data []byte, reqID string) {
 		ss.rejectSend(reqID, m.ID, protocol.CodeRateLimited)
 		return
 	}
-	if len(m.Ciphertext)+len(m.Nonce) > s.cfg.MaxMessageBytes {
+	if len(m.Ciphertext)+len(m.Nonce) > s.maxEnvelope() {
 		ss.rejectSend(reqID, m.ID, protocol.CodeTooLarge)
 		return
 	}
@@ -64,6 +64,13 @@ func (ss *session) handleSend(data []byte, reqID string) {
 	}
 	s.commit.submit(item)
 }
+
+// pushOverhead is room left in a frame for the push's other fields.
+const pushOverhead = 1024
+
+// maxEnvelope bounds nonce plus ciphertext so that the push carrying them
+// still fits in MAX_MESSAGE_BYTES.
+func (s *Server) maxEnvelope() int { return s.cfg.MaxMessageBytes - pushOverhead }
 
 func (ss *session) rejectSend(reqID, id, code string) {
 	ss.s.m.MessagesRejected.WithLabelValues(code).Inc()

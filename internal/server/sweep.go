@@ -10,9 +10,10 @@ import (
 	"github.com/claudemesh/broker/internal/store"
 )
 
-// presenceLoop runs every second: pings, stale sockets, grace expiry.
+// presenceLoop runs every second (more often with short ping intervals):
+// pings, stale sockets, grace expiry.
 func (s *Server) presenceLoop(ctx context.Context) {
-	tick := time.NewTicker(time.Second)
+	tick := time.NewTicker(min(time.Second, s.cfg.PingInterval/2))
 	defer tick.Stop()
 	for {
 		select {

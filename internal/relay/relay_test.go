@@ -1,0 +1,66 @@
+package relay_test
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/claudemesh/broker/internal/relay"
+)
+
+func TestEncodeDecode(t *testing.T) {
+	now := time.UnixMicro(1764480000123456)
+	members := make([]string, 400)
+	for i := range members {
+		members[i] = fmt.Sprintf("01m8member%016d", i)
+	}
+	wakes := []relay.Wake{{MeshID: "a", Members: []string{"x", "y"}}, {MeshID: "b", All: true}, {MeshID: "c", Members: members}}
+	payloads := relay.Encode(now, wakes)
+	var got []relay.Wake
+	for _, p := range payloads {
+		if len(p) > relay.MaxPayload {
+			t.Fatalf("payload of %d bytes exceeds %d", len(p), relay.MaxPayload)
+		}
+		at, w, err := relay.Decode(p)
+		if err != nil || !at.Equal(now) {
+			t.Fatalf("decode: %v %v", err, at)
+		}
+		got = append(got, w...)
+	}
+	// The 400-member mesh does not fit: it degrades to a mesh-wide wake.
+	if len(got) != 3 || got[0].MeshID != "a" || strings.Join(got[0].Members, ",") != "x,y" || !got[1].All || !got[2].All || got[2].MeshID != "c" {
+		t.Fatalf("round trip: %+v", got)
+	}
+}
+
+func TestChannelFor(t *testing.T) {
+	seen := map[string]bool{}
+	for _, c := range relay.AllChannels() {
+		seen[c] = true
+	}
+	for i := 0; i < 1000; i++ {
+		if !seen[relay.ChannelFor(fmt.Sprint("mesh-", i))] {
+			t.Fatal("channel outside the listened set")
+		}
+	}
+}
+
+// Decoding arbitrary payloads never panics.
+func FuzzDecode(f *testing.F) {
+	f.Add("v1 1764480000000000\nmesh\ta,b")
+	f.Add("v1 1\nm\t*")
+	f.Add("v2 x")
+	f.Add("")
+	f.Fuzz(func(t *testing.T, p string) {
+		_, wakes, err := relay.Decode(p)
+		if err != nil {
+			return
+		}
+		for _, w := range wakes {
+			if w.MeshID == "" {
+				t.Fatalf("accepted an empty mesh id")
+			}
+		}
+	})
+}
