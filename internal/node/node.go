@@ -135,7 +135,13 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	runCtx, cancel := context.WithCancel(context.Background())
 	n.cancel = cancel
 	listener := relay.NewListener(func(ctx context.Context) (*pgx.Conn, error) {
-		return pgx.Connect(ctx, cfg.DatabaseURL)
+		cc, err := pgx.ParseConfig(cfg.DatabaseURL)
+		if err != nil {
+			return nil, err
+		}
+		cc.RuntimeParams["application_name"] = RelayApplicationName(cfg.NodeName)
+		cc.ConnectTimeout = 5 * time.Second
+		return pgx.ConnectConfig(ctx, cc)
 	}, store.MemberChannel, relay.Handlers{
 		Wake: n.srv.RelayWake, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
 	}, logger.With("component", "relay"))
@@ -156,6 +162,10 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		"cluster_profile", cfg.ClusterProfile)
 	return n, nil
 }
+
+// RelayApplicationName is the application_name of a node's LISTEN
+// connection, so operators (and tests) can find it in pg_stat_activity.
+func RelayApplicationName(node string) string { return "claudemesh-relay-" + node }
 
 func splitHostPort(hp string) (string, int, error) {
 	host, portText, err := net.SplitHostPort(hp)

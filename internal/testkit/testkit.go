@@ -281,3 +281,36 @@ func DialSilent(t testing.TB, url string, id client.Identity) *websocket.Conn {
 	}
 	return ws
 }
+
+// StartCluster starts n nodes on one database, each gossiping on its own
+// loopback address (127.0.0.11, .12, …) so that tests can partition them by
+// IP, and waits until every node sees all the others.
+func StartCluster(t testing.TB, dbURL string, n int, o Options) []*Node {
+	t.Helper()
+	var nodes []*Node
+	for i := 0; i < n; i++ {
+		oi := o
+		ip := fmt.Sprintf("127.0.0.%d", 11+i)
+		configure := o.Configure
+		oi.Configure = func(c *config.Config) {
+			c.Host = ip
+			c.ClusterBind = ip + ":0"
+			if configure != nil {
+				configure(c)
+			}
+		}
+		if i > 0 {
+			oi.Join = nodes[:1]
+		}
+		nodes = append(nodes, StartNode(t, dbURL, oi))
+	}
+	Eventually(t, 10*time.Second, "cluster membership", func() bool {
+		for _, x := range nodes {
+			if x.Cluster().NumMembers() != n {
+				return false
+			}
+		}
+		return true
+	})
+	return nodes
+}
