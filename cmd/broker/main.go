@@ -232,6 +232,24 @@ func printJSON(v any) error {
 type meshCmd struct {
 	Create meshCreateCmd `cmd:"" help:"Create a mesh; prints its owner key pair (keep the secret key safe)."`
 	List   meshListCmd   `cmd:"" help:"List meshes."`
+	Delete meshDeleteCmd `cmd:"" help:"Delete a mesh with its members, messages and audit events."`
+}
+
+type meshDeleteCmd struct {
+	Mesh string `required:"" help:"Mesh id."`
+}
+
+func (m meshDeleteCmd) Run(a *adminCmd) error {
+	st, ctx, done, err := openStore(a.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer done()
+	if err := admin.DeleteMesh(ctx, st, m.Mesh); err != nil {
+		return err
+	}
+	fmt.Printf("deleted mesh %s\n", m.Mesh)
+	return nil
 }
 
 type meshCreateCmd struct {

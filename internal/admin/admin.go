@@ -177,3 +177,8 @@ func CreateInvite(ctx context.Context, st *store.Store, meshID string, maxUses i
 		Metadata: map[string]any{"max_uses": maxUses, "expires_at": expires, "role": role}}})
 	return InviteCreated{Token: token, ExpiresAt: expires, InviteID: inv.InviteID, MaxUses: maxUses, Role: role, BrokerURL: brokerURL}, nil
 }
+
+// DeleteMesh deletes a mesh with its members, messages and audit events.
+func DeleteMesh(ctx context.Context, st *store.Store, meshID string) error {
+	return st.DeleteMesh(ctx, meshID)
+}

@@ -234,3 +234,45 @@ func (s *Store) MeshBySlug(ctx context.Context, slug string) (Mesh, error) {
 	}
 	return s.GetMesh(ctx, id)
 }
+
+// DeleteMesh removes a mesh and everything in it: members, invites,
+// messages, delivery rows and audit events. Live sessions of its members
+// are closed by the nodes (the change is announced as a revocation of each
+// member).
+func (s *Store) DeleteMesh(ctx context.Context, id string) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var exists bool
+		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM mesh WHERE id = $1)`, id).Scan(&exists); err != nil {
+			return err
+		}
+		if !exists {
+			return fmt.Errorf("mesh %s: %w", id, ErrNotFound)
+		}
+		rows, err := tx.Query(ctx, `SELECT id FROM member WHERE mesh_id = $1 AND revoked_at IS NULL`, id)
+		if err != nil {
+			return err
+		}
+		members, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return err
+		}
+		for _, q := range []string{
+			`DELETE FROM delivery WHERE message_id IN (SELECT id FROM message WHERE mesh_id = $1)`,
+			`DELETE FROM message WHERE mesh_id = $1`,
+			`DELETE FROM invite WHERE mesh_id = $1`,
+			`DELETE FROM member WHERE mesh_id = $1`,
+			`DELETE FROM audit_log WHERE mesh_id = $1`,
+			`DELETE FROM mesh WHERE id = $1`,
+		} {
+			if _, err := tx.Exec(ctx, q, id); err != nil {
+				return fmt.Errorf("delete mesh: %w", err)
+			}
+		}
+		for _, m := range members {
+			if _, err := tx.Exec(ctx, `SELECT pg_notify($1, $2)`, MemberChannel, id+"|"+m+"|revoked"); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}

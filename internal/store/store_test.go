@@ -2,6 +2,7 @@ package store_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -216,5 +217,26 @@ func TestHelloReplayAndPending(t *testing.T) {
 	fresh, _, err = s.AcceptHello(ctx, []byte("sig1"), time.Minute, 42, "/w", "mesh", "pk", 10*time.Second)
 	if err != nil || fresh {
 		t.Fatalf("replayed hello accepted: %v %v", err, fresh)
+	}
+}
+
+func TestDeleteMesh(t *testing.T) {
+	s := open(t)
+	f := seed(t, s, 2)
+	ctx := context.Background()
+	if _, err := s.InsertMessages(ctx, time.Hour, "n#1", time.Second, []store.NewMessage{msg(f, 0, 1, 1, "")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteMesh(ctx, f.mesh.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetMesh(ctx, f.mesh.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("mesh still there: %v", err)
+	}
+	if n, _ := s.QueueDepth(ctx); n != 0 {
+		t.Fatalf("queue depth %d after delete", n)
+	}
+	if err := s.DeleteMesh(ctx, f.mesh.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("second delete: %v", err)
 	}
 }
