@@ -2,8 +2,6 @@ package server
 
 import (
 	"context"
-	"encoding/json"
-	"strconv"
 	"sync"
 	"time"
 
@@ -326,12 +324,13 @@ func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
 	}
 	ss.inflight[d.MessageID] = struct{}{}
 	ss.mu.Unlock()
-	data, _ := json.Marshal(protocol.Push{
-		Type: protocol.TypePush, MessageID: strconv.FormatInt(d.MessageID, 10), MeshID: d.MeshID,
-		SenderPubkey: d.SenderPubkey, Priority: protocol.PriorityName(int(d.Priority)), Nonce: d.Nonce,
-		Ciphertext: d.Ciphertext, CreatedAt: protocol.FormatTime(d.CreatedAt), SenderMemberID: d.SenderMemberID,
-		SenderName: d.SenderName, TargetSpec: d.TargetSpec, ClientMessageID: d.ClientMessageID,
-	})
+	fields := protocol.PushFields{
+		MessageID: d.MessageID, MeshID: d.MeshID, SenderPubkey: d.SenderPubkey,
+		Priority: protocol.PriorityName(int(d.Priority)), Nonce: d.Nonce, Ciphertext: d.Ciphertext,
+		CreatedAt: d.CreatedAt, SenderMemberID: d.SenderMemberID, SenderName: d.SenderName,
+		TargetSpec: d.TargetSpec, ClientMessageID: d.ClientMessageID,
+	}
+	data := protocol.AppendPush(make([]byte, 0, 400+len(d.Nonce)+len(d.Ciphertext)+len(d.SenderName)), &fields)
 	meta := &pushMeta{key: store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID},
 		committed: committed, priority: protocol.PriorityName(int(d.Priority))}
 	if ss.q.push(frame{data: data, push: meta}) {

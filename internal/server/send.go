@@ -62,7 +62,21 @@ func (ss *session) handleSend(data []byte, reqID string) {
 	for i, r := range recipients {
 		item.msg.Recipients[i].MemberID = r
 	}
+	select {
+	case ss.sendSlots <- struct{}{}: // released when the ack is queued
+	case <-ss.ctx.Done():
+		return
+	}
 	s.commit.submit(item)
+}
+
+// answered releases the send's slot and queues its ack.
+func (it *sendItem) answer(ack protocol.Ack) {
+	select {
+	case <-it.ss.sendSlots:
+	default:
+	}
+	it.ss.queue(ack)
 }
 
 // pushOverhead is room left in a frame for the push's other fields.
@@ -71,6 +85,12 @@ const pushOverhead = 1024
 // maxEnvelope bounds nonce plus ciphertext so that the push carrying them
 // still fits in MAX_MESSAGE_BYTES.
 func (s *Server) maxEnvelope() int { return s.cfg.MaxMessageBytes - pushOverhead }
+
+// reject answers a send that was not committed.
+func (it *sendItem) reject(code string) {
+	it.ss.s.m.MessagesRejected.WithLabelValues(code).Inc()
+	it.answer(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id, Queued: false, Error: code})
+}
 
 func (ss *session) rejectSend(reqID, id, code string) {
 	ss.s.m.MessagesRejected.WithLabelValues(code).Inc()
@@ -144,7 +164,7 @@ const (
 func newCommitter(s *Server, shards int) *committer {
 	c := &committer{s: s, shards: make([]chan *sendItem, shards), quit: make(chan struct{})}
 	for i := range c.shards {
-		c.shards[i] = make(chan *sendItem, 4096)
+		c.shards[i] = make(chan *sendItem, 1024)
 	}
 	return c
 }
@@ -164,7 +184,7 @@ func (c *committer) submit(it *sendItem) {
 	select {
 	case c.shards[h.Sum32()%uint32(len(c.shards))] <- it:
 	case <-c.quit:
-		it.ss.rejectSend(it.reqID, it.id, protocol.CodeUnavailable)
+		it.reject(protocol.CodeUnavailable)
 	case <-it.ss.ctx.Done():
 	}
 }
@@ -239,7 +259,7 @@ func (c *committer) commit(batch []*sendItem) {
 		}
 		s.logger.Warn("send commit failed", "err", err, "messages", len(batch))
 		for _, it := range batch {
-			it.ss.rejectSend(it.reqID, it.id, code)
+			it.reject(code)
 		}
 		return
 	}
@@ -249,7 +269,7 @@ func (c *committer) commit(batch []*sendItem) {
 	for i, it := range batch {
 		r := res[i]
 		if r.Duplicate {
-			it.ss.queue(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id,
+			it.answer(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id,
 				MessageID: strconv.FormatInt(r.ID, 10), Queued: true, Duplicate: true})
 			continue
 		}
@@ -265,7 +285,7 @@ func (c *committer) commit(batch []*sendItem) {
 				remote[it.msg.MeshID] = append(remote[it.msg.MeshID], rec.MemberID)
 			}
 		}
-		it.ss.queue(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id,
+		it.answer(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id,
 			MessageID: strconv.FormatInt(r.ID, 10), Queued: true})
 		s.audit.add(store.AuditEvent{MeshID: it.msg.MeshID, Type: store.EventMessageQueued, Actor: it.msg.SenderMemberID,
 			Target: it.msg.TargetSpec, CreatedAt: committed, Metadata: map[string]any{

@@ -19,6 +19,9 @@ import (
 	"github.com/claudemesh/broker/internal/store"
 )
 
+// maxSendsInFlight bounds a session's sends awaiting their commit.
+const maxSendsInFlight = 256
+
 // writeTimeout bounds one frame write; a peer that cannot take a frame in
 // this long is a slow consumer.
 const writeTimeout = 10 * time.Second
@@ -110,6 +113,10 @@ type session struct {
 	done chan struct{} // closed when the write loop has finished
 
 	sendLimit *rate.Limiter
+	// sendSlots bounds sends accepted but not yet acked: when it is full
+	// the read loop stops reading, so TCP pushes back on the client instead
+	// of work piling up in the broker.
+	sendSlots chan struct{}
 
 	mu          sync.Mutex
 	inflight    map[int64]struct{} // leased to this connection, not yet marked delivered
@@ -129,7 +136,8 @@ func (s *Server) newSession(conn *websocket.Conn, remote string) *session {
 		q:        frameQueue{max: s.cfg.SendQueueLen, signal: make(chan struct{}, 1)},
 		done:     make(chan struct{}),
 		closeCh:  make(chan struct{}),
-		inflight: map[int64]struct{}{},
+		inflight:  map[int64]struct{}{},
+		sendSlots: make(chan struct{}, maxSendsInFlight),
 	}
 	now := time.Now()
 	ss.lastPong.Store(now.UnixNano())
