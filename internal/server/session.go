@@ -132,10 +132,10 @@ func (s *Server) newSession(conn *websocket.Conn, remote string) *session {
 	id := strings.ToLower(s.node) + "/" + store.NewID()
 	ss := &session{
 		s: s, conn: conn, id: id, remote: remote, ctx: ctx, cancel: cancel,
-		logger:   s.logger.With("conn", id, "remote", remote),
-		q:        frameQueue{max: s.cfg.SendQueueLen, signal: make(chan struct{}, 1)},
-		done:     make(chan struct{}),
-		closeCh:  make(chan struct{}),
+		logger:    s.logger.With("conn", id, "remote", remote),
+		q:         frameQueue{max: s.cfg.SendQueueLen, signal: make(chan struct{}, 1)},
+		done:      make(chan struct{}),
+		closeCh:   make(chan struct{}),
 		inflight:  map[int64]struct{}{},
 		sendSlots: make(chan struct{}, maxSendsInFlight),
 	}
