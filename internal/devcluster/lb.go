@@ -48,7 +48,7 @@ type LB struct {
 	transport *http.Transport
 	checker   *http.Client
 
-	stop chan struct{}
+	stop context.CancelFunc // ends the health checks
 	wg   sync.WaitGroup
 	once sync.Once
 }
@@ -82,7 +82,6 @@ func StartLB(o LBOptions) (*LB, error) {
 		// Probes open a fresh connection each time, as HAProxy's do, so a
 		// node that stopped accepting is noticed.
 		checker: &http.Client{Transport: &http.Transport{DisableKeepAlives: true}},
-		stop:    make(chan struct{}),
 	}
 	for _, b := range o.Backends {
 		target, err := url.Parse(b.URL)
@@ -102,6 +101,8 @@ func StartLB(o LBOptions) (*LB, error) {
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(lb.logger.Handler(), slog.LevelDebug),
 	}
+	checkCtx, stop := context.WithCancel(context.Background())
+	lb.stop = stop
 	lb.wg.Add(2)
 	go func() {
 		defer lb.wg.Done()
@@ -111,7 +112,7 @@ func StartLB(o LBOptions) (*LB, error) {
 	}()
 	go func() {
 		defer lb.wg.Done()
-		lb.checkLoop()
+		lb.checkLoop(checkCtx)
 	}()
 	return lb, nil
 }
@@ -146,15 +147,19 @@ func isLoopback(remoteAddr string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// attemptsKey carries the backends a request already failed on.
+// attemptsKey carries a request's forwarding state to the error handler.
 type attemptsKey struct{}
 
-type attempts struct{ tried []bool }
+type attempts struct {
+	in    *http.Request // as received; the error handler sees the outgoing copy
+	tried []bool        // backends already tried
+}
 
 // ServeHTTP forwards the request to the next healthy backend.
 func (lb *LB) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	a := &attempts{tried: make([]bool, len(lb.backends))}
-	lb.forward(w, r.WithContext(context.WithValue(r.Context(), attemptsKey{}, a)), a)
+	a.in = r.WithContext(context.WithValue(r.Context(), attemptsKey{}, a))
+	lb.forward(w, a.in, a)
 }
 
 func (lb *LB) forward(w http.ResponseWriter, r *http.Request, a *attempts) {
@@ -202,8 +207,8 @@ func (lb *LB) failed(be *lbBackend, w http.ResponseWriter, r *http.Request, err 
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
 		lb.setUp(be, false, err.Error())
-		if a, _ := r.Context().Value(attemptsKey{}).(*attempts); a != nil && r.Body == http.NoBody {
-			lb.forward(w, r, a)
+		if a, _ := r.Context().Value(attemptsKey{}).(*attempts); a != nil && a.in.Body == http.NoBody {
+			lb.forward(w, a.in, a)
 			return
 		}
 	}
@@ -222,18 +227,12 @@ func (lb *LB) setUp(be *lbBackend, up bool, why string) {
 	}
 }
 
-func (lb *LB) checkLoop() {
+func (lb *LB) checkLoop(ctx context.Context) {
 	tick := time.NewTicker(lb.interval)
 	defer tick.Stop()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		<-lb.stop
-		cancel()
-	}()
 	for {
 		select {
-		case <-lb.stop:
+		case <-ctx.Done():
 			return
 		case <-tick.C:
 			lb.checkAll(ctx)
@@ -303,7 +302,7 @@ func (lb *LB) HTTPURL() string { return "http://" + lb.Addr() }
 func (lb *LB) Close(ctx context.Context) error {
 	var err error
 	lb.once.Do(func() {
-		close(lb.stop)
+		lb.stop()
 		if err = lb.srv.Shutdown(ctx); err != nil {
 			err = errors.Join(err, lb.srv.Close())
 		}

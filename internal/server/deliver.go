@@ -334,6 +334,7 @@ func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
 	meta := &pushMeta{key: store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID},
 		committed: committed, priority: protocol.PriorityName(int(d.Priority))}
 	if ss.q.push(frame{data: data, push: meta}) {
+		ss.kickWriter()
 		return true
 	}
 	ss.mu.Lock()

@@ -149,6 +149,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /join", s.serveJoin)
 	mux.HandleFunc("GET /health", s.serveHealth)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{}))
+	s.statusRoutes(mux)
 	return mux
 }
 

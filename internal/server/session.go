@@ -42,24 +42,18 @@ type pushMeta struct {
 // frameQueue is a session's bounded outgoing queue. It grows on demand, so
 // an idle session costs no buffer.
 type frameQueue struct {
-	mu     sync.Mutex
-	items  []frame
-	max    int
-	signal chan struct{}
+	mu    sync.Mutex
+	items []frame
+	max   int
 }
 
 func (q *frameQueue) push(f frame) bool {
 	q.mu.Lock()
+	defer q.mu.Unlock()
 	if len(q.items) >= q.max {
-		q.mu.Unlock()
 		return false
 	}
 	q.items = append(q.items, f)
-	q.mu.Unlock()
-	select {
-	case q.signal <- struct{}{}:
-	default:
-	}
 	return true
 }
 
@@ -109,8 +103,9 @@ type session struct {
 	lastPong atomic.Int64 // unix nanos
 	nextPing atomic.Int64
 
-	q    frameQueue
-	done chan struct{} // closed when the write loop has finished
+	q       frameQueue
+	writing atomic.Bool   // a write loop is running (started on demand)
+	done    chan struct{} // closed once the socket is closed
 
 	sendLimit *rate.Limiter
 	// sendSlots bounds sends accepted but not yet acked: when it is full
@@ -124,7 +119,6 @@ type session struct {
 	flushFirst  bool
 	closeCode   websocket.StatusCode
 	closeReason string
-	closeCh     chan struct{}
 }
 
 func (s *Server) newSession(conn *websocket.Conn, remote string) *session {
@@ -133,9 +127,8 @@ func (s *Server) newSession(conn *websocket.Conn, remote string) *session {
 	ss := &session{
 		s: s, conn: conn, id: id, remote: remote, ctx: ctx, cancel: cancel,
 		logger:    s.logger.With("conn", id, "remote", remote),
-		q:         frameQueue{max: s.cfg.SendQueueLen, signal: make(chan struct{}, 1)},
+		q:         frameQueue{max: s.cfg.SendQueueLen},
 		done:      make(chan struct{}),
-		closeCh:   make(chan struct{}),
 		inflight:  map[int64]struct{}{},
 		sendSlots: make(chan struct{}, maxSendsInFlight),
 	}
@@ -172,13 +165,13 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	s.perAddr[ip]++
 	s.mu.Unlock()
-	defer func() {
+	release := func() {
 		s.mu.Lock()
 		if s.perAddr[ip]--; s.perAddr[ip] <= 0 {
 			delete(s.perAddr, ip)
 		}
 		s.mu.Unlock()
-	}()
+	}
 
 	var ss *session
 	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{
@@ -191,6 +184,7 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		},
 	})
 	if err != nil {
+		release()
 		return // Accept has written the HTTP error
 	}
 	conn.SetReadLimit(int64(s.cfg.MaxMessageBytes))
@@ -199,16 +193,19 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.sessions[ss] = struct{}{}
 	s.mu.Unlock()
-
-	go ss.writeLoop()
-	helloTimer := time.AfterFunc(s.cfg.HelloTimeout, func() {
-		if !ss.authed.Load() {
-			ss.reject(protocol.ReasonHelloTimeout, "")
-		}
-	})
-	ss.readLoop()
-	helloTimer.Stop()
-	ss.teardown()
+	// The connection is hijacked: serve it on a goroutine of our own and
+	// let the HTTP handler (and its deep stack) return.
+	go func() {
+		defer release()
+		helloTimer := time.AfterFunc(s.cfg.HelloTimeout, func() {
+			if !ss.authed.Load() {
+				ss.reject(protocol.ReasonHelloTimeout, "")
+			}
+		})
+		ss.readLoop()
+		helloTimer.Stop()
+		ss.teardown()
+	}()
 }
 
 // readLoop reads frames until the connection ends, handling each in order.
@@ -258,8 +255,8 @@ func (ss *session) setClose(code websocket.StatusCode, reason string, flush bool
 		return
 	}
 	ss.closing, ss.flushFirst, ss.closeCode, ss.closeReason = true, flush, code, reason
-	close(ss.closeCh)
 	ss.mu.Unlock()
+	ss.kickWriter()
 }
 
 // closeAfterFlush closes once queued frames are written.
@@ -305,10 +302,19 @@ func (ss *session) queue(v any) bool {
 
 func (ss *session) queueRaw(f frame) bool {
 	if ss.q.push(f) {
+		ss.kickWriter()
 		return true
 	}
 	ss.slow()
 	return false
+}
+
+// kickWriter starts the write loop unless one is running. An idle session
+// has no writer goroutine, which keeps idle connections cheap.
+func (ss *session) kickWriter() {
+	if ss.writing.CompareAndSwap(false, true) {
+		go ss.writeLoop()
+	}
 }
 
 func (ss *session) slow() {
@@ -324,16 +330,12 @@ func (ss *session) sendError(code, message, reqID string) {
 	ss.queue(protocol.ErrorFrame{Type: protocol.TypeError, ReqID: reqID, Code: code, Message: message})
 }
 
-// writeLoop owns every write to the socket.
+// writeLoop writes queued frames until the queue is empty, then exits; it
+// owns every write to the socket while it runs, and performs the close.
 func (ss *session) writeLoop() {
-	defer close(ss.done)
 	var buf []frame
 	var delivered []store.DeliveryKey
 	for {
-		select {
-		case <-ss.q.signal:
-		case <-ss.closeCh:
-		}
 		ss.mu.Lock()
 		closing, flush := ss.closing, ss.flushFirst
 		ss.mu.Unlock()
@@ -371,6 +373,15 @@ func (ss *session) writeLoop() {
 			ss.finishClose()
 			return
 		}
+		if !ss.q.empty() {
+			continue
+		}
+		// Going idle. A producer that queued after the check above either
+		// sees writing=false and starts a new loop, or we see its frame.
+		ss.writing.Store(false)
+		if (ss.q.empty() && !ss.isClosing()) || !ss.writing.CompareAndSwap(false, true) {
+			return
+		}
 	}
 }
 
@@ -397,7 +408,10 @@ func (ss *session) pushed(p *pushMeta) {
 	}
 }
 
+// finishClose closes the socket; the session's writer stays marked busy so
+// no other write loop starts.
 func (ss *session) finishClose() {
+	defer close(ss.done)
 	ss.mu.Lock()
 	code, reason := ss.closeCode, ss.closeReason
 	ss.mu.Unlock()
