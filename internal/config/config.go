@@ -234,8 +234,11 @@ func (c *Config) Validate() error {
 	default:
 		bad("CLUSTER_PROFILE", "must be lan, wan or local, got %q", c.ClusterProfile)
 	}
-	if _, _, err := net.SplitHostPort(c.ClusterBind); err != nil {
+	if host, _, err := net.SplitHostPort(c.ClusterBind); err != nil {
 		bad("CLUSTER_BIND", "must be host:port, got %q", c.ClusterBind)
+	} else if host == "::" && c.ClusterAdvertise == "" {
+		// memberlist would advertise "::", which no peer can reach.
+		bad("CLUSTER_ADVERTISE", "required when CLUSTER_BIND listens on [::] (set it to this node's reachable [ipv6]:port)")
 	}
 	if c.ClusterAdvertise != "" {
 		if _, _, err := net.SplitHostPort(c.ClusterAdvertise); err != nil {
