@@ -38,6 +38,7 @@ type Metrics struct {
 	RelayReconnects     prometheus.Counter
 	GossipDropped       prometheus.Counter
 	AuditDropped        prometheus.Counter
+	ClockOffset         prometheus.Gauge
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -103,13 +104,15 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "broker_gossip_invalid_total", Help: "Gossip messages dropped as invalid."}),
 		AuditDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "broker_audit_dropped_total", Help: "Audit events dropped because the buffer was full."}),
+		ClockOffset: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "broker_clock_offset_seconds", Help: "Postgres clock minus this node's clock, as last measured."}),
 	}
 	reg.MustRegister(
 		m.ConnectionsTotal, m.ConnectionsRejected, m.ConnectionsActive, m.MessagesRouted, m.MessagesRejected,
 		m.MessagesDelivered, m.MessagesExpired, m.QueueDepth, m.TTLSweeps, m.StatusFlips, m.HookRequests,
 		m.HookRateLimited, m.DBHealthy, m.CommitToPush, m.CommitDuration, m.CommitBatchSize, m.Claims,
 		m.Recovered, m.SlowConsumers, m.ClientCloses, m.ClusterMembers, m.PresenceEntries, m.RelaySent,
-		m.RelayReceived, m.RelayLag, m.RelayReconnects, m.GossipDropped, m.AuditDropped,
+		m.RelayReceived, m.RelayLag, m.RelayReconnects, m.GossipDropped, m.AuditDropped, m.ClockOffset,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)

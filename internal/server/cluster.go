@@ -105,7 +105,7 @@ func (s *Server) setStatus(presenceID, status, source string) (presence.Entry, b
 	var before, after int
 	e, changed := s.replica.Update(presenceID, func(e *presence.Entry) bool {
 		before = e.MaxPriority()
-		ok := presence.ApplyStatus(e, status, source, time.Now(), s.cfg.HookFresh())
+		ok := presence.ApplyStatus(e, status, source, s.now(), s.cfg.HookFresh())
 		after = e.MaxPriority()
 		return ok
 	})

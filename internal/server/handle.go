@@ -87,7 +87,7 @@ func (ss *session) handleHello(data []byte) {
 		return
 	}
 	ss.meshID, ss.pubkey = h.MeshID, h.Pubkey
-	if reason := auth.VerifyHello(h, time.Now()); reason != "" {
+	if reason := auth.VerifyHello(h, s.now()); reason != "" {
 		ss.reject(reason, "")
 		return
 	}
@@ -143,7 +143,7 @@ func toLowerHex(s string) string {
 // entry, acks the hello and starts delivery.
 func (ss *session) register(h *protocol.Hello, member store.Member, prev presence.Entry, hasPrev bool, pending string) {
 	s := ss.s
-	now := time.Now()
+	now := s.now()
 	ss.memberID, ss.displayName, ss.sessionID, ss.pubkey = member.ID, member.DisplayName, h.SessionID, member.Pubkey
 	ss.clientAck = h.HasCapability(protocol.CapClientAck)
 	ss.sysEvents = h.HasCapability(protocol.CapSystemEvents)

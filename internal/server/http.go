@@ -109,7 +109,7 @@ func (s *Server) serveHook(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, http.StatusTooManyRequests, HookResponse{Error: "rate limited"})
 			return
 		}
-		meshID, pubkey, err = auth.VerifyHook(r.Header, body, time.Now())
+		meshID, pubkey, err = auth.VerifyHook(r.Header, body, s.now())
 		if err != nil {
 			writeJSON(w, http.StatusUnauthorized, HookResponse{Error: err.Error()})
 			return
@@ -347,10 +347,15 @@ func (s *Server) healthLoop(ctx context.Context) {
 		case <-tick.C:
 		}
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		err := s.store.Ping(cctx)
+		t0 := s.clock()
+		dbNow, err := s.store.Now(cctx)
+		t1 := s.clock()
 		cancel()
 		if ctx.Err() != nil {
 			return
+		}
+		if err == nil {
+			s.noteClock(dbNow, t0, t1)
 		}
 		was := s.dbHealthy.Load()
 		switch {
@@ -366,4 +371,29 @@ func (s *Server) healthLoop(ctx context.Context) {
 			s.logger.Error("db ping failed", "err", err)
 		}
 	}
+}
+
+// clockWarn is the clock offset from Postgres beyond which the node warns.
+const clockWarn = 2 * time.Second
+
+// noteClock records this node's offset from Postgres' clock, measured by a
+// query sent at t0 and answered at t1 (local clock).
+func (s *Server) noteClock(dbNow, t0, t1 time.Time) {
+	rtt := t1.Sub(t0)
+	if rtt > time.Second {
+		return // too slow to measure anything useful
+	}
+	offset := dbNow.Sub(t0.Add(rtt / 2))
+	prev := time.Duration(s.clockOffset.Swap(int64(offset)))
+	s.m.ClockOffset.Set(offset.Seconds())
+	if abs(offset) > clockWarn && abs(prev-offset) > clockWarn/2 {
+		s.logger.Warn("node clock differs from Postgres; using Postgres time for hellos and hooks", "offset", offset.Round(time.Millisecond))
+	}
+}
+
+func abs(d time.Duration) time.Duration {
+	if d < 0 {
+		return -d
+	}
+	return d
 }

@@ -49,6 +49,8 @@ type Deps struct {
 	Gatherer    prometheus.Gatherer
 	Logger      *slog.Logger
 	Incarnation int64
+	// Clock is the node's wall clock; nil means time.Now. Tests skew it.
+	Clock func() time.Time
 }
 
 // Server is one broker node's HTTP and WebSocket front and delivery engine.
@@ -74,7 +76,9 @@ type Server struct {
 	hookRate  *keyedLimiter
 	helloRate *keyedLimiter
 
-	dbHealthy atomic.Bool
+	clock       func() time.Time
+	clockOffset atomic.Int64 // Postgres clock minus ours, in ns
+	dbHealthy   atomic.Bool
 	draining  atomic.Bool
 	connSeq   atomic.Int64
 
@@ -106,6 +110,10 @@ func New(d Deps) *Server {
 		perAddr:    map[string]int{},
 		ctx:        ctx, cancel: cancel,
 		closed: make(chan struct{}),
+	}
+	s.clock = d.Clock
+	if s.clock == nil {
+		s.clock = time.Now
 	}
 	s.members = newMemberCache(d.Store)
 	s.engine = newEngine(s)
@@ -151,6 +159,13 @@ func (s *Server) Handler() http.Handler {
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{}))
 	s.statusRoutes(mux)
 	return mux
+}
+
+// now is the cluster's time: this node's clock corrected by its measured
+// offset from Postgres, so a node whose clock is off neither accepts stale
+// hellos nor rejects fresh ones.
+func (s *Server) now() time.Time {
+	return s.clock().Add(time.Duration(s.clockOffset.Load()))
 }
 
 // Node is this node's name.

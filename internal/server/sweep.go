@@ -102,7 +102,7 @@ func (s *Server) sweepLoop(ctx context.Context) {
 // than STATUS_TTL_SECONDS back to idle (source jsonl).
 func (s *Server) sweepStatuses() {
 	s.m.TTLSweeps.Inc()
-	cut := time.Now().Add(-s.cfg.StatusTTL()).UnixMilli()
+	cut := s.now().Add(-s.cfg.StatusTTL()).UnixMilli()
 	for _, e := range s.replica.Own() {
 		if e.IsLive() && e.Status == protocol.StatusWorking && e.StatusUpdatedAt < cut {
 			s.setStatus(e.PresenceID, protocol.StatusIdle, protocol.SourceJSONL)

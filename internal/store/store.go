@@ -65,6 +65,13 @@ func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 // Close closes the pool.
 func (s *Store) Close() { s.pool.Close() }
 
+// Now returns Postgres' clock.
+func (s *Store) Now(ctx context.Context) (time.Time, error) {
+	var t time.Time
+	err := s.pool.QueryRow(ctx, "SELECT now()").Scan(&t)
+	return t, err
+}
+
 // Ping checks that Postgres answers.
 func (s *Store) Ping(ctx context.Context) error {
 	_, err := s.pool.Exec(ctx, "SELECT 1")
