@@ -200,7 +200,8 @@ type Client struct {
 	groups   []string               // sent in every hello
 	want     desired                // status and summary to restore
 	urlNext  int                    // index of the next URL to try
-	closed   bool
+	closed   bool                   // Close was called
+	stopped  bool                   // run has returned
 }
 
 // liveConn is the current connection.
@@ -338,7 +339,7 @@ func (c *Client) run() {
 	defer close(c.done)
 	err := c.loop()
 	c.mu.Lock()
-	c.runErr = err
+	c.runErr, c.stopped = err, true
 	for _, p := range c.pending {
 		p.finish(SendResult{}, fmt.Errorf("%w (%s)", ErrNotAcked, stopReason(err)))
 	}
@@ -729,13 +730,24 @@ func (c *Client) EnqueueTo(targetSpec, text, priority, to string) (*Pending, err
 		c.mu.Unlock()
 		return nil, ErrClientClosed
 	}
+	// Registered before the entry exists, so its ack cannot be missed.
 	c.pending[e.ClientMessageID] = p
+	stopped := c.stopped
 	c.mu.Unlock()
 	if err := c.o.Outbox.Add(e); err != nil {
 		c.mu.Lock()
 		delete(c.pending, e.ClientMessageID)
 		c.mu.Unlock()
 		return nil, fmt.Errorf("saving to the outbox: %w", err)
+	}
+	if stopped {
+		// Accepted into the outbox, but this client will not send it: a
+		// later client (another command) will.
+		c.mu.Lock()
+		delete(c.pending, e.ClientMessageID)
+		c.mu.Unlock()
+		p.finish(SendResult{ClientMessageID: e.ClientMessageID}, fmt.Errorf("%w (%s)", ErrNotAcked, stopReason(c.Err())))
+		return p, nil
 	}
 	c.Flush()
 	return p, nil

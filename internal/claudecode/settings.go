@@ -1,0 +1,359 @@
+package claudecode
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+)
+
+// object is a JSON object that keeps its keys in file order and its values
+// byte for byte, so that editing one key leaves the rest of a user's
+// settings as they were (only re-indented).
+type object struct {
+	keys []string
+	vals map[string]json.RawMessage
+}
+
+func newObject() *object { return &object{vals: map[string]json.RawMessage{}} }
+
+func (o *object) UnmarshalJSON(data []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return errors.New("not a JSON object")
+	}
+	o.keys, o.vals = nil, map[string]json.RawMessage{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		key, _ := tok.(string)
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return err
+		}
+		if _, dup := o.vals[key]; !dup {
+			o.keys = append(o.keys, key)
+		}
+		o.vals[key] = v
+	}
+	_, err = dec.Token()
+	return err
+}
+
+func (o *object) MarshalJSON() ([]byte, error) {
+	var b bytes.Buffer
+	b.WriteByte('{')
+	for i, k := range o.keys {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		kb, _ := json.Marshal(k)
+		b.Write(kb)
+		b.WriteByte(':')
+		b.Write(o.vals[k])
+	}
+	b.WriteByte('}')
+	return b.Bytes(), nil
+}
+
+func (o *object) get(key string) (json.RawMessage, bool) {
+	v, ok := o.vals[key]
+	return v, ok
+}
+
+func (o *object) set(key string, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if _, ok := o.vals[key]; !ok {
+		o.keys = append(o.keys, key)
+	}
+	o.vals[key] = data
+	return nil
+}
+
+// child returns the object under key (a new one when absent).
+func (o *object) child(key string) (*object, error) {
+	raw, ok := o.get(key)
+	c := newObject()
+	if !ok || string(raw) == "null" {
+		return c, nil
+	}
+	if err := json.Unmarshal(raw, c); err != nil {
+		return nil, fmt.Errorf("%q is not a JSON object: %w", key, err)
+	}
+	return c, nil
+}
+
+// Change is a planned edit of one settings file.
+type Change struct {
+	Path    string
+	Before  []byte // nil when the file does not exist
+	After   []byte
+	Notes   []string // what was added, or kept and why
+	Changed bool
+	mode    os.FileMode
+}
+
+// readObject loads a JSON settings file; a missing file is an empty object.
+func readObject(path string) (*object, []byte, os.FileMode, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return newObject(), nil, 0o600, nil
+	}
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	mode := os.FileMode(0o600)
+	if fi, err := os.Stat(path); err == nil {
+		mode = fi.Mode().Perm()
+	}
+	o := newObject()
+	if len(bytes.TrimSpace(data)) == 0 {
+		return o, data, mode, nil
+	}
+	if err := json.Unmarshal(data, o); err != nil {
+		return nil, nil, 0, fmt.Errorf("%s is not a JSON object (fix or move it, then run install again): %w", path, err)
+	}
+	return o, data, mode, nil
+}
+
+func finish(path string, o *object, before []byte, mode os.FileMode, notes []string, changed bool) (*Change, error) {
+	after, err := json.MarshalIndent(o, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return &Change{Path: path, Before: before, After: append(after, '\n'), Notes: notes, Changed: changed, mode: mode}, nil
+}
+
+// hookGroup is one matcher entry of a hook event in settings.json.
+type hookGroup struct {
+	Matcher string        `json:"matcher,omitempty"`
+	Hooks   []hookCommand `json:"hooks"`
+}
+
+type hookCommand struct {
+	Type    string `json:"type"`
+	Command string `json:"command"`
+	Timeout int    `json:"timeout,omitempty"`
+}
+
+// IsClaudemeshHook reports whether a hook command runs `claudemesh hook`.
+func IsClaudemeshHook(command string) bool {
+	f := strings.Fields(command)
+	return len(f) >= 2 && strings.Contains(f[0], "claudemesh") && f[len(f)-1] == "hook"
+}
+
+// PlanHooks plans adding hookCommand (e.g. "claudemesh hook") to every
+// event of InstalledEvents in the settings file at path. Events that already
+// run a claudemesh hook are left alone; nothing else is touched.
+func PlanHooks(path, hookCommandLine string) (*Change, error) {
+	o, before, mode, err := readObject(path)
+	if err != nil {
+		return nil, err
+	}
+	hooks, err := o.child("hooks")
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	var notes []string
+	changed := false
+	for _, ev := range InstalledEvents {
+		var groups []json.RawMessage
+		if raw, ok := hooks.get(ev); ok && string(raw) != "null" {
+			if err := json.Unmarshal(raw, &groups); err != nil {
+				return nil, fmt.Errorf("%s: hooks.%s is not a list: %w", path, ev, err)
+			}
+		}
+		if hasClaudemeshHook(groups) {
+			notes = append(notes, "hooks."+ev+": a claudemesh hook is already there; kept")
+			continue
+		}
+		g := hookGroup{Hooks: []hookCommand{{Type: "command", Command: hookCommandLine, Timeout: 10}}}
+		if ev == EventPreToolUse {
+			g.Matcher = "*"
+		}
+		data, _ := json.Marshal(g)
+		groups = append(groups, data)
+		if err := hooks.set(ev, groups); err != nil {
+			return nil, err
+		}
+		notes = append(notes, "hooks."+ev+": added "+hookCommandLine)
+		changed = true
+	}
+	if changed {
+		if err := o.set("hooks", hooks); err != nil {
+			return nil, err
+		}
+	}
+	return finish(path, o, before, mode, notes, changed)
+}
+
+func hasClaudemeshHook(groups []json.RawMessage) bool {
+	for _, raw := range groups {
+		var g hookGroup
+		if json.Unmarshal(raw, &g) != nil {
+			continue
+		}
+		for _, h := range g.Hooks {
+			if IsClaudemeshHook(h.Command) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// MCPServer is a stdio MCP server registration in ~/.claude.json.
+type MCPServer struct {
+	Type    string            `json:"type"`
+	Command string            `json:"command"`
+	Args    []string          `json:"args"`
+	Env     map[string]string `json:"env,omitempty"`
+}
+
+// PlanMCP plans registering server under mcpServers.<name> in the file at
+// path (~/.claude.json). An existing, different registration is kept unless
+// force is set.
+func PlanMCP(path, name string, server MCPServer, force bool) (*Change, error) {
+	o, before, mode, err := readObject(path)
+	if err != nil {
+		return nil, err
+	}
+	servers, err := o.child("mcpServers")
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if raw, ok := servers.get(name); ok {
+		var cur MCPServer
+		if json.Unmarshal(raw, &cur) == nil && cur.Command == server.Command && slices.Equal(cur.Args, server.Args) &&
+			mapsEqual(cur.Env, server.Env) {
+			return finish(path, o, before, mode, []string{"mcpServers." + name + ": already registered; kept"}, false)
+		}
+		if !force {
+			return finish(path, o, before, mode, []string{"mcpServers." + name + ": a different registration exists; kept (use --force to replace it)"}, false)
+		}
+	}
+	if err := servers.set(name, server); err != nil {
+		return nil, err
+	}
+	if err := o.set("mcpServers", servers); err != nil {
+		return nil, err
+	}
+	return finish(path, o, before, mode, []string{"mcpServers." + name + ": registered " + server.Command + " " + strings.Join(server.Args, " ")}, true)
+}
+
+func mapsEqual(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// Apply writes the change: the old file is first copied to
+// <path>.claudemesh-backup-<time>, then the new content replaces it
+// atomically with the old file's mode. It returns the backup's path ("" when
+// there was no file).
+func (c *Change) Apply(now time.Time) (string, error) {
+	if !c.Changed {
+		return "", nil
+	}
+	if err := os.MkdirAll(filepath.Dir(c.Path), 0o700); err != nil {
+		return "", err
+	}
+	backup := ""
+	if c.Before != nil {
+		backup = c.Path + ".claudemesh-backup-" + now.UTC().Format("20060102T150405Z")
+		if err := os.WriteFile(backup, c.Before, 0o600); err != nil {
+			return "", fmt.Errorf("back up %s: %w", c.Path, err)
+		}
+	}
+	if err := writeAtomic(c.Path, c.After, c.mode); err != nil {
+		return backup, fmt.Errorf("write %s: %w", c.Path, err)
+	}
+	return backup, nil
+}
+
+func writeAtomic(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// SettingsPaths are the settings files that may hold hooks for a session
+// started in cwd: the user's, the project's and the project's local one.
+func SettingsPaths(home, cwd string) []string {
+	return []string{
+		filepath.Join(home, ".claude", "settings.json"),
+		filepath.Join(cwd, ".claude", "settings.json"),
+		filepath.Join(cwd, ".claude", "settings.local.json"),
+	}
+}
+
+// HooksInstalled reports whether any of the settings files runs a
+// claudemesh hook (then the hook reports status and transcript inference
+// must not compete with it).
+func HooksInstalled(paths ...string) bool {
+	for _, p := range paths {
+		o, _, _, err := readObject(p)
+		if err != nil {
+			continue
+		}
+		hooks, err := o.child("hooks")
+		if err != nil {
+			continue
+		}
+		for _, k := range hooks.keys {
+			var groups []json.RawMessage
+			if json.Unmarshal(hooks.vals[k], &groups) == nil && hasClaudemeshHook(groups) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// ShellQuote quotes s for a POSIX shell when it needs quoting.
+func ShellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:=@+,") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
