@@ -38,6 +38,9 @@ type Options struct {
 	Cwd       string // zero: "/"
 	Hostname  string
 	Groups    []string
+	// Ephemeral marks a short-lived connection (a CLI command): the broker
+	// hides it from peers and announces no join or leave for it.
+	Ephemeral bool
 
 	// Outbox keeps sends until acked; nil: in memory (lost on exit).
 	Outbox Outbox
@@ -461,9 +464,13 @@ func (c *Client) connect(url string) (*liveConn, error) {
 	c.mu.Lock()
 	groups := slices.Clone(c.groups)
 	c.mu.Unlock()
+	caps := []string{protocol.CapClientAck, protocol.CapSystemEvents}
+	if c.o.Ephemeral {
+		caps = append(caps, protocol.CapEphemeral)
+	}
 	ack, err := conn.Hello(ctx, c.o.Identity, HelloOptions{
 		SessionID: c.o.SessionID, PID: c.o.PID, Cwd: c.o.Cwd, Hostname: c.o.Hostname, Groups: groups,
-		Capabilities: []string{protocol.CapClientAck, protocol.CapSystemEvents},
+		Capabilities: caps,
 	})
 	if err != nil {
 		_ = conn.CloseNow()

@@ -106,7 +106,7 @@ func Start(cfg Config) (*Session, error) {
 	s.c, err = client.New(client.Options{
 		Identity: id, URLs: urls, MeshKey: key, SessionID: sessionID, PID: cfg.PID, Cwd: cfg.Cwd, Hostname: cfg.Hostname, Groups: cfg.Groups,
 		Outbox: s.st, Inbox: s.st, OnMessage: s.onMessage, OnEvent: s.onEvent,
-		Backoff: backoff, GiveUpAfter: giveUp, Logger: logger,
+		Backoff: backoff, GiveUpAfter: giveUp, Logger: logger, Ephemeral: !cfg.Persistent,
 	})
 	if err != nil {
 		return nil, err

@@ -61,6 +61,9 @@ type Entry struct {
 	Groups          []string `json:"g,omitempty"`
 	ConnectedAt     int64    `json:"ca"` // unix ms
 
+	// Ephemeral sessions (CLI commands) are hidden from peers.
+	Ephemeral bool `json:"eph,omitempty"`
+
 	State      State `json:"x"`
 	GraceUntil int64 `json:"gu,omitempty"` // unix ms
 
@@ -82,6 +85,9 @@ func (a *Entry) newer(b *Entry) bool {
 // IsLive reports whether the session is connected (not in grace, not gone,
 // owner alive).
 func (e *Entry) IsLive() bool { return e.State == Live && !e.orphaned }
+
+// Visible reports whether peers see the session: live and not ephemeral.
+func (e *Entry) Visible() bool { return e.IsLive() && !e.Ephemeral }
 
 // InGrace reports whether the entry waits for a reattach.
 func (e *Entry) InGrace() bool { return e.State == Grace || (e.State == Live && e.orphaned) }

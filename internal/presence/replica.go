@@ -393,12 +393,13 @@ func (r *Replica) FindSession(mesh, member, session string) (Entry, bool) {
 	return *best, true
 }
 
-// Live returns the live sessions of a mesh, ordered by connection time.
+// Live returns the visible live sessions of a mesh (ephemeral ones are
+// left out), ordered by connection time.
 func (r *Replica) Live(mesh string) []Entry {
 	r.mu.RLock()
 	out := make([]Entry, 0, len(r.byMesh[mesh]))
 	for _, e := range r.byMesh[mesh] {
-		if e.IsLive() {
+		if e.Visible() {
 			out = append(out, *e)
 		}
 	}
@@ -412,13 +413,14 @@ func (r *Replica) Live(mesh string) []Entry {
 	return out
 }
 
-// CountLive counts a mesh's live sessions.
+// CountLive counts a mesh's visible live sessions (the connection cap
+// does not count ephemeral ones).
 func (r *Replica) CountLive(mesh string) int {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	n := 0
 	for _, e := range r.byMesh[mesh] {
-		if e.IsLive() {
+		if e.Visible() {
 			n++
 		}
 	}
@@ -457,7 +459,7 @@ func (r *Replica) GroupMembers(mesh, group string) []string {
 	seen := map[string]struct{}{}
 	var out []string
 	for _, e := range r.byMesh[mesh] {
-		if !e.IsLive() || !e.HasGroup(group) {
+		if !e.Visible() || !e.HasGroup(group) {
 			continue
 		}
 		if _, ok := seen[e.MemberID]; !ok {

@@ -68,6 +68,10 @@ const (
 const (
 	CapClientAck    = "client_ack"
 	CapSystemEvents = "system_events"
+	// CapEphemeral marks a short-lived connection (a CLI command): it is
+	// not listed by list_peers, announces no join or leave, and does not
+	// count toward the mesh's connection cap. It still receives messages.
+	CapEphemeral = "ephemeral"
 )
 
 // Hello rejection reasons; each is also the close reason and the
@@ -227,6 +231,11 @@ type Hello struct {
 	DisplayName  string      `json:"displayName,omitempty"`
 	Groups       []Group     `json:"groups,omitempty"`
 	Capabilities []string    `json:"capabilities,omitempty"`
+
+	// GroupsSet records whether the frame had a "groups" field: a
+	// reattaching session then takes exactly these groups, otherwise it
+	// keeps the ones it had.
+	GroupsSet bool `json:"-"`
 }
 
 // TimestampMillis returns the hello timestamp as integer milliseconds.
@@ -499,6 +508,9 @@ func DecodeHello(data []byte) (*Hello, error) {
 	}
 	if h.Type != TypeHello {
 		return nil, fieldErr("type", "not hello")
+	}
+	if g, ok := probe["groups"]; ok && string(g) != "null" {
+		h.GroupsSet = true
 	}
 	if _, err := h.TimestampMillis(); err != nil {
 		return nil, fieldErr("timestamp", "must be an integer number of milliseconds")

@@ -34,6 +34,8 @@ func (s *Server) PresenceChanged(changes []presence.Change) {
 		}
 		var event string
 		switch {
+		case cur.Ephemeral:
+			// Short-lived connections announce nothing.
 		case prev == nil && cur.IsLive():
 			event = protocol.EventPeerJoined
 		case prev != nil && !cur.Present():

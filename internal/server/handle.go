@@ -109,10 +109,10 @@ func (ss *session) handleHello(data []byte) {
 	}
 	prev, hasPrev := s.replica.FindSession(h.MeshID, member.ID, h.SessionID)
 	live := s.replica.CountLive(h.MeshID)
-	if hasPrev && prev.IsLive() {
+	if hasPrev && prev.Visible() {
 		live-- // the replaced session frees its slot
 	}
-	if live >= s.cfg.MaxConnsPerMesh {
+	if live >= s.cfg.MaxConnsPerMesh && !h.HasCapability(protocol.CapEphemeral) {
 		ss.reject(protocol.ReasonCapacity, "")
 		return
 	}
@@ -147,6 +147,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	ss.memberID, ss.displayName, ss.sessionID, ss.pubkey = member.ID, member.DisplayName, h.SessionID, member.Pubkey
 	ss.clientAck = h.HasCapability(protocol.CapClientAck)
 	ss.sysEvents = h.HasCapability(protocol.CapSystemEvents)
+	ephemeral := h.HasCapability(protocol.CapEphemeral)
 
 	groups := h.GroupNames()
 	e := presence.Entry{
@@ -154,7 +155,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 		MeshID: h.MeshID, MemberID: member.ID, Pubkey: member.Pubkey, DisplayName: member.DisplayName,
 		SessionID: h.SessionID, PID: h.PID, Cwd: h.Cwd, Hostname: h.Hostname,
 		Status: protocol.StatusIdle, StatusSource: protocol.SourceJSONL, StatusUpdatedAt: now.UnixMilli(),
-		ConnectedAt: now.UnixMilli(), Groups: groups,
+		ConnectedAt: now.UnixMilli(), Groups: groups, Ephemeral: ephemeral,
 	}
 	reattached := hasPrev
 	if hasPrev {
@@ -162,10 +163,9 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 		e.PresenceID = prev.PresenceID
 		e.Status, e.StatusSource, e.StatusUpdatedAt = prev.Status, prev.StatusSource, prev.StatusUpdatedAt
 		e.Summary = prev.Summary
-		for _, g := range prev.Groups {
-			if !slices.Contains(e.Groups, g) && len(e.Groups) < protocol.MaxGroups {
-				e.Groups = append(e.Groups, g)
-			}
+		if !h.GroupsSet {
+			// The client did not say: keep the groups it had.
+			e.Groups = slices.Clone(prev.Groups)
 		}
 	}
 	if pending != "" {

@@ -228,3 +228,57 @@ func TestStaleSession(t *testing.T) {
 		t.Fatalf("live peers %d, want only the responsive one", len(peers))
 	}
 }
+
+// An ephemeral connection (a CLI command) receives messages but is not
+// listed, announces nothing and does not count toward the cap.
+func TestEphemeralSession(t *testing.T) {
+	db := pgtest.NewDB(t)
+	n := testkit.StartNode(t, db, testkit.Options{Configure: func(c *config.Config) { c.MaxConnsPerMesh = 1 }})
+	mesh := testkit.NewMesh(t, n.Store(), 2)
+	watcher := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{Capabilities: []string{protocol.CapSystemEvents}})
+	eph := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{Capabilities: []string{protocol.CapEphemeral}})
+	if peers := listPeers(t, watcher); len(peers) != 1 {
+		t.Fatalf("list_peers shows %d sessions, want only the watcher", len(peers))
+	}
+	ack := send(t, watcher, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "aGk="})
+	if p := testkit.ExpectPush(t, eph, 5*time.Second); p.MessageID != ack.MessageID {
+		t.Fatalf("got %+v", p)
+	}
+	eph.Close()
+	noPush(t, watcher, 300*time.Millisecond) // and no system event either
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if f, err := watcher.Next(ctx); err == nil {
+		t.Fatalf("watcher got %s for an ephemeral session", f.Raw)
+	}
+}
+
+// A reattaching session keeps its groups when its hello names none, and
+// takes exactly the hello's groups when it names some (so a group it left
+// stays left).
+func TestReattachGroups(t *testing.T) {
+	db := pgtest.NewDB(t)
+	n := testkit.StartNode(t, db, testkit.Options{})
+	mesh := testkit.NewMesh(t, n.Store(), 1)
+	groups := func() []string {
+		for _, e := range n.Replica().Live(mesh.MeshID) {
+			return e.Groups
+		}
+		return nil
+	}
+	c := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{SessionID: "g", Groups: []string{"a", "b"}})
+	sendRaw(t, c, protocol.GroupOp{Type: protocol.TypeJoinGroup, Name: "c"})
+	testkit.Eventually(t, 3*time.Second, "joined c", func() bool { return len(groups()) == 3 })
+	c.Close()
+	testkit.Eventually(t, 3*time.Second, "in grace", func() bool { return len(n.Replica().Live(mesh.MeshID)) == 0 })
+	c = testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{SessionID: "g"})
+	if g := groups(); len(g) != 3 {
+		t.Fatalf("reattach without groups: %v, want a b c", g)
+	}
+	c.Close()
+	testkit.Eventually(t, 3*time.Second, "in grace", func() bool { return len(n.Replica().Live(mesh.MeshID)) == 0 })
+	testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{SessionID: "g", Groups: []string{"b"}})
+	if g := groups(); len(g) != 1 || g[0] != "b" {
+		t.Fatalf("reattach with groups [b]: %v", g)
+	}
+}
