@@ -79,8 +79,8 @@ type Server struct {
 	clock       func() time.Time
 	clockOffset atomic.Int64 // Postgres clock minus ours, in ns
 	dbHealthy   atomic.Bool
-	draining  atomic.Bool
-	connSeq   atomic.Int64
+	draining    atomic.Bool
+	connSeq     atomic.Int64
 
 	mu         sync.RWMutex
 	sessions   map[*session]struct{}
