@@ -61,9 +61,9 @@ func (c *memberCache) get(ctx context.Context, mesh string, maxAge time.Duration
 	return v.(*meshMembers), nil
 }
 
-// byPubkey finds a live member. A miss on a list older than a second is
-// checked again against Postgres, so a member enrolled a moment ago is found
-// even if its notification was lost.
+// byPubkey finds a live member. A miss is checked against Postgres with
+// one indexed lookup, so a member enrolled a moment ago is found even before
+// its change notification arrives (the mesh's list is then reloaded).
 func (c *memberCache) byPubkey(ctx context.Context, mesh, pubkey string) (store.Member, error) {
 	mm, err := c.get(ctx, mesh, memberCacheTTL)
 	if err != nil {
@@ -72,15 +72,12 @@ func (c *memberCache) byPubkey(ctx context.Context, mesh, pubkey string) (store.
 	if m, ok := mm.byPubkey[pubkey]; ok {
 		return m, nil
 	}
-	if time.Since(mm.loaded) > time.Second {
-		if mm, err = c.get(ctx, mesh, time.Second); err != nil {
-			return store.Member{}, err
-		}
-		if m, ok := mm.byPubkey[pubkey]; ok {
-			return m, nil
-		}
+	m, err := c.store.MemberByPubkey(ctx, mesh, pubkey)
+	if err != nil {
+		return store.Member{}, err
 	}
-	return store.Member{}, store.ErrNotFound
+	c.invalidate(mesh)
+	return m, nil
 }
 
 // all returns the mesh's live members.
