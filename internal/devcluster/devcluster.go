@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -104,7 +105,15 @@ func Start(ctx context.Context, o Options) (*Cluster, error) {
 	c.DBURL = o.Base.DatabaseURL
 	if c.DBURL == "" {
 		fmt.Fprintf(o.Out, "Starting a private PostgreSQL in %s …\n", filepath.Join(o.DataDir, "pg"))
-		pg, err := pgembed.Start(ctx, pgembed.Options{DataDir: filepath.Join(o.DataDir, "pg"), Port: o.PGPort, Logger: o.Logger})
+		pgDir := filepath.Join(o.DataDir, "pg")
+		pg, err := pgembed.Start(ctx, pgembed.Options{DataDir: pgDir, Port: o.PGPort, Logger: o.Logger})
+		if errors.Is(err, pgembed.ErrUnreachableDir) {
+			// Running as root in a private home folder: Postgres runs as the
+			// postgres user, who cannot enter it. Keep its data in /var/tmp.
+			pgDir = fallbackDir(pgDir)
+			fmt.Fprintf(o.Out, "  (the postgres user cannot enter %s; using %s instead)\n", o.DataDir, pgDir)
+			pg, err = pgembed.Start(ctx, pgembed.Options{DataDir: pgDir, Port: o.PGPort, Logger: o.Logger})
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -165,6 +174,16 @@ func Start(ctx context.Context, o Options) (*Cluster, error) {
 	ok = true
 	c.print(o.Out, o.Base.AdminToken != "")
 	return c, nil
+}
+
+// fallbackDir is a per-project data folder under /var/tmp.
+func fallbackDir(dir string) string {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		abs = dir
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return filepath.Join("/var/tmp", "claudemesh-dev-"+hex.EncodeToString(sum[:6]), "pg")
 }
 
 func seed(ctx context.Context, st *store.Store, path string) (Demo, error) {

@@ -51,6 +51,10 @@ type Server struct {
 var ErrNoBinaries = errors.New("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin; " +
 	"install them (Debian/Ubuntu: apt-get install postgresql; macOS: brew install postgresql@15) or set DATABASE_URL to an existing server")
 
+// ErrUnreachableDir means that, running as root, the data folder lies under
+// a directory the postgres user may not enter.
+var ErrUnreachableDir = errors.New("pgembed: data folder unreachable for the postgres user")
+
 // FindBinaries returns the directory holding initdb and pg_ctl.
 func FindBinaries() (string, error) {
 	if p, err := exec.LookPath("pg_ctl"); err == nil {
@@ -147,7 +151,12 @@ func postgresUser() (*syscall.Credential, error) {
 // prepareDir creates the data folder and, when running as root, hands it to
 // the postgres user and makes sure that user can reach it.
 func (s *Server) prepareDir() error {
-	if err := os.MkdirAll(s.opts.DataDir, 0o700); err != nil {
+	// Parents we create must be enterable by the postgres user; the data
+	// folder itself is private (Postgres insists on 0700).
+	if err := os.MkdirAll(filepath.Dir(s.opts.DataDir), 0o755); err != nil {
+		return fmt.Errorf("pgembed: create data dir: %w", err)
+	}
+	if err := os.Mkdir(s.opts.DataDir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("pgembed: create data dir: %w", err)
 	}
 	if s.cred == nil {
@@ -168,8 +177,8 @@ func (s *Server) prepareDir() error {
 			return err
 		}
 		if st.Mode().Perm()&0o001 == 0 {
-			return fmt.Errorf("pgembed: the postgres user cannot reach %s because %s is not searchable by others; "+
-				"choose a data folder elsewhere (e.g. --data /var/tmp/claudemesh) or chmod o+x %s", s.opts.DataDir, dir, dir)
+			return fmt.Errorf("%w: the postgres user cannot reach %s because %s is not searchable by others; "+
+				"choose a data folder elsewhere (e.g. --data /var/tmp/claudemesh) or chmod o+x %s", ErrUnreachableDir, s.opts.DataDir, dir, dir)
 		}
 		if dir == "/" || dir == "." {
 			return nil
