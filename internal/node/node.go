@@ -38,6 +38,9 @@ type Options struct {
 	SkipMigrate bool
 	// WrapTransport wraps the gossip transport (tests cut the network).
 	WrapTransport func(memberlist.NodeAwareTransport) memberlist.NodeAwareTransport
+	// Clock is the node's wall clock; nil means time.Now. Tests skew it to
+	// check that the node corrects for its offset from Postgres' clock.
+	Clock func() time.Time
 }
 
 // Node is a running broker node.
@@ -123,7 +126,7 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 
 	n.srv = server.New(server.Deps{
 		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Notifier: n.notifier,
-		Metrics: m, Gatherer: reg, Logger: logger, Incarnation: inc,
+		Metrics: m, Gatherer: reg, Logger: logger, Incarnation: inc, Clock: o.Clock,
 	})
 	n.replica.SetObservers(n.srv.PresenceChanged, n.cluster.Replicate)
 	n.cluster.SetHandlers(n.srv.HandleCommand, n.srv.NodeEvent)

@@ -451,12 +451,21 @@ func (d *delegate) NotifyMsg(b []byte) {
 	}
 }
 
+// maxLamport bounds the epochs and versions accepted from other nodes. A
+// Lamport clock moves by one per change, so only a corrupt or forged
+// message carries more; merging it would wrap this node's clock, and every
+// change it makes afterwards would lose to older entries.
+const maxLamport = 1 << 62
+
 // validEntries rejects entries that cannot be stored safely.
 func validEntries(in []Entry) ([]Entry, error) {
 	for i := range in {
 		e := &in[i]
 		if e.PresenceID == "" || e.Owner == "" || e.MeshID == "" || e.MemberID == "" {
 			return nil, errors.New("entry without id, owner, mesh or member")
+		}
+		if e.Epoch > maxLamport || e.Version > maxLamport {
+			return nil, fmt.Errorf("entry version %d/%d beyond any clock", e.Epoch, e.Version)
 		}
 		if e.State > Gone {
 			return nil, fmt.Errorf("entry state %d", e.State)

@@ -264,6 +264,11 @@ func (r *Replica) Snapshot() (uint64, []Entry) {
 // and that is older than its clock was deleted there.
 func (r *Replica) MergeSnapshot(from string, fromInc int64, clock uint64, entries []Entry) {
 	r.Apply(entries)
+	if from == r.self && fromInc == r.inc {
+		// Only this node speaks for its own entries: a snapshot claiming
+		// to come from it is forged or corrupt, and must not delete them.
+		return
+	}
 	listed := make(map[string]struct{}, len(entries))
 	for _, e := range entries {
 		listed[e.PresenceID] = struct{}{}
