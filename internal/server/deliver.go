@@ -397,8 +397,13 @@ func (s *Server) releaseNodeLeases(ctx context.Context, pattern, keep string) {
 type acker struct {
 	s       *Server
 	mu      sync.Mutex
-	pending []store.DeliveryKey
+	pending []ackItem
 	signal  chan struct{}
+}
+
+type ackItem struct {
+	key  store.DeliveryKey
+	mesh string
 }
 
 // maxPendingAcks bounds the acks kept while Postgres is down.
@@ -406,10 +411,13 @@ const maxPendingAcks = 1 << 20
 
 func newAcker(s *Server) *acker { return &acker{s: s, signal: make(chan struct{}, 1)} }
 
-func (a *acker) add(keys ...store.DeliveryKey) {
+// add queues rows of one mesh to mark delivered.
+func (a *acker) add(mesh string, keys ...store.DeliveryKey) {
 	a.mu.Lock()
 	if len(a.pending)+len(keys) <= maxPendingAcks {
-		a.pending = append(a.pending, keys...)
+		for _, k := range keys {
+			a.pending = append(a.pending, ackItem{key: k, mesh: mesh})
+		}
 	}
 	a.mu.Unlock()
 	select {
@@ -438,7 +446,7 @@ func (a *acker) flush(ctx context.Context) bool {
 		a.mu.Unlock()
 		return false
 	}
-	batch := make([]store.DeliveryKey, n)
+	batch := make([]ackItem, n)
 	copy(batch, a.pending)
 	a.pending = a.pending[n:]
 	if len(a.pending) == 0 {
@@ -446,8 +454,14 @@ func (a *acker) flush(ctx context.Context) bool {
 	}
 	a.mu.Unlock()
 	s := a.s
+	keys := make([]store.DeliveryKey, n)
+	meshOf := make(map[string]string, n) // member → mesh
+	for i, it := range batch {
+		keys[i] = it.key
+		meshOf[it.key.MemberID] = it.mesh
+	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	done, err := s.store.MarkDelivered(cctx, batch)
+	done, err := s.store.MarkDelivered(cctx, keys)
 	cancel()
 	if err != nil {
 		a.mu.Lock()
@@ -463,9 +477,14 @@ func (a *acker) flush(ctx context.Context) bool {
 		return ctx.Err() == nil
 	}
 	s.m.MessagesDelivered.Add(float64(len(done)))
+	// One audit event per recipient and batch, listing its messages.
+	byMember := map[string][]int64{}
 	for _, d := range done {
-		s.audit.add(store.AuditEvent{MeshID: d.MeshID, Type: store.EventMessageDelivered, Actor: d.MemberID,
-			Metadata: map[string]any{"message_id": d.MessageID}})
+		byMember[d.MemberID] = append(byMember[d.MemberID], d.MessageID)
+	}
+	for member, ids := range byMember {
+		s.audit.add(store.AuditEvent{MeshID: meshOf[member], Type: store.EventMessageDelivered, Actor: member,
+			Metadata: map[string]any{"message_ids": ids, "count": len(ids)}})
 	}
 	return true
 }

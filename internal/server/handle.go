@@ -227,7 +227,7 @@ func (ss *session) handleClientAck(data []byte, reqID string) {
 		delete(ss.inflight, id)
 	}
 	ss.mu.Unlock()
-	ss.s.acks.add(store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
+	ss.s.acks.add(ss.meshID, store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
 }
 
 func (ss *session) handleSetStatus(data []byte, reqID string) {

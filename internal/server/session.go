@@ -361,7 +361,7 @@ func (ss *session) writeLoop() {
 			}
 			if len(delivered) > 0 {
 				// Without client_ack a written push counts as delivery.
-				ss.s.acks.add(delivered...)
+				ss.s.acks.add(ss.meshID, delivered...)
 				ss.mu.Lock()
 				for _, k := range delivered {
 					delete(ss.inflight, k.MessageID)

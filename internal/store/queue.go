@@ -249,35 +249,24 @@ func splitKeys(keys []DeliveryKey) ([]int64, []string) {
 	return ids, members
 }
 
-// Delivered is a row newly marked delivered.
-type Delivered struct {
-	DeliveryKey
-	MeshID    string
-	CreatedAt time.Time // when the message was committed
-}
-
 // MarkDelivered marks rows delivered (a client_ack, or a push written to a
 // session without the client_ack capability). It returns the rows that
 // were not already delivered.
-func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) ([]Delivered, error) {
+func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) ([]DeliveryKey, error) {
 	ids, members := splitKeys(keys)
 	rows, err := s.pool.Query(ctx, `
-		WITH upd AS (
-			UPDATE delivery d SET delivered_at = now(), lease_expires_at = NULL
-			FROM unnest($1::int8[], $2::text[]) AS a(mid, member)
-			WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
-			  AND d.delivered_at IS NULL AND d.expired_at IS NULL
-			RETURNING d.message_id, d.recipient_member_id
-		)
-		SELECT u.message_id, u.recipient_member_id, m.mesh_id, m.created_at
-		FROM upd u JOIN message m ON m.id = u.message_id`, ids, members)
+		UPDATE delivery d SET delivered_at = now(), lease_expires_at = NULL
+		FROM unnest($1::int8[], $2::text[]) AS a(mid, member)
+		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
+		  AND d.delivered_at IS NULL AND d.expired_at IS NULL
+		RETURNING d.message_id, d.recipient_member_id`, ids, members)
 	if err != nil {
 		return nil, fmt.Errorf("mark delivered: %w", err)
 	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Delivered, error) {
-		var d Delivered
-		err := r.Scan(&d.MessageID, &d.MemberID, &d.MeshID, &d.CreatedAt)
-		return d, err
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (DeliveryKey, error) {
+		var k DeliveryKey
+		err := r.Scan(&k.MessageID, &k.MemberID)
+		return k, err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("mark delivered: %w", err)
