@@ -14,13 +14,12 @@ import (
 
 // sendItem is one accepted send waiting for its group commit.
 type sendItem struct {
-	ss      *session
-	reqID   string
-	id      string // the client's correlation id
-	msg     store.NewMessage
-	prio    string
-	fast    []*session // per recipient: the local session it goes to directly, or nil
-	started time.Time
+	ss    *session
+	reqID string
+	id    string // the client's correlation id
+	msg   store.NewMessage
+	prio  string
+	fast  []*session // per recipient: the local session it goes to directly, or nil
 }
 
 // handleSend validates a send, resolves its recipients and hands it to the
@@ -51,7 +50,7 @@ func (ss *session) handleSend(data []byte, reqID string) {
 		return
 	}
 	item := &sendItem{
-		ss: ss, reqID: reqID, id: m.ID, prio: protocol.PriorityName(rank), started: time.Now(),
+		ss: ss, reqID: reqID, id: m.ID, prio: protocol.PriorityName(rank),
 		msg: store.NewMessage{
 			MeshID: ss.meshID, SenderMemberID: ss.memberID, SenderPubkey: ss.pubkey, SenderName: ss.displayName,
 			TargetSpec: m.TargetSpec, Priority: int16(rank), Nonce: m.Nonce, Ciphertext: m.Ciphertext,

@@ -80,7 +80,6 @@ type Server struct {
 	clockOffset atomic.Int64 // Postgres clock minus ours, in ns
 	dbHealthy   atomic.Bool
 	draining    atomic.Bool
-	connSeq     atomic.Int64
 
 	mu         sync.RWMutex
 	sessions   map[*session]struct{}
