@@ -47,6 +47,9 @@ type Config struct {
 	LogLevel         string        `env:"LOG_LEVEL" envDefault:"info"`            // debug | info | warn | error
 	PublicURL        string        `env:"PUBLIC_URL"`                             // ws URL put into invites
 	AdminToken       string        `env:"ADMIN_TOKEN"`                            // protects /status; empty = disabled
+	// MetricsAddr, when set, serves /metrics on its own listener (host:port)
+	// instead of the public port, so a cloud proxy never exposes it.
+	MetricsAddr string `env:"METRICS_ADDR"`
 
 	// Fly.io sets these; they supply defaults for NODE_NAME,
 	// CLUSTER_BIND and CLUSTER_ADVERTISE (gossip over the 6PN network).
@@ -248,6 +251,11 @@ func (c *Config) Validate() error {
 	for _, j := range c.ClusterJoin {
 		if strings.TrimSpace(j) == "" {
 			bad("CLUSTER_JOIN", "has an empty entry")
+		}
+	}
+	if c.MetricsAddr != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsAddr); err != nil {
+			bad("METRICS_ADDR", "must be host:port, got %q", c.MetricsAddr)
 		}
 	}
 	if c.ClusterSecret != "" && len(c.ClusterSecret) < 16 {

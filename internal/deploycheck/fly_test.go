@@ -105,8 +105,15 @@ func TestFlyConfig(t *testing.T) {
 	}
 
 	hs := fc.HTTPService
-	if hs.InternalPort != cfg.Port || fc.Metrics.Port != cfg.Port {
-		t.Errorf("internal_port %d, metrics port %d; the broker listens on %d", hs.InternalPort, fc.Metrics.Port, cfg.Port)
+	metricsPort := cfg.Port
+	if cfg.MetricsAddr != "" {
+		metricsPort = port(t, cfg.MetricsAddr)
+	}
+	if hs.InternalPort != cfg.Port || fc.Metrics.Port != metricsPort {
+		t.Errorf("internal_port %d, metrics port %d; the broker listens on %d, metrics on %d", hs.InternalPort, fc.Metrics.Port, cfg.Port, metricsPort)
+	}
+	if cfg.MetricsAddr == "" {
+		t.Errorf("METRICS_ADDR unset: Fly's public proxy would expose /metrics")
 	}
 	if len(hs.Checks) == 0 || hs.Checks[0].Path != "/health" || hs.Checks[0].Method != "GET" {
 		t.Errorf("http_service.checks = %+v, want GET /health", hs.Checks)

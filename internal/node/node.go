@@ -53,7 +53,10 @@ type Node struct {
 	notifier *relay.Notifier
 	srv      *server.Server
 	http     *http.Server
-	ln       net.Listener
+	metrics  *http.Server // only with METRICS_ADDR
+
+	metricsAddr string
+	ln          net.Listener
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -156,6 +159,17 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 			logger.Error("http server stopped", "err", err)
 		}
 	})
+	if cfg.MetricsAddr != "" {
+		mln, err := net.Listen("tcp", cfg.MetricsAddr)
+		if err != nil {
+			return nil, fmt.Errorf("METRICS_ADDR %s: %w", cfg.MetricsAddr, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", n.srv.MetricsHandler())
+		n.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		n.metricsAddr = mln.Addr().String()
+		n.goRun(func() { _ = n.metrics.Serve(mln) })
+	}
 	n.goRun(func() { n.discovery(runCtx) })
 	ok = true
 	logger.Info("broker listening", "addr", ln.Addr().String(), "ws_path", "/ws", "gossip", n.cluster.LocalAddr(),
@@ -272,6 +286,14 @@ func (n *Node) URL() string { return "ws://" + n.Addr() + "/ws" }
 // HTTPURL is the node's base HTTP URL.
 func (n *Node) HTTPURL() string { return "http://" + n.Addr() }
 
+// MetricsURL is where /metrics is served.
+func (n *Node) MetricsURL() string {
+	if n.metricsAddr != "" {
+		return "http://" + n.metricsAddr + "/metrics"
+	}
+	return n.HTTPURL() + "/metrics"
+}
+
 // GossipAddr is the node's gossip address.
 func (n *Node) GossipAddr() string { return n.cluster.LocalAddr() }
 
@@ -293,6 +315,9 @@ func (n *Node) Store() *store.Store { return n.store }
 func (n *Node) Shutdown(ctx context.Context) error {
 	n.once.Do(func() {
 		_ = n.http.Shutdown(ctx) // stops accepting; WebSockets are hijacked and drained below
+		if n.metrics != nil {
+			_ = n.metrics.Shutdown(ctx)
+		}
 		if err := n.srv.Shutdown(ctx); err != nil {
 			n.err = err
 		}
@@ -316,6 +341,9 @@ func (n *Node) Kill() {
 	n.once.Do(func() {
 		_ = n.ln.Close()
 		_ = n.http.Close()
+		if n.metrics != nil {
+			_ = n.metrics.Close()
+		}
 		_ = n.cluster.Shutdown()
 		n.srv.Abort()
 		n.notifier.Close()

@@ -261,3 +261,26 @@ func TestHealthAndMetrics(t *testing.T) {
 		t.Errorf("routed counter not incremented")
 	}
 }
+
+// With METRICS_ADDR, /metrics is served on its own listener and not on the
+// public port.
+func TestMetricsAddr(t *testing.T) {
+	n := testkit.StartNode(t, pgtest.NewDB(t), testkit.Options{Configure: func(c *config.Config) { c.MetricsAddr = "127.0.0.1:0" }})
+	resp, err := http.Get(n.HTTPURL() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("public /metrics: %d, want 404", resp.StatusCode)
+	}
+	resp, err = http.Get(n.MetricsURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "broker_connections_total") {
+		t.Fatalf("metrics listener: %d", resp.StatusCode)
+	}
+}

@@ -155,7 +155,9 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /hook/set-status", s.serveHook)
 	mux.HandleFunc("POST /join", s.serveJoin)
 	mux.HandleFunc("GET /health", s.serveHealth)
-	mux.Handle("GET /metrics", promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{}))
+	if s.cfg.MetricsAddr == "" {
+		mux.Handle("GET /metrics", s.MetricsHandler())
+	}
 	s.statusRoutes(mux)
 	return mux
 }
@@ -165,6 +167,11 @@ func (s *Server) Handler() http.Handler {
 // hellos nor rejects fresh ones.
 func (s *Server) now() time.Time {
 	return s.clock().Add(time.Duration(s.clockOffset.Load()))
+}
+
+// MetricsHandler serves the Prometheus exposition.
+func (s *Server) MetricsHandler() http.Handler {
+	return promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{})
 }
 
 // Node is this node's name.
