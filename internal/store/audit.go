@@ -51,7 +51,7 @@ func (s *Store) InsertAudit(ctx context.Context, events []AuditEvent) error {
 		}
 		rows[i] = []any{nullable(e.MeshID), e.Type, nullable(e.Actor), nullable(e.Target), string(meta), created}
 	}
-	_, err := s.pool.CopyFrom(ctx, pgx.Identifier{"audit_log"},
+	_, err := s.fast.CopyFrom(ctx, pgx.Identifier{"audit_log"},
 		[]string{"mesh_id", "event_type", "actor", "target", "metadata", "created_at"}, pgx.CopyFromRows(rows))
 	if err != nil {
 		return fmt.Errorf("insert audit events: %w", err)

@@ -191,7 +191,7 @@ func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, req
 	for i, r := range reqs {
 		members[i], conns[i], maxp[i], limits[i] = r.MemberID, r.Conn, r.MaxPriority, r.Limit
 	}
-	rows, err := s.pool.Query(ctx, `
+	rows, err := s.fast.Query(ctx, `
 		WITH picked AS (
 			SELECT x.message_id, x.recipient_member_id, r.conn
 			FROM unnest($1::text[], $2::text[], $3::int2[], $4::int4[]) AS r(member, conn, maxp, lim)
@@ -254,7 +254,7 @@ func splitKeys(keys []DeliveryKey) ([]int64, []string) {
 // were not already delivered.
 func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) ([]DeliveryKey, error) {
 	ids, members := splitKeys(keys)
-	rows, err := s.pool.Query(ctx, `
+	rows, err := s.fast.Query(ctx, `
 		UPDATE delivery d SET delivered_at = now(), lease_expires_at = NULL
 		FROM unnest($1::int8[], $2::text[]) AS a(mid, member)
 		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
@@ -278,7 +278,7 @@ func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) ([]Delive
 // another session of the member can claim them at once.
 func (s *Store) ReleaseLeases(ctx context.Context, conn string, keys []DeliveryKey) (int64, error) {
 	ids, members := splitKeys(keys)
-	tag, err := s.pool.Exec(ctx, `
+	tag, err := s.fast.Exec(ctx, `
 		UPDATE delivery d SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
 		FROM unnest($2::int8[], $3::text[]) AS a(mid, member)
 		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
@@ -299,7 +299,7 @@ type MemberRef struct {
 // matching the LIKE pattern, except the one named keep. It returns the
 // members whose rows became claimable.
 func (s *Store) ReleaseNodeLeases(ctx context.Context, pattern, keep string) ([]MemberRef, error) {
-	rows, err := s.pool.Query(ctx, `
+	rows, err := s.fast.Query(ctx, `
 		WITH rel AS (
 			UPDATE delivery SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
 			WHERE delivered_at IS NULL AND expired_at IS NULL AND lease_expires_at > now()
@@ -335,7 +335,7 @@ type Expired struct {
 
 // ExpireDue marks up to limit undelivered rows past their expiry.
 func (s *Store) ExpireDue(ctx context.Context, limit int) ([]Expired, error) {
-	rows, err := s.pool.Query(ctx, `
+	rows, err := s.fast.Query(ctx, `
 		WITH due AS (
 			SELECT message_id, recipient_member_id FROM delivery
 			WHERE delivered_at IS NULL AND expired_at IS NULL AND expires_at <= now()
@@ -393,7 +393,7 @@ func (s *Store) Purge(ctx context.Context, retention time.Duration, limit int) (
 // QueueDepth counts delivery rows still to deliver.
 func (s *Store) QueueDepth(ctx context.Context) (int64, error) {
 	var n int64
-	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM delivery WHERE delivered_at IS NULL AND expired_at IS NULL`).Scan(&n)
+	err := s.fast.QueryRow(ctx, `SELECT count(*) FROM delivery WHERE delivered_at IS NULL AND expired_at IS NULL`).Scan(&n)
 	return n, err
 }
 
@@ -451,7 +451,7 @@ func (s *Store) Notify(ctx context.Context, channels, payloads []string) error {
 	if len(channels) == 0 {
 		return nil
 	}
-	_, err := s.pool.Exec(ctx, `SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)`, channels, payloads)
+	_, err := s.fast.Exec(ctx, `SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)`, channels, payloads)
 	if err != nil {
 		return fmt.Errorf("notify: %w", err)
 	}

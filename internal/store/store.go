@@ -30,40 +30,69 @@ var (
 	ErrConflict = errors.New("already exists")
 )
 
-// Store wraps a pgx connection pool.
+// Store wraps two pgx connection pools. pool commits synchronously: what
+// it writes (messages, members, invites, accepted hellos) is durable before
+// the call returns. fast commits asynchronously (synchronous_commit=off):
+// leases, delivery marks, notifications and audit events, whose loss in a
+// Postgres crash costs at most a redelivery, not an acknowledged message.
+// Not waiting for the WAL flush there takes a commit's fsync off the
+// delivery path.
 type Store struct {
 	pool *pgxpool.Pool
+	fast *pgxpool.Pool
 }
 
-// Open connects a pool to url. It does not fail when Postgres is down: the
-// pool connects lazily, so a node can start and report itself degraded.
+// Open connects the pools to url with maxConns connections in all. It does
+// not fail when Postgres is down: pools connect lazily, so a node can start
+// and report itself degraded.
 func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
+	if maxConns < 4 {
+		maxConns = 4
+	}
+	syncConns := maxConns - maxConns/4
+	pool, err := newPool(ctx, url, syncConns, "claudemesh-broker", nil)
+	if err != nil {
+		return nil, err
+	}
+	fast, err := newPool(ctx, url, maxConns-syncConns, "claudemesh-broker-async", map[string]string{"synchronous_commit": "off"})
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return &Store{pool: pool, fast: fast}, nil
+}
+
+func newPool(ctx context.Context, url string, maxConns int, app string, params map[string]string) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, fmt.Errorf("parse DATABASE_URL: %w", err)
 	}
-	if maxConns > 0 {
-		cfg.MaxConns = int32(maxConns)
-	}
+	cfg.MaxConns = int32(maxConns)
 	cfg.MaxConnIdleTime = 5 * time.Minute
 	cfg.HealthCheckPeriod = 5 * time.Second
 	cfg.ConnConfig.ConnectTimeout = 5 * time.Second
 	if cfg.ConnConfig.RuntimeParams == nil {
 		cfg.ConnConfig.RuntimeParams = map[string]string{}
 	}
-	cfg.ConnConfig.RuntimeParams["application_name"] = "claudemesh-broker"
+	cfg.ConnConfig.RuntimeParams["application_name"] = app
+	for k, v := range params {
+		cfg.ConnConfig.RuntimeParams[k] = v
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("create pool: %w", err)
 	}
-	return &Store{pool: pool}, nil
+	return pool, nil
 }
 
-// Pool exposes the pool for the relay notifier and tests.
+// Pool exposes the synchronous pool (tests terminate its connections).
 func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 
-// Close closes the pool.
-func (s *Store) Close() { s.pool.Close() }
+// Close closes the pools.
+func (s *Store) Close() {
+	s.pool.Close()
+	s.fast.Close()
+}
 
 // Now returns Postgres' clock.
 func (s *Store) Now(ctx context.Context) (time.Time, error) {
