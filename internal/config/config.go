@@ -63,6 +63,7 @@ type Config struct {
 	LeaseDuration      time.Duration `env:"LEASE_DURATION" envDefault:"30s"`
 	SweepInterval      time.Duration `env:"SWEEP_INTERVAL" envDefault:"2s"`      // safety re-scan for this node's sessions
 	DeliveredRetention time.Duration `env:"DELIVERED_RETENTION" envDefault:"1h"` // keep delivered rows for message_status and idempotency
+	AuditRetention     time.Duration `env:"AUDIT_RETENTION" envDefault:"720h"`   // audit events older than this are purged
 	ShutdownTimeout    time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"10s"`
 	SendRatePerSec     float64       `env:"SEND_RATE_PER_SEC" envDefault:"500"` // per session; burst is twice this
 	HelloRatePerSec    float64       `env:"HELLO_RATE_PER_SEC" envDefault:"50"` // per remote address, before ed25519
@@ -150,6 +151,7 @@ func (c *Config) Normalize() {
 	defD(&c.LeaseDuration, 30*time.Second)
 	defD(&c.SweepInterval, 2*time.Second)
 	defD(&c.DeliveredRetention, time.Hour)
+	defD(&c.AuditRetention, 720*time.Hour)
 	defD(&c.ShutdownTimeout, 10*time.Second)
 	defD(&c.RevokeCheck, 2*time.Second)
 	if c.SendRatePerSec == 0 {

@@ -90,6 +90,9 @@ func (s *Server) sweepLoop(ctx context.Context) {
 			if _, err := s.store.Purge(cctx, s.cfg.DeliveredRetention, 10000); err != nil && ctx.Err() == nil {
 				s.logger.Warn("purge failed", "err", err)
 			}
+			if _, err := s.store.PurgeAudit(cctx, s.cfg.AuditRetention, 10000); err != nil && ctx.Err() == nil {
+				s.logger.Warn("audit purge failed", "err", err)
+			}
 			cancel()
 			s.hookRate.gc(5 * time.Minute)
 			s.helloRate.gc(5 * time.Minute)

@@ -83,3 +83,17 @@ func (s *Store) ListAudit(ctx context.Context, meshID, eventType string, limit i
 		return e, err
 	})
 }
+
+// PurgeAudit deletes audit events older than retention among the limit
+// oldest (ids grow with time, so this walks the primary key and stops at
+// once when the oldest events are recent).
+func (s *Store) PurgeAudit(ctx context.Context, retention time.Duration, limit int) (int64, error) {
+	tag, err := s.fast.Exec(ctx, `
+		DELETE FROM audit_log WHERE id IN (
+			SELECT id FROM (SELECT id, created_at FROM audit_log ORDER BY id LIMIT $2) oldest
+			WHERE created_at < now() - $1::interval)`, retention, limit)
+	if err != nil {
+		return 0, fmt.Errorf("purge audit: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}

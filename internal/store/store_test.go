@@ -240,3 +240,20 @@ func TestDeleteMesh(t *testing.T) {
 		t.Fatalf("second delete: %v", err)
 	}
 }
+
+func TestPurgeAudit(t *testing.T) {
+	s := open(t)
+	ctx := context.Background()
+	old := time.Now().Add(-48 * time.Hour)
+	if err := s.InsertAudit(ctx, []store.AuditEvent{{Type: "a", CreatedAt: old}, {Type: "b", CreatedAt: old}, {Type: "c"}}); err != nil {
+		t.Fatal(err)
+	}
+	n, err := s.PurgeAudit(ctx, 24*time.Hour, 100)
+	if err != nil || n != 2 {
+		t.Fatalf("purged %d, %v; want the 2 old events", n, err)
+	}
+	left, _ := s.ListAudit(ctx, "", "", 10)
+	if len(left) != 1 || left[0].Type != "c" {
+		t.Fatalf("left %+v", left)
+	}
+}
