@@ -1,4 +1,4 @@
-.PHONY: run test race fuzz build bench
+.PHONY: run test test-long race build
 
 # A local 3-node cluster on a private Postgres (needs the PostgreSQL server binaries).
 run:
@@ -7,6 +7,10 @@ run:
 # The whole test suite (what CI runs).
 test:
 	./scripts/test.sh
+
+# The fault scenarios at long load (30 peers x 1,000 msg/s each); CI runs them after `test`.
+test-long:
+	go test -tags long -count=1 -timeout 60m ./internal/clustertest/
 
 # The suite under the race detector.
 race:

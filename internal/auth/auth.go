@@ -4,6 +4,7 @@
 package auth
 
 import (
+	"bytes"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"encoding/base64"
@@ -16,8 +17,40 @@ import (
 	"strings"
 	"time"
 
+	"filippo.io/edwards25519"
+
 	"github.com/claudemesh/broker/internal/protocol"
 )
+
+// strongPoint reports whether b is the canonical encoding of a curve point
+// outside the small-order subgroup. libsodium's crypto_sign_verify_detached
+// requires this of the public key and of R; Go's ed25519.Verify does not,
+// and with a small-order key anyone can forge signatures (with the
+// identity as key, R = identity and S = 0 verify for every message).
+func strongPoint(b []byte) bool {
+	p, err := new(edwards25519.Point).SetBytes(b)
+	if err != nil || !bytes.Equal(p.Bytes(), b) {
+		return false
+	}
+	return new(edwards25519.Point).MultByCofactor(p).Equal(edwards25519.NewIdentityPoint()) == 0
+}
+
+// verify is ed25519.Verify with libsodium's checks of the key and of R.
+func verify(pub, msg, sig []byte) bool {
+	return len(pub) == ed25519.PublicKeySize && len(sig) == ed25519.SignatureSize &&
+		strongPoint(pub) && strongPoint(sig[:32]) && ed25519.Verify(pub, msg, sig)
+}
+
+// ValidPubkey reports whether pubkeyHex (64 hex characters) is a public key
+// signatures can be checked against: one that only its private key's
+// holder can sign for.
+func ValidPubkey(pubkeyHex string) bool {
+	if !protocol.IsPubkeyHex(pubkeyHex) {
+		return false
+	}
+	pub, _ := hex.DecodeString(pubkeyHex)
+	return strongPoint(pub)
+}
 
 // VerifyHello runs handshake checks 1–3 (timestamp window, hex shapes,
 // signature) in protocol order and returns the rejection reason, or "" when
@@ -37,7 +70,7 @@ func VerifyHello(h *protocol.Hello, now time.Time) string {
 	pub, _ := hex.DecodeString(h.Pubkey)
 	sig, _ := hex.DecodeString(h.Signature)
 	msg := protocol.CanonicalHello(h.MeshID, h.MemberID, h.Pubkey, ts)
-	if !ed25519.Verify(pub, []byte(msg), sig) {
+	if !verify(pub, []byte(msg), sig) {
 		return protocol.ReasonBadSignature
 	}
 	return ""
@@ -110,7 +143,7 @@ func VerifyHook(h http.Header, body []byte, now time.Time) (meshID, pubkey strin
 	}
 	pub, _ := hex.DecodeString(pubkey)
 	sig, _ := hex.DecodeString(sigHex)
-	if !ed25519.Verify(pub, []byte(HookCanonical(meshID, pubkey, ts, body)), sig) {
+	if !verify(pub, []byte(HookCanonical(meshID, pubkey, ts, body)), sig) {
 		return "", "", ErrHookSignature
 	}
 	return meshID, pubkey, nil
@@ -161,7 +194,7 @@ func (inv *Invite) Verify() error {
 	}
 	pub, _ := hex.DecodeString(inv.OwnerPubkey)
 	sig, _ := hex.DecodeString(inv.Signature)
-	if !ed25519.Verify(pub, []byte(inv.Canonical()), sig) {
+	if !verify(pub, []byte(inv.Canonical()), sig) {
 		return ErrInviteBadSignature
 	}
 	return nil

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,7 +22,10 @@ func signedHello(ts int64) protocol.Hello {
 }
 
 // Hello verification never panics and accepts only a hello whose fields
-// are exactly the signed ones.
+// are the signed ones: the same strings, except that the timestamp may be
+// spelled differently (the signature covers its value) and the signature's
+// hex may differ in case (the same bytes; replay protection hashes it in
+// lower case).
 func FuzzVerifyHello(f *testing.F) {
 	now := time.UnixMilli(1764480000000)
 	good := signedHello(now.UnixMilli())
@@ -32,7 +36,8 @@ func FuzzVerifyHello(f *testing.F) {
 	f.Fuzz(func(t *testing.T, mesh, member, pubkey, ts, sig string) {
 		h := protocol.Hello{MeshID: mesh, MemberID: member, Pubkey: pubkey, Timestamp: json.Number(ts), Signature: sig}
 		reason := auth.VerifyHello(&h, now)
-		same := mesh == good.MeshID && member == good.MemberID && pubkey == good.Pubkey && ts == string(good.Timestamp) && sig == good.Signature
+		same := mesh == good.MeshID && member == good.MemberID && pubkey == good.Pubkey && sameNumber(ts, string(good.Timestamp)) &&
+			strings.EqualFold(sig, good.Signature)
 		if reason == "" && !same {
 			t.Fatalf("accepted a hello that was not signed: %+v", h)
 		}
@@ -43,7 +48,8 @@ func FuzzVerifyHello(f *testing.F) {
 }
 
 // Hook signature verification never panics and accepts only the signed
-// body and headers.
+// body and headers (up to the case of hex and the spelling of the
+// timestamp, as for hellos).
 func FuzzVerifyHook(f *testing.F) {
 	now := time.UnixMilli(1764480000000)
 	body := []byte(`{"cwd":"/x","status":"idle"}`)
@@ -59,8 +65,8 @@ func FuzzVerifyHook(f *testing.F) {
 		hh.Set(auth.HeaderTimestamp, ts)
 		hh.Set(auth.HeaderSignature, sig)
 		_, _, err := auth.VerifyHook(hh, b, now)
-		same := string(b) == string(body) && mesh == "mesh" && hh.Get(auth.HeaderPubkey) == h.Get(auth.HeaderPubkey) &&
-			ts == h.Get(auth.HeaderTimestamp) && sig == h.Get(auth.HeaderSignature)
+		same := string(b) == string(body) && mesh == "mesh" && strings.EqualFold(hh.Get(auth.HeaderPubkey), h.Get(auth.HeaderPubkey)) &&
+			sameNumber(ts, h.Get(auth.HeaderTimestamp)) && strings.EqualFold(sig, h.Get(auth.HeaderSignature))
 		if err == nil && !same {
 			t.Fatalf("accepted an unsigned hook")
 		}
@@ -68,6 +74,13 @@ func FuzzVerifyHook(f *testing.F) {
 			t.Fatalf("rejected the signed hook: %v", err)
 		}
 	})
+}
+
+// sameNumber reports whether a and b are decimal integers of equal value.
+func sameNumber(a, b string) bool {
+	x, err1 := strconv.ParseInt(a, 10, 64)
+	y, err2 := strconv.ParseInt(b, 10, 64)
+	return err1 == nil && err2 == nil && x == y
 }
 
 // Invite parsing never panics; a parsed invite's token parses back to it.

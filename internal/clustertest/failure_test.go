@@ -3,6 +3,7 @@ package clustertest_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -13,95 +14,69 @@ import (
 	"github.com/claudemesh/broker/internal/node"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/presence"
-	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/testkit"
 )
+
+// shortLease makes leases of crashed or cut-off sessions run out quickly.
+func shortLease(c *config.Config) { c.LeaseDuration = 5 * time.Second }
+
+func nodeURLs(nodes []*testkit.Node) []string {
+	urls := make([]string, len(nodes))
+	for i, n := range nodes {
+		urls[i] = n.URL()
+	}
+	return urls
+}
 
 // The relay listener's backend is terminated in the middle of a burst:
 // nothing is lost; what the lost notifications would have announced arrives
 // through the backlog re-scan or the sweep, and is counted.
 func TestListenerTerminatedMidBurst(t *testing.T) {
 	db := pgtest.NewDB(t)
-	nodes := testkit.StartCluster(t, db, 2, testkit.Options{})
-	mesh := testkit.NewMesh(t, nodes[0].Store(), 2)
-	sender := testkit.Connect(t, nodes[0].URL(), mesh.Members[0], client.HelloOptions{})
-	rcv := testkit.Connect(t, nodes[1].URL(), mesh.Members[1], client.HelloOptions{Capabilities: []string{protocol.CapClientAck}})
-	const total = 400
-	got := map[string]int{}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		defer cancel()
-		for len(got) < total {
-			f, err := rcv.Next(ctx)
-			if err != nil {
-				return
-			}
-			var p protocol.Push
-			if f.Type != protocol.TypePush || f.Decode(&p) != nil || p.Subtype != "" {
-				continue
-			}
-			got[p.Ciphertext]++
-			_ = rcv.WriteJSON(ctx, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
-		}
-	}()
-	terminated := false
-	for i := 0; i < total; i++ {
-		write(t, sender, protocol.Send{Type: protocol.TypeSend, TargetSpec: mesh.Members[1].Pubkey(), Nonce: "n", Ciphertext: fmt.Sprint(i)})
-		if i%20 == 19 {
-			time.Sleep(5 * time.Millisecond) // pace the burst so the kill lands in the middle of it
-		}
-		if i == total/2 {
-			var killed int
-			err := nodes[0].Store().Pool().QueryRow(context.Background(),
-				`SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1`,
-				node.RelayApplicationName(nodes[1].Name())).Scan(&killed)
-			if err != nil || killed != 1 {
-				t.Fatalf("terminate listener: %v (%d backends)", err, killed)
-			}
-			terminated = true
-		}
-	}
-	acks := 0
-	for acks < total {
-		f := testkit.Expect(t, sender, protocol.TypeAck, 10*time.Second)
-		var a protocol.Ack
-		if f.Decode(&a) != nil || !a.Queued {
-			t.Fatalf("send failed: %s", f.Raw)
-		}
-		acks++
-	}
-	<-done
-	if !terminated || len(got) != total {
-		t.Fatalf("received %d of %d distinct messages", len(got), total)
-	}
-	for k, v := range got {
-		if v != 1 {
-			t.Errorf("message %s pushed %d times", k, v)
-		}
-	}
+	nodes := testkit.StartCluster(t, db, 2, testkit.Options{Configure: shortLease})
+	mesh := testkit.NewMesh(t, nodes[0].Store(), burstLoad.Peers)
+	b := startBurstOn(t, nodeURLs(nodes), mesh)
+	b.run(burstLoad.Before)
+
+	listens := nodes[1].Counter("broker_relay_listens_total")
 	recovered := nodes[1].Counter("broker_relay_recovered_total")
-	t.Logf("%v of %d messages arrived through backlog/sweep rather than a notification", recovered, total)
-	if recovered == 0 {
-		t.Fatal("no message was recovered by a re-scan: the kill did not lose a notification")
+	at := b.Mark("terminate the relay listener of " + nodes[1].Name())
+	var killed int
+	err := nodes[0].Store().Pool().QueryRow(context.Background(),
+		`SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1`,
+		node.RelayApplicationName(nodes[1].Name())).Scan(&killed)
+	if err != nil || killed != 1 {
+		t.Fatalf("terminate listener: %v (%d backends)", err, killed)
 	}
 	testkit.Eventually(t, 10*time.Second, "listener reconnects", func() bool {
-		return nodes[1].Counter("broker_relay_listens_total") >= 2
+		return nodes[1].Counter("broker_relay_listens_total") > listens
 	})
+	relisten := time.Since(at)
+	recovery := b.WaitRecovered(t, at, 30*time.Second)
+	b.run(burstLoad.After)
+	r := b.Settle(60 * time.Second)
+	r.Check(t)
+	rescued := nodes[1].Counter("broker_relay_recovered_total") - recovered
+	if rescued == 0 {
+		t.Fatal("no message was recovered by a re-scan: the kill did not lose a notification")
+	}
+	logResult(t, "relay listener terminated", r, "recovery %s; listening again after %s; %v messages arrived through backlog/sweep rather than a notification",
+		recovery.Round(time.Millisecond), relisten.Round(time.Millisecond), rescued)
 }
 
-// Gossip is cut between two of three nodes: messages still flow through
-// Postgres, and presence heals once the partition ends.
+// One node's gossip is cut from the two others during a burst, long
+// enough for each side to declare the other dead, then healed. Messages
+// keep flowing through Postgres throughout; a session that connects on the
+// isolated node meanwhile is invisible to the others until the heal, and
+// presence converges afterwards.
 func TestGossipPartition(t *testing.T) {
 	db := pgtest.NewDB(t)
 	parts := make([]*presence.Partition, 3)
 	var nodes []*testkit.Node
-	for i := 0; i < 3; i++ {
-		i := i
-		ip := fmt.Sprintf("127.0.0.%d", 21+i)
+	ips := []string{"127.0.0.21", "127.0.0.22", "127.0.0.23"}
+	for i, ip := range ips {
 		o := testkit.Options{
-			Configure: func(c *config.Config) { c.Host, c.ClusterBind = ip, ip+":0" },
+			Configure: func(c *config.Config) { c.Host, c.ClusterBind = ip, ip+":0"; shortLease(c) },
 			WrapTransport: func(tr memberlist.NodeAwareTransport) memberlist.NodeAwareTransport {
 				parts[i] = presence.NewPartition(tr)
 				return parts[i]
@@ -112,30 +87,66 @@ func TestGossipPartition(t *testing.T) {
 		}
 		nodes = append(nodes, testkit.StartNode(t, db, o))
 	}
-	testkit.Eventually(t, 10*time.Second, "3-node cluster", func() bool {
-		return nodes[0].Cluster().NumMembers() == 3 && nodes[1].Cluster().NumMembers() == 3 && nodes[2].Cluster().NumMembers() == 3
-	})
-	mesh := testkit.NewMesh(t, nodes[0].Store(), 3)
-	a := testkit.Connect(t, nodes[0].URL(), mesh.Members[0], client.HelloOptions{})
-
-	parts[0].Block("127.0.0.22")
-	parts[1].Block("127.0.0.21")
-	// B's new session is invisible to A for now (A hears nothing from B).
-	b := testkit.Connect(t, nodes[1].URL(), mesh.Members[1], client.HelloOptions{})
-	// Messages still flow A → B through Postgres, however stale A's view.
-	for i := 0; i < 20; i++ {
-		sendAck(t, a, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Priority: "now", Ciphertext: fmt.Sprint(i)})
-	}
-	for i := 0; i < 20; i++ {
-		if p := testkit.ExpectPush(t, b, 10*time.Second); p.Ciphertext != fmt.Sprint(i) {
-			t.Fatalf("got %q, want %d", p.Ciphertext, i)
+	members := func(want ...int) func() bool {
+		return func() bool {
+			for i, n := range nodes {
+				if n.Cluster().NumMembers() != want[i] {
+					return false
+				}
+			}
+			return true
 		}
 	}
-	parts[0].Heal()
-	parts[1].Heal()
-	start := time.Now()
-	testkit.Eventually(t, 15*time.Second, "presence healed", func() bool {
-		return peerSet(t, a) == peerSet(t, b) && len(nodes[0].Replica().Live(mesh.MeshID)) == 2
+	testkit.Eventually(t, 10*time.Second, "3-node cluster", members(3, 3, 3))
+	mesh := testkit.NewMesh(t, nodes[0].Store(), burstLoad.Peers+1)
+	b := startBurstOn(t, nodeURLs(nodes), mesh)
+	b.run(burstLoad.Before)
+
+	at := b.Mark("isolate " + nodes[2].Name())
+	parts[0].Block(ips[2])
+	parts[1].Block(ips[2])
+	parts[2].Block(ips[0], ips[1])
+	testkit.Eventually(t, 15*time.Second, "each side declares the other dead", members(2, 2, 1))
+	split := time.Since(at)
+	// A session connecting on the isolated node is not gossiped across.
+	late := mesh.Members[burstLoad.Peers]
+	testkit.Connect(t, nodes[2].URL(), late, client.HelloOptions{SessionID: "late"})
+	lateSeen := func(n *testkit.Node) bool {
+		return slices.ContainsFunc(n.Replica().Live(mesh.MeshID), func(e presence.Entry) bool { return e.MemberID == late.MemberID })
+	}
+	recovery := b.WaitRecovered(t, at, 30*time.Second)
+	b.run(burstLoad.Before)
+	if lateSeen(nodes[0]) || lateSeen(nodes[1]) {
+		t.Fatal("a session on the isolated node was gossiped across the partition")
+	}
+
+	healAt := b.Mark("heal")
+	for _, p := range parts {
+		p.Heal()
+	}
+	testkit.Eventually(t, 30*time.Second, "cluster whole and presence converged", func() bool {
+		if !members(3, 3, 3)() {
+			return false
+		}
+		want := presenceIDs(nodes[0], mesh.MeshID)
+		return len(want) == burstLoad.Peers+1 && slices.Equal(presenceIDs(nodes[1], mesh.MeshID), want) &&
+			slices.Equal(presenceIDs(nodes[2], mesh.MeshID), want)
 	})
-	t.Logf("presence converged %s after the partition healed", time.Since(start).Round(time.Millisecond))
+	healed := time.Since(healAt)
+	b.run(burstLoad.After)
+	r := b.Settle(60 * time.Second)
+	r.Check(t)
+	logResult(t, "gossip partition (1 node isolated) and heal", r,
+		"recovery %s (messages never stopped); split declared after %s; heal → membership and presence converged in %s",
+		recovery.Round(time.Millisecond), split.Round(time.Millisecond), healed.Round(time.Millisecond))
+}
+
+// presenceIDs lists the live sessions of a mesh in a node's replica.
+func presenceIDs(n *testkit.Node, mesh string) []string {
+	var ids []string
+	for _, e := range n.Replica().Live(mesh) {
+		ids = append(ids, fmt.Sprintf("%s@%s", e.PresenceID, e.Owner))
+	}
+	slices.Sort(ids)
+	return ids
 }

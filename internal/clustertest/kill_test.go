@@ -2,17 +2,15 @@ package clustertest_test
 
 import (
 	"context"
-	"fmt"
-	"math/rand/v2"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/store"
-	"github.com/claudemesh/broker/internal/testkit"
 )
 
 // A node is killed with SIGKILL in the middle of a burst. Its peers
@@ -20,140 +18,66 @@ import (
 // member's application sees a message twice.
 func TestNodeKilledMidBurst(t *testing.T) {
 	db := pgtest.NewDB(t)
-	nodes := startProcNodes(t, db, 3, "LEASE_DURATION=10s")
-	st, err := store.Open(context.Background(), db, 4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	mesh := testkit.NewMesh(t, st, 9)
-	urls := []string{nodes[0].URL(), nodes[1].URL(), nodes[2].URL()}
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
-	peers := make([]*peer, len(mesh.Members))
-	for i, id := range mesh.Members {
-		peers[i] = newPeer(id, urls, i%3) // three peers on each node
-		go peers[i].run(ctx)
-	}
-	waitFor(t, 10*time.Second, "peers connected", func() bool {
-		for _, p := range peers {
-			p.mu.Lock()
-			c := p.conn
-			p.mu.Unlock()
-			if c == nil {
-				return false
-			}
-		}
-		return true
-	})
+	nodes := startProcNodes(t, db, 3, "LEASE_DURATION=5s")
+	mesh := procMesh(t, db, burstLoad.Peers)
+	b := startBurst(t, nodes, mesh)
+	b.run(burstLoad.Before)
 
-	const perPeer = 120
-	rng := rand.New(rand.NewPCG(1, 2))
-	target := map[string]int{} // client_message_id → recipient index
-	var killedAt time.Time
-	for round := 0; round < perPeer; round++ {
-		for i, p := range peers {
-			to := rng.IntN(len(peers) - 1)
-			if to >= i {
-				to++
-			}
-			body := fmt.Sprint(round)
-			target[fmt.Sprintf("%s-%s", p.id.MemberID, body)] = to
-			p.send(ctx, mesh.Members[to].Pubkey(), body)
-		}
-		time.Sleep(2 * time.Millisecond) // a steady burst: ~4,500 msg/s offered
-		if round == perPeer/3 {
-			signalNode(t, nodes[0], syscall.SIGKILL)
-			killedAt = time.Now()
-		}
-	}
+	killedAt := b.Mark("SIGKILL " + nodes[0].name)
+	signalNode(t, nodes[0], syscall.SIGKILL)
 	<-nodes[0].exited
-	// Kill → the other nodes notice.
 	waitFor(t, 30*time.Second, "survivors see 2 nodes", func() bool {
 		h1, e1 := getHealth(nodes[1].HTTPURL())
 		h2, e2 := getHealth(nodes[2].HTTPURL())
 		return e1 == nil && e2 == nil && h1.ClusterSize == 2 && h2.ClusterSize == 2
 	})
 	noticed := time.Since(killedAt)
-	// Kill → the killed node's peers are attached elsewhere.
-	waitFor(t, 20*time.Second, "peers reattached", func() bool {
-		for i, p := range peers {
-			p.mu.Lock()
-			ok := p.conn != nil && (i%3 != 0 || p.reconnects >= 2) // i%3 == 0 were on the killed node
-			p.mu.Unlock()
-			if !ok {
-				return false
-			}
+	recovery := b.WaitRecovered(t, killedAt, 30*time.Second)
+	b.run(burstLoad.After)
+	r := b.Settle(90 * time.Second)
+	r.Check(t)
+	// The peers that were on the killed node (every third) moved.
+	for i, p := range b.Peers() {
+		if i%3 == 0 && p.Connects() < 2 {
+			t.Errorf("peer %d was on the killed node and never reconnected", i)
 		}
-		return true
-	})
-	var reattached time.Duration
-	for _, p := range peers {
-		p.mu.Lock()
-		if p.reconnects > 1 && p.connectedAt.Sub(killedAt) > reattached {
-			reattached = p.connectedAt.Sub(killedAt)
-		}
-		p.mu.Unlock()
 	}
-	waitFor(t, 60*time.Second, "every send acked", func() bool {
-		for _, p := range peers {
-			if p.pendingCount() > 0 {
-				return false
-			}
+	logResult(t, "SIGKILL of 1 of 3 nodes", r, "recovery %s (kill → survivors notice %s)",
+		recovery.Round(time.Millisecond), noticed.Round(time.Millisecond))
+}
+
+// A node is stopped with SIGTERM in the middle of a burst: it drains
+// (sessions closed with 1001 after their queued frames) and exits 0; its
+// peers reconnect elsewhere and nothing acked is lost or duplicated.
+func TestNodeTerminatedMidBurst(t *testing.T) {
+	db := pgtest.NewDB(t)
+	nodes := startProcNodes(t, db, 3, "LEASE_DURATION=5s")
+	mesh := procMesh(t, db, burstLoad.Peers)
+	b := startBurst(t, nodes, mesh)
+	b.run(burstLoad.Before)
+
+	stopAt := b.Mark("SIGTERM " + nodes[0].name)
+	signalNode(t, nodes[0], syscall.SIGTERM)
+	select {
+	case <-nodes[0].exited:
+		if code := exitCode(nodes[0].err); code != 0 {
+			t.Fatalf("SIGTERM exit code %d", code)
 		}
-		return true
-	})
-	// Every acked message reaches its recipient.
-	expected := map[int]map[string]bool{}
-	for _, p := range peers {
-		p.mu.Lock()
-		for cmid, mid := range p.acked {
-			to := target[cmid]
-			if expected[to] == nil {
-				expected[to] = map[string]bool{}
-			}
-			expected[to][mid] = true
-		}
-		p.mu.Unlock()
+	case <-time.After(12 * time.Second):
+		t.Fatal("node did not exit within 12 s of SIGTERM")
 	}
-	waitFor(t, 60*time.Second, "every acked message delivered", func() bool {
-		for i, p := range peers {
-			p.mu.Lock()
-			missing := 0
-			for mid := range expected[i] {
-				if p.app[mid] == 0 {
-					missing++
-				}
-			}
-			p.mu.Unlock()
-			if missing > 0 {
-				return false
-			}
+	exited := time.Since(stopAt)
+	recovery := b.WaitRecovered(t, stopAt, 30*time.Second)
+	b.run(burstLoad.After)
+	r := b.Settle(90 * time.Second)
+	r.Check(t)
+	for i, p := range b.Peers() {
+		if i%3 == 0 && p.Connects() < 2 {
+			t.Errorf("peer %d was on the stopped node and never reconnected", i)
 		}
-		return true
-	})
-	total, redelivered := 0, 0
-	for i, p := range peers {
-		p.mu.Lock()
-		for mid, n := range p.app {
-			if n != 1 {
-				t.Errorf("peer %d's application saw %s %d times", i, mid, n)
-			}
-			if !expected[i][mid] {
-				t.Errorf("peer %d got %s, which no sender had acked", i, mid)
-			}
-		}
-		for _, n := range p.seen {
-			redelivered += n - 1
-		}
-		total += len(p.app)
-		p.mu.Unlock()
 	}
-	if total != len(peers)*perPeer {
-		t.Fatalf("delivered %d distinct messages, want %d", total, len(peers)*perPeer)
-	}
-	t.Logf("SIGKILL of 1 of 3 nodes under a %d-message burst: lost 0, application duplicates 0, broker redeliveries %d (deduped); "+
-		"kill → survivors notice %s; kill → last peer reattached %s", total, redelivered, noticed.Round(time.Millisecond), reattached.Round(time.Millisecond))
+	logResult(t, "SIGTERM of 1 of 3 nodes", r, "recovery %s (SIGTERM → exit 0 in %s)",
+		recovery.Round(time.Millisecond), exited.Round(time.Millisecond))
 }
 
 // A node stopped with SIGTERM drains: its sessions close with 1001 and
@@ -164,65 +88,42 @@ func TestNodeKilledMidBurst(t *testing.T) {
 func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 	db := pgtest.NewDB(t)
 	nodes := startProcNodes(t, db, 3, "PRESENCE_GRACE_SECONDS=3")
-	st, err := store.Open(context.Background(), db, 4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	mesh := testkit.NewMesh(t, st, 5)
+	mesh := procMesh(t, db, 5)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	all := []string{nodes[0].URL(), nodes[1].URL(), nodes[2].URL()}
 	// Two movers and the control on node 1; watchers on nodes 2 and 3.
-	var movers, watchers []*peer
+	var movers, watchers []*faultkit.Peer
 	for i := 0; i < 2; i++ {
-		movers = append(movers, newPeer(mesh.Members[i], all, 0))
+		movers = append(movers, faultkit.NewPeer(mesh.Members[i], all, 0))
 	}
-	control := newPeer(mesh.Members[2], []string{nodes[0].URL()}, 0)
+	control := faultkit.NewPeer(mesh.Members[2], []string{nodes[0].URL()}, 0)
 	for i := 3; i < 5; i++ {
-		watchers = append(watchers, newPeer(mesh.Members[i], []string{nodes[i-2].URL()}, 0, protocol.CapSystemEvents))
+		watchers = append(watchers, faultkit.NewPeer(mesh.Members[i], []string{nodes[i-2].URL()}, 0, protocol.CapSystemEvents))
 	}
-	connected := func(ps ...*peer) func() bool {
-		return func() bool {
-			for _, p := range ps {
-				p.mu.Lock()
-				c := p.conn
-				p.mu.Unlock()
-				if c == nil {
-					return false
-				}
-			}
-			return true
-		}
+	runPeers(t, ctx, watchers...)
+	if err := faultkit.WaitConnected(ctx, 10*time.Second, watchers...); err != nil {
+		t.Fatal(err)
 	}
-	for _, w := range watchers {
-		go w.run(ctx)
-	}
-	waitFor(t, 10*time.Second, "watchers connected", connected(watchers...))
-	for _, p := range append(append([]*peer{}, movers...), control) {
-		go p.run(ctx)
-	}
-	// Each watcher sees the three node-1 peers join: the replicas agree.
+	runPeers(t, ctx, append(append([]*faultkit.Peer{}, movers...), control)...)
+	// Each watcher sees the three node-1 peers join (not counting the
+	// other watcher's join): the replicas agree.
+	onNode1 := append(append([]*faultkit.Peer{}, movers...), control)
 	waitFor(t, 10*time.Second, "joins seen by every watcher", func() bool {
 		for _, w := range watchers {
-			w.mu.Lock()
-			n := 0
-			for _, e := range w.events {
-				if e.Event == protocol.EventPeerJoined {
-					n++
+			events := w.Events()
+			for _, p := range onNode1 {
+				if !slices.ContainsFunc(events, func(e protocol.Push) bool {
+					return e.Event == protocol.EventPeerJoined && strings.Contains(string(e.EventData), p.ID().MemberID)
+				}) {
+					return false
 				}
-			}
-			w.mu.Unlock()
-			if n < 3 {
-				return false
 			}
 		}
 		return true
 	})
 	for _, w := range watchers {
-		w.mu.Lock()
-		w.events = nil
-		w.mu.Unlock()
+		w.ClearEvents()
 	}
 	stopAt := time.Now()
 	signalNode(t, nodes[0], syscall.SIGTERM)
@@ -237,10 +138,7 @@ func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 	exitAfter := time.Since(stopAt)
 	waitFor(t, 10*time.Second, "movers reattached", func() bool {
 		for _, p := range movers {
-			p.mu.Lock()
-			ok := p.conn != nil && p.reconnects >= 2
-			p.mu.Unlock()
-			if !ok {
+			if !p.Connected() || p.Connects() < 2 {
 				return false
 			}
 		}
@@ -248,11 +146,9 @@ func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 	})
 	// The control's grace ends 3 s after the drain: every watcher sees its
 	// peer_left, and by then the movers' grace would have ended too.
-	controlLeft := func(w *peer) bool {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		for _, e := range w.events {
-			if e.Event == protocol.EventPeerLeft && strings.Contains(string(e.EventData), control.id.MemberID) {
+	controlLeft := func(w *faultkit.Peer) bool {
+		for _, e := range w.Events() {
+			if e.Event == protocol.EventPeerLeft && strings.Contains(string(e.EventData), control.ID().MemberID) {
 				return true
 			}
 		}
@@ -262,16 +158,14 @@ func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 		return controlLeft(watchers[0]) && controlLeft(watchers[1])
 	})
 	for _, w := range watchers {
-		w.mu.Lock()
-		for _, e := range w.events {
-			if strings.Contains(string(e.EventData), control.id.MemberID) {
+		for _, e := range w.Events() {
+			if strings.Contains(string(e.EventData), control.ID().MemberID) {
 				continue
 			}
 			if e.Event == protocol.EventPeerLeft || e.Event == protocol.EventPeerJoined {
 				t.Errorf("watcher saw %s during a graceful move: %s", e.Event, e.EventData)
 			}
 		}
-		w.mu.Unlock()
 	}
 	t.Logf("SIGTERM → exit in %s; movers reattached with no leave/join events; control left after grace", exitAfter.Round(time.Millisecond))
 }

@@ -1,7 +1,6 @@
 package clustertest_test
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -14,9 +13,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/claudemesh/broker/internal/client"
-	"github.com/claudemesh/broker/internal/protocol"
 )
 
 var (
@@ -56,58 +52,75 @@ func freePort(t testing.TB, ip string) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// procNode is a broker running as its own process.
+// procNode is a broker running as its own process. It may be stopped and
+// started again with the same name, ports and environment.
 type procNode struct {
-	name   string
-	ip     string
-	port   int
-	gossip string
+	name    string
+	ip      string
+	port    int
+	gossip  string
+	env     []string
+	logPath string
+
+	// Set by start, for the current process; exited is closed once it has
+	// exited, and err then holds its exit status.
 	cmd    *exec.Cmd
-	exited chan struct{} // closed when the process has exited
-	err    error         // its exit status, once exited is closed
+	exited chan struct{}
+	err    error
 }
 
 func (p *procNode) URL() string     { return fmt.Sprintf("ws://%s:%d/ws", p.ip, p.port) }
 func (p *procNode) HTTPURL() string { return fmt.Sprintf("http://%s:%d", p.ip, p.port) }
 
+// start runs the node's process; the previous one, if any, must have
+// exited.
+func (p *procNode) start(t *testing.T) {
+	t.Helper()
+	logFile, err := os.OpenFile(p.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(brokerBinary(t), "serve")
+	cmd.Env = p.env
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	p.cmd, p.exited = cmd, exited
+	go func() {
+		p.err = cmd.Wait()
+		logFile.Close()
+		close(exited)
+	}()
+}
+
 // startProcNodes starts n broker processes (serve) on db, gossiping on
 // 127.0.0.31, .32, … and waits until each reports a full cluster.
 func startProcNodes(t *testing.T, db string, n int, extraEnv ...string) []*procNode {
 	t.Helper()
-	bin := brokerBinary(t)
 	var nodes []*procNode
+	logDir := t.TempDir()
 	for i := 0; i < n; i++ {
 		ip := fmt.Sprintf("127.0.0.%d", 31+i)
-		p := &procNode{name: fmt.Sprintf("proc-%d", i+1), ip: ip, port: freePort(t, ip), exited: make(chan struct{})}
+		p := &procNode{name: fmt.Sprintf("proc-%d", i+1), ip: ip, port: freePort(t, ip)}
 		p.gossip = fmt.Sprintf("%s:%d", ip, freePort(t, ip))
-		env := append(os.Environ(),
+		p.logPath = filepath.Join(logDir, p.name+".log")
+		p.env = append(os.Environ(),
 			"DATABASE_URL="+db, "BROKER_HOST="+ip, "BROKER_PORT="+strconv.Itoa(p.port), "NODE_NAME="+p.name,
 			"CLUSTER_BIND="+p.gossip, "CLUSTER_PROFILE=local", "LOG_LEVEL=info", "SWEEP_INTERVAL=1s",
 			"HELLO_RATE_PER_SEC=10000")
 		if i > 0 {
-			env = append(env, "CLUSTER_JOIN="+nodes[0].gossip)
+			p.env = append(p.env, "CLUSTER_JOIN="+nodes[0].gossip)
 		}
-		env = append(env, extraEnv...)
-		p.cmd = exec.Command(bin, "serve")
-		p.cmd.Env = env
-		logFile, err := os.Create(filepath.Join(t.TempDir(), p.name+".log"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		p.cmd.Stdout, p.cmd.Stderr = logFile, logFile
-		if err := p.cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		go func() {
-			p.err = p.cmd.Wait()
-			logFile.Close()
-			close(p.exited)
-		}()
+		p.env = append(p.env, extraEnv...)
+		p.start(t)
 		t.Cleanup(func() {
 			_ = p.cmd.Process.Kill()
 			<-p.exited
 			if t.Failed() {
-				b, _ := os.ReadFile(logFile.Name())
+				b, _ := os.ReadFile(p.logPath)
 				if len(b) > 4000 {
 					b = b[len(b)-4000:]
 				}
@@ -116,11 +129,19 @@ func startProcNodes(t *testing.T, db string, n int, extraEnv ...string) []*procN
 		})
 		nodes = append(nodes, p)
 	}
-	deadline := time.Now().Add(30 * time.Second)
+	waitReady(t, 30*time.Second, n, nodes...)
+	return nodes
+}
+
+// waitReady waits until each node answers /health with Postgres up and a
+// cluster of size nodes.
+func waitReady(t *testing.T, timeout time.Duration, size int, nodes ...*procNode) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for _, p := range nodes {
 		for {
 			h, err := getHealth(p.HTTPURL())
-			if err == nil && h.ClusterSize == n {
+			if err == nil && h.Status == "ok" && h.ClusterSize == size {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -129,7 +150,6 @@ func startProcNodes(t *testing.T, db string, n int, extraEnv ...string) []*procN
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
-	return nodes
 }
 
 type healthBody struct {
@@ -146,149 +166,6 @@ func getHealth(base string) (healthBody, error) {
 	}
 	defer resp.Body.Close()
 	return h, jsonDecode(resp, &h)
-}
-
-// peer is an application using the protocol the way the client library
-// does: client_ack, dedupe of redelivered pushes by messageId, sends with a
-// client_message_id resent after a reconnect until acked, reconnection to
-// the next broker URL with the same session id.
-type peer struct {
-	id      client.Identity
-	urls    []string
-	session string
-	caps    []string
-
-	mu          sync.Mutex
-	conn        *client.Conn
-	next        int
-	pending     map[string]protocol.Send // client_message_id → send awaiting its ack
-	acked       map[string]string        // client_message_id → messageId
-	seen        map[string]int           // messageId → pushes received (before dedupe)
-	app         map[string]int           // messageId → times handed to the application
-	events      []protocol.Push          // system events
-	reconnects  int
-	connectedAt time.Time
-	onConnect   chan struct{}
-}
-
-func newPeer(id client.Identity, urls []string, first int, caps ...string) *peer {
-	return &peer{id: id, urls: urls, next: first, session: "sess-" + id.MemberID, caps: caps,
-		pending: map[string]protocol.Send{}, acked: map[string]string{}, seen: map[string]int{}, app: map[string]int{},
-		onConnect: make(chan struct{}, 16)}
-}
-
-// run keeps the peer connected until ctx ends.
-func (p *peer) run(ctx context.Context) {
-	for ctx.Err() == nil {
-		p.mu.Lock()
-		url := p.urls[p.next%len(p.urls)]
-		p.mu.Unlock()
-		if err := p.connectOnce(ctx, url); err != nil && ctx.Err() == nil {
-			p.mu.Lock()
-			p.next++ // try the next node
-			p.mu.Unlock()
-			select {
-			case <-ctx.Done():
-			case <-time.After(50 * time.Millisecond):
-			}
-		}
-	}
-}
-
-func (p *peer) connectOnce(ctx context.Context, url string) error {
-	dctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	c, err := client.Dial(dctx, url, nil)
-	if err != nil {
-		cancel()
-		return err
-	}
-	_, err = c.Hello(dctx, p.id, client.HelloOptions{SessionID: p.session, Capabilities: append([]string{protocol.CapClientAck}, p.caps...)})
-	cancel()
-	if err != nil {
-		c.CloseNow()
-		return err
-	}
-	p.mu.Lock()
-	p.conn = c
-	p.reconnects++
-	p.connectedAt = time.Now()
-	resend := make([]protocol.Send, 0, len(p.pending))
-	for _, s := range p.pending {
-		resend = append(resend, s)
-	}
-	p.mu.Unlock()
-	select {
-	case p.onConnect <- struct{}{}:
-	default:
-	}
-	for _, s := range resend {
-		_ = c.WriteJSON(ctx, s)
-	}
-	defer func() {
-		p.mu.Lock()
-		if p.conn == c {
-			p.conn = nil
-		}
-		p.mu.Unlock()
-		c.CloseNow()
-	}()
-	for {
-		f, err := c.Next(ctx)
-		if err != nil {
-			return err
-		}
-		switch f.Type {
-		case protocol.TypeAck:
-			var a protocol.Ack
-			if f.Decode(&a) == nil && a.Queued {
-				p.mu.Lock()
-				for cmid, s := range p.pending {
-					if s.ID == a.ID {
-						p.acked[cmid] = a.MessageID
-						delete(p.pending, cmid)
-					}
-				}
-				p.mu.Unlock()
-			}
-		case protocol.TypePush:
-			var m protocol.Push
-			if f.Decode(&m) != nil {
-				continue
-			}
-			if m.Subtype != "" {
-				p.mu.Lock()
-				p.events = append(p.events, m)
-				p.mu.Unlock()
-				continue
-			}
-			p.mu.Lock()
-			p.seen[m.MessageID]++
-			if p.seen[m.MessageID] == 1 {
-				p.app[m.MessageID]++ // the application sees it once
-			}
-			p.mu.Unlock()
-			_ = c.WriteJSON(ctx, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: m.MessageID})
-		}
-	}
-}
-
-// send queues a message; it is (re)sent until acked.
-func (p *peer) send(ctx context.Context, to string, body string) {
-	cmid := fmt.Sprintf("%s-%s", p.id.MemberID, body)
-	s := protocol.Send{Type: protocol.TypeSend, ID: cmid, TargetSpec: to, Priority: "now", Nonce: "bg==", Ciphertext: body, ClientMessageID: cmid}
-	p.mu.Lock()
-	p.pending[cmid] = s
-	c := p.conn
-	p.mu.Unlock()
-	if c != nil {
-		_ = c.WriteJSON(ctx, s)
-	}
-}
-
-func (p *peer) pendingCount() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.pending)
 }
 
 // waitFor polls cond (bounded) for state that converges asynchronously.

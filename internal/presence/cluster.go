@@ -11,6 +11,7 @@ import (
 	"log"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -111,7 +112,7 @@ type Cluster struct {
 
 // peer coalesces deltas for one remote node; newest entry per id wins.
 type peer struct {
-	node    *memberlist.Node
+	node    *memberlist.Node // a copy (copyNode); guarded by mu
 	mu      sync.Mutex
 	pending map[string]Entry
 	wake    chan struct{}
@@ -345,16 +346,15 @@ func (c *Cluster) Send(name string, cmd Command) error {
 			return errors.New("command queue full")
 		}
 	}
-	var target *memberlist.Node
-	for _, n := range c.ml.Members() {
-		if n.Name == name {
-			target = n
-			break
-		}
-	}
-	if target == nil {
+	c.mu.Lock()
+	p := c.peers[name]
+	c.mu.Unlock()
+	if p == nil {
 		return fmt.Errorf("node %s is not in the cluster", name)
 	}
+	p.mu.Lock()
+	target := p.node
+	p.mu.Unlock()
 	body, _ := json.Marshal(cmd)
 	return c.ml.SendReliable(target, append([]byte{msgCommand}, body...))
 }
@@ -513,6 +513,16 @@ func (e *events) NotifyJoin(n *memberlist.Node)   { e.c.nodeUp(n) }
 func (e *events) NotifyUpdate(n *memberlist.Node) { e.c.nodeUp(n) }
 func (e *events) NotifyLeave(n *memberlist.Node)  { e.c.nodeDown(n) }
 
+// copyNode copies a node memberlist hands to an event callback. The
+// original is memberlist's own state, updated later under its lock: it
+// must not be read once the callback has returned.
+func copyNode(n *memberlist.Node) *memberlist.Node {
+	cp := *n
+	cp.Addr = slices.Clone(n.Addr)
+	cp.Meta = slices.Clone(n.Meta)
+	return &cp
+}
+
 func (c *Cluster) nodeUp(n *memberlist.Node) {
 	if n.Name == c.opts.Name {
 		return
@@ -523,13 +533,13 @@ func (c *Cluster) nodeUp(n *memberlist.Node) {
 	c.mu.Lock()
 	p, ok := c.peers[n.Name]
 	if !ok && !c.closed {
-		p = &peer{node: n, pending: map[string]Entry{}, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+		p = &peer{node: copyNode(n), pending: map[string]Entry{}, wake: make(chan struct{}, 1), stop: make(chan struct{})}
 		c.peers[n.Name] = p
 		c.wg.Add(1)
 		go c.sendLoop(p)
 	} else if ok {
 		p.mu.Lock()
-		p.node = n
+		p.node = copyNode(n)
 		p.mu.Unlock()
 	}
 	c.mu.Unlock()

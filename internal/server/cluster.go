@@ -105,17 +105,20 @@ func (s *Server) meshSessions(mesh string) []*session {
 // releases held messages when its status now accepts more.
 func (s *Server) setStatus(presenceID, status, source string) (presence.Entry, bool) {
 	var before, after int
+	ss := s.sessionByPresence(presenceID)
 	e, changed := s.replica.Update(presenceID, func(e *presence.Entry) bool {
 		before = e.MaxPriority()
 		ok := presence.ApplyStatus(e, status, source, s.now(), s.cfg.HookFresh())
 		after = e.MaxPriority()
+		// The session's gate changes before the new status is gossiped:
+		// once another node sees "working", no "next" may be claimed here.
+		if ss != nil {
+			ss.maxPrio.Store(int32(after))
+		}
 		return ok
 	})
 	if e.PresenceID == "" {
 		return e, false
-	}
-	if ss := s.sessionByPresence(presenceID); ss != nil {
-		ss.maxPrio.Store(int32(after))
 	}
 	if after > before {
 		s.engine.wake([]string{e.MemberID}, reasonStatus)

@@ -161,8 +161,10 @@ func (e *engine) wakeAll(why claimReason) {
 
 // fastPath picks a local session to receive a new row directly: the member
 // must be caught up (no claim running, nothing marked waiting), so the
-// direct push cannot overtake older rows. It returns nil otherwise.
-func (e *engine) fastPath(member string, priority int) *session {
+// direct push cannot overtake older rows, and the session's queue must
+// have room for it besides the taken pushes already promised to it. It
+// returns nil otherwise.
+func (e *engine) fastPath(member string, priority int, taken map[*session]int) *session {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	lm := e.members[member]
@@ -170,7 +172,7 @@ func (e *engine) fastPath(member string, priority int) *session {
 		return nil
 	}
 	for _, ss := range lm.sessions {
-		if int(ss.maxPrio.Load()) >= priority && ss.q.free() > 16 && !ss.isClosing() {
+		if int(ss.maxPrio.Load()) >= priority && ss.deliveryRoom()-taken[ss] > 0 && !ss.isClosing() {
 			return ss
 		}
 	}
@@ -179,7 +181,7 @@ func (e *engine) fastPath(member string, priority int) *session {
 
 // pick chooses the session a member's claim goes to: the one accepting
 // the most priorities, then the one with the most queue room.
-func (lm *localMember) pick() (*session, int) {
+func (lm *localMember) pick() *session {
 	var best *session
 	bestFree := 0
 	for _, ss := range lm.sessions {
@@ -192,7 +194,7 @@ func (lm *localMember) pick() (*session, int) {
 			best, bestFree = ss, free
 		}
 	}
-	return best, bestFree
+	return best
 }
 
 func (e *engine) run(ctx context.Context) {
@@ -215,6 +217,10 @@ type claimTarget struct {
 	reason claimReason
 	limit  int32
 	got    int32
+	// held are rows claimed after one the session's queue refused: they go
+	// back to the queue unpushed, so as not to overtake it.
+	refused bool
+	held    []store.DeliveryKey
 }
 
 // claimRound claims for every dirty member in one statement per chunk.
@@ -227,13 +233,13 @@ func (e *engine) claimRound(ctx context.Context) {
 		if lm.dirty == 0 || lm.inflight {
 			continue
 		}
-		ss, free := lm.pick()
+		ss := lm.pick()
 		if ss == nil {
 			lm.dirty = 0
 			continue
 		}
 		// Leave room in the queue for acks and replies.
-		limit := min(claimLimit, free-16)
+		limit := min(claimLimit, ss.deliveryRoom())
 		if limit <= 0 {
 			ss.starved.Store(true) // the write loop kicks us when it drains
 			continue
@@ -278,7 +284,16 @@ func (e *engine) claimRound(ctx context.Context) {
 				}
 				s.m.Recovered.WithLabelValues(via).Inc()
 			}
-			t.ss.pushEnvelope(d, d.CreatedAt)
+			if t.refused {
+				t.held = append(t.held, store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID})
+				continue
+			}
+			t.refused = !t.ss.pushEnvelope(d, d.CreatedAt)
+		}
+	}
+	for id, t := range targets {
+		if len(t.held) > 0 {
+			s.releaseLeases(t.ss.id, t.ss.meshID, id, t.held)
 		}
 	}
 	more := false
@@ -313,7 +328,9 @@ func (e *engine) claimRound(ctx context.Context) {
 }
 
 // pushEnvelope queues a claimed (or fast-path) row on the session. A row
-// that cannot be queued goes back to the queue.
+// that cannot be queued goes back to the queue: it is claimed again, in
+// order, once the writer has made room. A full queue alone does not make
+// a slow consumer: one that stops reading is closed by the write timeout.
 func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
 	s := ss.s
 	ss.mu.Lock()
@@ -333,7 +350,7 @@ func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
 	data := protocol.AppendPush(make([]byte, 0, 400+len(d.Nonce)+len(d.Ciphertext)+len(d.SenderName)), &fields)
 	meta := &pushMeta{key: store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID},
 		committed: committed, priority: protocol.PriorityName(int(d.Priority))}
-	if ss.q.push(frame{data: data, push: meta}) {
+	if ss.q.pushUpTo(frame{data: data, push: meta}, ss.q.max-ss.reserve) {
 		ss.kickWriter()
 		return true
 	}
@@ -342,8 +359,11 @@ func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
 		delete(ss.inflight, d.MessageID)
 	}
 	ss.mu.Unlock()
+	// Until the row is claimed again no newer one may take the fast path;
+	// the writer asks for a claim once it has made room.
+	ss.starved.Store(true)
+	s.engine.wake([]string{d.MemberID}, reasonRelease)
 	s.releaseLeases(d.Conn, d.MeshID, d.MemberID, []store.DeliveryKey{meta.key})
-	ss.slow()
 	return false
 }
 

@@ -173,6 +173,9 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	}
 	ss.presenceID = e.PresenceID
 	ss.maxPrio.Store(int32(protocol.MaxPriorityRank(e.Status)))
+	// Set before the session is published below: other goroutines (a
+	// revocation, the delivery engine) log through it from then on.
+	ss.logger = ss.logger.With("mesh_id", h.MeshID, "presence_id", e.PresenceID)
 
 	s.mu.Lock()
 	old := s.byPresence[e.PresenceID]
@@ -194,7 +197,6 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
 		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
 	s.engine.attach(ss)
-	ss.logger = ss.logger.With("mesh_id", h.MeshID, "presence_id", entry.PresenceID)
 	ss.logger.Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
 		"reattached", reattached, "client_ack", ss.clientAck)
 	s.audit.add(store.AuditEvent{MeshID: h.MeshID, Type: store.EventPeerConnected, Actor: member.ID,

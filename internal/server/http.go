@@ -232,8 +232,9 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	req.PeerPubkey = strings.ToLower(req.PeerPubkey)
-	if !protocol.IsPubkeyHex(req.PeerPubkey) {
-		joinError(w, http.StatusBadRequest, "malformed", "peer_pubkey must be 64 hex characters")
+	if !auth.ValidPubkey(req.PeerPubkey) {
+		// A key of small order would let anyone sign as the new member.
+		joinError(w, http.StatusBadRequest, "malformed", "peer_pubkey must be an ed25519 public key as 64 hex characters")
 		return
 	}
 	req.DisplayName = strings.TrimSpace(req.DisplayName)
@@ -346,16 +347,9 @@ func (s *Server) healthLoop(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		t0 := s.clock()
-		dbNow, err := s.store.Now(cctx)
-		t1 := s.clock()
-		cancel()
+		err := s.syncClock(ctx)
 		if ctx.Err() != nil {
 			return
-		}
-		if err == nil {
-			s.noteClock(dbNow, t0, t1)
 		}
 		was := s.dbHealthy.Load()
 		switch {
@@ -371,6 +365,21 @@ func (s *Server) healthLoop(ctx context.Context) {
 			s.logger.Error("db ping failed", "err", err)
 		}
 	}
+}
+
+// syncClock asks Postgres for its time and records this node's offset
+// from it; the error is Postgres'.
+func (s *Server) syncClock(ctx context.Context) error {
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	t0 := s.clock()
+	dbNow, err := s.store.Now(cctx)
+	t1 := s.clock()
+	if err != nil {
+		return err
+	}
+	s.noteClock(dbNow, t0, t1)
+	return nil
 }
 
 // clockWarn is the clock offset from Postgres beyond which the node warns.

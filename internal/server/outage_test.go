@@ -4,45 +4,16 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/claudemesh/broker/internal/client"
-	"github.com/claudemesh/broker/internal/pgembed"
+	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/server"
-	"github.com/claudemesh/broker/internal/store"
 	"github.com/claudemesh/broker/internal/testkit"
 )
-
-// privatePostgres starts a Postgres of the test's own, so it can be stopped.
-func privatePostgres(t *testing.T) *pgembed.Server {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "cmtest-outage-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	pg, err := pgembed.Start(ctx, pgembed.Options{DataDir: filepath.Join(dir, "data"), Fast: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = pg.Stop()
-		os.RemoveAll(dir)
-	})
-	if _, err := store.Migrate(ctx, pg.URL("postgres")); err != nil {
-		t.Fatal(err)
-	}
-	return pg
-}
 
 func health(t *testing.T, base string) int {
 	t.Helper()
@@ -63,7 +34,7 @@ func health(t *testing.T, base string) int {
 // sockets stay up, sends during the outage get ack errors, and every acked
 // message is delivered exactly once.
 func TestPostgresOutage(t *testing.T) {
-	pg := privatePostgres(t)
+	pg := faultkit.PrivatePostgres(t)
 	n := testkit.StartNode(t, pg.URL("postgres"), testkit.Options{})
 	mesh := testkit.NewMesh(t, n.Store(), 3)
 	sender := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})

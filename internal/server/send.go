@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"hash/fnv"
 	"strconv"
@@ -62,20 +63,19 @@ func (ss *session) handleSend(data []byte, reqID string) {
 		item.msg.Recipients[i].MemberID = r
 	}
 	select {
-	case ss.sendSlots <- struct{}{}: // released when the ack is queued
+	case ss.sendSlots <- struct{}{}: // released when the ack is written
 	case <-ss.ctx.Done():
 		return
 	}
 	s.commit.submit(item)
 }
 
-// answered releases the send's slot and queues its ack.
+// answer queues the send's ack, which frees the send's slot once written.
 func (it *sendItem) answer(ack protocol.Ack) {
-	select {
-	case <-it.ss.sendSlots:
-	default:
+	data, err := json.Marshal(ack)
+	if err != nil || !it.ss.queueRaw(frame{data: data, slot: true}) {
+		it.ss.releaseSlot()
 	}
-	it.ss.queue(ack)
 }
 
 // pushOverhead is room left in a frame for the push's other fields.
@@ -229,12 +229,14 @@ func (c *committer) run(in chan *sendItem) {
 func (c *committer) commit(batch []*sendItem) {
 	s := c.s
 	msgs := make([]store.NewMessage, len(batch))
+	taken := map[*session]int{} // queue room promised to this batch's direct pushes
 	for i, it := range batch {
 		// Local fast path: a recipient with an eligible, caught-up session
 		// on this node gets its row already leased to that session.
 		it.fast = make([]*session, len(it.msg.Recipients))
 		for j := range it.msg.Recipients {
-			if ss := s.engine.fastPath(it.msg.Recipients[j].MemberID, int(it.msg.Priority)); ss != nil {
+			if ss := s.engine.fastPath(it.msg.Recipients[j].MemberID, int(it.msg.Priority), taken); ss != nil {
+				taken[ss]++
 				it.fast[j] = ss
 				it.msg.Recipients[j].LeaseConn = ss.id
 			}
@@ -265,6 +267,10 @@ func (c *committer) commit(batch []*sendItem) {
 	committed := time.Now()
 	wakeLocal := map[string]struct{}{}
 	remote := map[string][]string{} // mesh → members hosted elsewhere
+	// A session whose queue refused a direct push gets none of this
+	// batch's later rows either (they would overtake the refused one):
+	// they go back to the queue with it.
+	refused := map[*session][]store.DeliveryKey{}
 	for i, it := range batch {
 		r := res[i]
 		if r.Duplicate {
@@ -274,7 +280,11 @@ func (c *committer) commit(batch []*sendItem) {
 		}
 		for j, rec := range it.msg.Recipients {
 			if f := it.fast[j]; f != nil {
-				f.pushEnvelope(deliveryFromSend(r, it, rec.MemberID, f.id), committed)
+				if later, ok := refused[f]; ok {
+					refused[f] = append(later, store.DeliveryKey{MessageID: r.ID, MemberID: rec.MemberID})
+				} else if !f.pushEnvelope(deliveryFromSend(r, it, rec.MemberID, f.id), committed) {
+					refused[f] = nil
+				}
 				continue
 			}
 			if s.engine.hasLocal(rec.MemberID) {
@@ -290,6 +300,11 @@ func (c *committer) commit(batch []*sendItem) {
 			Target: it.msg.TargetSpec, CreatedAt: committed, Metadata: map[string]any{
 				"message_id": r.ID, "priority": it.prio, "size": len(it.msg.Ciphertext) + len(it.msg.Nonce),
 				"recipients": len(it.msg.Recipients)}})
+	}
+	for ss, keys := range refused {
+		if len(keys) > 0 {
+			s.releaseLeases(ss.id, ss.meshID, ss.memberID, keys)
+		}
 	}
 	if len(wakeLocal) > 0 {
 		members := make([]string, 0, len(wakeLocal))

@@ -129,6 +129,10 @@ func New(d Deps) *Server {
 // Start launches the background loops: delivery, acks, audit, sweeps and
 // the Postgres health check.
 func (s *Server) Start() {
+	// Judge hello and hook timestamps by Postgres' clock from the first
+	// request on: a node whose clock is off would otherwise accept stale
+	// hellos (or refuse fresh ones) until the health loop's first tick.
+	_ = s.syncClock(s.ctx)
 	s.goLoop(s.engine.run)
 	s.goLoop(s.acks.run)
 	s.goLoop(s.audit.run)

@@ -19,8 +19,12 @@ import (
 	"github.com/claudemesh/broker/internal/store"
 )
 
-// maxSendsInFlight bounds a session's sends awaiting their commit.
+// maxSendsInFlight bounds a session's sends awaiting their ack (a quarter
+// of its queue when that is smaller).
 const maxSendsInFlight = 256
+
+// maxReplyRoom is the queue room kept for replies other than acks.
+const maxReplyRoom = 16
 
 // writeTimeout bounds one frame write; a peer that cannot take a frame in
 // this long is a slow consumer.
@@ -30,6 +34,7 @@ const writeTimeout = 10 * time.Second
 type frame struct {
 	data []byte
 	push *pushMeta // set for envelope pushes
+	slot bool      // the ack of a send: frees its send slot once written
 }
 
 // pushMeta tracks a pushed envelope until it is marked delivered.
@@ -47,10 +52,13 @@ type frameQueue struct {
 	max   int
 }
 
-func (q *frameQueue) push(f frame) bool {
+func (q *frameQueue) push(f frame) bool { return q.pushUpTo(f, q.max) }
+
+// pushUpTo queues f unless the queue already holds limit frames.
+func (q *frameQueue) pushUpTo(f frame, limit int) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if len(q.items) >= q.max {
+	if len(q.items) >= min(limit, q.max) {
 		return false
 	}
 	q.items = append(q.items, f)
@@ -108,10 +116,14 @@ type session struct {
 	done    chan struct{} // closed once the socket is closed
 
 	sendLimit *rate.Limiter
-	// sendSlots bounds sends accepted but not yet acked: when it is full
-	// the read loop stops reading, so TCP pushes back on the client instead
-	// of work piling up in the broker.
+	// sendSlots bounds sends accepted whose ack is not written yet: when
+	// it is full the read loop stops reading, so TCP pushes back on the
+	// client instead of work piling up in the broker.
 	sendSlots chan struct{}
+	// reserve is queue room envelope pushes leave free, for the acks of
+	// the sends in flight and other replies: a burst of deliveries must
+	// not leave a client that reads without room for its acks.
+	reserve int
 
 	mu          sync.Mutex
 	inflight    map[int64]struct{} // leased to this connection, not yet marked delivered
@@ -124,13 +136,15 @@ type session struct {
 func (s *Server) newSession(conn *websocket.Conn, remote string) *session {
 	ctx, cancel := context.WithCancel(s.ctx)
 	id := strings.ToLower(s.node) + "/" + store.NewID()
+	slots := min(maxSendsInFlight, max(1, s.cfg.SendQueueLen/4))
 	ss := &session{
 		s: s, conn: conn, id: id, remote: remote, ctx: ctx, cancel: cancel,
 		logger:    s.logger.With("conn", id, "remote", remote),
 		q:         frameQueue{max: s.cfg.SendQueueLen},
 		done:      make(chan struct{}),
 		inflight:  map[int64]struct{}{},
-		sendSlots: make(chan struct{}, maxSendsInFlight),
+		sendSlots: make(chan struct{}, slots),
+		reserve:   slots + min(maxReplyRoom, s.cfg.SendQueueLen/4),
 	}
 	now := time.Now()
 	ss.lastPong.Store(now.UnixNano())
@@ -309,6 +323,17 @@ func (ss *session) queueRaw(f frame) bool {
 	return false
 }
 
+// deliveryRoom is how many more envelope pushes the queue takes now.
+func (ss *session) deliveryRoom() int { return ss.q.free() - ss.reserve }
+
+// releaseSlot frees a send slot (its ack was written, or never will be).
+func (ss *session) releaseSlot() {
+	select {
+	case <-ss.sendSlots:
+	default:
+	}
+}
+
 // kickWriter starts the write loop unless one is running. An idle session
 // has no writer goroutine, which keeps idle connections cheap.
 func (ss *session) kickWriter() {
@@ -350,6 +375,9 @@ func (ss *session) writeLoop() {
 					ss.writeFailed(err)
 					ss.finishClose()
 					return
+				}
+				if buf[i].slot {
+					ss.releaseSlot()
 				}
 				if p := buf[i].push; p != nil {
 					ss.pushed(p)
@@ -394,7 +422,15 @@ func (ss *session) write(data []byte) error {
 func (ss *session) writeFailed(err error) {
 	if errors.Is(err, context.DeadlineExceeded) {
 		ss.s.m.SlowConsumers.Inc()
-		ss.setClose(websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer, false)
+		// The timeout closed the socket, which may have ended the read
+		// loop first with a reasonless close: the cause to report is
+		// still the slow consumer.
+		ss.mu.Lock()
+		if !ss.closing || ss.closeReason == "" {
+			ss.closing, ss.flushFirst = true, false
+			ss.closeCode, ss.closeReason = websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer
+		}
+		ss.mu.Unlock()
 	}
 	ss.logger.Debug("write failed", "err", err)
 	ss.cancel()

@@ -58,6 +58,8 @@ type Options struct {
 	Configure     func(*config.Config)
 	WrapTransport func(memberlist.NodeAwareTransport) memberlist.NodeAwareTransport
 	Join          []*Node
+	// Clock skews the node's wall clock (nil: time.Now).
+	Clock func() time.Time
 }
 
 // Node is a running test node.
@@ -95,7 +97,7 @@ func StartNode(t testing.TB, dbURL string, o Options) *Node {
 	reg := prometheus.NewRegistry()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport})
+	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport, Clock: o.Clock})
 	if err != nil {
 		t.Fatalf("start node: %v", err)
 	}
