@@ -100,6 +100,10 @@ func AddMember(ctx context.Context, st *store.Store, meshID, pubkey, name, role 
 	if !protocol.IsPubkeyHex(pubkey) {
 		return store.Member{}, errors.New("pubkey must be 64 hex characters")
 	}
+	if !auth.ValidPubkey(pubkey) {
+		// A small-order key verifies forged signatures: nobody may enrol one.
+		return store.Member{}, errors.New("pubkey is not a valid ed25519 public key")
+	}
 	name = strings.TrimSpace(name)
 	if name == "" || len(name) > protocol.MaxDisplayName {
 		return store.Member{}, errors.New("name must be 1..128 characters")

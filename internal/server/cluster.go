@@ -144,8 +144,15 @@ func (s *Server) HandleCommand(cmd presence.Command) {
 	}
 }
 
+// deathConfirm is how long a node must stay gone before its leases are
+// released. Gossip can declare a busy node dead by mistake; it then refutes
+// within a second or two, and releasing its leases meanwhile would only
+// make it push its in-flight messages twice.
+const deathConfirm = 5 * time.Second
+
 // NodeEvent reacts to a node joining or leaving the cluster: the leases of
-// a departed node are released so its peers' messages move at once.
+// a departed node are released once its departure is confirmed, so its
+// peers' messages move long before the leases would run out.
 func (s *Server) NodeEvent(ev presence.NodeEvent) {
 	if ev.Up {
 		return
@@ -154,6 +161,17 @@ func (s *Server) NodeEvent(ev presence.NodeEvent) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-time.After(deathConfirm):
+		}
+		for _, m := range s.cluster.Members() {
+			if m.Name == ev.Name && m.Incarnation == ev.Incarnation && m.State == "alive" {
+				s.logger.Info("node declared dead came back; keeping its leases", "peer", ev.Name)
+				return
+			}
+		}
 		s.releaseNodeLeases(s.ctx, pattern, "")
 	}()
 }

@@ -339,8 +339,25 @@ func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
 		s.releaseLeases(d.Conn, d.MeshID, d.MemberID, []store.DeliveryKey{{MessageID: d.MessageID, MemberID: d.MemberID}})
 		return false
 	}
+	if _, dup := ss.inflight[d.MessageID]; dup {
+		// Already queued or awaiting its client_ack on this session (its
+		// lease was released and claimed again): pushing twice would only
+		// make the client drop a duplicate.
+		ss.mu.Unlock()
+		return true
+	}
 	ss.inflight[d.MessageID] = struct{}{}
 	ss.mu.Unlock()
+	if s.acks.unmarkedHas(d.MessageID, d.MemberID) {
+		// Acked (or written without client_ack) and about to be marked
+		// delivered: a claim that raced the mark must not push it again.
+		ss.mu.Lock()
+		if ss.inflight != nil {
+			delete(ss.inflight, d.MessageID)
+		}
+		ss.mu.Unlock()
+		return true
+	}
 	fields := protocol.PushFields{
 		MessageID: d.MessageID, MeshID: d.MeshID, SenderPubkey: d.SenderPubkey,
 		Priority: protocol.PriorityName(int(d.Priority)), Nonce: d.Nonce, Ciphertext: d.Ciphertext,
@@ -418,7 +435,10 @@ type acker struct {
 	s       *Server
 	mu      sync.Mutex
 	pending []ackItem
-	signal  chan struct{}
+	// unmarked holds every key queued or being written, until its mark has
+	// committed: claims skip them.
+	unmarked map[store.DeliveryKey]int
+	signal   chan struct{}
 }
 
 type ackItem struct {
@@ -429,7 +449,16 @@ type ackItem struct {
 // maxPendingAcks bounds the acks kept while Postgres is down.
 const maxPendingAcks = 1 << 20
 
-func newAcker(s *Server) *acker { return &acker{s: s, signal: make(chan struct{}, 1)} }
+func newAcker(s *Server) *acker {
+	return &acker{s: s, signal: make(chan struct{}, 1), unmarked: map[store.DeliveryKey]int{}}
+}
+
+// unmarkedHas reports whether a row is acked but not yet marked delivered.
+func (a *acker) unmarkedHas(messageID int64, member string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.unmarked[store.DeliveryKey{MessageID: messageID, MemberID: member}] > 0
+}
 
 // add queues rows of one mesh to mark delivered.
 func (a *acker) add(mesh string, keys ...store.DeliveryKey) {
@@ -437,6 +466,7 @@ func (a *acker) add(mesh string, keys ...store.DeliveryKey) {
 	if len(a.pending)+len(keys) <= maxPendingAcks {
 		for _, k := range keys {
 			a.pending = append(a.pending, ackItem{key: k, mesh: mesh})
+			a.unmarked[k]++
 		}
 	}
 	a.mu.Unlock()
@@ -496,6 +526,13 @@ func (a *acker) flush(ctx context.Context) bool {
 		}
 		return ctx.Err() == nil
 	}
+	a.mu.Lock()
+	for _, k := range keys {
+		if a.unmarked[k]--; a.unmarked[k] <= 0 {
+			delete(a.unmarked, k)
+		}
+	}
+	a.mu.Unlock()
 	s.m.MessagesDelivered.Add(float64(len(done)))
 	// One audit event per recipient and batch, listing its messages.
 	byMember := map[string][]int64{}

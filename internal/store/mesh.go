@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // MemberChannel carries "meshId" or "meshId|memberId|revoked" whenever a
@@ -240,6 +241,24 @@ func (s *Store) MeshBySlug(ctx context.Context, slug string) (Mesh, error) {
 // are closed by the nodes (the change is announced as a revocation of each
 // member).
 func (s *Store) DeleteMesh(ctx context.Context, id string) error {
+	// Nodes mark deliveries of the mesh while it is deleted; the row locks
+	// can then meet in a deadlock, which Postgres resolves by aborting one
+	// side. Retry ours a few times.
+	var err error
+	for attempt := 0; attempt < 5; attempt++ {
+		if err = s.deleteMesh(ctx, id); !isDeadlock(err) {
+			return err
+		}
+	}
+	return err
+}
+
+func isDeadlock(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && (pgErr.Code == "40P01" || pgErr.Code == "40001")
+}
+
+func (s *Store) deleteMesh(ctx context.Context, id string) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var exists bool
 		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM mesh WHERE id = $1)`, id).Scan(&exists); err != nil {
