@@ -31,6 +31,8 @@ type Replica struct {
 	byMesh   map[string]map[string]*Entry // mesh → present entries
 	byMember map[string]map[string]*Entry // member → present entries
 	alive    map[string]int64             // live node name → incarnation
+	present  int                          // present entries (live and grace)
+	visible  map[string]int               // mesh → visible live entries (the capacity count)
 
 	onChange func([]Change) // called without the lock held
 	onOwn    func([]Entry)  // own entries to replicate; called without the lock
@@ -50,6 +52,7 @@ func NewReplica(self string, inc int64, grace time.Duration) *Replica {
 		byMesh:   map[string]map[string]*Entry{},
 		byMember: map[string]map[string]*Entry{},
 		alive:    map[string]int64{self: inc},
+		visible:  map[string]int{},
 	}
 	return r
 }
@@ -88,10 +91,28 @@ func delIdx(m map[string]map[string]*Entry, k, id string) {
 	}
 }
 
-// put stores e (replacing any entry with its id) and maintains indexes.
-// Callers hold the write lock.
+// account adds d to the counters e contributes to. Callers hold the write
+// lock and call it with -1 before changing a stored entry, +1 after.
+func (r *Replica) account(e *Entry, d int) {
+	if !e.Present() {
+		return
+	}
+	r.present += d
+	if e.Visible() {
+		if r.visible[e.MeshID] += d; r.visible[e.MeshID] <= 0 {
+			delete(r.visible, e.MeshID)
+		}
+	}
+}
+
+// put stores e (replacing any entry with its id) and maintains indexes and
+// counters. Callers hold the write lock.
 func (r *Replica) put(e *Entry) *Entry {
 	prev := r.entries[e.PresenceID]
+	if prev != nil {
+		r.account(prev, -1)
+	}
+	r.account(e, 1)
 	if prev != nil && prev.Present() {
 		delIdx(r.bySess, prev.sessKey(), prev.PresenceID)
 		delIdx(r.byMesh, prev.MeshID, prev.PresenceID)
@@ -175,7 +196,9 @@ func (r *Replica) Update(id string, fn func(*Entry) bool) (Entry, bool) {
 	next := *cur
 	if !fn(&next) {
 		// Keep local-only edits (such as a refreshed status timestamp).
+		r.account(cur, -1)
 		*cur = next
+		r.account(cur, 1)
 		r.mu.Unlock()
 		return next, false
 	}
@@ -304,7 +327,9 @@ func (r *Replica) NodeAlive(name string, inc int64) {
 		}
 		wasLive := e.IsLive()
 		before := *e
+		r.account(e, -1)
 		r.markOrphan(e)
+		r.account(e, 1)
 		if e.IsLive() != wasLive {
 			cur := *e
 			changes = append(changes, Change{Prev: &before, Cur: &cur})
@@ -328,7 +353,9 @@ func (r *Replica) NodeDead(name string) {
 			continue
 		}
 		before := *e
+		r.account(e, -1)
 		r.markOrphan(e)
+		r.account(e, 1)
 		cur := *e
 		changes = append(changes, Change{Prev: &before, Cur: &cur})
 	}
@@ -423,13 +450,7 @@ func (r *Replica) Live(mesh string) []Entry {
 func (r *Replica) CountLive(mesh string) int {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	n := 0
-	for _, e := range r.byMesh[mesh] {
-		if e.Visible() {
-			n++
-		}
-	}
-	return n
+	return r.visible[mesh]
 }
 
 // MemberEntries returns a member's present entries (live and grace).
@@ -506,13 +527,7 @@ func (r *Replica) Own() []Entry {
 func (r *Replica) Len() int {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	n := 0
-	for _, e := range r.entries {
-		if e.Present() {
-			n++
-		}
-	}
-	return n
+	return r.present
 }
 
 // Meshes returns the ids of meshes with present entries.
