@@ -162,6 +162,11 @@ func (c *Cluster) config() (*memberlist.Config, error) {
 		cfg = memberlist.DefaultLANConfig()
 		cfg.PushPullInterval = 10 * time.Second
 	}
+	if c.opts.Profile != "wan" {
+		// Deltas are JSON of a few hundred bytes per entry; on a LAN the
+		// CPU that LZW compression costs buys nothing.
+		cfg.EnableCompression = false
+	}
 	if cfg.DeadNodeReclaimTime == 0 {
 		// A restarted node keeps its name even if its address changed.
 		cfg.DeadNodeReclaimTime = 10 * time.Second

@@ -70,7 +70,12 @@ func (s *Server) resolveDuplicateSession(remote *presence.Entry) {
 // systemEvent pushes a peer event to this node's other sessions of the mesh
 // that asked for system events.
 func (s *Server) systemEvent(e *presence.Entry, event string) {
-	targets := s.meshSessions(e.MeshID)
+	s.mu.RLock()
+	targets := make([]*session, 0, len(s.listeners[e.MeshID]))
+	for ss := range s.listeners[e.MeshID] {
+		targets = append(targets, ss)
+	}
+	s.mu.RUnlock()
 	if len(targets) == 0 {
 		return
 	}
@@ -81,8 +86,26 @@ func (s *Server) systemEvent(e *presence.Entry, event string) {
 		CreatedAt: protocol.FormatTime(time.Now()),
 	})
 	for _, ss := range targets {
-		if ss.sysEvents && ss.presenceID != e.PresenceID && ss.authed.Load() {
+		if ss.presenceID != e.PresenceID {
 			ss.queueRaw(frameData(frame))
+		}
+	}
+}
+
+func addToSet(m map[string]map[*session]struct{}, key string, ss *session) {
+	set := m[key]
+	if set == nil {
+		set = map[*session]struct{}{}
+		m[key] = set
+	}
+	set[ss] = struct{}{}
+}
+
+func removeFromSet(m map[string]map[*session]struct{}, key string, ss *session) {
+	if set := m[key]; set != nil {
+		delete(set, ss)
+		if len(set) == 0 {
+			delete(m, key)
 		}
 	}
 }

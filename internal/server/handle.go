@@ -180,12 +180,10 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	s.mu.Lock()
 	old := s.byPresence[e.PresenceID]
 	s.byPresence[e.PresenceID] = ss
-	set := s.byMesh[ss.meshID]
-	if set == nil {
-		set = map[*session]struct{}{}
-		s.byMesh[ss.meshID] = set
+	addToSet(s.byMesh, ss.meshID, ss)
+	if ss.sysEvents {
+		addToSet(s.listeners, ss.meshID, ss)
 	}
-	set[ss] = struct{}{}
 	s.mu.Unlock()
 	ss.authed.Store(true)
 	s.m.ConnectionsActive.Inc()

@@ -85,6 +85,7 @@ type Server struct {
 	sessions   map[*session]struct{}
 	byPresence map[string]*session
 	byMesh     map[string]map[*session]struct{}
+	listeners  map[string]map[*session]struct{} // sessions that asked for system events, by mesh
 	perAddr    map[string]int
 
 	ctx    context.Context // cancelled by Shutdown
@@ -106,6 +107,7 @@ func New(d Deps) *Server {
 		sessions:   map[*session]struct{}{},
 		byPresence: map[string]*session{},
 		byMesh:     map[string]map[*session]struct{}{},
+		listeners:  map[string]map[*session]struct{}{},
 		perAddr:    map[string]int{},
 		ctx:        ctx, cancel: cancel,
 		closed: make(chan struct{}),

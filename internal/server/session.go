@@ -472,12 +472,8 @@ func (ss *session) teardown() {
 		if s.byPresence[ss.presenceID] == ss {
 			delete(s.byPresence, ss.presenceID)
 		}
-		if set := s.byMesh[ss.meshID]; set != nil {
-			delete(set, ss)
-			if len(set) == 0 {
-				delete(s.byMesh, ss.meshID)
-			}
-		}
+		removeFromSet(s.byMesh, ss.meshID, ss)
+		removeFromSet(s.listeners, ss.meshID, ss)
 	}
 	s.mu.Unlock()
 	if !ss.authed.Load() {
