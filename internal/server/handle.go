@@ -116,17 +116,17 @@ func (ss *session) handleHello(data []byte) {
 		ss.reject(protocol.ReasonCapacity, "")
 		return
 	}
-	fresh, pending, err := s.store.AcceptHello(ctx, auth.SignatureHash(h.Signature), helloSeenFor,
-		h.PID, h.Cwd, h.MeshID, pubkey, pendingHookTTL)
+	res, err := s.hellos.accept(ctx, store.HelloCheck{SigHash: auth.SignatureHash(h.Signature),
+		PID: h.PID, Cwd: h.Cwd, MeshID: h.MeshID, Pubkey: pubkey})
 	if err != nil {
 		ss.reject(protocol.ReasonUnavailable, err.Error())
 		return
 	}
-	if !fresh {
+	if !res.Fresh {
 		ss.reject(protocol.ReasonReplayed, "")
 		return
 	}
-	ss.register(h, member, prev, hasPrev, pending)
+	ss.register(h, member, prev, hasPrev, res.Pending)
 }
 
 func toLowerHex(s string) string {

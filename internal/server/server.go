@@ -71,6 +71,7 @@ type Server struct {
 	members   *memberCache
 	engine    *engine
 	commit    *committer
+	hellos    *helloBatcher
 	acks      *acker
 	audit     *auditor
 	hookRate  *keyedLimiter
@@ -119,6 +120,7 @@ func New(d Deps) *Server {
 	s.members = newMemberCache(d.Store)
 	s.engine = newEngine(s)
 	s.commit = newCommitter(s, 2)
+	s.hellos = newHelloBatcher(s, 2)
 	s.acks = newAcker(s)
 	s.audit = newAuditor(s)
 	s.hookRate = newKeyedLimiter(float64(d.Config.HookRateLimitPerMin)/60, d.Config.HookRateLimitPerMin)
@@ -211,6 +213,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.once.Do(func() {
 		s.Drain(ctx)
+		s.hellos.stop()
 		s.commit.stop()
 		s.acks.flushNow(ctx)
 		s.audit.flushNow(ctx)
@@ -253,6 +256,7 @@ func (s *Server) Abort() {
 			_ = ss.conn.CloseNow()
 		}
 		s.cancel()
+		s.hellos.stop()
 		s.commit.stop()
 		s.wg.Wait()
 		close(s.closed)

@@ -8,33 +8,80 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// AcceptHello records an accepted hello signature and, in the same round
-// trip, takes the newest pending hook status for (pid, cwd) that is younger
-// than pendingTTL. fresh is false when the signature was accepted before
-// (a replay). A pending row stored by a signed hook applies only to that
-// member's session (mesh and pubkey must match).
-func (s *Store) AcceptHello(ctx context.Context, sigHash []byte, keep time.Duration, pid int64, cwd, meshID, pubkey string, pendingTTL time.Duration) (fresh bool, pending string, err error) {
-	var pend *string
-	err = s.pool.QueryRow(ctx, `
-		WITH seen AS (
-			INSERT INTO hello_seen (signature_hash, expires_at) VALUES ($1, now() + $2::interval)
-			ON CONFLICT DO NOTHING RETURNING 1
+// HelloCheck is one hello to record: its signature hash, and the session
+// whose pending hook status it may take.
+type HelloCheck struct {
+	SigHash []byte
+	PID     int64
+	Cwd     string
+	MeshID  string
+	Pubkey  string
+}
+
+// HelloResult answers a HelloCheck. Fresh is false when the signature was
+// accepted before (a replay); Pending is the newest hook status that
+// arrived for (pid, cwd) before the session connected, if any.
+type HelloResult struct {
+	Fresh   bool
+	Pending string
+}
+
+// AcceptHellos records accepted hello signatures for replay protection and,
+// in the same statement, takes the pending hook statuses of the fresh ones
+// (younger than pendingTTL; a signed hook's status only for that member).
+// Many hellos cost one round trip and one commit. A signature must not
+// appear twice in one call.
+func (s *Store) AcceptHellos(ctx context.Context, keep, pendingTTL time.Duration, checks []HelloCheck) ([]HelloResult, error) {
+	n := len(checks)
+	sigs := make([][]byte, n)
+	pids := make([]int64, n)
+	cwds := make([]string, n)
+	meshes := make([]string, n)
+	pubkeys := make([]string, n)
+	for i, c := range checks {
+		sigs[i], pids[i], cwds[i], meshes[i], pubkeys[i] = c.SigHash, c.PID, c.Cwd, c.MeshID, c.Pubkey
+	}
+	rows, err := s.pool.Query(ctx, `
+		WITH input AS (
+			SELECT * FROM unnest($1::bytea[], $2::int8[], $3::text[], $4::text[], $5::text[])
+			     WITH ORDINALITY AS t(sig, pid, cwd, mesh, pubkey, ord)
+		), seen AS (
+			INSERT INTO hello_seen (signature_hash, expires_at)
+			SELECT sig, now() + $6::interval FROM input
+			ON CONFLICT DO NOTHING RETURNING signature_hash
 		), pend AS (
-			DELETE FROM pending_status p
-			WHERE EXISTS (SELECT 1 FROM seen) AND p.cwd = $4 AND (p.pid = $3 OR p.pid = 0)
-			  AND (p.mesh_id IS NULL OR (p.mesh_id = $5 AND p.pubkey = $6))
-			RETURNING p.status, p.created_at
+			DELETE FROM pending_status p USING input i
+			WHERE i.sig IN (SELECT signature_hash FROM seen)
+			  AND p.cwd = i.cwd AND (p.pid = i.pid OR p.pid = 0)
+			  AND (p.mesh_id IS NULL OR (p.mesh_id = i.mesh AND p.pubkey = i.pubkey))
+			RETURNING i.ord, p.status, p.created_at
 		)
-		SELECT EXISTS (SELECT 1 FROM seen),
-		       (SELECT status FROM pend WHERE created_at > now() - $7::interval ORDER BY created_at DESC LIMIT 1)`,
-		sigHash, keep, pid, cwd, meshID, pubkey, pendingTTL).Scan(&fresh, &pend)
+		SELECT i.ord, EXISTS (SELECT 1 FROM seen s WHERE s.signature_hash = i.sig),
+		       (SELECT status FROM pend WHERE pend.ord = i.ord AND pend.created_at > now() - $7::interval
+		        ORDER BY pend.created_at DESC LIMIT 1)
+		FROM input i ORDER BY i.ord`,
+		sigs, pids, cwds, meshes, pubkeys, keep, pendingTTL)
 	if err != nil {
-		return false, "", fmt.Errorf("accept hello: %w", err)
+		return nil, fmt.Errorf("accept hellos: %w", err)
 	}
-	if pend != nil {
-		pending = *pend
+	out := make([]HelloResult, n)
+	for rows.Next() {
+		var ord int64
+		var fresh bool
+		var pend *string
+		if err := rows.Scan(&ord, &fresh, &pend); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("accept hellos: %w", err)
+		}
+		out[ord-1].Fresh = fresh
+		if pend != nil {
+			out[ord-1].Pending = *pend
+		}
 	}
-	return fresh, pending, nil
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("accept hellos: %w", err)
+	}
+	return out, nil
 }
 
 // AddPendingStatus keeps a hook status for a session that has not connected

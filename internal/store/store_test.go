@@ -210,13 +210,26 @@ func TestHelloReplayAndPending(t *testing.T) {
 	if err := s.AddPendingStatus(ctx, 42, "/w", "working", "", ""); err != nil {
 		t.Fatal(err)
 	}
-	fresh, pend, err := s.AcceptHello(ctx, []byte("sig1"), time.Minute, 42, "/w", "mesh", "pk", 10*time.Second)
-	if err != nil || !fresh || pend != "working" {
-		t.Fatalf("first hello: %v %v %q", err, fresh, pend)
+	if err := s.AddPendingStatus(ctx, 7, "/signed", "dnd", "mesh", "other-pk"); err != nil {
+		t.Fatal(err)
 	}
-	fresh, _, err = s.AcceptHello(ctx, []byte("sig1"), time.Minute, 42, "/w", "mesh", "pk", 10*time.Second)
-	if err != nil || fresh {
-		t.Fatalf("replayed hello accepted: %v %v", err, fresh)
+	res, err := s.AcceptHellos(ctx, time.Minute, 10*time.Second, []store.HelloCheck{
+		{SigHash: []byte("sig1"), PID: 42, Cwd: "/w", MeshID: "mesh", Pubkey: "pk"},
+		{SigHash: []byte("sig2"), PID: 7, Cwd: "/signed", MeshID: "mesh", Pubkey: "pk"},
+		{SigHash: []byte("sig3"), PID: 1, Cwd: "/none", MeshID: "mesh", Pubkey: "pk"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []store.HelloResult{{Fresh: true, Pending: "working"}, {Fresh: true}, {Fresh: true}}
+	if len(res) != 3 || res[0] != want[0] || res[1] != want[1] || res[2] != want[2] {
+		t.Fatalf("got %+v, want %+v (a signed hook's status is only for its signer)", res, want)
+	}
+	res, err = s.AcceptHellos(ctx, time.Minute, 10*time.Second, []store.HelloCheck{
+		{SigHash: []byte("sig1"), PID: 42, Cwd: "/w"}, {SigHash: []byte("sig4"), PID: 42, Cwd: "/w"},
+	})
+	if err != nil || res[0].Fresh || !res[1].Fresh || res[1].Pending != "" {
+		t.Fatalf("replay batch: %+v %v", res, err)
 	}
 }
 

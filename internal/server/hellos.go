@@ -1,0 +1,114 @@
+package server
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// helloBatcher records accepted hello signatures in batches: a flood of
+// connects costs one statement (and one commit) per batch, not per hello.
+type helloBatcher struct {
+	s    *Server
+	in   chan *helloReq
+	quit chan struct{}
+	wg   sync.WaitGroup
+	once sync.Once
+}
+
+type helloReq struct {
+	check store.HelloCheck
+	done  chan helloAnswer
+}
+
+type helloAnswer struct {
+	res store.HelloResult
+	err error
+}
+
+// maxHelloBatch bounds one statement.
+const maxHelloBatch = 1000
+
+func newHelloBatcher(s *Server, workers int) *helloBatcher {
+	b := &helloBatcher{s: s, in: make(chan *helloReq, 4096), quit: make(chan struct{})}
+	for i := 0; i < workers; i++ {
+		b.wg.Add(1)
+		go b.run()
+	}
+	return b
+}
+
+// accept records one hello's signature; it waits for the batch it joins.
+func (b *helloBatcher) accept(ctx context.Context, c store.HelloCheck) (store.HelloResult, error) {
+	req := &helloReq{check: c, done: make(chan helloAnswer, 1)}
+	select {
+	case b.in <- req:
+	case <-ctx.Done():
+		return store.HelloResult{}, ctx.Err()
+	case <-b.quit:
+		return store.HelloResult{}, context.Canceled
+	}
+	select {
+	case a := <-req.done:
+		return a.res, a.err
+	case <-ctx.Done():
+		return store.HelloResult{}, ctx.Err()
+	}
+}
+
+func (b *helloBatcher) stop() {
+	b.once.Do(func() { close(b.quit) })
+	b.wg.Wait()
+}
+
+func (b *helloBatcher) run() {
+	defer b.wg.Done()
+	batch := make([]*helloReq, 0, maxHelloBatch)
+	for {
+		select {
+		case <-b.quit:
+			return
+		case first := <-b.in:
+			batch = append(batch[:0], first)
+		}
+	gather:
+		for len(batch) < maxHelloBatch {
+			select {
+			case r := <-b.in:
+				batch = append(batch, r)
+			default:
+				break gather
+			}
+		}
+		b.flush(batch)
+	}
+}
+
+func (b *helloBatcher) flush(batch []*helloReq) {
+	// The same signature twice in one batch: the later ones are replays.
+	seen := make(map[string]bool, len(batch))
+	checks := make([]store.HelloCheck, 0, len(batch))
+	send := make([]*helloReq, 0, len(batch))
+	for _, r := range batch {
+		k := string(r.check.SigHash)
+		if seen[k] {
+			r.done <- helloAnswer{res: store.HelloResult{Fresh: false}}
+			continue
+		}
+		seen[k] = true
+		checks = append(checks, r.check)
+		send = append(send, r)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	res, err := b.s.store.AcceptHellos(ctx, helloSeenFor, pendingHookTTL, checks)
+	cancel()
+	for i, r := range send {
+		if err != nil {
+			r.done <- helloAnswer{err: err}
+			continue
+		}
+		r.done <- helloAnswer{res: res[i]}
+	}
+}
