@@ -117,6 +117,35 @@ func Decode(payload string) (time.Time, []Wake, error) {
 	return time.UnixMicro(us), wakes, nil
 }
 
+// Notifications turns mesh → member wake-ups into NOTIFY channels and
+// payloads (parallel slices), for a statement that notifies as it commits.
+func Notifications(sentAt time.Time, meshes map[string][]string) (channels, payloads []string) {
+	if len(meshes) == 0 {
+		return nil, nil
+	}
+	byChannel := map[string][]Wake{}
+	for mesh, members := range meshes {
+		set := make(map[string]struct{}, len(members))
+		w := Wake{MeshID: mesh}
+		for _, m := range members {
+			if _, dup := set[m]; !dup {
+				set[m] = struct{}{}
+				w.Members = append(w.Members, m)
+			}
+		}
+		sort.Strings(w.Members)
+		ch := ChannelFor(mesh)
+		byChannel[ch] = append(byChannel[ch], w)
+	}
+	for ch, wakes := range byChannel {
+		for _, p := range Encode(sentAt, wakes) {
+			channels = append(channels, ch)
+			payloads = append(payloads, p)
+		}
+	}
+	return channels, payloads
+}
+
 // NotifyFunc sends notifications (one statement, one transaction).
 type NotifyFunc func(ctx context.Context, channels, payloads []string) error
 

@@ -64,3 +64,30 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+func TestNotifications(t *testing.T) {
+	now := time.UnixMicro(1764480000000000)
+	ch, pl := relay.Notifications(now, map[string][]string{"m1": {"b", "a", "b"}, "m2": {"c"}})
+	if len(ch) != len(pl) || len(ch) == 0 {
+		t.Fatalf("channels %v payloads %v", ch, pl)
+	}
+	got := map[string][]string{}
+	for i, p := range pl {
+		_, wakes, err := relay.Decode(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, w := range wakes {
+			if relay.ChannelFor(w.MeshID) != ch[i] {
+				t.Fatalf("mesh %s sent on %s", w.MeshID, ch[i])
+			}
+			got[w.MeshID] = w.Members
+		}
+	}
+	if strings.Join(got["m1"], ",") != "a,b" || strings.Join(got["m2"], ",") != "c" {
+		t.Fatalf("got %v (members deduplicated and sorted)", got)
+	}
+	if c, p := relay.Notifications(now, nil); c != nil || p != nil {
+		t.Fatal("notifications for nothing")
+	}
+}

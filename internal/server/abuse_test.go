@@ -234,6 +234,11 @@ func TestConnectionFloodFromOneAddress(t *testing.T) {
 		}
 		open = append(open, c)
 	}
+	// The server counts a connection just after its 101 is written; the
+	// client may see the 101 first.
+	testkit.Eventually(t, 5*time.Second, "connections counted", func() bool {
+		return n.Counter("broker_connections_total") == perAddr
+	})
 	before := n.Counter("broker_connections_rejected_total", "reason", protocol.ReasonRateLimited)
 	accepted := n.Counter("broker_connections_total")
 	const flood = 300

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/relay"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -243,13 +244,28 @@ func (c *committer) commit(batch []*sendItem) {
 		}
 		msgs[i] = it.msg
 	}
+	// Members hosted by other nodes are woken by a NOTIFY that commits with
+	// the batch: no second transaction, and nothing is announced that did
+	// not commit.
+	remote := map[string][]string{} // mesh → members hosted elsewhere
+	for _, it := range batch {
+		for j, rec := range it.msg.Recipients {
+			if it.fast[j] != nil {
+				continue
+			}
+			if _, elsewhere := s.replica.MemberPresent(rec.MemberID); elsewhere {
+				remote[it.msg.MeshID] = append(remote[it.msg.MeshID], rec.MemberID)
+			}
+		}
+	}
+	channels, payloads := relay.Notifications(time.Now(), remote)
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
 	if s.ctx.Err() != nil {
 		// Shutting down: still commit what was accepted.
 		ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
 	}
-	res, err := s.store.InsertMessages(ctx, s.cfg.MessageTTL, s.leaseNode, s.cfg.LeaseDuration, msgs)
+	res, err := s.store.InsertMessages(ctx, s.cfg.MessageTTL, s.leaseNode, s.cfg.LeaseDuration, msgs, channels, payloads)
 	cancel()
 	s.m.CommitDuration.Observe(time.Since(start).Seconds())
 	s.m.CommitBatchSize.Observe(float64(len(batch)))
@@ -265,8 +281,8 @@ func (c *committer) commit(batch []*sendItem) {
 		return
 	}
 	committed := time.Now()
+	s.m.RelaySent.Add(float64(len(channels)))
 	wakeLocal := map[string]struct{}{}
-	remote := map[string][]string{} // mesh → members hosted elsewhere
 	// A session whose queue refused a direct push gets none of this
 	// batch's later rows either (they would overtake the refused one):
 	// they go back to the queue with it.
@@ -290,9 +306,6 @@ func (c *committer) commit(batch []*sendItem) {
 			if s.engine.hasLocal(rec.MemberID) {
 				wakeLocal[rec.MemberID] = struct{}{}
 			}
-			if _, elsewhere := s.replica.MemberPresent(rec.MemberID); elsewhere {
-				remote[it.msg.MeshID] = append(remote[it.msg.MeshID], rec.MemberID)
-			}
 		}
 		it.answer(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id,
 			MessageID: strconv.FormatInt(r.ID, 10), Queued: true})
@@ -312,9 +325,6 @@ func (c *committer) commit(batch []*sendItem) {
 			members = append(members, m)
 		}
 		s.engine.wake(members, reasonLocal)
-	}
-	for mesh, members := range remote {
-		s.notifier.Notify(mesh, members)
 	}
 }
 

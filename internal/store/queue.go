@@ -42,10 +42,13 @@ type Inserted struct {
 }
 
 // InsertMessages commits a batch of messages and their delivery rows in one
-// statement (one round trip, one transaction). Message ids are allocated in
-// batch order, so two messages of one sender in one batch keep their order.
-// leaseNode and lease apply to recipients with a LeaseConn.
-func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode string, lease time.Duration, msgs []NewMessage) ([]Inserted, error) {
+// statement (one round trip, one transaction), with the batch's relay
+// notifications, which Postgres delivers only if the transaction commits.
+// Message ids are allocated in batch order, so two messages of one sender
+// in one batch keep their order. leaseNode and lease apply to recipients
+// with a LeaseConn. channels and payloads are the parallel NOTIFY
+// arguments.
+func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode string, lease time.Duration, msgs []NewMessage, channels, payloads []string) ([]Inserted, error) {
 	n := len(msgs)
 	var (
 		ord      = make([]int32, n)
@@ -64,6 +67,9 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 		dNode    []*string
 		nodeName = leaseNode
 	)
+	if channels == nil {
+		channels, payloads = []string{}, []string{}
+	}
 	for i, m := range msgs {
 		ord[i] = int32(i)
 		meshID[i], sender[i], spub[i], sname[i] = m.MeshID, m.SenderMemberID, m.SenderPubkey, m.SenderName
@@ -101,6 +107,8 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 			FROM input
 			ON CONFLICT (sender_member_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
 			RETURNING id, created_at, expires_at
+		), notified AS (
+			SELECT pg_notify(c, p) FROM unnest($17::text[], $18::text[]) AS n(c, p)
 		), dl AS (
 			INSERT INTO delivery (message_id, recipient_member_id, priority, expires_at,
 			                      lease_conn, lease_node, lease_expires_at, attempts)
@@ -111,9 +119,10 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 			JOIN input i ON i.ord = d.ord
 			JOIN ins ON ins.id = i.id
 		)
-		SELECT i.ord, i.id, ins.created_at FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`,
+		SELECT i.ord, i.id, ins.created_at, (SELECT count(*) FROM notified)
+		FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`,
 		ord, meshID, sender, spub, sname, target, prio, nonce, cipher, cmid, ttl,
-		dOrd, dMember, dConn, dNode, lease)
+		dOrd, dMember, dConn, dNode, lease, channels, payloads)
 	if err != nil {
 		return nil, fmt.Errorf("insert messages: %w", err)
 	}
@@ -121,9 +130,9 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 	var dups []int
 	for rows.Next() {
 		var o int32
-		var id int64
+		var id, notified int64
 		var created *time.Time
-		if err := rows.Scan(&o, &id, &created); err != nil {
+		if err := rows.Scan(&o, &id, &created, &notified); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("insert messages: %w", err)
 		}

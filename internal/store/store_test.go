@@ -62,14 +62,14 @@ func TestInsertOrderAndIdempotency(t *testing.T) {
 	f := seed(t, s, 2)
 	ctx := context.Background()
 	batch := []store.NewMessage{msg(f, 0, 1, 1, ""), msg(f, 0, 1, 1, "k1"), msg(f, 0, 1, 1, "")}
-	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch)
+	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !(res[0].ID < res[1].ID && res[1].ID < res[2].ID) {
 		t.Fatalf("ids not in batch order: %+v", res)
 	}
-	again, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 1, "k1")})
+	again, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 1, "k1")}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +100,7 @@ func TestConcurrentClaimersDisjoint(t *testing.T) {
 	for i := 0; i < total; i++ {
 		batch = append(batch, msg(f, 0, 1, 0, ""))
 		if len(batch) == 100 {
-			if _, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch); err != nil {
+			if _, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch, nil, nil); err != nil {
 				t.Fatal(err)
 			}
 			batch = batch[:0]
@@ -150,7 +150,7 @@ func TestLeaseReleaseDeliverExpire(t *testing.T) {
 	s := open(t)
 	f := seed(t, s, 2)
 	ctx := context.Background()
-	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 2, ""), msg(f, 0, 1, 0, "")})
+	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 2, ""), msg(f, 0, 1, 0, "")}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +183,7 @@ func TestLeaseReleaseDeliverExpire(t *testing.T) {
 		t.Fatalf("node release: %v %v", err, members)
 	}
 	// Expiry: a message with a zero TTL is due in any later transaction.
-	short, err := s.InsertMessages(ctx, 0, "n#1", time.Second, []store.NewMessage{msg(f, 1, 0, 1, "")})
+	short, err := s.InsertMessages(ctx, 0, "n#1", time.Second, []store.NewMessage{msg(f, 1, 0, 1, "")}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +237,7 @@ func TestDeleteMesh(t *testing.T) {
 	s := open(t)
 	f := seed(t, s, 2)
 	ctx := context.Background()
-	if _, err := s.InsertMessages(ctx, time.Hour, "n#1", time.Second, []store.NewMessage{msg(f, 0, 1, 1, "")}); err != nil {
+	if _, err := s.InsertMessages(ctx, time.Hour, "n#1", time.Second, []store.NewMessage{msg(f, 0, 1, 1, "")}, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.DeleteMesh(ctx, f.mesh.ID); err != nil {
