@@ -50,11 +50,19 @@ func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
 		maxConns = 4
 	}
 	syncConns := maxConns - maxConns/4
-	pool, err := newPool(ctx, url, syncConns, "claudemesh-broker", nil)
+	// Every query of the broker is written to be driven by an index. While
+	// a table grows from empty faster than autovacuum refreshes its
+	// statistics, the planner believes it tiny and scans it whole, each
+	// scan a little longer: a queue that fills up in a minute would crawl.
+	// Sequential scans are therefore a last resort on the broker's
+	// connections (they still happen where no index serves).
+	params := map[string]string{"enable_seqscan": "off"}
+	pool, err := newPool(ctx, url, syncConns, "claudemesh-broker", params)
 	if err != nil {
 		return nil, err
 	}
-	fast, err := newPool(ctx, url, maxConns-syncConns, "claudemesh-broker-async", map[string]string{"synchronous_commit": "off"})
+	fast, err := newPool(ctx, url, maxConns-syncConns, "claudemesh-broker-async",
+		map[string]string{"enable_seqscan": "off", "synchronous_commit": "off"})
 	if err != nil {
 		pool.Close()
 		return nil, err
