@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strconv"
 	"sync"
 	"time"
@@ -166,6 +167,12 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", n.srv.MetricsHandler())
+		// The private listener also serves Go's profiler for operators.
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 		n.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		n.metricsAddr = mln.Addr().String()
 		n.goRun(func() { _ = n.metrics.Serve(mln) })
