@@ -236,7 +236,7 @@ func (s *Server) MemberChanged(payload string) {
 func (s *Server) closeMember(memberID, why string) {
 	for _, ss := range s.localSessions() {
 		if ss.authed.Load() && ss.memberID == memberID {
-			ss.logger.Info("closing session of revoked member", "why", why)
+			ss.log().Info("closing session of revoked member", "why", why)
 			ss.closeAfterFlush(websocket.StatusPolicyViolation, protocol.CloseReasonRevoked)
 		}
 	}

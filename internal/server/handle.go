@@ -175,7 +175,6 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	ss.maxPrio.Store(int32(protocol.MaxPriorityRank(e.Status)))
 	// Set before the session is published below: other goroutines (a
 	// revocation, the delivery engine) log through it from then on.
-	ss.logger = ss.logger.With("mesh_id", h.MeshID, "presence_id", e.PresenceID)
 
 	s.mu.Lock()
 	old := s.byPresence[e.PresenceID]
@@ -195,7 +194,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
 		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
 	s.engine.attach(ss)
-	ss.logger.Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
+	ss.log().Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
 		"reattached", reattached, "client_ack", ss.clientAck)
 	s.audit.add(store.AuditEvent{MeshID: h.MeshID, Type: store.EventPeerConnected, Actor: member.ID,
 		Target: entry.PresenceID, Metadata: map[string]any{"session_id": h.SessionID, "node": s.node,
@@ -205,7 +204,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 // replaced closes a session whose presence was taken over by a newer
 // connection of the same session.
 func (ss *session) replaced() {
-	ss.logger.Info("session replaced")
+	ss.log().Info("session replaced")
 	ss.closeAfterFlush(websocket.StatusNormalClosure, protocol.CloseReasonReplaced)
 }
 
@@ -243,7 +242,7 @@ func (ss *session) handleSetStatus(data []byte, reqID string) {
 		ss.sendError(protocol.CodeMalformed, "source must be manual or jsonl", reqID)
 		return
 	}
-	ss.logger.Info("ws set_status", "status", m.Status, "source", source)
+	ss.log().Info("ws set_status", "status", m.Status, "source", source)
 	ss.s.setStatus(ss.presenceID, m.Status, source)
 }
 

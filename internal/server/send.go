@@ -2,8 +2,10 @@ package server
 
 import (
 	"context"
+
 	"encoding/json"
 	"errors"
+	"golang.org/x/time/rate"
 	"hash/fnv"
 	"strconv"
 	"sync"
@@ -36,6 +38,11 @@ func (ss *session) handleSend(data []byte, reqID string) {
 		}
 		ss.rejectSend(reqID, id, protocol.CodeMalformed)
 		return
+	}
+	if ss.sendLimit == nil && s.cfg.SendRatePerSec > 0 {
+		// Made on the first send (by the read loop, the only user):
+		// sessions that never send carry none.
+		ss.sendLimit = rate.NewLimiter(rate.Limit(s.cfg.SendRatePerSec), int(2*s.cfg.SendRatePerSec)+1)
 	}
 	if ss.sendLimit != nil && !ss.sendLimit.Allow() {
 		ss.rejectSend(reqID, m.ID, protocol.CodeRateLimited)

@@ -97,7 +97,6 @@ type session struct {
 	conn   *websocket.Conn
 	id     string // connection id; leases name it
 	remote string // client IP
-	logger *slog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
 
@@ -139,7 +138,6 @@ func (s *Server) newSession(conn *websocket.Conn, remote string) *session {
 	slots := min(maxSendsInFlight, max(1, s.cfg.SendQueueLen/4))
 	ss := &session{
 		s: s, conn: conn, id: id, remote: remote, ctx: ctx, cancel: cancel,
-		logger:    s.logger.With("conn", id, "remote", remote),
 		q:         frameQueue{max: s.cfg.SendQueueLen},
 		done:      make(chan struct{}),
 		inflight:  map[int64]struct{}{},
@@ -149,10 +147,17 @@ func (s *Server) newSession(conn *websocket.Conn, remote string) *session {
 	now := time.Now()
 	ss.lastPong.Store(now.UnixNano())
 	ss.nextPing.Store(now.Add(s.cfg.PingInterval).UnixNano())
-	if s.cfg.SendRatePerSec > 0 {
-		ss.sendLimit = rate.NewLimiter(rate.Limit(s.cfg.SendRatePerSec), int(2*s.cfg.SendRatePerSec)+1)
-	}
 	return ss
+}
+
+// log returns the session's logger. It is built per call, not kept: a
+// session logs a few lines in its life, and an idle connection should not
+// carry a logger of its own.
+func (ss *session) log() *slog.Logger {
+	if ss.authed.Load() {
+		return ss.s.logger.With("conn", ss.id, "remote", ss.remote, "mesh_id", ss.meshID, "presence_id", ss.presenceID)
+	}
+	return ss.s.logger.With("conn", ss.id, "remote", ss.remote)
 }
 
 // clientIP is the request's remote IP.
@@ -218,6 +223,7 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		})
 		ss.readLoop()
 		helloTimer.Stop()
+		helloTimer = nil
 		ss.teardown()
 	}()
 }
@@ -289,7 +295,7 @@ func (ss *session) closeNow(code websocket.StatusCode, reason string) {
 func (ss *session) reject(reason, detail string) {
 	ss.s.m.ConnectionsRejected.WithLabelValues(reason).Inc()
 	msg := "hello rejected: " + reason
-	ss.logger.Info("ws hello rejected", "reason", reason, "detail", detail)
+	ss.log().Info("ws hello rejected", "reason", reason, "detail", detail)
 	code := websocket.StatusPolicyViolation
 	switch reason {
 	case protocol.ReasonUnavailable:
@@ -308,7 +314,7 @@ func (ss *session) reject(reason, detail string) {
 func (ss *session) queue(v any) bool {
 	data, err := json.Marshal(v)
 	if err != nil {
-		ss.logger.Error("marshal frame", "err", err)
+		ss.log().Error("marshal frame", "err", err)
 		return false
 	}
 	return ss.queueRaw(frame{data: data})
@@ -347,7 +353,7 @@ func (ss *session) slow() {
 		return
 	}
 	ss.s.m.SlowConsumers.Inc()
-	ss.logger.Warn("slow consumer: closing")
+	ss.log().Warn("slow consumer: closing")
 	ss.closeNow(websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer)
 }
 
@@ -432,7 +438,7 @@ func (ss *session) writeFailed(err error) {
 		}
 		ss.mu.Unlock()
 	}
-	ss.logger.Debug("write failed", "err", err)
+	ss.log().Debug("write failed", "err", err)
 	ss.cancel()
 }
 
@@ -498,7 +504,7 @@ func (ss *session) teardown() {
 	ss.mu.Lock()
 	code, reason := ss.closeCode, ss.closeReason
 	ss.mu.Unlock()
-	ss.logger.Info("ws close", "mesh_id", ss.meshID, "member", ss.displayName, "presence_id", ss.presenceID,
+	ss.log().Info("ws close", "mesh_id", ss.meshID, "member", ss.displayName, "presence_id", ss.presenceID,
 		"code", int(code), "reason", reason, "grace", graced)
 	s.audit.add(store.AuditEvent{MeshID: ss.meshID, Type: store.EventPeerDisconnected, Actor: ss.memberID,
 		Target: ss.presenceID, Metadata: map[string]any{"code": int(code), "reason": reason, "node": s.node}})

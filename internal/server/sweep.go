@@ -37,7 +37,7 @@ func (s *Server) pingSessions() {
 			continue
 		}
 		if now.Sub(time.Unix(0, ss.lastPong.Load())) > s.cfg.PongTimeout {
-			ss.logger.Info("closing stale session: no pong")
+			ss.log().Info("closing stale session: no pong")
 			ss.closeNow(websocket.StatusPolicyViolation, protocol.CloseReasonStale)
 			continue
 		}
