@@ -56,13 +56,27 @@ func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
 	// scan a little longer: a queue that fills up in a minute would crawl.
 	// Sequential scans are therefore a last resort on the broker's
 	// connections (they still happen where no index serves).
-	params := map[string]string{"enable_seqscan": "off"}
-	pool, err := newPool(ctx, url, syncConns, "claudemesh-broker", params)
+	//
+	// The statements are prepared once per connection and their plans do
+	// not depend on the parameter values (arrays unnested into index
+	// lookups), yet Postgres re-plans a prepared statement for every
+	// execution while its custom plans look cheaper than the generic one.
+	// Planning the CTEs of an insert or a claim was a large share of
+	// Postgres' CPU at moderate rates; a generic plan is made once.
+	// Measured with meshbench rate -n 100 --rate 2000 over 3 nodes: send→push
+	// p50 13 → 8.8 ms, Postgres CPU per message 0.51 → 0.46 ms.
+	params := func(extra ...string) map[string]string {
+		m := map[string]string{"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan"}
+		for i := 0; i+1 < len(extra); i += 2 {
+			m[extra[i]] = extra[i+1]
+		}
+		return m
+	}
+	pool, err := newPool(ctx, url, syncConns, "claudemesh-broker", params())
 	if err != nil {
 		return nil, err
 	}
-	fast, err := newPool(ctx, url, maxConns-syncConns, "claudemesh-broker-async",
-		map[string]string{"enable_seqscan": "off", "synchronous_commit": "off"})
+	fast, err := newPool(ctx, url, maxConns-syncConns, "claudemesh-broker-async", params("synchronous_commit", "off"))
 	if err != nil {
 		pool.Close()
 		return nil, err
