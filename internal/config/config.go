@@ -57,20 +57,25 @@ type Config struct {
 	FlyMachineID string `env:"FLY_MACHINE_ID"`
 
 	// Tunables. The defaults suit production; tests shorten them.
-	HelloTimeout       time.Duration `env:"HELLO_TIMEOUT" envDefault:"10s"`
-	PingInterval       time.Duration `env:"PING_INTERVAL" envDefault:"30s"`
-	PongTimeout        time.Duration `env:"PONG_TIMEOUT" envDefault:"75s"`
-	LeaseDuration      time.Duration `env:"LEASE_DURATION" envDefault:"30s"`
-	SweepInterval      time.Duration `env:"SWEEP_INTERVAL" envDefault:"2s"`      // safety re-scan for this node's sessions
-	DeliveredRetention time.Duration `env:"DELIVERED_RETENTION" envDefault:"1h"` // keep delivered rows for message_status and idempotency
-	AuditRetention     time.Duration `env:"AUDIT_RETENTION" envDefault:"720h"`   // audit events older than this are purged
-	ShutdownTimeout    time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"10s"`
-	SendRatePerSec     float64       `env:"SEND_RATE_PER_SEC" envDefault:"500"` // per session; burst is twice this
-	HelloRatePerSec    float64       `env:"HELLO_RATE_PER_SEC" envDefault:"50"` // per remote address, before ed25519
-	ConnsPerAddr       int           `env:"MAX_CONNECTIONS_PER_ADDR" envDefault:"20000"`
-	SendQueueLen       int           `env:"SEND_QUEUE_LEN" envDefault:"1024"` // frames buffered per connection
-	DBPoolSize         int           `env:"DB_POOL_SIZE" envDefault:"16"`
-	RevokeCheck        time.Duration `env:"REVOKE_CHECK_INTERVAL" envDefault:"2s"`
+	HelloTimeout  time.Duration `env:"HELLO_TIMEOUT" envDefault:"10s"`
+	PingInterval  time.Duration `env:"PING_INTERVAL" envDefault:"30s"`
+	PongTimeout   time.Duration `env:"PONG_TIMEOUT" envDefault:"75s"`
+	LeaseDuration time.Duration `env:"LEASE_DURATION" envDefault:"30s"`
+	SweepInterval time.Duration `env:"SWEEP_INTERVAL" envDefault:"2s"` // safety re-scan for this node's sessions
+	// DisableRemoteFastPath turns off the remote fast path: a sender's node
+	// leasing a row to the recipient's only session on another node and
+	// carrying it in the notification, so that node pushes it without a
+	// claim. For comparison runs and as an escape hatch.
+	DisableRemoteFastPath bool          `env:"DISABLE_REMOTE_FAST_PATH"`
+	DeliveredRetention    time.Duration `env:"DELIVERED_RETENTION" envDefault:"1h"` // keep delivered rows for message_status and idempotency
+	AuditRetention        time.Duration `env:"AUDIT_RETENTION" envDefault:"720h"`   // audit events older than this are purged
+	ShutdownTimeout       time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"10s"`
+	SendRatePerSec        float64       `env:"SEND_RATE_PER_SEC" envDefault:"500"` // per session; burst is twice this
+	HelloRatePerSec       float64       `env:"HELLO_RATE_PER_SEC" envDefault:"50"` // per remote address, before ed25519
+	ConnsPerAddr          int           `env:"MAX_CONNECTIONS_PER_ADDR" envDefault:"20000"`
+	SendQueueLen          int           `env:"SEND_QUEUE_LEN" envDefault:"1024"` // frames buffered per connection
+	DBPoolSize            int           `env:"DB_POOL_SIZE" envDefault:"16"`
+	RevokeCheck           time.Duration `env:"REVOKE_CHECK_INTERVAL" envDefault:"2s"`
 }
 
 // Load reads the configuration from the process environment.

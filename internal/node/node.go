@@ -150,7 +150,7 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		cc.ConnectTimeout = 5 * time.Second
 		return pgx.ConnectConfig(ctx, cc)
 	}, store.MemberChannel, relay.Handlers{
-		Wake: n.srv.RelayWake, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
+		Wake: n.srv.RelayWake, Envelope: n.srv.RelayEnvelope, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
 	}, logger.With("component", "relay"))
 	n.goRun(func() { _ = listener.Run(runCtx) })
 

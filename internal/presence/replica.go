@@ -464,6 +464,23 @@ func (r *Replica) MemberEntries(member string) []Entry {
 	return out
 }
 
+// SoleRemoteSession returns a member's session when it is the member's
+// only present session, live, and hosted by another node.
+func (r *Replica) SoleRemoteSession(member string) (Entry, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	es := r.byMember[member]
+	if len(es) != 1 {
+		return Entry{}, false
+	}
+	for _, e := range es {
+		if e.IsLive() && (e.Owner != r.self || e.OwnerInc != r.inc) {
+			return *e, true
+		}
+	}
+	return Entry{}, false
+}
+
 // MemberPresent reports whether a member has any live or grace session,
 // and whether one of them is hosted by a node other than this one.
 func (r *Replica) MemberPresent(member string) (present, remote bool) {

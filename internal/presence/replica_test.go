@@ -189,3 +189,48 @@ func TestReplicaCountersRandom(t *testing.T) {
 		invariants(t, b, meshes)
 	}
 }
+
+// SoleRemoteSession names a member's session only when it is the member's
+// one present session, live, and on another node.
+func TestSoleRemoteSession(t *testing.T) {
+	a := presence.NewReplica("a", 1, time.Hour)
+	b := presence.NewReplica("b", 2, time.Hour)
+	a.SetObservers(nil, func(own []presence.Entry) { b.Apply(own) })
+	b.SetObservers(nil, func(own []presence.Entry) { a.Apply(own) })
+	a.NodeAlive("b", 2)
+	b.NodeAlive("a", 1)
+
+	b.Create(entry("p1", "m", "u1", "s1"))
+	e, ok := a.SoleRemoteSession("u1")
+	if !ok || e.Owner != "b" || e.OwnerInc != 2 || e.ConnID != "c-p1" || e.PresenceID != "p1" {
+		t.Fatalf("a: %+v %v", e, ok)
+	}
+	if _, ok := b.SoleRemoteSession("u1"); ok {
+		t.Fatal("the owner itself sees its session as remote")
+	}
+	if _, ok := a.SoleRemoteSession("nobody"); ok {
+		t.Fatal("a member without sessions has one")
+	}
+	// A second session, anywhere, or the only one in grace: none.
+	a.Create(entry("p2", "m", "u1", "s2"))
+	if _, ok := a.SoleRemoteSession("u1"); ok {
+		t.Fatal("two sessions, one sole")
+	}
+	a.Remove("p2")
+	if _, ok := a.SoleRemoteSession("u1"); !ok {
+		t.Fatal("back to one session")
+	}
+	b.Disconnect("p1", "c-p1")
+	if _, ok := a.SoleRemoteSession("u1"); ok {
+		t.Fatal("a session in grace is sole")
+	}
+	// A live session whose node is dead is an orphan: not sole either.
+	b.Create(entry("p3", "m", "u3", "s3"))
+	if _, ok := a.SoleRemoteSession("u3"); !ok {
+		t.Fatal("u3")
+	}
+	a.NodeDead("b")
+	if _, ok := a.SoleRemoteSession("u3"); ok {
+		t.Fatal("an orphan is sole")
+	}
+}

@@ -267,6 +267,8 @@ func (n *Notifier) Close() {
 type Handlers struct {
 	// Wake is called for each mesh of a delivery notification.
 	Wake func(sentAt time.Time, w Wake)
+	// Envelope is called for a row carried whole (the remote fast path).
+	Envelope func(sentAt time.Time, e Envelope)
 	// MemberChange is called with a member-channel payload.
 	MemberChange func(payload string)
 	// Listening is called after every (re)LISTEN, before notifications
@@ -293,6 +295,14 @@ func NewListener(connect func(ctx context.Context) (*pgx.Conn, error), memberCha
 		ReconnectDelay: time.Second,
 	}
 	mesh := func(ctx context.Context, n *pgconn.Notification, _ *pgx.Conn) error {
+		if IsEnvelope(n.Payload) {
+			sentAt, e, err := DecodeEnvelope(n.Payload)
+			if err != nil {
+				return err
+			}
+			h.Envelope(sentAt, e)
+			return nil
+		}
 		sentAt, wakes, err := Decode(n.Payload)
 		if err != nil {
 			return err

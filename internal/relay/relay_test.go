@@ -91,3 +91,57 @@ func TestNotifications(t *testing.T) {
 		t.Fatal("notifications for nothing")
 	}
 }
+
+func TestEnvelopeRoundTrip(t *testing.T) {
+	sent := time.UnixMicro(1764480000123456)
+	created := time.UnixMicro(1764480000120001)
+	e := relay.Envelope{Node: "n1#7", Presence: "p", Conn: "c", MeshID: "m", MemberID: "r", Priority: 1,
+		SenderMemberID: "s", SenderPubkey: "ab", SenderName: "tab\there \"quoted\"\nnewline", TargetSpec: "@g",
+		Nonce: "bm9uY2U=", Ciphertext: "Y2lwaGVy", ClientMessageID: "k"}
+	prefix := relay.EnvelopePrefix(sent)
+	suffix, ok := relay.EnvelopeSuffix(prefix, &e)
+	if !ok {
+		t.Fatal("a small envelope does not fit")
+	}
+	// What the insert statement notifies.
+	payload := prefix + "9223372036854775807" + " " + fmt.Sprint(created.UnixMicro()) + suffix
+	if !relay.IsEnvelope(payload) || relay.IsEnvelope("v1 1\nm\t*") {
+		t.Fatal("IsEnvelope")
+	}
+	at, got, err := relay.DecodeEnvelope(payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := e
+	want.MessageID, want.CreatedAt = 9223372036854775807, created
+	if !at.Equal(sent) || got != want {
+		t.Fatalf("round trip:\n got %+v at %v\nwant %+v at %v", got, at, want, sent)
+	}
+
+	big := e
+	big.Ciphertext = strings.Repeat("x", relay.MaxPayload)
+	if _, ok := relay.EnvelopeSuffix(prefix, &big); ok {
+		t.Fatal("an envelope over MaxPayload fits")
+	}
+	for _, bad := range []string{"e1 1 2 3", "e1 1 2\n{}", "e1 1 x 3\n{}", "e1 1 2 3\n{", "e1 1 0 3\n" + suffix[1:], "e1 1 2 3\n{\"n\":\"a\"}"} {
+		if _, _, err := relay.DecodeEnvelope(bad); err == nil {
+			t.Errorf("DecodeEnvelope(%q) accepted", bad)
+		}
+	}
+}
+
+func FuzzDecodeEnvelope(f *testing.F) {
+	f.Add("e1 1764480000000000 42 1764480000000000\n{\"n\":\"a#1\",\"p\":\"p\",\"c\":\"c\",\"m\":\"m\",\"r\":\"r\",\"pr\":1}")
+	f.Add("e1 1 2 3\n{}")
+	f.Add("e1 x")
+	f.Add("")
+	f.Fuzz(func(t *testing.T, p string) {
+		_, e, err := relay.DecodeEnvelope(p)
+		if err != nil {
+			return
+		}
+		if e.Node == "" || e.Conn == "" || e.MeshID == "" || e.MemberID == "" || e.MessageID <= 0 {
+			t.Fatalf("accepted an envelope without its keys: %+v", e)
+		}
+	})
+}

@@ -212,6 +212,53 @@ func (s *Server) RelayWake(sentAt time.Time, w relay.Wake) {
 	s.engine.wake(w.Members, reasonNotify)
 }
 
+// RelayEnvelope handles a row carried whole by a notification (the remote
+// fast path). Only the node incarnation holding the lease acts on it: it
+// pushes the row to the leased session when the member is caught up (no
+// claim running or due, so the push cannot overtake an older row) and the
+// session's status and queue let it through. Otherwise the member is
+// marked for a claim, which takes such rows in order; a session that is
+// gone gives the row back at once.
+func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
+	if e.Node != s.leaseNode {
+		if name, _, _ := strings.Cut(e.Node, "#"); name == s.node {
+			// Leased to an earlier incarnation of this node, whose
+			// sessions are gone.
+			s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []store.DeliveryKey{{MessageID: e.MessageID, MemberID: e.MemberID}})
+		}
+		return
+	}
+	s.m.RelayReceived.Inc()
+	if lag := time.Since(sentAt); lag >= 0 {
+		s.m.RelayLag.Observe(lag.Seconds())
+	}
+	key := store.DeliveryKey{MessageID: e.MessageID, MemberID: e.MemberID}
+	if s.engine.wasTaken(key) {
+		return // a claim got here first and pushed it
+	}
+	if s.now().Sub(e.CreatedAt) > s.cfg.LeaseDuration/2 {
+		// Too late to trust the lease: let a claim decide.
+		s.engine.wake([]string{e.MemberID}, reasonNotify)
+		return
+	}
+	ss := s.sessionByPresence(e.Presence)
+	if ss == nil || ss.id != e.Conn || ss.isClosing() {
+		s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []store.DeliveryKey{key})
+		return
+	}
+	if !s.engine.direct(ss, e.MessageID, int(e.Priority)) {
+		s.engine.wake([]string{e.MemberID}, reasonNotify)
+		return
+	}
+	s.m.Claims.WithLabelValues("relayed").Inc()
+	ss.pushReserved(store.Delivery{
+		MessageID: e.MessageID, MemberID: e.MemberID, Conn: e.Conn, MeshID: e.MeshID,
+		SenderMemberID: e.SenderMemberID, SenderPubkey: e.SenderPubkey, SenderName: e.SenderName,
+		TargetSpec: e.TargetSpec, Priority: e.Priority, Nonce: e.Nonce, Ciphertext: e.Ciphertext,
+		ClientMessageID: e.ClientMessageID, CreatedAt: e.CreatedAt,
+	}, e.CreatedAt)
+}
+
 // RelayListening runs after every (re)LISTEN: anything notified while the
 // listener was away is found by a re-scan.
 func (s *Server) RelayListening() {

@@ -64,10 +64,21 @@ type engine struct {
 
 	mu      sync.Mutex
 	members map[string]*localMember
+	// taken holds rows leased to this node by the remote fast path that
+	// were handled once: pushed from their envelope, or taken by a claim
+	// straight from that lease (a sweep, or a claim for the member's other
+	// rows) before the envelope arrived. The row stays claimable by this
+	// node until something else leases it, so whichever comes second (the
+	// envelope, or a claim that read the row before its delivery mark
+	// committed) must not push it again. Entries are dropped after
+	// takenTTL, far longer than an envelope's delay or a claim's timeout.
+	taken map[store.DeliveryKey]time.Time
 }
 
+const takenTTL = 2 * time.Minute
+
 func newEngine(s *Server) *engine {
-	return &engine{s: s, signal: make(chan struct{}, 1), members: map[string]*localMember{}}
+	return &engine{s: s, signal: make(chan struct{}, 1), members: map[string]*localMember{}, taken: map[store.DeliveryKey]time.Time{}}
 }
 
 func (e *engine) kick() {
@@ -179,6 +190,74 @@ func (e *engine) fastPath(member string, priority int, taken map[*session]int) *
 	return nil
 }
 
+// take records that a remote fast-path row is being handled, and reports
+// false when it already was.
+func (e *engine) take(k store.DeliveryKey, now time.Time) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, done := e.taken[k]; done {
+		return false
+	}
+	e.taken[k] = now
+	return true
+}
+
+// wasTaken reports whether a remote fast-path row was handled already.
+func (e *engine) wasTaken(k store.DeliveryKey) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_, ok := e.taken[k]
+	return ok
+}
+
+func (e *engine) pruneTaken(before time.Time) {
+	e.mu.Lock()
+	for k, at := range e.taken {
+		if at.Before(before) {
+			delete(e.taken, k)
+		}
+	}
+	e.mu.Unlock()
+}
+
+// direct reserves a row carried by an envelope for ss (enters it in the
+// session's inflight set) when it may be pushed now: its member is caught
+// up (no claim running or due), and ss is one of its sessions here, open,
+// with room, accepting the priority. Reserving under the engine's lock
+// keeps a claim from taking and pushing the row in between.
+func (e *engine) direct(ss *session, messageID int64, priority int) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	lm := e.members[ss.memberID]
+	if lm == nil || lm.dirty != 0 || lm.inflight {
+		return false
+	}
+	for _, x := range lm.sessions {
+		if x != ss {
+			continue
+		}
+		if int(ss.maxPrio.Load()) < priority || ss.deliveryRoom() <= 0 {
+			return false
+		}
+		ss.mu.Lock()
+		defer ss.mu.Unlock()
+		if ss.closing || ss.inflight == nil {
+			return false
+		}
+		if _, dup := ss.inflight[messageID]; dup {
+			return false
+		}
+		k := store.DeliveryKey{MessageID: messageID, MemberID: ss.memberID}
+		if _, done := e.taken[k]; done {
+			return false
+		}
+		e.taken[k] = time.Now()
+		ss.inflight[messageID] = struct{}{}
+		return true
+	}
+	return false
+}
+
 // pick chooses the session a member's claim goes to: the one accepting
 // the most priorities, then the one with the most queue room.
 func (lm *localMember) pick() *session {
@@ -205,6 +284,7 @@ func (e *engine) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-sweep.C:
+			e.pruneTaken(time.Now().Add(-takenTTL))
 			e.wakeAll(reasonSweep)
 		case <-e.signal:
 			e.claimRound(ctx)
@@ -273,9 +353,18 @@ func (e *engine) claimRound(ctx context.Context) {
 			e.mu.Unlock()
 			break
 		}
+		now := time.Now()
 		for _, d := range rows {
 			t := targets[d.MemberID]
 			t.got++
+			if d.PrevConn != "" && d.Attempts == 1 &&
+				!e.take(store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID}, now) {
+				// Straight from a remote fast-path lease, and its envelope
+				// already pushed it. Its lease now names t.ss; the session
+				// holding it acks it by key, or, closing without an ack,
+				// leaves it to expire.
+				continue
+			}
 			s.m.Claims.WithLabelValues(t.reason.label()).Inc()
 			if t.reason&^(reasonBacklog|reasonSweep) == 0 {
 				via := "sweep"
@@ -348,6 +437,12 @@ func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
 	}
 	ss.inflight[d.MessageID] = struct{}{}
 	ss.mu.Unlock()
+	return ss.pushReserved(d, committed)
+}
+
+// pushReserved queues a row already entered in the session's inflight set.
+func (ss *session) pushReserved(d store.Delivery, committed time.Time) bool {
+	s := ss.s
 	if s.acks.unmarkedHas(d.MessageID, d.MemberID) {
 		// Acked (or written without client_ack) and about to be marked
 		// delivered: a claim that raced the mark must not push it again.

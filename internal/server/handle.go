@@ -221,12 +221,14 @@ func (ss *session) handleClientAck(data []byte, reqID string) {
 	}
 	// Only this member's own delivery row can be acknowledged: the key
 	// carries the session's member id.
+	// Queue the mark before forgetting the push: a claim in between must
+	// find the row in one set or the other, never in neither.
+	ss.s.acks.add(ss.meshID, store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
 	ss.mu.Lock()
 	if ss.inflight != nil {
 		delete(ss.inflight, id)
 	}
 	ss.mu.Unlock()
-	ss.s.acks.add(ss.meshID, store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
 }
 
 func (ss *session) handleSetStatus(data []byte, reqID string) {

@@ -251,28 +251,46 @@ func (c *committer) commit(batch []*sendItem) {
 		}
 		msgs[i] = it.msg
 	}
-	// Members hosted by other nodes are woken by a NOTIFY that commits with
-	// the batch: no second transaction, and nothing is announced that did
-	// not commit.
-	remote := map[string][]string{} // mesh → members hosted elsewhere
-	for _, it := range batch {
+	// Members hosted by other nodes learn of their rows from notifications
+	// that commit with the batch: no second transaction, and nothing is
+	// announced that did not commit. A member whose only session is live on
+	// another node gets the row leased to that session and carried whole in
+	// an envelope (the remote fast path: that node pushes it without a
+	// claim); others get a wake-up and their node claims.
+	now := time.Now()
+	prefix := relay.EnvelopePrefix(now)
+	var envs []store.EnvelopeNotify
+	remote := map[string][]string{} // mesh → members to wake elsewhere
+	claimed := map[string]bool{}    // members with a row of this batch on the claim path
+	for i, it := range batch {
 		for j, rec := range it.msg.Recipients {
 			if it.fast[j] != nil {
 				continue
 			}
+			if !claimed[rec.MemberID] {
+				if e, ok := c.envelope(it, rec.MemberID, prefix); ok {
+					envs = append(envs, store.EnvelopeNotify{Ord: i, Channel: relay.ChannelFor(it.msg.MeshID), Prefix: prefix, Suffix: e.suffix})
+					it.msg.Recipients[j].LeaseConn, it.msg.Recipients[j].LeaseNode = e.conn, e.node
+					continue
+				}
+			}
+			// Later rows of the member in this batch must not overtake
+			// this one: they take the claim path too.
+			claimed[rec.MemberID] = true
 			if _, elsewhere := s.replica.MemberPresent(rec.MemberID); elsewhere {
 				remote[it.msg.MeshID] = append(remote[it.msg.MeshID], rec.MemberID)
 			}
 		}
+		msgs[i] = it.msg
 	}
-	channels, payloads := relay.Notifications(time.Now(), remote)
+	channels, payloads := relay.Notifications(now, remote)
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
 	if s.ctx.Err() != nil {
 		// Shutting down: still commit what was accepted.
 		ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
 	}
-	res, err := s.store.InsertMessages(ctx, s.cfg.MessageTTL, s.leaseNode, s.cfg.LeaseDuration, msgs, channels, payloads)
+	res, err := s.store.InsertMessages(ctx, s.cfg.MessageTTL, s.leaseNode, s.cfg.LeaseDuration, msgs, channels, payloads, envs)
 	cancel()
 	s.m.CommitDuration.Observe(time.Since(start).Seconds())
 	s.m.CommitBatchSize.Observe(float64(len(batch)))
@@ -288,7 +306,7 @@ func (c *committer) commit(batch []*sendItem) {
 		return
 	}
 	committed := time.Now()
-	s.m.RelaySent.Add(float64(len(channels)))
+	s.m.RelaySent.Add(float64(len(channels) + len(envs)))
 	wakeLocal := map[string]struct{}{}
 	// A session whose queue refused a direct push gets none of this
 	// batch's later rows either (they would overtake the refused one):
@@ -333,6 +351,40 @@ func (c *committer) commit(batch []*sendItem) {
 		}
 		s.engine.wake(members, reasonLocal)
 	}
+}
+
+// remoteRow is a row for the remote fast path.
+type remoteRow struct {
+	conn, node, suffix string
+}
+
+// maxEnvelopeRecipients bounds the envelopes one message may send: every
+// node's listener reads every notification, so a broadcast to a large mesh
+// is cheaper as wake-ups and claims than as one envelope per member.
+const maxEnvelopeRecipients = 32
+
+// envelope decides whether member's row of it takes the remote fast path:
+// the member's only session is live on another node and its status lets
+// the priority through, and the envelope fits in a notification.
+func (c *committer) envelope(it *sendItem, member, prefix string) (remoteRow, bool) {
+	if c.s.cfg.DisableRemoteFastPath || len(it.msg.Recipients) > maxEnvelopeRecipients {
+		return remoteRow{}, false
+	}
+	e, ok := c.s.replica.SoleRemoteSession(member)
+	if !ok || e.MaxPriority() < int(it.msg.Priority) || e.ConnID == "" {
+		return remoteRow{}, false
+	}
+	node := e.Owner + "#" + strconv.FormatInt(e.OwnerInc, 10)
+	suffix, fits := relay.EnvelopeSuffix(prefix, &relay.Envelope{
+		Node: node, Presence: e.PresenceID, Conn: e.ConnID, MeshID: it.msg.MeshID, MemberID: member,
+		Priority: it.msg.Priority, SenderMemberID: it.msg.SenderMemberID, SenderPubkey: it.msg.SenderPubkey,
+		SenderName: it.msg.SenderName, TargetSpec: it.msg.TargetSpec, Nonce: it.msg.Nonce,
+		Ciphertext: it.msg.Ciphertext, ClientMessageID: it.msg.ClientMessageID,
+	})
+	if !fits {
+		return remoteRow{}, false
+	}
+	return remoteRow{conn: e.ConnID, node: node, suffix: suffix}, true
 }
 
 func deliveryFromSend(r store.Inserted, it *sendItem, member, conn string) store.Delivery {

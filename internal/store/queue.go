@@ -26,10 +26,25 @@ type NewMessage struct {
 }
 
 // Recipient is one delivery row to write. A non-empty LeaseConn writes the
-// row already leased to that connection (the local fast path).
+// row already leased to that connection: on this node (the local fast
+// path, pushed right after the commit), or, with LeaseNode set, on that
+// node incarnation (the remote fast path: the row travels in an envelope
+// notification). A remote lease is written with attempts = 0, which lets
+// any claim of that node take the row while nobody has pushed it.
 type Recipient struct {
 	MemberID  string
 	LeaseConn string
+	LeaseNode string // remote fast path: the lease's node incarnation
+}
+
+// EnvelopeNotify is an envelope notification for row Ord (index into the
+// batch's messages): Postgres notifies Prefix, the message id, a space,
+// the commit time in unix microseconds, then Suffix (relay.EnvelopePrefix).
+type EnvelopeNotify struct {
+	Ord     int
+	Channel string
+	Prefix  string
+	Suffix  string
 }
 
 // Inserted is the outcome of one NewMessage.
@@ -48,7 +63,7 @@ type Inserted struct {
 // in one batch keep their order. leaseNode and lease apply to recipients
 // with a LeaseConn. channels and payloads are the parallel NOTIFY
 // arguments.
-func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode string, lease time.Duration, msgs []NewMessage, channels, payloads []string) ([]Inserted, error) {
+func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode string, lease time.Duration, msgs []NewMessage, channels, payloads []string, envs []EnvelopeNotify) ([]Inserted, error) {
 	n := len(msgs)
 	var (
 		ord      = make([]int32, n)
@@ -65,10 +80,18 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 		dMember  []string
 		dConn    []*string
 		dNode    []*string
+		dTries   []int32
 		nodeName = leaseNode
+		eOrd     = make([]int32, len(envs))
+		eChan    = make([]string, len(envs))
+		ePrefix  = make([]string, len(envs))
+		eSuffix  = make([]string, len(envs))
 	)
 	if channels == nil {
 		channels, payloads = []string{}, []string{}
+	}
+	for i, e := range envs {
+		eOrd[i], eChan[i], ePrefix[i], eSuffix[i] = int32(e.Ord), e.Channel, e.Prefix, e.Suffix
 	}
 	for i, m := range msgs {
 		ord[i] = int32(i)
@@ -81,13 +104,15 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 		for _, r := range m.Recipients {
 			dOrd = append(dOrd, int32(i))
 			dMember = append(dMember, r.MemberID)
-			if r.LeaseConn != "" {
+			switch {
+			case r.LeaseConn != "" && r.LeaseNode != "":
+				c, n := r.LeaseConn, r.LeaseNode
+				dConn, dNode, dTries = append(dConn, &c), append(dNode, &n), append(dTries, 0)
+			case r.LeaseConn != "":
 				c := r.LeaseConn
-				dConn = append(dConn, &c)
-				dNode = append(dNode, &nodeName)
-			} else {
-				dConn = append(dConn, nil)
-				dNode = append(dNode, nil)
+				dConn, dNode, dTries = append(dConn, &c), append(dNode, &nodeName), append(dTries, 1)
+			default:
+				dConn, dNode, dTries = append(dConn, nil), append(dNode, nil), append(dTries, 0)
 			}
 		}
 	}
@@ -108,21 +133,32 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 			ON CONFLICT (sender_member_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
 			RETURNING id, created_at, expires_at
 		), notified AS (
-			SELECT pg_notify(c, p) FROM unnest($17::text[], $18::text[]) AS n(c, p)
+			-- Envelopes first, in batch order, then the member wake-ups: a
+			-- node must see a row it may push directly before any wake-up
+			-- that makes it claim the same member's later rows. pg_notify is
+			-- volatile, so Postgres calls it after the sort.
+			SELECT pg_notify(x.c, x.p) FROM (
+				SELECT e.seq, e.c, e.prefix || ins.id::text || ' ' ||
+				       (extract(epoch FROM ins.created_at) * 1000000)::bigint::text || e.suffix AS p
+				FROM unnest($19::int4[], $20::text[], $21::text[], $22::text[]) WITH ORDINALITY AS e(ord, c, prefix, suffix, seq)
+				JOIN input i ON i.ord = e.ord
+				JOIN ins ON ins.id = i.id
+				UNION ALL
+				SELECT 1000000000 + n.seq, n.c, n.p FROM unnest($17::text[], $18::text[]) WITH ORDINALITY AS n(c, p, seq)
+			) x ORDER BY x.seq
 		), dl AS (
 			INSERT INTO delivery (message_id, recipient_member_id, priority, expires_at,
 			                      lease_conn, lease_node, lease_expires_at, attempts)
 			SELECT ins.id, d.member, i.priority, ins.expires_at, d.conn, d.node,
-			       CASE WHEN d.conn IS NOT NULL THEN now() + $16::interval END,
-			       CASE WHEN d.conn IS NOT NULL THEN 1 ELSE 0 END
-			FROM unnest($12::int4[], $13::text[], $14::text[], $15::text[]) AS d(ord, member, conn, node)
+			       CASE WHEN d.conn IS NOT NULL THEN now() + $16::interval END, d.tries
+			FROM unnest($12::int4[], $13::text[], $14::text[], $15::text[], $23::int4[]) AS d(ord, member, conn, node, tries)
 			JOIN input i ON i.ord = d.ord
 			JOIN ins ON ins.id = i.id
 		)
 		SELECT i.ord, i.id, ins.created_at, (SELECT count(*) FROM notified)
 		FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`,
 		ord, meshID, sender, spub, sname, target, prio, nonce, cipher, cmid, ttl,
-		dOrd, dMember, dConn, dNode, lease, channels, payloads)
+		dOrd, dMember, dConn, dNode, lease, channels, payloads, eOrd, eChan, ePrefix, eSuffix, dTries)
 	if err != nil {
 		return nil, fmt.Errorf("insert messages: %w", err)
 	}
@@ -168,10 +204,14 @@ type ClaimRequest struct {
 
 // Delivery is a claimed row with its envelope.
 type Delivery struct {
-	MessageID       int64
-	MemberID        string // recipient
-	Conn            string
-	Attempts        int32
+	MessageID int64
+	MemberID  string // recipient
+	Conn      string
+	Attempts  int32
+	// PrevConn is the connection that held the row's lease before this
+	// claim: a row leased by the remote fast path may already have been
+	// pushed to it.
+	PrevConn        string
 	MeshID          string
 	SenderMemberID  string
 	SenderPubkey    string
@@ -202,14 +242,15 @@ func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, req
 	}
 	rows, err := s.fast.Query(ctx, `
 		WITH picked AS (
-			SELECT x.message_id, x.recipient_member_id, r.conn
+			SELECT x.message_id, x.recipient_member_id, r.conn, x.prev_conn
 			FROM unnest($1::text[], $2::text[], $3::int2[], $4::int4[]) AS r(member, conn, maxp, lim)
 			CROSS JOIN LATERAL (
-				SELECT d.message_id, d.recipient_member_id FROM delivery d
+				SELECT d.message_id, d.recipient_member_id, d.lease_conn AS prev_conn FROM delivery d
 				WHERE d.recipient_member_id = r.member
 				  AND d.delivered_at IS NULL AND d.expired_at IS NULL
 				  AND d.priority <= r.maxp AND d.expires_at > now()
-				  AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now())
+				  AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now()
+				       OR (d.lease_node = $5 AND d.attempts = 0))
 				ORDER BY d.message_id
 				LIMIT r.lim
 				FOR UPDATE SKIP LOCKED
@@ -219,9 +260,9 @@ func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, req
 			SET lease_conn = p.conn, lease_node = $5, lease_expires_at = now() + $6::interval, attempts = d.attempts + 1
 			FROM picked p
 			WHERE d.message_id = p.message_id AND d.recipient_member_id = p.recipient_member_id
-			RETURNING d.message_id, d.recipient_member_id, d.lease_conn, d.attempts
+			RETURNING d.message_id, d.recipient_member_id, d.lease_conn, d.attempts, p.prev_conn
 		)
-		SELECT u.message_id, u.recipient_member_id, u.lease_conn, u.attempts,
+		SELECT u.message_id, u.recipient_member_id, u.lease_conn, u.attempts, coalesce(u.prev_conn, ''),
 		       m.mesh_id, m.sender_member_id, m.sender_pubkey, m.sender_name, m.target_spec,
 		       m.priority, m.nonce, m.ciphertext, coalesce(m.client_message_id, ''), m.created_at
 		FROM upd u JOIN message m ON m.id = u.message_id
@@ -232,7 +273,7 @@ func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, req
 	}
 	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Delivery, error) {
 		var d Delivery
-		err := r.Scan(&d.MessageID, &d.MemberID, &d.Conn, &d.Attempts, &d.MeshID, &d.SenderMemberID,
+		err := r.Scan(&d.MessageID, &d.MemberID, &d.Conn, &d.Attempts, &d.PrevConn, &d.MeshID, &d.SenderMemberID,
 			&d.SenderPubkey, &d.SenderName, &d.TargetSpec, &d.Priority, &d.Nonce, &d.Ciphertext,
 			&d.ClientMessageID, &d.CreatedAt)
 		return d, err

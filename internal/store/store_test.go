@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/store"
 )
@@ -62,14 +64,14 @@ func TestInsertOrderAndIdempotency(t *testing.T) {
 	f := seed(t, s, 2)
 	ctx := context.Background()
 	batch := []store.NewMessage{msg(f, 0, 1, 1, ""), msg(f, 0, 1, 1, "k1"), msg(f, 0, 1, 1, "")}
-	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch, nil, nil)
+	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !(res[0].ID < res[1].ID && res[1].ID < res[2].ID) {
 		t.Fatalf("ids not in batch order: %+v", res)
 	}
-	again, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 1, "k1")}, nil, nil)
+	again, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 1, "k1")}, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +102,7 @@ func TestConcurrentClaimersDisjoint(t *testing.T) {
 	for i := 0; i < total; i++ {
 		batch = append(batch, msg(f, 0, 1, 0, ""))
 		if len(batch) == 100 {
-			if _, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch, nil, nil); err != nil {
+			if _, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch, nil, nil, nil); err != nil {
 				t.Fatal(err)
 			}
 			batch = batch[:0]
@@ -150,7 +152,7 @@ func TestLeaseReleaseDeliverExpire(t *testing.T) {
 	s := open(t)
 	f := seed(t, s, 2)
 	ctx := context.Background()
-	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 2, ""), msg(f, 0, 1, 0, "")}, nil, nil)
+	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 2, ""), msg(f, 0, 1, 0, "")}, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +185,7 @@ func TestLeaseReleaseDeliverExpire(t *testing.T) {
 		t.Fatalf("node release: %v %v", err, members)
 	}
 	// Expiry: a message with a zero TTL is due in any later transaction.
-	short, err := s.InsertMessages(ctx, 0, "n#1", time.Second, []store.NewMessage{msg(f, 1, 0, 1, "")}, nil, nil)
+	short, err := s.InsertMessages(ctx, 0, "n#1", time.Second, []store.NewMessage{msg(f, 1, 0, 1, "")}, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +239,7 @@ func TestDeleteMesh(t *testing.T) {
 	s := open(t)
 	f := seed(t, s, 2)
 	ctx := context.Background()
-	if _, err := s.InsertMessages(ctx, time.Hour, "n#1", time.Second, []store.NewMessage{msg(f, 0, 1, 1, "")}, nil, nil); err != nil {
+	if _, err := s.InsertMessages(ctx, time.Hour, "n#1", time.Second, []store.NewMessage{msg(f, 0, 1, 1, "")}, nil, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.DeleteMesh(ctx, f.mesh.ID); err != nil {
@@ -268,5 +270,98 @@ func TestPurgeAudit(t *testing.T) {
 	left, _ := s.ListAudit(ctx, "", "", 10)
 	if len(left) != 1 || left[0].Type != "c" {
 		t.Fatalf("left %+v", left)
+	}
+}
+
+// The remote fast path: rows leased in the insert to another node's
+// session travel whole in envelope notifications, ahead of the batch's
+// wake-ups and in batch order; only that node's claims may take them
+// while nobody has, and they tell the claimer who held them.
+func TestRemoteLeaseEnvelopes(t *testing.T) {
+	ctx := context.Background()
+	url := pgtest.NewDB(t)
+	s, err := store.Open(ctx, url, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	f := seed(t, s, 2)
+
+	lc, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lc.Close(context.Background()) })
+	if _, err := lc.Exec(ctx, "LISTEN ch"); err != nil {
+		t.Fatal(err)
+	}
+
+	remote := func(m store.NewMessage) store.NewMessage {
+		m.Recipients = []store.Recipient{{MemberID: m.Recipients[0].MemberID, LeaseConn: "c1", LeaseNode: "x#1"}}
+		return m
+	}
+	batch := []store.NewMessage{msg(f, 0, 1, 1, ""), remote(msg(f, 0, 1, 1, "")), remote(msg(f, 0, 1, 1, "k"))}
+	envs := []store.EnvelopeNotify{{Ord: 1, Channel: "ch", Prefix: "A ", Suffix: "|one"}, {Ord: 2, Channel: "ch", Prefix: "B ", Suffix: "|two"}}
+	res, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second, batch, []string{"ch"}, []string{"wake"}, envs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		fmt.Sprintf("A %d %d|one", res[1].ID, res[1].CreatedAt.UnixMicro()),
+		fmt.Sprintf("B %d %d|two", res[2].ID, res[2].CreatedAt.UnixMicro()),
+		"wake",
+	}
+	for i, w := range want {
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		n, err := lc.WaitForNotification(wctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("notification %d: %v", i, err)
+		}
+		if n.Payload != w {
+			t.Fatalf("notification %d = %q, want %q", i, n.Payload, w)
+		}
+	}
+
+	// A duplicate client_message_id inserts nothing and notifies nothing.
+	again, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second,
+		[]store.NewMessage{remote(msg(f, 0, 1, 1, "k"))}, nil, nil,
+		[]store.EnvelopeNotify{{Ord: 0, Channel: "ch", Prefix: "C ", Suffix: ""}})
+	if err != nil || !again[0].Duplicate {
+		t.Fatalf("duplicate: %+v %v", again, err)
+	}
+	if _, err := lc.Exec(ctx, "NOTIFY ch, 'marker'"); err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	n, err := lc.WaitForNotification(wctx)
+	cancel()
+	if err != nil || n.Payload != "marker" {
+		t.Fatalf("after a duplicate: %v %v", n, err)
+	}
+
+	member := f.members[1].ID
+	claim := func(node, conn string) []store.Delivery {
+		t.Helper()
+		rows, err := s.Claim(ctx, node, 30*time.Second, []store.ClaimRequest{{MemberID: member, Conn: conn, MaxPriority: 2, Limit: 10}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rows
+	}
+	// Another node gets only the unleased row.
+	if rows := claim("y#1", "cy"); len(rows) != 1 || rows[0].MessageID != res[0].ID || rows[0].PrevConn != "" {
+		t.Fatalf("other node claimed %+v", rows)
+	}
+	// The lease's node takes the two rows nobody has pushed, for any of
+	// its sessions, learning that c1 held them.
+	rows := claim("x#1", "c2")
+	if len(rows) != 2 || rows[0].MessageID != res[1].ID || rows[1].MessageID != res[2].ID ||
+		rows[0].PrevConn != "c1" || rows[0].Conn != "c2" || rows[0].Attempts != 1 {
+		t.Fatalf("lease node claimed %+v", rows)
+	}
+	// Once claimed, a row is leased like any other.
+	if rows := claim("x#1", "c2"); len(rows) != 0 {
+		t.Fatalf("claimed twice: %+v", rows)
 	}
 }
