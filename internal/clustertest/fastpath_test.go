@@ -126,7 +126,7 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			res, err := b.Store().InsertMessages(ctx, time.Hour, "other#1", time.Hour, []store.NewMessage{msg}, nil, nil,
-				[]store.EnvelopeNotify{{Ord: 0, Channel: relay.ChannelFor(mesh.MeshID), Prefix: prefix, Suffix: suffix}})
+				[]store.EnvelopeNotify{{Ord: 0, Channel: relay.NodeChannel(b.Replica().Self()), Prefix: prefix, Suffix: suffix}})
 			if err != nil {
 				t.Fatal(err)
 			}

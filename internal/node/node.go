@@ -149,7 +149,7 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		cc.RuntimeParams["application_name"] = RelayApplicationName(cfg.NodeName)
 		cc.ConnectTimeout = 5 * time.Second
 		return pgx.ConnectConfig(ctx, cc)
-	}, store.MemberChannel, relay.Handlers{
+	}, store.MemberChannel, relay.NodeChannel(n.replica.Self()), relay.Handlers{
 		Wake: n.srv.RelayWake, Envelope: n.srv.RelayEnvelope, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
 	}, logger.With("component", "relay"))
 	n.goRun(func() { _ = listener.Run(runCtx) })

@@ -38,6 +38,17 @@ func ChannelFor(meshID string) string {
 	return "cm_mesh_" + strconv.Itoa(int(h.Sum32()%Channels))
 }
 
+// NodeChannel names the channel of a node (by name, whatever its
+// incarnation): envelopes of the remote fast path go only to the node that
+// holds their lease, not to every listener. Names are hashed to fit
+// Postgres' identifier limit; a collision costs a decode, nothing else
+// (the envelope names its node).
+func NodeChannel(node string) string {
+	h := fnv.New64a()
+	h.Write([]byte(node))
+	return "cm_node_" + strconv.FormatUint(h.Sum64(), 16)
+}
+
 // AllChannels lists the mesh channels.
 func AllChannels() []string {
 	out := make([]string, Channels)
@@ -282,9 +293,10 @@ type Listener struct {
 	logger *slog.Logger
 }
 
-// NewListener prepares a listener on the mesh channels and memberChannel.
-// connect must return a dedicated connection (not from the pool).
-func NewListener(connect func(ctx context.Context) (*pgx.Conn, error), memberChannel string, h Handlers, logger *slog.Logger) *Listener {
+// NewListener prepares a listener on the mesh channels, memberChannel and
+// nodeChannel (this node's envelopes). connect must return a dedicated
+// connection (not from the pool).
+func NewListener(connect func(ctx context.Context) (*pgx.Conn, error), memberChannel, nodeChannel string, h Handlers, logger *slog.Logger) *Listener {
 	l := &pgxlisten.Listener{
 		Connect: connect,
 		LogError: func(ctx context.Context, err error) {
@@ -319,7 +331,7 @@ func NewListener(connect func(ctx context.Context) (*pgx.Conn, error), memberCha
 	// pgxlisten calls each handler's backlog right after that channel's
 	// LISTEN; the re-scan must wait until every channel listens, or a
 	// notification could slip between the scan and the last LISTEN.
-	total := Channels + 1
+	total := Channels + 2
 	var mu sync.Mutex
 	var conn *pgx.Conn
 	count := 0
@@ -340,6 +352,7 @@ func NewListener(connect func(ctx context.Context) (*pgx.Conn, error), memberCha
 		l.Handle(ch, handler{mesh, backlog})
 	}
 	l.Handle(memberChannel, handler{member, backlog})
+	l.Handle(nodeChannel, handler{mesh, backlog})
 	return &Listener{l: l, logger: logger}
 }
 

@@ -145,3 +145,15 @@ func FuzzDecodeEnvelope(f *testing.F) {
 		}
 	})
 }
+
+func TestNodeChannel(t *testing.T) {
+	a, b := relay.NodeChannel("node-a"), relay.NodeChannel(strings.Repeat("n", 300))
+	if a == b || a != relay.NodeChannel("node-a") || len(b) > 63 || !strings.HasPrefix(a, "cm_node_") {
+		t.Fatalf("NodeChannel: %q %q", a, b)
+	}
+	for _, c := range relay.AllChannels() {
+		if c == a {
+			t.Fatalf("a node channel collides with mesh channel %s", c)
+		}
+	}
+}

@@ -259,6 +259,7 @@ func (c *committer) commit(batch []*sendItem) {
 	// claim); others get a wake-up and their node claims.
 	now := time.Now()
 	prefix := relay.EnvelopePrefix(now)
+	envelopes := len(batch) <= maxEnvelopeBatch
 	var envs []store.EnvelopeNotify
 	remote := map[string][]string{} // mesh → members to wake elsewhere
 	claimed := map[string]bool{}    // members with a row of this batch on the claim path
@@ -267,9 +268,9 @@ func (c *committer) commit(batch []*sendItem) {
 			if it.fast[j] != nil {
 				continue
 			}
-			if !claimed[rec.MemberID] {
+			if envelopes && !claimed[rec.MemberID] {
 				if e, ok := c.envelope(it, rec.MemberID, prefix); ok {
-					envs = append(envs, store.EnvelopeNotify{Ord: i, Channel: relay.ChannelFor(it.msg.MeshID), Prefix: prefix, Suffix: e.suffix})
+					envs = append(envs, store.EnvelopeNotify{Ord: i, Channel: e.channel, Prefix: prefix, Suffix: e.suffix})
 					it.msg.Recipients[j].LeaseConn, it.msg.Recipients[j].LeaseNode = e.conn, e.node
 					continue
 				}
@@ -355,13 +356,21 @@ func (c *committer) commit(batch []*sendItem) {
 
 // remoteRow is a row for the remote fast path.
 type remoteRow struct {
-	conn, node, suffix string
+	conn, node, channel, suffix string
 }
 
-// maxEnvelopeRecipients bounds the envelopes one message may send: every
-// node's listener reads every notification, so a broadcast to a large mesh
-// is cheaper as wake-ups and claims than as one envelope per member.
-const maxEnvelopeRecipients = 32
+// The remote fast path costs a notification per row, the claim path a
+// statement per batch and node: at moderate rates (small batches) the
+// envelopes save a claim per message and its round trip, while a burst
+// (large batches) is cheaper claimed. Measured with meshbench over 3
+// nodes: 100 × 1000 drained in 13.7 s with envelopes for every row against
+// 12.1 s without; at 2,000 msg/s (batches of 1–2) envelopes cut Postgres
+// CPU by 13% and cross-node p50 by 2 ms. A broadcast to a large mesh is
+// likewise cheaper as wake-ups than as one envelope per member.
+const (
+	maxEnvelopeBatch      = 16 // messages in the batch
+	maxEnvelopeRecipients = 32 // recipients of the message
+)
 
 // envelope decides whether member's row of it takes the remote fast path:
 // the member's only session is live on another node and its status lets
@@ -384,7 +393,7 @@ func (c *committer) envelope(it *sendItem, member, prefix string) (remoteRow, bo
 	if !fits {
 		return remoteRow{}, false
 	}
-	return remoteRow{conn: e.ConnID, node: node, suffix: suffix}, true
+	return remoteRow{conn: e.ConnID, node: node, channel: relay.NodeChannel(e.Owner), suffix: suffix}, true
 }
 
 func deliveryFromSend(r store.Inserted, it *sendItem, member, conn string) store.Delivery {
