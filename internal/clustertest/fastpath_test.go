@@ -33,9 +33,11 @@ func TestRemoteFastPath(t *testing.T) {
 			sender := testkit.Connect(t, a.URL(), mesh.Members[0], client.HelloOptions{})
 			acker := client.HelloOptions{Capabilities: []string{protocol.CapClientAck}}
 			rcpt := testkit.Connect(t, b.URL(), mesh.Members[1], acker)
-			testkit.Eventually(t, 5*time.Second, "the recipient's session replicated to A", func() bool {
-				_, remote := a.Replica().MemberPresent(mesh.Members[1].MemberID)
-				return remote
+			testkit.Eventually(t, 5*time.Second, "A sees the recipient's session live on B", func() bool {
+				// Live needs B's entry and B alive in A's membership, which
+				// can arrive in either order.
+				_, ok := a.Replica().SoleRemoteSession(mesh.Members[1].MemberID)
+				return ok
 			})
 
 			const n, acked = 40, 30
