@@ -29,6 +29,7 @@ func TestRemoteFastPath(t *testing.T) {
 				c.DisableRemoteFastPath = off
 			}})
 			a, b := nodes[0], nodes[1]
+			listening(t, b)
 			mesh := testkit.NewMesh(t, a.Store(), 2)
 			sender := testkit.Connect(t, a.URL(), mesh.Members[0], client.HelloOptions{})
 			acker := client.HelloOptions{Capabilities: []string{protocol.CapClientAck}}
@@ -102,6 +103,7 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 		c.SweepInterval = time.Hour
 	}})
 	b := nodes[1]
+	listening(t, b)
 	mesh := testkit.NewMesh(t, b.Store(), 2)
 	rcpt := testkit.Connect(t, b.URL(), mesh.Members[1], client.HelloOptions{})
 	bNode := b.Replica().Self() + "#" + strconv.FormatInt(b.Replica().Incarnation(), 10)
@@ -138,4 +140,13 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 			}
 		})
 	}
+}
+
+// listening waits until the node's relay listener has subscribed to every
+// channel: a notification sent before would only be found by a re-scan.
+func listening(t *testing.T, n *testkit.Node) {
+	t.Helper()
+	testkit.Eventually(t, 10*time.Second, "relay listener subscribed", func() bool {
+		return n.Counter("broker_relay_listens_total") >= 1
+	})
 }
