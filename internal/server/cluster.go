@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"encoding/json"
-	"strconv"
 	"strings"
 	"time"
 
@@ -180,7 +179,7 @@ func (s *Server) NodeEvent(ev presence.NodeEvent) {
 	if ev.Up {
 		return
 	}
-	pattern := store.EscapeLike(ev.Name) + "#" + strconv.FormatInt(ev.Incarnation, 10)
+	pattern := store.EscapeLike(leaseNodeName(ev.Name, ev.Incarnation))
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -220,11 +219,12 @@ func (s *Server) RelayWake(sentAt time.Time, w relay.Wake) {
 // marked for a claim, which takes such rows in order; a session that is
 // gone gives the row back at once.
 func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
+	key := store.DeliveryKey{MessageID: e.MessageID, MemberID: e.MemberID}
 	if e.Node != s.leaseNode {
-		if name, _, _ := strings.Cut(e.Node, "#"); name == s.node {
+		if strings.HasPrefix(e.Node, leaseNodePrefix(s.node)) {
 			// Leased to an earlier incarnation of this node, whose
 			// sessions are gone.
-			s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []store.DeliveryKey{{MessageID: e.MessageID, MemberID: e.MemberID}})
+			s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []store.DeliveryKey{key})
 		}
 		return
 	}
@@ -232,7 +232,6 @@ func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
 	if lag := time.Since(sentAt); lag >= 0 {
 		s.m.RelayLag.Observe(lag.Seconds())
 	}
-	key := store.DeliveryKey{MessageID: e.MessageID, MemberID: e.MemberID}
 	if s.engine.wasTaken(key) {
 		return // a claim got here first and pushed it
 	}
@@ -260,9 +259,11 @@ func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
 }
 
 // RelayListening runs after every (re)LISTEN: anything notified while the
-// listener was away is found by a re-scan.
+// listener was away is found by a re-scan, and member lists are reloaded
+// (a revocation announced meanwhile would otherwise wait for their TTL).
 func (s *Server) RelayListening() {
 	s.m.RelayReconnects.Inc()
+	s.members.invalidateAll()
 	s.engine.wakeAll(reasonBacklog)
 }
 

@@ -220,9 +220,9 @@ func (ss *session) handleClientAck(data []byte, reqID string) {
 		return
 	}
 	// Only this member's own delivery row can be acknowledged: the key
-	// carries the session's member id.
-	// Queue the mark before forgetting the push: a claim in between must
-	// find the row in one set or the other, never in neither.
+	// carries the session's member id. The mark is queued before the push
+	// is forgotten: a claim in between must find the row in one set or the
+	// other, never in neither.
 	ss.s.acks.add(ss.meshID, store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
 	ss.mu.Lock()
 	if ss.inflight != nil {

@@ -96,6 +96,14 @@ func (c *memberCache) invalidate(mesh string) {
 	c.mu.Unlock()
 }
 
+// invalidateAll drops every list: membership changes announced while the
+// listener was away were missed.
+func (c *memberCache) invalidateAll() {
+	c.mu.Lock()
+	clear(c.meshes)
+	c.mu.Unlock()
+}
+
 // gc drops lists nobody used for a while.
 func (c *memberCache) gc() {
 	c.mu.Lock()

@@ -383,7 +383,7 @@ func (c *committer) envelope(it *sendItem, member, prefix string) (remoteRow, bo
 	if !ok || e.MaxPriority() < int(it.msg.Priority) || e.ConnID == "" {
 		return remoteRow{}, false
 	}
-	node := e.Owner + "#" + strconv.FormatInt(e.OwnerInc, 10)
+	node := leaseNodeName(e.Owner, e.OwnerInc)
 	suffix, fits := relay.EnvelopeSuffix(prefix, &relay.Envelope{
 		Node: node, Presence: e.PresenceID, Conn: e.ConnID, MeshID: it.msg.MeshID, MemberID: member,
 		Priority: it.msg.Priority, SenderMemberID: it.msg.SenderMemberID, SenderPubkey: it.msg.SenderPubkey,

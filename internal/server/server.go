@@ -97,13 +97,23 @@ type Server struct {
 }
 
 // New creates a server. Call Start before serving.
+// leaseNodeName is what a lease records as its node: the node's name and
+// incarnation, so that a restarted node's leases can be told from its
+// predecessor's.
+func leaseNodeName(node string, incarnation int64) string {
+	return leaseNodePrefix(node) + strconv.FormatInt(incarnation, 10)
+}
+
+// leaseNodePrefix starts the lease node names of every incarnation of node.
+func leaseNodePrefix(node string) string { return node + "#" }
+
 func New(d Deps) *Server {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
 		cfg: d.Config, store: d.Store, replica: d.Replica, cluster: d.Cluster, notifier: d.Notifier,
 		m: d.Metrics, gatherer: d.Gatherer, logger: d.Logger,
 		node:       d.Replica.Self(),
-		leaseNode:  d.Replica.Self() + "#" + strconv.FormatInt(d.Incarnation, 10),
+		leaseNode:  leaseNodeName(d.Replica.Self(), d.Incarnation),
 		started:    time.Now(),
 		sessions:   map[*session]struct{}{},
 		byPresence: map[string]*session{},
@@ -145,7 +155,9 @@ func (s *Server) Start() {
 	s.goLoop(s.presenceLoop)
 	s.commit.start()
 	// Leases held by an earlier incarnation of this node are void.
-	s.goLoop(func(ctx context.Context) { s.releaseNodeLeases(ctx, s.node+"#%", s.leaseNode) })
+	s.goLoop(func(ctx context.Context) {
+		s.releaseNodeLeases(ctx, store.EscapeLike(leaseNodePrefix(s.node))+"%", s.leaseNode)
+	})
 }
 
 func (s *Server) goLoop(fn func(ctx context.Context)) {
