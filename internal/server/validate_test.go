@@ -407,3 +407,47 @@ func TestRateLimitedHellosNotAudited(t *testing.T) {
 		t.Fatalf("audit rows %v, want one unauthorized row per hello under the rate (%d)", reasons, flood-int(limited))
 	}
 }
+
+// The handshake order holds for realistic keys: a stale timestamp is
+// reported before a mistyped pubkey or signature, and a mistyped one with
+// a fresh timestamp is malformed at step 2. Only junk over twice a key's
+// length is malformed first.
+func TestHelloOrderKeptForRealisticKeys(t *testing.T) {
+	db := pgtest.NewDB(t)
+	n := testkit.StartNode(t, db, testkit.Options{})
+	mesh := testkit.NewMesh(t, n.Store(), 1)
+	stale := time.Now().Add(-10 * time.Minute)
+	for _, c := range []struct {
+		name      string
+		pubkey    string // "" keeps the real one
+		signature string
+		stale     bool
+		want      string
+	}{
+		{"real key, stale", "", "", true, protocol.ReasonTimestampSkew},
+		{"short hex pubkey, stale", "abcd", "", true, protocol.ReasonTimestampSkew},
+		{"65-char pubkey, stale", strings.Repeat("a", 65), "", true, protocol.ReasonTimestampSkew},
+		{"128-char garbled pubkey, stale", strings.Repeat("z", 128), "", true, protocol.ReasonTimestampSkew},
+		{"256-char signature, stale", "", strings.Repeat("f", 256), true, protocol.ReasonTimestampSkew},
+		{"short hex pubkey, fresh", "abcd", "", false, protocol.ReasonMalformed},
+		{"garbled signature, fresh", "", "xyz", false, protocol.ReasonMalformed},
+		{"129-char pubkey, stale", strings.Repeat("a", 129), "", true, protocol.ReasonMalformed},
+		{"257-char signature, stale", "", strings.Repeat("f", 257), true, protocol.ReasonMalformed},
+	} {
+		o := client.HelloOptions{}
+		if c.stale {
+			o.Timestamp = stale
+		}
+		h := client.NewHello(mesh.Members[0], o)
+		if c.pubkey != "" {
+			h.Pubkey = c.pubkey
+		}
+		if c.signature != "" {
+			h.Signature = c.signature
+		}
+		d := dial(t, n.URL())
+		sendRaw(t, d, h)
+		t.Run(c.name, func(t *testing.T) { expectRejection(t, d, c.want) })
+	}
+	testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
+}

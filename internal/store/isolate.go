@@ -31,7 +31,8 @@ func IsBadValue(err error) bool {
 }
 
 // RowsError is returned by a batch write of which some rows were not
-// written while the others were.
+// written while the others were. Check for it before IsUnavailable, which
+// would take it for an outage.
 type RowsError struct {
 	// Errs holds, per row of the batch, why it was not written (nil: it was).
 	Errs []error
