@@ -150,7 +150,10 @@ func (m *GroupOp) validate() error {
 	if err := CheckField("_reqId", m.ReqID, MaxIDLen); err != nil {
 		return err
 	}
-	return CheckField("name", m.Name, 0)
+	if err := ValidateGroupName(m.Name); err != nil {
+		return fieldErr("name", err.Error())
+	}
+	return nil
 }
 
 func (m *MessageStatus) validate() error {
