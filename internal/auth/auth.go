@@ -135,7 +135,10 @@ func VerifyHook(h http.Header, body []byte, now time.Time) (meshID, pubkey strin
 		return "", "", ErrHookUnsigned
 	}
 	ts, err := strconv.ParseInt(tsText, 10, 64)
-	if err != nil || meshID == "" || len(meshID) > protocol.MaxIDLen || !protocol.IsPubkeyHex(pubkey) || !protocol.IsSignatureHex(sigHex) {
+	// Header values may hold any byte but NUL: a mesh id that is not UTF-8
+	// would fail the membership lookup in Postgres, not the signature.
+	if err != nil || meshID == "" || protocol.CheckText(meshID, protocol.MaxIDLen) != nil ||
+		!protocol.IsPubkeyHex(pubkey) || !protocol.IsSignatureHex(sigHex) {
 		return "", "", ErrHookMalformed
 	}
 	if d := now.UnixMilli() - ts; d > protocol.HelloSkew.Milliseconds() || d < -protocol.HelloSkew.Milliseconds() {
@@ -245,6 +248,13 @@ func ParseInvite(token string) (*Invite, error) {
 	}
 	if inv.Role != "admin" && inv.Role != "member" {
 		return nil, fmt.Errorf("%w: role must be admin or member", ErrInviteMalformed)
+	}
+	for _, f := range [][2]string{{"invite_id", inv.InviteID}, {"mesh_id", inv.MeshID}, {"mesh_slug", inv.MeshSlug},
+		{"mesh_name", inv.MeshName}, {"broker_url", inv.BrokerURL}, {"mesh_root_key", inv.RootKey},
+		{"owner_pubkey", inv.OwnerPubkey}, {"signature", inv.Signature}} {
+		if err := protocol.CheckField(f[0], f[1], 0); err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrInviteMalformed, err)
+		}
 	}
 	return &inv, nil
 }

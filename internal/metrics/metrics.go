@@ -39,6 +39,7 @@ type Metrics struct {
 	GossipDropped       prometheus.Counter
 	AuditDropped        prometheus.Counter
 	ClockOffset         prometheus.Gauge
+	Edge
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -116,6 +117,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	m.Edge = newEdge(reg)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)

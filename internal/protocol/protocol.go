@@ -464,12 +464,15 @@ func DecodeEnvelope(data []byte) (Envelope, error) {
 		if err := json.Unmarshal(raw.ReqID, &env.ReqID); err != nil {
 			return Envelope{}, errors.New("_reqId must be a string")
 		}
-		if len(env.ReqID) > MaxIDLen {
-			return Envelope{}, fmt.Errorf("_reqId longer than %d", MaxIDLen)
+		if err := CheckField("_reqId", env.ReqID, MaxIDLen); err != nil {
+			return Envelope{}, err
 		}
 	}
 	if env.Type == "" {
 		return env, errors.New("missing type")
+	}
+	if err := CheckField("type", env.Type, 0); err != nil {
+		return env, err
 	}
 	return env, nil
 }
@@ -485,8 +488,10 @@ func (e *FieldError) Error() string { return e.Field + ": " + e.Reason }
 func fieldErr(field, reason string) error { return &FieldError{Field: field, Reason: reason} }
 
 // DecodeHello decodes and shape-checks a hello frame: every required field
-// present and of the right JSON type (check 0 of the handshake). It does not
-// check the timestamp window, hex lengths or the signature.
+// present and of the right JSON type, and every string free of NUL and
+// within its bound (check 0 of the handshake; a pubkey or signature only
+// within twice its length). It does not check the timestamp window, hex
+// lengths or the signature.
 func DecodeHello(data []byte) (*Hello, error) {
 	var probe map[string]json.RawMessage
 	if err := json.Unmarshal(data, &probe); err != nil {
@@ -515,30 +520,8 @@ func DecodeHello(data []byte) (*Hello, error) {
 	if _, err := h.TimestampMillis(); err != nil {
 		return nil, fieldErr("timestamp", "must be an integer number of milliseconds")
 	}
-	for name, v := range map[string]string{"meshId": h.MeshID, "memberId": h.MemberID, "sessionId": h.SessionID} {
-		if v == "" || len(v) > MaxIDLen {
-			return nil, fieldErr(name, fmt.Sprintf("must be 1..%d characters", MaxIDLen))
-		}
-	}
-	if len(h.Cwd) > MaxCwdLen {
-		return nil, fieldErr("cwd", fmt.Sprintf("longer than %d", MaxCwdLen))
-	}
-	if len(h.Hostname) > MaxHostnameLen {
-		return nil, fieldErr("hostname", fmt.Sprintf("longer than %d", MaxHostnameLen))
-	}
-	if len(h.DisplayName) > MaxDisplayName {
-		return nil, fieldErr("displayName", fmt.Sprintf("longer than %d", MaxDisplayName))
-	}
-	if len(h.Groups) > MaxGroups {
-		return nil, fieldErr("groups", fmt.Sprintf("more than %d", MaxGroups))
-	}
-	for _, g := range h.Groups {
-		if err := ValidateGroupName(g.Name); err != nil && g.Name != "" {
-			return nil, fieldErr("groups", err.Error())
-		}
-	}
-	if len(h.Capabilities) > 16 {
-		return nil, fieldErr("capabilities", "more than 16")
+	if err := h.validate(); err != nil {
+		return nil, err
 	}
 	return &h, nil
 }
@@ -557,8 +540,8 @@ func IsSignatureHex(s string) bool { return len(s) == 128 && hex128.MatchString(
 // ValidateGroupName checks a group name: 1..64 bytes, printable, no '@'
 // prefix (the '@' belongs to the target spec, not the name).
 func ValidateGroupName(name string) error {
-	if name == "" || len(name) > MaxGroupNameLen {
-		return fmt.Errorf("group name must be 1..%d bytes", MaxGroupNameLen)
+	if name == "" || CheckText(name, MaxGroupNameLen) != nil {
+		return fmt.Errorf("group name must be 1..%d bytes of UTF-8 text", MaxGroupNameLen)
 	}
 	for _, r := range name {
 		if r < 0x20 || r == 0x7f || r == 0xfffd {
@@ -609,11 +592,11 @@ func DecodeSend(data []byte) (*Send, error) {
 		}
 		return nil, err
 	}
-	if len(s.ID) > MaxIDLen {
-		return nil, fieldErr("id", fmt.Sprintf("longer than %d", MaxIDLen))
+	if err := CheckField("id", s.ID, MaxIDLen); err != nil {
+		return nil, err // not echoed in the ack
 	}
-	if len(s.ClientMessageID) > MaxIDLen {
-		return nil, fieldErr("client_message_id", fmt.Sprintf("longer than %d", MaxIDLen))
+	if err := s.validate(); err != nil {
+		return &s, err
 	}
 	if s.Priority == "" {
 		s.Priority = PriorityNext
@@ -631,7 +614,8 @@ func DecodeSend(data []byte) (*Send, error) {
 }
 
 // Decode unmarshals a frame of a known type into v, mapping JSON type
-// errors to FieldError.
+// errors to FieldError, and checks the frame's strings (NUL, invalid
+// UTF-8, lengths) as its type defines.
 func Decode(data []byte, v any) error {
 	if err := json.Unmarshal(data, v); err != nil {
 		var ute *json.UnmarshalTypeError
@@ -639,6 +623,9 @@ func Decode(data []byte, v any) error {
 			return fieldErr(ute.Field, "wrong JSON type")
 		}
 		return err
+	}
+	if v, ok := v.(validator); ok {
+		return v.validate()
 	}
 	return nil
 }

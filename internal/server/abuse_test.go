@@ -525,7 +525,14 @@ func TestUnicodeEdgeCases(t *testing.T) {
 	c := testkit.Connect(t, n.URL(), named, client.HelloOptions{Cwd: "/home/" + weird, Hostname: "hôte-" + weird,
 		Groups: []string{"équipe-🚀"}})
 	s := testkit.Connect(t, n.URL(), sender, client.HelloOptions{})
-	summary := weird + " \u0000 nul and \\ \" quotes"
+	summary := weird + " \\ \" quotes"
+	// A NUL is refused (Postgres and terminals cannot take it); the
+	// summary is kept as it was.
+	sendRaw(t, c, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: weird + " \u0000 nul"})
+	var nulErr protocol.ErrorFrame
+	if err := testkit.Expect(t, c, protocol.TypeError, 5*time.Second).Decode(&nulErr); err != nil || nulErr.Code != protocol.CodeMalformed {
+		t.Fatalf("summary with NUL: %+v", nulErr)
+	}
 	sendRaw(t, c, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: summary})
 	testkit.Eventually(t, 5*time.Second, "summary applied", func() bool {
 		for _, p := range listPeers(t, s) {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -490,7 +491,11 @@ func (s *Server) releaseLeases(conn, mesh, member string, keys []store.DeliveryK
 		if _, err := s.store.ReleaseLeases(ctx, conn, keys); err != nil {
 			// The leases run out by themselves; the sweep then redelivers.
 			s.logger.Warn("release leases failed; they will expire", "err", err, "rows", len(keys))
-			return
+			var re *store.RowsError
+			if !errors.As(err, &re) {
+				return
+			}
+			s.m.BatchRowsFailed.WithLabelValues("release").Add(float64(re.Refused()))
 		}
 		s.engine.wake([]string{member}, reasonRelease)
 		if _, elsewhere := s.replica.MemberPresent(member); elsewhere {
@@ -621,6 +626,30 @@ func (a *acker) flush(ctx context.Context) bool {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	done, err := s.store.MarkDelivered(cctx, keys)
 	cancel()
+	var re *store.RowsError
+	if errors.As(err, &re) {
+		// Keys Postgres refused can never be marked: they are dropped (a
+		// lease on such a row runs out by itself). Keys that failed because
+		// Postgres went away meanwhile are queued again.
+		err = nil
+		s.m.BatchRowsFailed.WithLabelValues("mark").Add(float64(re.Refused()))
+		s.logger.Warn("delivery marks refused by Postgres; the rest were written", "err", re)
+		var again []ackItem
+		settled := keys[:0:0]
+		for i, e := range re.Errs {
+			if e != nil && !store.IsDataError(e) {
+				again = append(again, batch[i])
+			} else {
+				settled = append(settled, keys[i])
+			}
+		}
+		keys = settled
+		if len(again) > 0 {
+			a.mu.Lock()
+			a.pending = append(again, a.pending...)
+			a.mu.Unlock()
+		}
+	}
 	if err != nil {
 		a.mu.Lock()
 		a.pending = append(batch, a.pending...)

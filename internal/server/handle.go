@@ -119,6 +119,10 @@ func (ss *session) handleHello(data []byte) {
 	res, err := s.hellos.accept(ctx, store.HelloCheck{SigHash: auth.SignatureHash(h.Signature),
 		PID: h.PID, Cwd: h.Cwd, MeshID: h.MeshID, Pubkey: pubkey})
 	if err != nil {
+		if s.rowFailed("hello", err); store.IsDataError(err) {
+			ss.reject(protocol.ReasonMalformed, "refused by Postgres")
+			return
+		}
 		ss.reject(protocol.ReasonUnavailable, err.Error())
 		return
 	}

@@ -109,6 +109,7 @@ func (b *helloBatcher) flush(batch []*helloReq) {
 			r.done <- helloAnswer{err: err}
 			continue
 		}
-		r.done <- helloAnswer{res: res[i]}
+		// A hello Postgres refused fails alone; the batch's others stand.
+		r.done <- helloAnswer{res: res[i], err: res[i].Err}
 	}
 }

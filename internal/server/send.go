@@ -315,6 +315,11 @@ func (c *committer) commit(batch []*sendItem) {
 	refused := map[*session][]store.DeliveryKey{}
 	for i, it := range batch {
 		r := res[i]
+		if r.Err != nil {
+			// This message alone was not committed; the batch's others were.
+			it.reject(s.rowFailed("send", r.Err))
+			continue
+		}
 		if r.Duplicate {
 			it.answer(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id,
 				MessageID: strconv.FormatInt(r.ID, 10), Queued: true, Duplicate: true})
@@ -352,6 +357,25 @@ func (c *committer) commit(batch []*sendItem) {
 		}
 		s.engine.wake(members, reasonLocal)
 	}
+}
+
+// rowFailed accounts for a row of a batch that was not written while the
+// others were, and returns the wire code for it: malformed when Postgres
+// refused its values (edge validation should have caught them), unavailable
+// when Postgres went away while the batch was split.
+func (s *Server) rowFailed(batch string, err error) string {
+	switch {
+	case store.IsDataError(err):
+		s.m.BatchRowsFailed.WithLabelValues(batch).Inc()
+		s.logger.Warn("row refused by Postgres; the rest of its batch was written", "batch", batch, "err", err)
+		if store.IsBadValue(err) {
+			return protocol.CodeMalformed
+		}
+		return protocol.CodeInternal
+	case store.IsUnavailable(err):
+		return protocol.CodeUnavailable
+	}
+	return protocol.CodeInternal
 }
 
 // remoteRow is a row for the remote fast path.

@@ -305,8 +305,10 @@ func (ss *session) reject(reason, detail string) {
 	}
 	ss.queue(protocol.ErrorFrame{Type: protocol.TypeError, Code: reason, Message: msg})
 	ss.closeAfterFlush(code, reason)
-	ss.s.audit.add(store.AuditEvent{MeshID: ss.meshID, Type: store.EventHelloRejected, Actor: ss.pubkey,
-		Metadata: map[string]any{"reason": reason, "remote": ss.remote}})
+	if reason == protocol.ReasonRateLimited {
+		return // a flood: counted above, not written row by row
+	}
+	ss.s.audit.helloRejected(ss.meshID, ss.pubkey, reason, detail, ss.remote)
 }
 
 // queue marshals v and queues it; a full queue closes the session as a

@@ -37,8 +37,21 @@ type AuditEvent struct {
 	CreatedAt time.Time      `json:"createdAt"`
 }
 
-// InsertAudit writes events with COPY.
+// InsertAudit writes events with COPY. When Postgres refuses some events
+// the others are still written and the error is a *RowsError naming the
+// events that were not.
 func (s *Store) InsertAudit(ctx context.Context, events []AuditEvent) error {
+	err := s.insertAudit(ctx, events)
+	if err == nil || !IsDataError(err) {
+		return err
+	}
+	re := &RowsError{Errs: make([]error, len(events))}
+	isolate(0, len(events), err, func(lo, hi int) error { return s.insertAudit(ctx, events[lo:hi]) },
+		func(i int, err error) { re.Errs[i] = err })
+	return re
+}
+
+func (s *Store) insertAudit(ctx context.Context, events []AuditEvent) error {
 	rows := make([][]any, len(events))
 	for i, e := range events {
 		meta, err := json.Marshal(e.Metadata)

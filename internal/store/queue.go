@@ -54,6 +54,11 @@ type Inserted struct {
 	// Duplicate means the sender already sent this client_message_id: ID is
 	// the first message's id and nothing new was queued.
 	Duplicate bool
+	// Err is why this message alone was not committed: Postgres refused
+	// its values (IsDataError), or became unavailable while the batch was
+	// being split to find the refused rows. The batch's other messages
+	// were committed.
+	Err error
 }
 
 // InsertMessages commits a batch of messages and their delivery rows in one
@@ -63,7 +68,56 @@ type Inserted struct {
 // in one batch keep their order. leaseNode and lease apply to recipients
 // with a LeaseConn. channels and payloads are the parallel NOTIFY
 // arguments.
+//
+// A batch that Postgres refuses because of some of its messages is split
+// until only those fail (their Inserted.Err is set); the others commit, in
+// batch order, with their envelope notifications, and the wake-ups follow
+// them. An error is returned only when nothing was committed for another
+// reason (Postgres unreachable).
 func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode string, lease time.Duration, msgs []NewMessage, channels, payloads []string, envs []EnvelopeNotify) ([]Inserted, error) {
+	out := make([]Inserted, len(msgs))
+	err := s.insertMessages(ctx, ttl, leaseNode, lease, msgs, channels, payloads, envs, out)
+	if err != nil && !IsDataError(err) {
+		return nil, err
+	}
+	if err != nil {
+		isolate(0, len(msgs), err, func(lo, hi int) error {
+			return s.insertMessages(ctx, ttl, leaseNode, lease, msgs[lo:hi], nil, nil, envelopesIn(envs, lo, hi), out[lo:hi])
+		}, func(i int, err error) { out[i] = Inserted{Err: err} })
+		// The wake-ups belong to the batch, not to a row: they follow the
+		// rows that were written (a wake-up for a row that was not costs a
+		// claim that finds nothing; one lost is made good by the re-scan).
+		_ = s.Notify(ctx, channels, payloads)
+	}
+	for o := range out {
+		if !out[o].Duplicate || out[o].Err != nil {
+			continue
+		}
+		m := msgs[o]
+		err := s.pool.QueryRow(ctx, `SELECT id, created_at FROM message WHERE sender_member_id = $1 AND client_message_id = $2`,
+			m.SenderMemberID, m.ClientMessageID).Scan(&out[o].ID, &out[o].CreatedAt)
+		if err != nil {
+			out[o].Err = fmt.Errorf("find duplicate message: %w", err)
+		}
+	}
+	return out, nil
+}
+
+// envelopesIn returns the envelopes of rows [lo, hi), numbered from lo.
+func envelopesIn(envs []EnvelopeNotify, lo, hi int) []EnvelopeNotify {
+	var out []EnvelopeNotify
+	for _, e := range envs {
+		if e.Ord >= lo && e.Ord < hi {
+			e.Ord -= lo
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// insertMessages runs InsertMessages' statement over msgs and fills out
+// (one Inserted per message; duplicates are only flagged).
+func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode string, lease time.Duration, msgs []NewMessage, channels, payloads []string, envs []EnvelopeNotify, out []Inserted) error {
 	n := len(msgs)
 	var (
 		ord      = make([]int32, n)
@@ -160,37 +214,26 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 		ord, meshID, sender, spub, sname, target, prio, nonce, cipher, cmid, ttl,
 		dOrd, dMember, dConn, dNode, lease, channels, payloads, eOrd, eChan, ePrefix, eSuffix, dTries)
 	if err != nil {
-		return nil, fmt.Errorf("insert messages: %w", err)
+		return fmt.Errorf("insert messages: %w", err)
 	}
-	out := make([]Inserted, n)
-	var dups []int
 	for rows.Next() {
 		var o int32
 		var id, notified int64
 		var created *time.Time
 		if err := rows.Scan(&o, &id, &created, &notified); err != nil {
 			rows.Close()
-			return nil, fmt.Errorf("insert messages: %w", err)
+			return fmt.Errorf("insert messages: %w", err)
 		}
 		if created == nil {
-			out[o].Duplicate = true
-			dups = append(dups, int(o))
+			out[o] = Inserted{Duplicate: true}
 			continue
 		}
 		out[o] = Inserted{ID: id, CreatedAt: *created}
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("insert messages: %w", err)
+		return fmt.Errorf("insert messages: %w", err)
 	}
-	for _, o := range dups {
-		m := msgs[o]
-		err := s.pool.QueryRow(ctx, `SELECT id, created_at FROM message WHERE sender_member_id = $1 AND client_message_id = $2`,
-			m.SenderMemberID, m.ClientMessageID).Scan(&out[o].ID, &out[o].CreatedAt)
-		if err != nil {
-			return nil, fmt.Errorf("find duplicate message: %w", err)
-		}
-	}
-	return out, nil
+	return nil
 }
 
 // ClaimRequest asks for up to Limit deliverable rows of MemberID, leased to
@@ -301,8 +344,24 @@ func splitKeys(keys []DeliveryKey) ([]int64, []string) {
 
 // MarkDelivered marks rows delivered (a client_ack, or a push written to a
 // session without the client_ack capability). It returns the rows that
-// were not already delivered.
-func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) ([]DeliveryKey, error) {
+// were not already delivered. When Postgres refuses some keys the others
+// are still marked and the error is a *RowsError naming the keys that
+// were not; with any other error, done holds what was marked before it.
+func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) (done []DeliveryKey, err error) {
+	done, err = s.markDelivered(ctx, keys)
+	if err == nil || !IsDataError(err) {
+		return done, err
+	}
+	re := &RowsError{Errs: make([]error, len(keys))}
+	isolate(0, len(keys), err, func(lo, hi int) error {
+		d, err := s.markDelivered(ctx, keys[lo:hi])
+		done = append(done, d...)
+		return err
+	}, func(i int, err error) { re.Errs[i] = err })
+	return done, re
+}
+
+func (s *Store) markDelivered(ctx context.Context, keys []DeliveryKey) ([]DeliveryKey, error) {
 	ids, members := splitKeys(keys)
 	rows, err := s.fast.Query(ctx, `
 		UPDATE delivery d SET delivered_at = now(), lease_expires_at = NULL
@@ -325,8 +384,24 @@ func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) ([]Delive
 }
 
 // ReleaseLeases gives back rows leased to conn that were not delivered, so
-// another session of the member can claim them at once.
+// another session of the member can claim them at once. Keys Postgres
+// refuses are left to their leases' expiry (a *RowsError); the others are
+// released.
 func (s *Store) ReleaseLeases(ctx context.Context, conn string, keys []DeliveryKey) (int64, error) {
+	n, err := s.releaseLeases(ctx, conn, keys)
+	if err == nil || !IsDataError(err) {
+		return n, err
+	}
+	re := &RowsError{Errs: make([]error, len(keys))}
+	isolate(0, len(keys), err, func(lo, hi int) error {
+		m, err := s.releaseLeases(ctx, conn, keys[lo:hi])
+		n += m
+		return err
+	}, func(i int, err error) { re.Errs[i] = err })
+	return n, re
+}
+
+func (s *Store) releaseLeases(ctx context.Context, conn string, keys []DeliveryKey) (int64, error) {
 	ids, members := splitKeys(keys)
 	tag, err := s.fast.Exec(ctx, `
 		UPDATE delivery d SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL

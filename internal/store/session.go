@@ -24,14 +24,34 @@ type HelloCheck struct {
 type HelloResult struct {
 	Fresh   bool
 	Pending string
+	// Err is why this hello alone was not recorded: Postgres refused its
+	// values (IsDataError), or became unavailable while the batch was
+	// being split to find the refused rows. The others were recorded.
+	Err error
 }
 
 // AcceptHellos records accepted hello signatures for replay protection and,
 // in the same statement, takes the pending hook statuses of the fresh ones
 // (younger than pendingTTL; a signed hook's status only for that member).
 // Many hellos cost one round trip and one commit. A signature must not
-// appear twice in one call.
+// appear twice in one call. A batch Postgres refuses because of some of
+// its hellos is split until only those fail (HelloResult.Err); an error is
+// returned only when nothing was recorded for another reason.
 func (s *Store) AcceptHellos(ctx context.Context, keep, pendingTTL time.Duration, checks []HelloCheck) ([]HelloResult, error) {
+	out := make([]HelloResult, len(checks))
+	err := s.acceptHellos(ctx, keep, pendingTTL, checks, out)
+	if err != nil && !IsDataError(err) {
+		return nil, err
+	}
+	if err != nil {
+		isolate(0, len(checks), err, func(lo, hi int) error {
+			return s.acceptHellos(ctx, keep, pendingTTL, checks[lo:hi], out[lo:hi])
+		}, func(i int, err error) { out[i] = HelloResult{Err: err} })
+	}
+	return out, nil
+}
+
+func (s *Store) acceptHellos(ctx context.Context, keep, pendingTTL time.Duration, checks []HelloCheck, out []HelloResult) error {
 	n := len(checks)
 	sigs := make([][]byte, n)
 	pids := make([]int64, n)
@@ -62,26 +82,25 @@ func (s *Store) AcceptHellos(ctx context.Context, keep, pendingTTL time.Duration
 		FROM input i ORDER BY i.ord`,
 		sigs, pids, cwds, meshes, pubkeys, keep, pendingTTL)
 	if err != nil {
-		return nil, fmt.Errorf("accept hellos: %w", err)
+		return fmt.Errorf("accept hellos: %w", err)
 	}
-	out := make([]HelloResult, n)
 	for rows.Next() {
 		var ord int64
 		var fresh bool
 		var pend *string
 		if err := rows.Scan(&ord, &fresh, &pend); err != nil {
 			rows.Close()
-			return nil, fmt.Errorf("accept hellos: %w", err)
+			return fmt.Errorf("accept hellos: %w", err)
 		}
-		out[ord-1].Fresh = fresh
+		out[ord-1] = HelloResult{Fresh: fresh}
 		if pend != nil {
 			out[ord-1].Pending = *pend
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("accept hellos: %w", err)
+		return fmt.Errorf("accept hellos: %w", err)
 	}
-	return out, nil
+	return nil
 }
 
 // AddPendingStatus keeps a hook status for a session that has not connected

@@ -1,0 +1,73 @@
+package server
+
+import (
+	"strings"
+	"testing"
+	"unicode/utf8"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/claudemesh/broker/internal/metrics"
+	"github.com/claudemesh/broker/internal/store"
+)
+
+// Large events cannot pile up below the event-count bound: the buffer is
+// bounded in bytes too, every drop is counted, and room taken by a flush
+// is room again.
+func TestAuditBufferBoundedInBytes(t *testing.T) {
+	s := &Server{m: metrics.New(prometheus.NewRegistry())}
+	a := newAuditor(s)
+	ids := make([]int64, 4096) // a delivery event of a large batch
+	const events = 1000
+	for i := 0; i < events; i++ {
+		a.add(store.AuditEvent{Type: store.EventMessageDelivered, Actor: "m", Metadata: map[string]any{"message_ids": ids}})
+	}
+	queued := len(a.ch)
+	if queued == 0 || queued >= events {
+		t.Fatalf("%d of %d large events queued", queued, events)
+	}
+	if b := a.bytes.Load(); b > auditBufferBytes {
+		t.Fatalf("%d bytes queued, bound %d", b, auditBufferBytes)
+	}
+	var m dto.Metric
+	if err := s.m.AuditDropped.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	if d := m.GetCounter().GetValue(); d != float64(events-queued) {
+		t.Fatalf("broker_audit_dropped_total = %v, want %d", d, events-queued)
+	}
+	taken := a.take(10)
+	if len(taken) != 10 {
+		t.Fatalf("took %d", len(taken))
+	}
+	a.add(store.AuditEvent{Type: store.EventPeerConnected})
+	if len(a.ch) != queued-10+1 {
+		t.Fatalf("no room after a flush took events: %d queued", len(a.ch))
+	}
+	for len(a.take(5000)) > 0 {
+	}
+	if b := a.bytes.Load(); b != 0 {
+		t.Fatalf("%d bytes accounted for an empty buffer", b)
+	}
+}
+
+// Fields of rejected hellos are stored as bounded, valid text whatever an
+// unauthenticated client sent.
+func TestClipText(t *testing.T) {
+	for _, c := range []struct {
+		in  string
+		max int
+	}{
+		{strings.Repeat("a", 60000), 128}, {"a\x00b", 128}, {"bad\xff\xfe", 128},
+		{strings.Repeat("é", 100), 127}, {"", 10}, {"short", 128},
+	} {
+		out := clipText(c.in, c.max)
+		if len(out) > c.max || !utf8.ValidString(out) || strings.IndexByte(out, 0) >= 0 {
+			t.Errorf("clipText(%.20q…, %d) = %.20q… (%d bytes)", c.in, c.max, out, len(out))
+		}
+		if len(c.in) <= c.max && utf8.ValidString(c.in) && strings.IndexByte(c.in, 0) < 0 && out != c.in {
+			t.Errorf("clipText altered %q to %q", c.in, out)
+		}
+	}
+}
