@@ -3,7 +3,10 @@ package devcluster_test
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -12,10 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/claudemesh/broker/internal/admin"
 	"github.com/claudemesh/broker/internal/cli"
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/devcluster"
+	"github.com/claudemesh/broker/internal/pgtest"
+	"github.com/claudemesh/broker/internal/store"
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
@@ -208,5 +214,62 @@ func TestBannerJoinLinesSurviveRestart(t *testing.T) {
 	if err := json.Unmarshal([]byte(carol.ok("meshes", "--json")), &meshes); err != nil ||
 		meshes[0]["brokerUrls"].([]any)[0] != "ws://127.0.0.1:"+strconv.Itoa(moved)+"/ws" {
 		t.Fatalf("carol's mesh: %v %v", meshes, err)
+	}
+}
+
+// A data folder from an older broker dev holds a demo mesh whose members,
+// alice and bob, were enrolled with keys the claudemesh CLI cannot use: it
+// is replaced (saying so), so that the join lines' alice and bob are the
+// mesh's only alice and bob.
+func TestOldDemoMeshReplaced(t *testing.T) {
+	db := pgtest.NewDB(t)
+	ctx := context.Background()
+	st, err := store.Open(ctx, db, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	old, err := admin.CreateMesh(ctx, st, "demo", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var members []map[string]string
+	for _, name := range []string{"alice", "bob"} {
+		pub, priv, _ := ed25519.GenerateKey(nil)
+		m, err := admin.AddMember(ctx, st, old.MeshID, hex.EncodeToString(pub), name, "member")
+		if err != nil {
+			t.Fatal(err)
+		}
+		members = append(members, map[string]string{"name": name, "memberId": m.ID, "pubkey": m.Pubkey, "secretKey": hex.EncodeToString(priv)})
+	}
+	data := t.TempDir()
+	v1, _ := json.Marshal(map[string]any{"meshId": old.MeshID, "slug": old.Slug, "ownerPubkey": old.OwnerPubkey,
+		"ownerSecretKey": old.OwnerSecretKey, "members": members})
+	if err := os.WriteFile(filepath.Join(data, "demo.json"), v1, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	base := &config.Config{DatabaseURL: db}
+	base.Normalize()
+	ports := freePorts(t, 2)
+	var out bytes.Buffer
+	c, err := devcluster.Start(ctx, devcluster.Options{Nodes: 1, DataDir: data, BasePort: ports, GossipPort: ports + 1,
+		Base: base, Logger: testkit.Logger(), Out: &out})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Stop(context.Background()) })
+	b := parseBanner(t, out.String())
+	if !strings.Contains(b.text, "the demo mesh of an older broker dev") || c.Demo.MeshID == old.MeshID || c.Demo.Slug != "demo" {
+		t.Fatalf("mesh %s (%s) after the old %s:\n%s", c.Demo.MeshID, c.Demo.Slug, old.MeshID, b.text)
+	}
+	if _, err := st.GetMesh(ctx, old.MeshID); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("the old demo mesh: %v", err)
+	}
+	if ms, err := st.MeshMembers(ctx, c.Demo.MeshID); err != nil || len(ms) != 0 {
+		t.Fatalf("members of the new demo mesh before anyone joined: %+v %v", ms, err)
+	}
+	if !strings.Contains(b.postgres, "(DATABASE_URL)") {
+		t.Fatalf("Postgres line: %s", b.postgres)
 	}
 }
