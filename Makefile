@@ -4,7 +4,9 @@
 run:
 	go run ./cmd/broker dev
 
-# The whole test suite (what CI runs).
+# The whole test suite (what CI runs). As root it installs the tools a few
+# tests run (chromium, haproxy, promtool) without leaving their services
+# enabled; otherwise it says what to install and skips only those tests.
 test:
 	./scripts/test.sh
 

@@ -12,7 +12,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -73,12 +75,24 @@ func newLogger(level string) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 }
 
-// signalContext is cancelled on SIGINT or SIGTERM; the returned function
-// reports which signal arrived.
+// stopSignals are the signals that shut the broker down gracefully. SIGHUP
+// is among them because closing the terminal of a `broker dev` sends it,
+// and its default action would end the process without stopping Postgres;
+// unless SIGHUP is ignored (nohup), which must stay so.
+func stopSignals() []os.Signal {
+	sigs := []os.Signal{syscall.SIGINT, syscall.SIGTERM}
+	if !signal.Ignored(syscall.SIGHUP) {
+		sigs = append(sigs, syscall.SIGHUP)
+	}
+	return sigs
+}
+
+// signalContext is cancelled on SIGINT, SIGTERM or SIGHUP; the returned
+// function reports which signal arrived.
 func signalContext() (context.Context, func() string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	ch := make(chan os.Signal, 2)
-	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM)
+	signal.Notify(ch, stopSignals()...)
 	var got os.Signal
 	done := make(chan struct{})
 	go func() {
@@ -152,11 +166,13 @@ func (m migrateCmd) Run() error {
 
 type devCmd struct {
 	Nodes      int    `default:"3" help:"Number of broker nodes."`
-	Data       string `default:".data" help:"Folder for the private Postgres and the demo mesh keys."`
+	Data       string `default:".data" help:"Folder for the private Postgres and the demo mesh (kept across restarts)."`
 	Port       int    `env:"BROKER_PORT" default:"7900" help:"HTTP/WebSocket port of the first node; the others follow."`
 	GossipPort int    `default:"7946" help:"Gossip port of the first node; the others follow."`
-	PGPort     int    `name:"pg-port" default:"0" help:"Port of the private Postgres (0 picks a free one)."`
+	PGPort     int    `name:"pg-port" default:"0" help:"Port of the private Postgres (0: the same one on every start with this --data)."`
 	LBPort     int    `name:"lb-port" default:"7800" help:"Port of the load balancer in front of the nodes, as in docker-compose.yml (0: none)."`
+	Processes  bool   `help:"Run each node as its own process (their PIDs are printed), so that one can be killed to watch failover."`
+	Keys       bool   `help:"Also print the demo mesh's keys and enrol two members with keys, for clients that speak the protocol themselves."`
 }
 
 func (d devCmd) Run() error {
@@ -169,7 +185,8 @@ func (d devCmd) Run() error {
 	ctx, which := signalContext()
 	c, err := devcluster.Start(ctx, devcluster.Options{
 		Nodes: d.Nodes, DataDir: d.Data, BasePort: d.Port, GossipPort: d.GossipPort, PGPort: d.PGPort,
-		LBPort: d.LBPort, Base: base, Logger: logger, Out: os.Stdout,
+		LBPort: d.LBPort, PublicURL: strings.TrimSpace(os.Getenv("PUBLIC_URL")), Processes: d.Processes,
+		ShowKeys: d.Keys, Command: brokerCommand(), Base: base, Logger: logger, Out: os.Stdout,
 	})
 	if err != nil {
 		return err
@@ -179,6 +196,24 @@ func (d devCmd) Run() error {
 	err = c.Stop(context.Background())
 	logger.Info("shutdown complete", "err", errString(err))
 	return err
+}
+
+// brokerCommand is how the user runs this program, for the commands the
+// banner suggests: `go run` builds into a temporary folder.
+func brokerCommand() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return "broker"
+	}
+	if strings.Contains(exe, string(os.PathSeparator)+"go-build") {
+		return "go run ./cmd/broker"
+	}
+	if found, err := exec.LookPath(filepath.Base(exe)); err == nil {
+		if p, err := filepath.EvalSymlinks(found); err == nil && p == exe {
+			return filepath.Base(exe) // on PATH
+		}
+	}
+	return exe
 }
 
 // healthcheckCmd is the image's HEALTHCHECK: the runtime image has no shell,
@@ -253,7 +288,7 @@ type meshCmd struct {
 }
 
 type meshDeleteCmd struct {
-	Mesh string `required:"" help:"Mesh id."`
+	Mesh string `required:"" help:"Mesh id or slug."`
 }
 
 func (m meshDeleteCmd) Run(a *adminCmd) error {
@@ -262,10 +297,14 @@ func (m meshDeleteCmd) Run(a *adminCmd) error {
 		return err
 	}
 	defer done()
-	if err := admin.DeleteMesh(ctx, st, m.Mesh); err != nil {
+	mesh, err := admin.ResolveMesh(ctx, st, m.Mesh)
+	if err != nil {
 		return err
 	}
-	fmt.Printf("deleted mesh %s\n", m.Mesh)
+	if err := admin.DeleteMesh(ctx, st, mesh.ID); err != nil {
+		return err
+	}
+	fmt.Printf("deleted mesh %s (%s)\n", mesh.ID, mesh.Slug)
 	return nil
 }
 
@@ -326,7 +365,7 @@ type memberCmd struct {
 }
 
 type memberAddCmd struct {
-	Mesh   string `required:"" help:"Mesh id."`
+	Mesh   string `required:"" help:"Mesh id or slug."`
 	Pubkey string `required:"" help:"ed25519 public key, 64 hex characters."`
 	Name   string `required:"" help:"Display name."`
 	Role   string `default:"member" enum:"admin,member" help:"admin or member."`
@@ -339,7 +378,11 @@ func (m memberAddCmd) Run(a *adminCmd) error {
 		return err
 	}
 	defer done()
-	mem, err := admin.AddMember(ctx, st, m.Mesh, m.Pubkey, m.Name, m.Role)
+	mesh, err := admin.ResolveMesh(ctx, st, m.Mesh)
+	if err != nil {
+		return err
+	}
+	mem, err := admin.AddMember(ctx, st, mesh.ID, m.Pubkey, m.Name, m.Role)
 	if err != nil {
 		return err
 	}
@@ -351,7 +394,7 @@ func (m memberAddCmd) Run(a *adminCmd) error {
 }
 
 type memberRevokeCmd struct {
-	Mesh   string `required:"" help:"Mesh id."`
+	Mesh   string `required:"" help:"Mesh id or slug."`
 	Pubkey string `required:"" help:"The member's public key."`
 	JSON   bool   `name:"json" help:"Print JSON."`
 }
@@ -362,7 +405,11 @@ func (m memberRevokeCmd) Run(a *adminCmd) error {
 		return err
 	}
 	defer done()
-	mem, err := admin.RevokeMember(ctx, st, m.Mesh, m.Pubkey)
+	mesh, err := admin.ResolveMesh(ctx, st, m.Mesh)
+	if err != nil {
+		return err
+	}
+	mem, err := admin.RevokeMember(ctx, st, mesh.ID, m.Pubkey)
 	if err != nil {
 		return err
 	}
@@ -378,33 +425,55 @@ type inviteCmd struct {
 }
 
 type inviteCreateCmd struct {
-	Mesh      string        `required:"" help:"Mesh id."`
+	Mesh      string        `required:"" help:"Mesh id or slug."`
 	MaxUses   int           `default:"1" help:"How many peers may join with it."`
 	TTL       time.Duration `name:"ttl" default:"168h" help:"How long it stays valid."`
 	Role      string        `default:"member" enum:"admin,member" help:"Role given to those who join."`
-	BrokerURL string        `env:"PUBLIC_URL" default:"ws://localhost:7900/ws" help:"Broker URL written into the invite."`
+	BrokerURL string        `name:"broker-url" placeholder:"URL" help:"Broker URL written into the invite (default: PUBLIC_URL, else ws://localhost:$BROKER_PORT/ws)."`
 	JSON      bool          `name:"json" help:"Print JSON."`
 }
 
 func (m inviteCreateCmd) Run(a *adminCmd) error {
+	brokerURL, explicit := strings.TrimSpace(m.BrokerURL), true
+	if brokerURL != "" {
+		if err := config.CheckPublicURL(brokerURL); err != nil {
+			return fmt.Errorf("--broker-url: %w", err)
+		}
+	} else {
+		var err error
+		if brokerURL, explicit, err = config.InviteURL(os.Getenv); err != nil {
+			return err
+		}
+	}
 	st, ctx, done, err := openStore(a.DatabaseURL)
 	if err != nil {
 		return err
 	}
 	defer done()
-	inv, err := admin.CreateInvite(ctx, st, m.Mesh, m.MaxUses, m.TTL, m.Role, m.BrokerURL)
+	mesh, err := admin.ResolveMesh(ctx, st, m.Mesh)
+	if err != nil {
+		return err
+	}
+	inv, err := admin.CreateInvite(ctx, st, mesh.ID, m.MaxUses, m.TTL, m.Role, brokerURL)
 	if err != nil {
 		return err
 	}
 	if m.JSON {
-		return printJSON(map[string]any{"token": inv.Token, "expiresAt": inv.ExpiresAt, "inviteId": inv.InviteID, "maxUses": inv.MaxUses})
+		return printJSON(map[string]any{"token": inv.Token, "expiresAt": inv.ExpiresAt, "inviteId": inv.InviteID,
+			"maxUses": inv.MaxUses, "brokerUrl": inv.BrokerURL})
 	}
-	fmt.Printf("invite (valid until %s, %d use(s)):\n%s\n", inv.ExpiresAt.Format(time.RFC3339), inv.MaxUses, inv.Token)
+	if !explicit {
+		fmt.Fprintf(os.Stderr, "note: PUBLIC_URL is not set, so the invite points at %s (one node);\n"+
+			"      behind a load balancer set PUBLIC_URL (or --broker-url) to the URL peers connect to\n", brokerURL)
+	}
+	fmt.Printf("invite for mesh %q (valid until %s, %d use(s), peers connect to %s):\n%s\n",
+		mesh.Slug, inv.ExpiresAt.Format(time.RFC3339), inv.MaxUses, inv.BrokerURL, inv.Token)
+	fmt.Printf("to join: claudemesh join %s --name NAME\n", inv.Token)
 	return nil
 }
 
 type auditCmd struct {
-	Mesh  string `help:"Mesh id (all meshes when empty)."`
+	Mesh  string `help:"Mesh id or slug (all meshes when empty)."`
 	Type  string `help:"Only events of this type."`
 	Limit int    `default:"50" help:"How many events."`
 	JSON  bool   `name:"json" help:"Print JSON."`
@@ -419,7 +488,15 @@ func (m auditCmd) Run(a *adminCmd) error {
 	if m.Limit <= 0 || m.Limit > 10000 {
 		return errors.New("--limit must be between 1 and 10000")
 	}
-	events, err := st.ListAudit(ctx, m.Mesh, m.Type, m.Limit)
+	meshID := ""
+	if m.Mesh != "" {
+		mesh, err := admin.ResolveMesh(ctx, st, m.Mesh)
+		if err != nil {
+			return err
+		}
+		meshID = mesh.ID
+	}
+	events, err := st.ListAudit(ctx, meshID, m.Type, m.Limit)
 	if err != nil {
 		return err
 	}
@@ -429,11 +506,5 @@ func (m auditCmd) Run(a *adminCmd) error {
 		}
 		return printJSON(events)
 	}
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "TIME\tEVENT\tACTOR\tTARGET\tMETADATA")
-	for _, e := range events {
-		meta, _ := json.Marshal(e.Metadata)
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.CreatedAt.Format(time.RFC3339Nano), e.Type, e.Actor, e.Target, meta)
-	}
-	return tw.Flush()
+	return admin.WriteAuditTable(os.Stdout, events)
 }

@@ -9,10 +9,13 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"regexp"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/claudemesh/broker/internal/auth"
@@ -180,6 +183,43 @@ func CreateInvite(ctx context.Context, st *store.Store, meshID string, maxUses i
 	_ = st.InsertAudit(ctx, []store.AuditEvent{{MeshID: mesh.ID, Type: store.EventInviteCreated, Actor: "admin", Target: inv.InviteID,
 		Metadata: map[string]any{"max_uses": maxUses, "expires_at": expires, "role": role}}})
 	return InviteCreated{Token: token, ExpiresAt: expires, InviteID: inv.InviteID, MaxUses: maxUses, Role: role, BrokerURL: brokerURL}, nil
+}
+
+// ResolveMesh finds a mesh by id or, failing that, by slug, so that an
+// operator can write `--mesh demo`.
+func ResolveMesh(ctx context.Context, st *store.Store, ref string) (store.Mesh, error) {
+	ref = strings.TrimSpace(ref)
+	if ref == "" {
+		return store.Mesh{}, errors.New("no mesh given")
+	}
+	m, err := st.GetMesh(ctx, ref)
+	if !errors.Is(err, store.ErrNotFound) {
+		return m, err
+	}
+	m, err = st.MeshBySlug(ctx, ref)
+	if errors.Is(err, store.ErrNotFound) {
+		return store.Mesh{}, fmt.Errorf("mesh %q: no mesh has this id or slug (`broker admin mesh list` lists them)", ref)
+	}
+	return m, err
+}
+
+// WriteAuditTable prints events as a table, each member id followed by the
+// member's display name.
+func WriteAuditTable(w io.Writer, events []store.AuditEvent) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tEVENT\tACTOR\tTARGET\tMETADATA")
+	named := func(id, name string) string {
+		if name == "" {
+			return id
+		}
+		return id + " (" + name + ")"
+	}
+	for _, e := range events {
+		meta, _ := json.Marshal(e.Metadata)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.CreatedAt.Format(time.RFC3339Nano), e.Type,
+			named(e.Actor, e.ActorName), named(e.Target, e.TargetName), meta)
+	}
+	return tw.Flush()
 }
 
 // DeleteMesh deletes a mesh with its members, messages and audit events.

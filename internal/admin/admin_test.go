@@ -1,6 +1,7 @@
 package admin_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -78,5 +79,102 @@ func TestAdmin(t *testing.T) {
 	}
 	if err := admin.DeleteMesh(ctx, st, a.MeshID); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// `--mesh` takes an id or a slug; a name that is neither says where to look.
+func TestResolveMesh(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.Open(ctx, pgtest.NewDB(t), 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	m, err := admin.CreateMesh(ctx, st, "demo", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ref := range []string{m.MeshID, "demo", " demo "} {
+		got, err := admin.ResolveMesh(ctx, st, ref)
+		if err != nil || got.ID != m.MeshID {
+			t.Errorf("ResolveMesh(%q) = %s, %v; want %s", ref, got.ID, err, m.MeshID)
+		}
+	}
+	if _, err := admin.ResolveMesh(ctx, st, "nope"); err == nil || !strings.Contains(err.Error(), "mesh list") {
+		t.Errorf("unknown mesh: %v", err)
+	}
+}
+
+// The audit log names members next to their ids: targets of admin actions,
+// actors by member id and, for rejected hellos, by a live member's pubkey.
+// Events about non-members keep the bare value.
+func TestAuditShowsNames(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.Open(ctx, pgtest.NewDB(t), 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	m, err := admin.CreateMesh(ctx, st, "demo", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := admin.CreateMesh(ctx, st, "other", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _, _ := ed25519.GenerateKey(rand.Reader)
+	alice, err := admin.AddMember(ctx, st, m.MeshID, hex.EncodeToString(pub), "alice", "member")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same key in another mesh under another name must not leak into
+	// this mesh's events.
+	if _, err := admin.AddMember(ctx, st, other.MeshID, hex.EncodeToString(pub), "not-alice", "member"); err != nil {
+		t.Fatal(err)
+	}
+	stranger := strings.Repeat("ab", 32)
+	if err := st.InsertAudit(ctx, []store.AuditEvent{
+		{MeshID: m.MeshID, Type: store.EventPeerConnected, Actor: alice.ID},
+		{MeshID: m.MeshID, Type: store.EventHelloRejected, Actor: alice.Pubkey},
+		{MeshID: m.MeshID, Type: store.EventHelloRejected, Actor: stranger},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	events, err := st.ListAudit(ctx, m.MeshID, "", 50)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byActor := map[string]store.AuditEvent{}
+	var added *store.AuditEvent
+	for i, e := range events {
+		byActor[e.Type+"/"+e.Actor] = e
+		if e.Type == store.EventMemberAdded {
+			added = &events[i]
+		}
+	}
+	if added == nil || added.Target != alice.ID || added.TargetName != "alice" || added.ActorName != "" {
+		t.Errorf("member_added: %+v", added)
+	}
+	if e := byActor[store.EventPeerConnected+"/"+alice.ID]; e.ActorName != "alice" {
+		t.Errorf("peer_connected actor name %q, want alice", e.ActorName)
+	}
+	if e := byActor[store.EventHelloRejected+"/"+alice.Pubkey]; e.ActorName != "alice" {
+		t.Errorf("hello_rejected by alice's key: actor name %q", e.ActorName)
+	}
+	if e, ok := byActor[store.EventHelloRejected+"/"+stranger]; !ok || e.ActorName != "" {
+		t.Errorf("hello_rejected by a stranger: %+v", e)
+	}
+	if len(events) != 5 { // mesh_created, member_added, 3 inserted
+		t.Errorf("%d events, want 5 (a join must not duplicate rows): %+v", len(events), events)
+	}
+
+	var buf bytes.Buffer
+	if err := admin.WriteAuditTable(&buf, events); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(buf.String(), alice.ID+" (alice)") || strings.Contains(buf.String(), "not-alice") ||
+		!strings.Contains(buf.String(), stranger) {
+		t.Errorf("audit table:\n%s", buf.String())
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"reflect"
 	"strconv"
@@ -196,12 +197,54 @@ func (c *Config) Normalize() {
 		c.NodeName = h + "-" + strconv.Itoa(c.Port)
 	}
 	if c.PublicURL == "" {
-		host := c.Host
-		if host == "" || host == "0.0.0.0" || host == "::" {
-			host = "localhost"
-		}
-		c.PublicURL = "ws://" + net.JoinHostPort(host, strconv.Itoa(c.Port)) + "/ws"
+		c.PublicURL = NodeURL(c.Host, c.Port)
 	}
+}
+
+// NodeURL is the WebSocket URL of a node listening on host:port, the
+// fallback for PUBLIC_URL: right for a single node, wrong behind a load
+// balancer (which is why a cluster sets PUBLIC_URL).
+func NodeURL(host string, port int) string {
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "localhost"
+	}
+	return "ws://" + net.JoinHostPort(host, strconv.Itoa(port)) + "/ws"
+}
+
+// CheckPublicURL reports why s cannot be written into invites: peers dial
+// it, so it must be a ws:// or wss:// URL with a host.
+func CheckPublicURL(s string) error {
+	u, err := url.Parse(s)
+	switch {
+	case err != nil:
+		return fmt.Errorf("must be a ws:// or wss:// URL: %v", err)
+	case u.Scheme != "ws" && u.Scheme != "wss":
+		return fmt.Errorf("must start with ws:// or wss://, got %q", s)
+	case u.Host == "" || u.Hostname() == "":
+		return fmt.Errorf("has no host: %q", s)
+	}
+	return nil
+}
+
+// InviteURL is the broker URL an operator command writes into invites:
+// PUBLIC_URL when set (explicit is then true), else the URL of a node on
+// BROKER_HOST:BROKER_PORT. getenv is os.Getenv outside tests.
+func InviteURL(getenv func(string) string) (u string, explicit bool, err error) {
+	if v := strings.TrimSpace(getenv("PUBLIC_URL")); v != "" {
+		if err := CheckPublicURL(v); err != nil {
+			return "", true, fmt.Errorf("config: PUBLIC_URL: %w", err)
+		}
+		return v, true, nil
+	}
+	port := 7900
+	if v := strings.TrimSpace(getenv("BROKER_PORT")); v != "" {
+		p, err := strconv.Atoi(v)
+		if err != nil || p < 1 || p > 65535 {
+			return "", false, fmt.Errorf("config: BROKER_PORT: %q is not a TCP port", v)
+		}
+		port = p
+	}
+	return NodeURL(strings.TrimSpace(getenv("BROKER_HOST")), port), false, nil
 }
 
 // Validate reports every invalid setting, one per line.
@@ -271,8 +314,8 @@ func (c *Config) Validate() error {
 	if _, err := ParseLevel(c.LogLevel); err != nil {
 		bad("LOG_LEVEL", "%v", err)
 	}
-	if !strings.HasPrefix(c.PublicURL, "ws://") && !strings.HasPrefix(c.PublicURL, "wss://") {
-		bad("PUBLIC_URL", "must start with ws:// or wss://, got %q", c.PublicURL)
+	if err := CheckPublicURL(c.PublicURL); err != nil {
+		bad("PUBLIC_URL", "%v", err)
 	}
 	if c.LeaseDuration < time.Second {
 		bad("LEASE_DURATION", "must be at least 1s")

@@ -72,3 +72,41 @@ func TestRequireDatabase(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// Invites carry PUBLIC_URL; without it, the node's own address. A value
+// peers could not dial is refused where it enters.
+func TestInviteURL(t *testing.T) {
+	env := func(kv ...string) func(string) string {
+		m := map[string]string{}
+		for i := 0; i+1 < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return func(k string) string { return m[k] }
+	}
+	for _, c := range []struct {
+		env      func(string) string
+		want     string
+		explicit bool
+	}{
+		{env(), "ws://localhost:7900/ws", false},
+		{env("BROKER_PORT", "7901", "BROKER_HOST", "127.0.0.1"), "ws://127.0.0.1:7901/ws", false},
+		{env("BROKER_HOST", "::"), "ws://localhost:7900/ws", false},
+		{env("PUBLIC_URL", "wss://mesh.example/ws", "BROKER_PORT", "7901"), "wss://mesh.example/ws", true},
+	} {
+		got, explicit, err := config.InviteURL(c.env)
+		if err != nil || got != c.want || explicit != c.explicit {
+			t.Errorf("InviteURL = %q, %v, %v; want %q, %v", got, explicit, err, c.want, c.explicit)
+		}
+	}
+	for _, bad := range []string{"http://x/ws", "ws://", "ws:///ws", "localhost:7800", "ws://%zz/ws"} {
+		if _, _, err := config.InviteURL(env("PUBLIC_URL", bad)); err == nil || !strings.Contains(err.Error(), "PUBLIC_URL") {
+			t.Errorf("PUBLIC_URL=%q: err %v, want a PUBLIC_URL error", bad, err)
+		}
+		if _, err := config.LoadFrom([]string{"PUBLIC_URL=" + bad}); err == nil {
+			t.Errorf("LoadFrom accepted PUBLIC_URL=%q", bad)
+		}
+	}
+	if _, _, err := config.InviteURL(env("BROKER_PORT", "http")); err == nil {
+		t.Error("a bad BROKER_PORT was accepted")
+	}
+}

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/pgtest"
+	"github.com/claudemesh/broker/internal/testkit"
 )
 
 func TestMain(m *testing.M) {
@@ -96,15 +96,11 @@ func splitCommand(t *testing.T, cmd string) []string {
 	return strings.Fields(cmd)
 }
 
-// tool finds a program the CI script installs; its absence is a broken
-// setup, so the test fails rather than skips.
+// tool finds a program the tests run for real (testkit.Tool: a failure in
+// CI, a skip naming the package elsewhere).
 func tool(t *testing.T, name, pkg string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		t.Fatalf("%s is not installed: install the Debian package %s (apt-get install -y %s; the CI script does)", name, pkg, pkg)
-	}
-	return p
+	return testkit.Tool(t, pkg, "the deployment files are checked with the real tool", name)
 }
 
 // emptyDatabase creates a database without the schema on the test server.

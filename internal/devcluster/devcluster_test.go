@@ -75,7 +75,7 @@ func TestDevClusterMirrorsCompose(t *testing.T) {
 	defer cancel()
 	c, err := devcluster.Start(ctx, devcluster.Options{
 		Nodes: 3, DataDir: t.TempDir(), BasePort: ports, GossipPort: ports + 3, LBPort: ports + 6,
-		Base: base, Logger: testkit.Logger(), Out: &out,
+		ShowKeys: true, Base: base, Logger: testkit.Logger(), Out: &out,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -109,7 +109,10 @@ func TestDevClusterMirrorsCompose(t *testing.T) {
 		}
 		return client.Identity{MeshID: c.Demo.MeshID, MemberID: m.MemberID, Priv: ed25519.PrivateKey(key)}
 	}
-	alice, bob := identity(c.Demo.Members[0]), identity(c.Demo.Members[1])
+	if len(c.Demo.Keyed) != 2 || !strings.Contains(out.String(), c.Demo.Keyed[0].SecretKey) {
+		t.Fatalf("--keys: keyed members %+v, banner:\n%s", c.Demo.Keyed, out.String())
+	}
+	alice, bob := identity(c.Demo.Keyed[0]), identity(c.Demo.Keyed[1])
 	hello(t, c.Nodes[2].URL(), bob)
 	conn, _ := hello(t, c.LB.URL(), alice)
 	testkit.Eventually(t, 10*time.Second, "bob in alice's peer list", func() bool {

@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -35,7 +36,14 @@ type Options struct {
 	BinDir string
 	// MaxConnections defaults to 300.
 	MaxConnections int
-	Logger         *slog.Logger
+	// PortFallback lets Start pick a free port when Port is taken by
+	// another program, instead of failing.
+	PortFallback bool
+	Logger       *slog.Logger
+	// Notify receives one-line explanations meant for the user: a stale
+	// postmaster.pid removed, a server left running by an earlier run
+	// stopped, a port fallback. Nil sends them to Logger.
+	Notify func(string)
 }
 
 // Server is a running (or stopped) private PostgreSQL server.
@@ -126,7 +134,22 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 			return nil, err
 		}
 	}
+	// A server an earlier run left behind may hold the folder and the
+	// port: deal with it before choosing the port.
+	if err := s.recoverPIDFile(ctx); err != nil {
+		return nil, err
+	}
 	s.port = opts.Port
+	if s.port != 0 && !portFree(s.port) {
+		if !opts.PortFallback {
+			return nil, fmt.Errorf("pgembed: port %d on 127.0.0.1 is taken by another program; choose another one", s.port)
+		}
+		want := s.port
+		if s.port, err = freePort(); err != nil {
+			return nil, err
+		}
+		s.notify(fmt.Sprintf("postgres: port %d is taken by another program; using %d", want, s.port))
+	}
 	if s.port == 0 {
 		if s.port, err = freePort(); err != nil {
 			return nil, err
@@ -136,6 +159,14 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+func (s *Server) notify(msg string) {
+	if s.opts.Notify != nil {
+		s.opts.Notify(msg)
+		return
+	}
+	s.logger.Info(msg)
 }
 
 func postgresUser() (*syscall.Credential, error) {
@@ -225,10 +256,10 @@ func (s *Server) Start(ctx context.Context) error {
 		settings = append(settings, "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
 	}
 	logFile := filepath.Join(s.opts.DataDir, "server.log")
+	logStart := fileSize(logFile)
 	cmd := s.command(ctx, "pg_ctl", "-D", s.opts.DataDir, "-l", logFile, "-w", "-t", "60", "-o", strings.Join(settings, " "), "start")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		tail, _ := os.ReadFile(logFile)
-		return fmt.Errorf("pgembed: pg_ctl start: %w: %s %s", err, lastLines(out, 4), lastLines(tail, 8))
+		return fmt.Errorf("pgembed: postgres did not start (%v): %s (full log: %s)", err, startFailure(out, logFile, logStart), logFile)
 	}
 	// pg_ctl -w returns once the server is ready; check we can connect.
 	deadline := time.Now().Add(30 * time.Second)
@@ -312,6 +343,74 @@ func (s *Server) DatabaseExists(ctx context.Context, name string) (bool, error) 
 	var ok bool
 	err = conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).Scan(&ok)
 	return ok, err
+}
+
+// portFree reports whether nothing listens on 127.0.0.1:port.
+func portFree(port int) bool {
+	l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+	if err != nil {
+		return false
+	}
+	l.Close()
+	return true
+}
+
+func fileSize(path string) int64 {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
+
+// startFailure is the one line that says why the server did not start: the
+// first FATAL (or PANIC) the server logged during this attempt, the LOG or
+// ERROR line before it that usually names the cause, and the first HINT;
+// else pg_ctl's last line. The log itself can be long and stays in its file.
+func startFailure(pgctlOut []byte, logFile string, from int64) string {
+	var fresh []byte
+	if f, err := os.Open(logFile); err == nil {
+		if _, err := f.Seek(from, io.SeekStart); err == nil {
+			fresh, _ = io.ReadAll(io.LimitReader(f, 1<<20))
+		}
+		f.Close()
+	}
+	// The server writes "<time> UTC [pid] LEVEL:  message".
+	after := func(line, level string) (string, bool) {
+		i := strings.Index(line, "] "+level+":")
+		if i < 0 {
+			return "", false
+		}
+		return strings.TrimSpace(line[i+len(level)+3:]), true
+	}
+	var reason, cause, hint string
+	for _, line := range strings.Split(string(fresh), "\n") {
+		if m, ok := after(line, "HINT"); ok && hint == "" {
+			hint = m
+		}
+		if reason != "" {
+			continue
+		}
+		if m, ok := after(line, "FATAL"); ok {
+			reason = m
+		} else if m, ok := after(line, "PANIC"); ok {
+			reason = m
+		} else if m, ok := after(line, "LOG"); ok && !strings.HasPrefix(m, "starting PostgreSQL") && !strings.HasPrefix(m, "listening on") {
+			cause = m
+		} else if m, ok := after(line, "ERROR"); ok {
+			cause = m
+		}
+	}
+	if reason == "" {
+		return lastLines(pgctlOut, 1)
+	}
+	if cause != "" {
+		reason += ": " + cause
+	}
+	if hint != "" {
+		reason += " (" + hint + ")"
+	}
+	return reason
 }
 
 func freePort() (int, error) {

@@ -35,6 +35,11 @@ type AuditEvent struct {
 	Target    string         `json:"target,omitempty"`
 	Metadata  map[string]any `json:"metadata,omitempty"`
 	CreatedAt time.Time      `json:"createdAt"`
+	// ActorName and TargetName are the display names of the members the
+	// actor and target name (by member id, or for the actor by a live
+	// member's pubkey), filled by ListAudit; never written.
+	ActorName  string `json:"actorName,omitempty"`
+	TargetName string `json:"targetName,omitempty"`
 }
 
 // InsertAudit writes events with COPY. When Postgres refuses some events
@@ -80,19 +85,26 @@ func nullable(s string) any {
 }
 
 // ListAudit returns a mesh's newest events (all meshes when meshID is
-// empty), optionally of one type.
+// empty), optionally of one type, with the display names of the members
+// they name. The names come from joins on the page of events, not from a
+// query per row.
 func (s *Store) ListAudit(ctx context.Context, meshID, eventType string, limit int) ([]AuditEvent, error) {
 	rows, err := s.pool.Query(ctx, `
-		SELECT id, coalesce(mesh_id, ''), event_type, coalesce(actor, ''), coalesce(target, ''), metadata, created_at
-		FROM audit_log
-		WHERE ($1 = '' OR mesh_id = $1) AND ($2 = '' OR event_type = $2)
-		ORDER BY created_at DESC, id DESC LIMIT $3`, meshID, eventType, limit)
+		SELECT a.id, coalesce(a.mesh_id, ''), a.event_type, coalesce(a.actor, ''), coalesce(a.target, ''), a.metadata, a.created_at,
+			coalesce(am.display_name, pm.display_name, ''), coalesce(tm.display_name, '')
+		FROM (SELECT * FROM audit_log
+			WHERE ($1 = '' OR mesh_id = $1) AND ($2 = '' OR event_type = $2)
+			ORDER BY created_at DESC, id DESC LIMIT $3) a
+		LEFT JOIN member am ON am.id = a.actor
+		LEFT JOIN member pm ON am.id IS NULL AND pm.mesh_id = a.mesh_id AND pm.pubkey = a.actor AND pm.revoked_at IS NULL
+		LEFT JOIN member tm ON tm.id = a.target
+		ORDER BY a.created_at DESC, a.id DESC`, meshID, eventType, limit)
 	if err != nil {
 		return nil, fmt.Errorf("list audit: %w", err)
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (AuditEvent, error) {
 		var e AuditEvent
-		err := r.Scan(&e.ID, &e.MeshID, &e.Type, &e.Actor, &e.Target, &e.Metadata, &e.CreatedAt)
+		err := r.Scan(&e.ID, &e.MeshID, &e.Type, &e.Actor, &e.Target, &e.Metadata, &e.CreatedAt, &e.ActorName, &e.TargetName)
 		return e, err
 	})
 }
