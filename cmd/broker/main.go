@@ -157,6 +157,7 @@ type devCmd struct {
 	GossipPort int    `default:"7946" help:"Gossip port of the first node; the others follow."`
 	PGPort     int    `name:"pg-port" default:"0" help:"Port of the private Postgres (0 picks a free one)."`
 	LBPort     int    `name:"lb-port" default:"7800" help:"Port of the load balancer in front of the nodes, as in docker-compose.yml (0: none)."`
+	HookPort   int    `name:"hook-port" default:"7899" help:"Port on 127.0.0.1 that takes unsigned hooks from this machine (HOOK_LOCAL_ADDR of the first node; 0: none)."`
 }
 
 func (d devCmd) Run() error {
@@ -169,7 +170,7 @@ func (d devCmd) Run() error {
 	ctx, which := signalContext()
 	c, err := devcluster.Start(ctx, devcluster.Options{
 		Nodes: d.Nodes, DataDir: d.Data, BasePort: d.Port, GossipPort: d.GossipPort, PGPort: d.PGPort,
-		LBPort: d.LBPort, Base: base, Logger: logger, Out: os.Stdout,
+		LBPort: d.LBPort, HookPort: d.HookPort, Base: base, Logger: logger, Out: os.Stdout,
 	})
 	if err != nil {
 		return err

@@ -15,8 +15,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 
@@ -35,9 +37,13 @@ type Options struct {
 	GossipPort int    // first node's gossip port; default 7946
 	PGPort     int    // 0: a free port
 	LBPort     int    // load balancer in front of the nodes, as in docker-compose.yml; 0: none
-	Base       *config.Config
-	Logger     *slog.Logger
-	Out        io.Writer // where the connection details are printed
+	// HookPort is the local hook listener's port (HOOK_LOCAL_ADDR on
+	// 127.0.0.1, on the first node): unsigned hooks from this machine.
+	// 0: none.
+	HookPort int
+	Base     *config.Config
+	Logger   *slog.Logger
+	Out      io.Writer // where the connection details are printed
 }
 
 // Demo is the seeded demo mesh, saved in the data folder so that
@@ -137,8 +143,20 @@ func Start(ctx context.Context, o Options) (*Cluster, error) {
 		host = "127.0.0.1" // a dev cluster is not exposed beyond this machine
 	}
 	first := net.JoinHostPort("127.0.0.1", strconv.Itoa(o.GossipPort))
+	// The load balancer reaches the nodes from 127.0.0.1 (or from the
+	// nodes' own address): the nodes believe its X-Forwarded-For, so every
+	// client behind it has limits of its own.
+	trusted := append(slices.Clone(o.Base.TrustedProxies), "127.0.0.1/32")
+	if ip, err := netip.ParseAddr(host); err == nil && !ip.IsLoopback() && !ip.IsUnspecified() {
+		trusted = append(trusted, ip.String())
+	}
 	for i := 0; i < o.Nodes; i++ {
 		cfg := *o.Base
+		cfg.TrustedProxies = trusted
+		cfg.HookLocalAddr = ""
+		if i == 0 && o.HookPort != 0 {
+			cfg.HookLocalAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(o.HookPort))
+		}
 		cfg.DatabaseURL = c.DBURL
 		cfg.Host = host
 		cfg.Port = o.BasePort + i
@@ -226,12 +244,15 @@ func (c *Cluster) print(w io.Writer, statusPage bool) {
 	for _, n := range c.Nodes {
 		fmt.Fprintf(w, "  %-6s %s   (health: %s/health, metrics: %s/metrics, gossip %s)\n", n.Name(), n.URL(), n.HTTPURL(), n.HTTPURL(), n.GossipAddr())
 	}
+	if u := c.Nodes[0].HookURL(); u != "" {
+		fmt.Fprintf(w, "  hooks  %s   (unsigned hooks from this machine; the URLs above take signed ones)\n", u)
+	}
 	if statusPage {
 		base := c.Nodes[0].HTTPURL()
 		if c.LB != nil {
 			base = c.LB.HTTPURL()
 		}
-		fmt.Fprintf(w, "\nStatus page: %s/status?token=<ADMIN_TOKEN>\n", base)
+		fmt.Fprintf(w, "\nStatus page: %s/status (log in with ADMIN_TOKEN)\n", base)
 	}
 	fmt.Fprintf(w, "\nPostgres: %s\n", c.DBURL)
 	fmt.Fprintf(w, "\nDemo mesh %q\n  meshId: %s\n", c.Demo.Slug, c.Demo.MeshID)
