@@ -16,11 +16,6 @@ import (
 // WebSocket upgrades, the per-address socket caps, and the bearer token of
 // /metrics.
 
-// httpWriteGrace is how long after its body deadline a request may take to
-// be answered (a join waits for Postgres, the status page for the other
-// nodes).
-const httpWriteGrace = 30 * time.Second
-
 func newResolver(cfg *config.Config, logger *slog.Logger) *clientaddr.Resolver {
 	trusted, err := clientaddr.ParseTrusted(cfg.TrustedProxies)
 	if err != nil {
@@ -42,21 +37,18 @@ func newResolver(cfg *config.Config, logger *slog.Logger) *clientaddr.Resolver {
 func (s *Server) clientAddr(r *http.Request) clientaddr.Addr { return s.addrs.Request(r) }
 
 // bounded gives every request other than a WebSocket upgrade
-// HTTP_READ_TIMEOUT to send its body and a grace period more to be
-// answered, so a slow body holds a goroutine for a bounded time. A
-// WebSocket outlives any such deadline: its connection's deadlines are
-// cleared instead (a keep-alive connection may carry one from an earlier
-// request).
+// HTTP_READ_TIMEOUT to send its body and three times that to be answered
+// (a join waits for Postgres, the status page for the other nodes), so a
+// slow client holds a goroutine for a bounded time. (A WebSocket is not
+// bounded so; had a kept-alive connection carried deadlines into its
+// upgrade, net/http clears them when the connection is hijacked.)
 func (s *Server) bounded(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		rc := http.NewResponseController(w)
-		if r.URL.Path == "/ws" {
-			_ = rc.SetReadDeadline(time.Time{})
-			_ = rc.SetWriteDeadline(time.Time{})
-		} else {
+		if r.URL.Path != "/ws" {
+			rc := http.NewResponseController(w)
 			now := time.Now()
 			_ = rc.SetReadDeadline(now.Add(s.cfg.HTTPReadTimeout))
-			_ = rc.SetWriteDeadline(now.Add(s.cfg.HTTPReadTimeout + httpWriteGrace))
+			_ = rc.SetWriteDeadline(now.Add(3 * s.cfg.HTTPReadTimeout))
 			// Past the limit the connection is closed after the answer
 			// instead of being drained.
 			r.Body = http.MaxBytesReader(w, r.Body, int64(s.cfg.MaxMessageBytes)+1)
