@@ -212,7 +212,8 @@ func TestIdleSocketsBehindProxyDoNotBlockOthers(t *testing.T) {
 }
 
 // Forwarding headers count only from a trusted proxy. From the trusted
-// address, each X-Forwarded-For is a client of its own (no shared bucket);
+// address, each X-Forwarded-For is a client of its own (no shared bucket;
+// IPv6 by /64);
 // from any other address, X-Forwarded-For and Fly-Client-IP are ignored:
 // rotating them does not escape the hello rate, and the audit log shows
 // the socket's address. An honest client is served meanwhile.
@@ -231,6 +232,24 @@ func TestForwardingHeadersOnlyFromTrustedProxies(t *testing.T) {
 		if reason, err := junkHello(t, n.URL(), proxy, h); err != nil || reason != protocol.ReasonMalformed {
 			t.Fatalf("trusted proxy, client %d: %q %v; want each forwarded client its own bucket (malformed, not rate_limited)", i, reason, err)
 		}
+	}
+
+	// IPv6 clients count by their /64: other addresses of one /64 share a
+	// bucket, another /64 has its own.
+	limited := 0
+	for i := 0; i < tries; i++ {
+		h := http.Header{"X-Forwarded-For": {fmt.Sprintf("2001:db8:1:2::%x", i+1)}}
+		if reason, err := junkHello(t, n.URL(), proxy, h); err != nil {
+			t.Fatal(err)
+		} else if reason == protocol.ReasonRateLimited {
+			limited++
+		}
+	}
+	if limited == 0 {
+		t.Fatalf("%d addresses of one IPv6 /64 were %d clients to the hello rate, want one", tries, tries)
+	}
+	if reason, err := junkHello(t, n.URL(), proxy, http.Header{"X-Forwarded-For": {"2001:db8:1:3::1"}}); err != nil || reason != protocol.ReasonMalformed {
+		t.Fatalf("another /64 after its neighbour's flood: %q %v, want its own bucket", reason, err)
 	}
 
 	for header, ip := range map[string]string{"X-Forwarded-For": "127.0.0.25", "Fly-Client-IP": "127.0.0.26"} {
