@@ -113,13 +113,6 @@ func (r *Resolver) Trusts(ip netip.Addr) bool {
 	return false
 }
 
-// Prefixes returns the trusted prefixes (the listener's PROXY policy uses
-// the same set).
-func (r *Resolver) Prefixes() []netip.Prefix { return r.trusted }
-
-// Header is the header this resolver believes from trusted proxies.
-func (r *Resolver) Header() string { return r.header }
-
 // Addr is a request's client address.
 type Addr struct {
 	IP   netip.Addr // the client; invalid when the peer address did not parse
@@ -235,7 +228,3 @@ func Key(ip netip.Addr) string {
 	p, _ := ip.WithZone("").Prefix(64)
 	return p.String()
 }
-
-// Forwarded reports whether the client address came from a proxy's word
-// rather than from the socket.
-func (a Addr) Forwarded() bool { return a.IP != a.Peer }
