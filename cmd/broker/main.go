@@ -173,6 +173,7 @@ type devCmd struct {
 	LBPort     int    `name:"lb-port" default:"7800" help:"Port of the load balancer in front of the nodes, as in docker-compose.yml (0: none)."`
 	Processes  bool   `help:"Run each node as its own process (their PIDs are printed), so that one can be killed to watch failover."`
 	Keys       bool   `help:"Also print the demo mesh's keys and enrol two members with keys, for clients that speak the protocol themselves."`
+	HookPort   int    `name:"hook-port" default:"7899" help:"Port on 127.0.0.1 that takes unsigned hooks from this machine (HOOK_LOCAL_ADDR of the first node; 0: none)."`
 }
 
 func (d devCmd) Run() error {
@@ -185,7 +186,7 @@ func (d devCmd) Run() error {
 	ctx, which := signalContext()
 	c, err := devcluster.Start(ctx, devcluster.Options{
 		Nodes: d.Nodes, DataDir: d.Data, BasePort: d.Port, GossipPort: d.GossipPort, PGPort: d.PGPort,
-		LBPort: d.LBPort, PublicURL: strings.TrimSpace(os.Getenv("PUBLIC_URL")), Processes: d.Processes,
+		LBPort: d.LBPort, HookPort: d.HookPort, PublicURL: strings.TrimSpace(os.Getenv("PUBLIC_URL")), Processes: d.Processes,
 		ShowKeys: d.Keys, Command: brokerCommand(), Base: base, Logger: logger, Out: os.Stdout,
 	})
 	if err != nil {

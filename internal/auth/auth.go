@@ -1,5 +1,6 @@
-// Package auth signs and verifies the three signed artefacts of claudemesh:
-// the WebSocket hello, hook requests, and mesh invites. All signatures are
+// Package auth signs and verifies the signed artefacts of claudemesh: the
+// WebSocket hello, hook requests, mesh invites, and the joiner's proof that
+// it holds the key it enrols. All signatures are
 // ed25519 (libsodium crypto_sign_detached), hex encoded.
 package auth
 
@@ -150,6 +151,50 @@ func VerifyHook(h http.Header, body []byte, now time.Time) (meshID, pubkey strin
 		return "", "", ErrHookSignature
 	}
 	return meshID, pubkey, nil
+}
+
+// HookReplayKey is the replay-protection key of a signed hook: the
+// signature is its one-time id (it covers the timestamp and the body). The
+// prefix keeps it apart from hello signatures in the same table.
+func HookReplayKey(sigHex string) []byte {
+	sum := sha256.Sum256([]byte("hook|" + strings.ToLower(sigHex)))
+	return sum[:]
+}
+
+// Join proof failures.
+var (
+	ErrJoinUnproven = errors.New("join is not signed by the key it enrols")
+	ErrJoinProof    = errors.New("join signature does not verify")
+)
+
+// JoinCanonical is what a join proof covers:
+// "join|meshId|inviteId|pubkey|displayName". The display name is last, so a
+// "|" in it cannot shift the other fields.
+func JoinCanonical(meshID, inviteID, pubkeyHex, displayName string) string {
+	return "join|" + meshID + "|" + inviteID + "|" + strings.ToLower(pubkeyHex) + "|" + displayName
+}
+
+// SignJoin proves that the joiner holds the key it enrols through inv
+// under displayName (exactly as sent in the body).
+func SignJoin(priv ed25519.PrivateKey, inv *Invite, displayName string) string {
+	return hex.EncodeToString(ed25519.Sign(priv, []byte(JoinCanonical(inv.MeshID, inv.InviteID, PubkeyHex(priv), displayName))))
+}
+
+// VerifyJoin checks a join proof: sigHex by pubkeyHex over the invite and
+// the display name. An empty signature is ErrJoinUnproven.
+func VerifyJoin(pubkeyHex, sigHex string, inv *Invite, displayName string) error {
+	if sigHex == "" {
+		return ErrJoinUnproven
+	}
+	if !protocol.IsPubkeyHex(pubkeyHex) || !protocol.IsSignatureHex(sigHex) {
+		return ErrJoinProof
+	}
+	pub, _ := hex.DecodeString(pubkeyHex)
+	sig, _ := hex.DecodeString(sigHex)
+	if !verify(pub, []byte(JoinCanonical(inv.MeshID, inv.InviteID, pubkeyHex, displayName)), sig) {
+		return ErrJoinProof
+	}
+	return nil
 }
 
 // InvitePrefix starts every invite token.

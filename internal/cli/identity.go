@@ -80,7 +80,11 @@ func (j *joinCmd) Run(a *app) error {
 	}
 	ctx, cancel := context.WithTimeout(a.ctx, j.Wait)
 	defer cancel()
-	inv, res, err := client.Join(ctx, a.env.HTTPClient, j.Invite, brokerURL, id.Pubkey, name, a.now())
+	priv, err := id.Key()
+	if err != nil {
+		return err
+	}
+	inv, res, err := client.Join(ctx, a.env.HTTPClient, j.Invite, brokerURL, priv, name, a.now())
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -102,6 +103,8 @@ func (e *JoinError) Error() string {
 		return "the invite is malformed; copy the whole link again"
 	case "rate_limited":
 		return "the broker is rate limiting joins from this address; try again in a minute"
+	case "proof_required", "bad_proof":
+		return "the broker did not accept this client's proof that it holds the key (" + e.Code + "): " + e.Message
 	case "unavailable":
 		return "the broker cannot reach its database right now; try again shortly"
 	}
@@ -115,10 +118,11 @@ func (e *JoinError) Error() string {
 // invite whose expiry has passed.
 var ErrInviteExpired = errors.New("the invite has expired; ask the mesh owner for a new one")
 
-// Join enrols pubkey in the invite's mesh through POST /join on the
-// invite's broker (or on brokerURL when not empty). It checks the invite's
-// signature and expiry first, so a tampered or stale link fails fast.
-func Join(ctx context.Context, hc *http.Client, token, brokerURL, pubkeyHex, displayName string, now time.Time) (*auth.Invite, *JoinResult, error) {
+// Join enrols priv's public key in the invite's mesh through POST /join on
+// the invite's broker (or on brokerURL when not empty), with the proof
+// that it holds the key (auth.SignJoin). It checks the invite's signature
+// and expiry first, so a tampered or stale link fails fast.
+func Join(ctx context.Context, hc *http.Client, token, brokerURL string, priv ed25519.PrivateKey, displayName string, now time.Time) (*auth.Invite, *JoinResult, error) {
 	inv, err := auth.ParseInvite(token)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: check that the whole invite was copied", err)
@@ -136,7 +140,8 @@ func Join(ctx context.Context, hc *http.Client, token, brokerURL, pubkeyHex, dis
 	if err != nil {
 		return inv, nil, err
 	}
-	body, _ := json.Marshal(map[string]string{"invite_token": strings.TrimSpace(token), "peer_pubkey": pubkeyHex, "display_name": displayName})
+	body, _ := json.Marshal(map[string]string{"invite_token": strings.TrimSpace(token), "peer_pubkey": auth.PubkeyHex(priv),
+		"display_name": displayName, "signature": auth.SignJoin(priv, inv, displayName)})
 	status, data, err := postJSON(ctx, hc, base+"/join", body, nil)
 	if err != nil {
 		return inv, nil, fmt.Errorf("cannot reach the broker at %s: %w", base, err)

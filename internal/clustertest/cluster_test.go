@@ -185,7 +185,7 @@ func TestHookForwardedToOwner(t *testing.T) {
 	if got := drain(t, rcv, 500*time.Millisecond); len(got) != 0 {
 		t.Fatalf("working session got %d next messages", len(got))
 	}
-	resp, err := http.Post(nodes[2].HTTPURL()+"/hook/set-status", "application/json",
+	resp, err := http.Post(nodes[2].HookURL(), "application/json",
 		strings.NewReader(`{"cwd":"/proj/x","pid":31337,"status":"idle"}`))
 	if err != nil {
 		t.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"reflect"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	"github.com/caarlos0/env/v11"
+
+	"github.com/claudemesh/broker/internal/clientaddr"
 )
 
 // Config is a broker node's configuration. Field comments give the
@@ -32,8 +35,9 @@ type Config struct {
 	MaxMessageBytes     int    `env:"MAX_MESSAGE_BYTES" envDefault:"65536"`      // WebSocket frame and HTTP body limit
 	HookRateLimitPerMin int    `env:"HOOK_RATE_LIMIT_PER_MIN" envDefault:"30"`   // per (pid, cwd)
 	GitSHA              string `env:"GIT_SHA"`                                   // reported by /health
-	// HookRequireSignature is "true" (the default, also when empty):
-	// unsigned hooks are accepted from loopback only; "false": from anywhere.
+	// HookRequireSignature is "true" (the default, also when empty): the
+	// public port refuses unsigned hooks (local ones go to HOOK_LOCAL_ADDR);
+	// "false": the public port accepts them from anywhere.
 	HookRequireSignature string `env:"HOOK_REQUIRE_SIGNATURE" envDefault:"true"`
 
 	// Cluster.
@@ -51,6 +55,31 @@ type Config struct {
 	// MetricsAddr, when set, serves /metrics on its own listener (host:port)
 	// instead of the public port, so a cloud proxy never exposes it.
 	MetricsAddr string `env:"METRICS_ADDR"`
+
+	// Client addresses, local hooks, joins and operator endpoints (the
+	// defences of issue 11, docs/SECURITY.md).
+	//
+	// TrustedProxies are the peers (CIDRs or addresses) allowed to name the
+	// client: in ClientIPHeader, or in a PROXY protocol header when
+	// ProxyProtocol is on. Empty: every request's socket peer is its client.
+	TrustedProxies []string `env:"TRUSTED_PROXIES" envSeparator:","`
+	ClientIPHeader string   `env:"CLIENT_IP_HEADER" envDefault:"X-Forwarded-For"` // X-Forwarded-For | Fly-Client-IP
+	ProxyProtocol  bool     `env:"PROXY_PROTOCOL"`                                // PROXY v1/v2 header required from trusted proxies
+	// PendingPerAddr bounds the WebSockets of one client address that have
+	// not completed their hello (zero means 64), so idle sockets cannot
+	// fill MAX_CONNECTIONS_PER_ADDR.
+	PendingPerAddr int `env:"MAX_PENDING_CONNECTIONS_PER_ADDR" envDefault:"64"`
+	// HookLocalAddr, when set, is a loopback host:port that accepts
+	// unsigned hooks (POST /hook/set-status only). The public port always
+	// requires signed hooks unless HOOK_REQUIRE_SIGNATURE=false.
+	HookLocalAddr string `env:"HOOK_LOCAL_ADDR"`
+	// JoinRequireProof is "true" (the default, also when empty): /join
+	// needs a signature by the key being enrolled; "false" accepts the
+	// original client's unsigned body.
+	JoinRequireProof string        `env:"JOIN_REQUIRE_PROOF" envDefault:"true"`
+	MetricsToken     string        `env:"METRICS_TOKEN"`                      // bearer token for /metrics; empty = open
+	PProf            bool          `env:"PPROF"`                              // Go's profiler on METRICS_ADDR
+	HTTPReadTimeout  time.Duration `env:"HTTP_READ_TIMEOUT" envDefault:"10s"` // a non-WebSocket request's body
 
 	// Fly.io sets these; they supply defaults for NODE_NAME,
 	// CLUSTER_BIND and CLUSTER_ADVERTISE (gossip over the 6PN network).
@@ -150,6 +179,11 @@ func (c *Config) Normalize() {
 	def(&c.ConnsPerAddr, 20000)
 	def(&c.SendQueueLen, 1024)
 	def(&c.DBPoolSize, 16)
+	def(&c.PendingPerAddr, 64)
+	defD(&c.HTTPReadTimeout, 10*time.Second)
+	if c.ClientIPHeader == "" {
+		c.ClientIPHeader = clientaddr.HeaderForwardedFor
+	}
 	defD(&c.MessageTTL, 168*time.Hour)
 	defD(&c.HelloTimeout, 10*time.Second)
 	defD(&c.PingInterval, 30*time.Second)
@@ -329,6 +363,39 @@ func (c *Config) Validate() error {
 	if c.DBPoolSize < 4 {
 		bad("DB_POOL_SIZE", "must be at least 4")
 	}
+	if _, err := clientaddr.ParseTrusted(c.TrustedProxies); err != nil {
+		bad("TRUSTED_PROXIES", "%v", err)
+	}
+	if _, err := clientaddr.CanonicalHeader(c.ClientIPHeader); err != nil {
+		bad("CLIENT_IP_HEADER", "%v", err)
+	}
+	if p, _ := clientaddr.ParseTrusted(c.TrustedProxies); c.ProxyProtocol && len(p) == 0 {
+		bad("PROXY_PROTOCOL", "needs TRUSTED_PROXIES: only the proxies listed there may send a PROXY header")
+	}
+	if c.PendingPerAddr < 1 {
+		bad("MAX_PENDING_CONNECTIONS_PER_ADDR", "must be at least 1, got %d", c.PendingPerAddr)
+	}
+	if c.HookLocalAddr != "" {
+		if host, _, err := net.SplitHostPort(c.HookLocalAddr); err != nil {
+			bad("HOOK_LOCAL_ADDR", "must be host:port, got %q", c.HookLocalAddr)
+		} else if !IsLoopbackHost(host) {
+			bad("HOOK_LOCAL_ADDR", "must be a loopback address (127.0.0.1:PORT or [::1]:PORT): it accepts unsigned hooks, got %q", c.HookLocalAddr)
+		}
+	}
+	if c.JoinRequireProof != "" {
+		if _, err := strconv.ParseBool(c.JoinRequireProof); err != nil {
+			bad("JOIN_REQUIRE_PROOF", "must be true or false, got %q", c.JoinRequireProof)
+		}
+	}
+	if c.MetricsToken != "" && len(c.MetricsToken) < 16 {
+		bad("METRICS_TOKEN", "must be at least 16 characters")
+	}
+	if c.PProf && c.MetricsAddr == "" {
+		bad("PPROF", "needs METRICS_ADDR: the profiler is never served on the public port")
+	}
+	if c.HTTPReadTimeout < 100*time.Millisecond {
+		bad("HTTP_READ_TIMEOUT", "must be at least 100ms, got %s", c.HTTPReadTimeout)
+	}
 	if c.SendRatePerSec < 0 || c.HelloRatePerSec < 0 {
 		bad("SEND_RATE_PER_SEC/HELLO_RATE_PER_SEC", "must not be negative")
 	}
@@ -346,11 +413,27 @@ func (c *Config) RequireDatabase() error {
 	return nil
 }
 
-// RequireHookSignature reports whether unsigned hooks are refused from
-// clients other than loopback.
+// RequireHookSignature reports whether the public port refuses unsigned
+// hooks.
 func (c *Config) RequireHookSignature() bool {
 	v, err := strconv.ParseBool(c.HookRequireSignature)
 	return err != nil || v
+}
+
+// RequireJoinProof reports whether /join needs a signature by the key it
+// enrols.
+func (c *Config) RequireJoinProof() bool {
+	v, err := strconv.ParseBool(c.JoinRequireProof)
+	return err != nil || v
+}
+
+// IsLoopbackHost reports whether host is "localhost" or a loopback IP.
+func IsLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
 }
 
 // Addr is the HTTP listen address.

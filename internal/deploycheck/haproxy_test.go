@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/claudemesh/broker/internal/client"
+	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/testkit"
@@ -36,23 +37,14 @@ func hello(t *testing.T, url string, id client.Identity) (*client.Conn, string) 
 	return c, ack.Node
 }
 
-// HAProxy runs the compose file's haproxy.cfg, with only its listen
-// address and its servers' addresses swapped for three test nodes: it
-// passes WebSockets to every node, envelopes flow through it both ways,
-// and when a node stops, new connections go to the other nodes.
-func TestHAProxyInFrontOfNodes(t *testing.T) {
+// startHAProxy runs the compose file's haproxy.cfg with only its listen
+// address and its servers' addresses swapped for test nodes (by compose
+// service name), and returns its base HTTP URL once it serves /health.
+func startHAProxy(t *testing.T, nodes map[string]*testkit.Node) string {
+	t.Helper()
 	haproxy := tool(t, "haproxy", "haproxy")
-	cc := loadComposeCluster(t)
 	original := readRepoFile(t, "deploy/compose/haproxy.cfg")
 	hc := parseHAProxy(t, original)
-
-	db := pgtest.NewDB(t)
-	first := testkit.StartNode(t, db, testkit.Options{})
-	nodes := map[string]*testkit.Node{cc.nodes[0]: first}
-	for _, name := range cc.nodes[1:] {
-		nodes[name] = testkit.StartNode(t, db, testkit.Options{Join: []*testkit.Node{first}})
-	}
-
 	lbPort := freePort(t)
 	cfg := string(original)
 	swap := func(old, new string) {
@@ -100,10 +92,40 @@ func TestHAProxyInFrontOfNodes(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	})
+	return base
+}
+
+// composeNodes starts one test node per compose broker node, with the
+// compose file's client-address settings, its trusted proxy swapped for
+// 127.0.0.1 (where the test's HAProxy connects from).
+func composeNodes(t *testing.T, cc composeCluster) map[string]*testkit.Node {
+	t.Helper()
+	db := pgtest.NewDB(t)
+	configure := func(c *config.Config) {
+		c.TrustedProxies = []string{"127.0.0.1/32"}
+		c.ClientIPHeader = cc.brokers[cc.nodes[0]].ClientIPHeader
+	}
+	first := testkit.StartNode(t, db, testkit.Options{Configure: configure})
+	nodes := map[string]*testkit.Node{cc.nodes[0]: first}
+	for _, name := range cc.nodes[1:] {
+		nodes[name] = testkit.StartNode(t, db, testkit.Options{Configure: configure, Join: []*testkit.Node{first}})
+	}
+	return nodes
+}
+
+// HAProxy runs the compose file's haproxy.cfg, with only its listen
+// address and its servers' addresses swapped for three test nodes: it
+// passes WebSockets to every node, envelopes flow through it both ways,
+// and when a node stops, new connections go to the other nodes.
+func TestHAProxyInFrontOfNodes(t *testing.T) {
+	cc := loadComposeCluster(t)
+	nodes := composeNodes(t, cc)
+	first := nodes[cc.nodes[0]]
+	base := startHAProxy(t, nodes)
+	wsURL := "ws" + strings.TrimPrefix(base, "http") + "/ws"
 
 	mesh := testkit.NewMesh(t, first.Store(), 2)
 	alice, bob := mesh.Members[0], mesh.Members[1]
-	wsURL := "ws://127.0.0.1:" + strconv.Itoa(lbPort) + "/ws"
 	recv, n1 := hello(t, wsURL, bob)
 	send, n2 := hello(t, wsURL, alice)
 	_, n3 := hello(t, wsURL, alice)

@@ -17,9 +17,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -59,9 +61,13 @@ type Options struct {
 	// Command is how the banner spells the broker command in the lines it
 	// suggests; default "broker".
 	Command string
-	Base    *config.Config
-	Logger  *slog.Logger
-	Out     io.Writer // where the banner and later notices are printed
+	// HookPort is the local hook listener's port (HOOK_LOCAL_ADDR on
+	// 127.0.0.1, on the first node): unsigned hooks from this machine.
+	// 0: none.
+	HookPort int
+	Base     *config.Config
+	Logger   *slog.Logger
+	Out      io.Writer // where the banner and later notices are printed
 }
 
 // Cluster is a running dev cluster.
@@ -201,6 +207,7 @@ func Start(ctx context.Context, o Options) (*Cluster, error) {
 type nodeConfig struct {
 	name, bind, join string
 	port             int
+	hook             string // HOOK_LOCAL_ADDR: the first node's, or none
 }
 
 func (c *Cluster) nodeConfig(i int) nodeConfig {
@@ -212,7 +219,29 @@ func (c *Cluster) nodeConfig(i int) nodeConfig {
 	if i > 0 {
 		nc.join = net.JoinHostPort("127.0.0.1", strconv.Itoa(c.opts.GossipPort))
 	}
+	if i == 0 && c.opts.HookPort != 0 {
+		nc.hook = net.JoinHostPort("127.0.0.1", strconv.Itoa(c.opts.HookPort))
+	}
 	return nc
+}
+
+// trustedProxies are the nodes' TRUSTED_PROXIES: the load balancer reaches
+// them from 127.0.0.1 (or from the nodes' own address), and they believe its
+// X-Forwarded-For, so every client behind it has limits of its own.
+func (c *Cluster) trustedProxies(host string) []string {
+	trusted := append(slices.Clone(c.opts.Base.TrustedProxies), "127.0.0.1/32")
+	if ip, err := netip.ParseAddr(host); err == nil && !ip.IsLoopback() && !ip.IsUnspecified() {
+		trusted = append(trusted, ip.String())
+	}
+	return trusted
+}
+
+// hookURL is where unsigned hooks from this machine go, or "".
+func (c *Cluster) hookURL() string {
+	if hook := c.nodeConfig(0).hook; hook != "" {
+		return "http://" + hook + "/hook/set-status"
+	}
+	return ""
 }
 
 func (c *Cluster) startNodes(ctx context.Context, host string) error {
@@ -232,6 +261,8 @@ func (c *Cluster) startNodes(ctx context.Context, host string) error {
 		cfg.ClusterProfile = "local"
 		cfg.PublicURL = c.PublicURL
 		cfg.MetricsAddr = "" // each node serves /metrics on its own port
+		cfg.TrustedProxies = c.trustedProxies(host)
+		cfg.HookLocalAddr = nc.hook
 		cfg.Normalize()
 		if err := cfg.Validate(); err != nil {
 			return err
@@ -264,6 +295,7 @@ func (c *Cluster) startProcs(ctx context.Context, host string) error {
 			"DATABASE_URL": c.DBURL, "BROKER_HOST": host, "BROKER_PORT": strconv.Itoa(nc.port),
 			"NODE_NAME": nc.name, "CLUSTER_BIND": nc.bind, "CLUSTER_ADVERTISE": "", "CLUSTER_JOIN": nc.join,
 			"CLUSTER_PROFILE": "local", "PUBLIC_URL": c.PublicURL, "METRICS_ADDR": "",
+			"TRUSTED_PROXIES": strings.Join(c.trustedProxies(host), ","), "HOOK_LOCAL_ADDR": nc.hook,
 		}
 		addr := net.JoinHostPort(urlHost, strconv.Itoa(nc.port))
 		if _, err := c.startProc(ctx, exe, nc.name, "http://"+addr, "ws://"+addr+"/ws", env, c.opts.ChildOutput); err != nil {
@@ -375,6 +407,9 @@ func (c *Cluster) printBanner(w io.Writer) {
 	for i, p := range c.Procs {
 		fmt.Fprintf(w, "  %-6s %s   PID %-7d (health: %s/health, gossip %s)\n", p.Name, p.URL, p.PID, p.HTTPURL, c.nodeConfig(i).bind)
 	}
+	if u := c.hookURL(); u != "" {
+		fmt.Fprintf(w, "  hooks  %s   (unsigned hooks from this machine; the URLs above take signed ones)\n", u)
+	}
 	if len(c.Procs) > 0 {
 		last := c.Procs[len(c.Procs)-1]
 		fmt.Fprintf(w, "  `kill %d` stops %s: its peers reconnect through the load balancer to the others.\n", last.PID, last.Name)
@@ -410,7 +445,7 @@ func (c *Cluster) printBanner(w io.Writer) {
 	fmt.Fprintf(w, "  %s admin audit --mesh %s\n", o.Command, c.Demo.Slug)
 	if o.Base.AdminToken != "" {
 		base := "http://" + strings.TrimPrefix(strings.TrimSuffix(c.PublicURL, "/ws"), "ws://")
-		fmt.Fprintf(w, "Status page: %s/status?token=<ADMIN_TOKEN>\n", base)
+		fmt.Fprintf(w, "Status page: %s/status (log in with ADMIN_TOKEN)\n", base)
 	}
 
 	if o.ShowKeys {

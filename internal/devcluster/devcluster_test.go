@@ -8,12 +8,14 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/claudemesh/broker/internal/auth"
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/devcluster"
@@ -69,12 +71,12 @@ func portsFree(base, n int) bool {
 func TestDevClusterMirrorsCompose(t *testing.T) {
 	base := &config.Config{DatabaseURL: pgtest.NewDB(t), Host: "127.0.0.1"}
 	base.Normalize()
-	ports := freePorts(t, 7) // 3 HTTP, 3 gossip, 1 LB
+	ports := freePorts(t, 8) // 3 HTTP, 3 gossip, 1 LB, 1 local hooks
 	var out bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	c, err := devcluster.Start(ctx, devcluster.Options{
-		Nodes: 3, DataDir: t.TempDir(), BasePort: ports, GossipPort: ports + 3, LBPort: ports + 6,
+		Nodes: 3, DataDir: t.TempDir(), BasePort: ports, GossipPort: ports + 3, LBPort: ports + 6, HookPort: ports + 7,
 		ShowKeys: true, Base: base, Logger: testkit.Logger(), Out: &out,
 	})
 	if err != nil {
@@ -92,6 +94,10 @@ func TestDevClusterMirrorsCompose(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "lb     "+lbURL) {
 		t.Fatalf("the banner does not show the lb URL %s:\n%s", lbURL, out.String())
+	}
+	hookURL := "http://127.0.0.1:" + strconv.Itoa(ports+7) + "/hook/set-status"
+	if c.Nodes[0].HookURL() != hookURL || !strings.Contains(out.String(), "hooks  "+hookURL) {
+		t.Fatalf("local hooks at %q, want %s, shown in the banner:\n%s", c.Nodes[0].HookURL(), hookURL, out.String())
 	}
 	testkit.Eventually(t, 30*time.Second, "the dev nodes to gossip", func() bool {
 		for _, n := range c.Nodes {
@@ -132,6 +138,35 @@ func TestDevClusterMirrorsCompose(t *testing.T) {
 		}
 		return false
 	})
+
+	// Hooks as a local Claude Code sends them: claudemesh's signed ones to
+	// the balancer, unsigned ones only to the local hook address.
+	body := []byte(`{"cwd":"/dev/proj","pid":77,"status":"working"}`)
+	hc := http.Header{}
+	auth.SignHook(hc, alice.Priv, alice.MeshID, body, time.Now())
+	for _, tc := range []struct {
+		name, url string
+		h         http.Header
+		want      int
+	}{
+		{"signed, through the lb", c.LB.HTTPURL() + "/hook/set-status", hc, http.StatusOK},
+		{"unsigned, through the lb", c.LB.HTTPURL() + "/hook/set-status", nil, http.StatusUnauthorized},
+		{"unsigned, to a node", c.Nodes[1].HTTPURL() + "/hook/set-status", nil, http.StatusUnauthorized},
+		{"unsigned, to the local hook address", hookURL, nil, http.StatusOK},
+	} {
+		req, _ := http.NewRequest(http.MethodPost, tc.url, bytes.NewReader(body))
+		for k, v := range tc.h {
+			req.Header[k] = v
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Errorf("hook %s: %d, want %d", tc.name, resp.StatusCode, tc.want)
+		}
+	}
 
 	if err := c.Stop(context.Background()); err != nil {
 		t.Fatal(err)

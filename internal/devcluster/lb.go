@@ -123,12 +123,11 @@ func (lb *LB) newBackend(b Backend, target *url.URL) *lbBackend {
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
 			pr.Out.Host = pr.In.Host
-			// The broker accepts unsigned hooks from loopback only, and a
-			// forwarded-for header means "not loopback". A client of a
-			// loopback LB is on this machine, so it stays loopback.
-			if !isLoopback(pr.In.RemoteAddr) {
-				pr.SetXForwarded()
-			}
+			// Name the client, as HAProxy's forwardfor does: the dev nodes
+			// trust this balancer's address (TRUSTED_PROXIES) and count
+			// each client apart. Rewrite has dropped whatever
+			// X-Forwarded-For the client sent, so it cannot choose its own.
+			pr.SetXForwarded()
 		},
 		Transport:    lb.transport,
 		ErrorLog:     slog.NewLogLogger(lb.logger.Handler(), slog.LevelDebug),
@@ -136,15 +135,6 @@ func (lb *LB) newBackend(b Backend, target *url.URL) *lbBackend {
 	}
 	be.up.Store(true)
 	return be
-}
-
-func isLoopback(remoteAddr string) bool {
-	host, _, err := net.SplitHostPort(remoteAddr)
-	if err != nil {
-		return false
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }
 
 // attemptsKey carries a request's forwarding state to the error handler.

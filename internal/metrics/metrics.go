@@ -38,6 +38,7 @@ type Metrics struct {
 	RelayReconnects     prometheus.Counter
 	GossipDropped       prometheus.Counter
 	AuditDropped        prometheus.Counter
+	LimiterEvicted      prometheus.Counter
 	ClockOffset         prometheus.Gauge
 	Edge
 }
@@ -103,6 +104,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "broker_relay_listens_total", Help: "Times the relay listener (re)started listening."}),
 		GossipDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "broker_gossip_invalid_total", Help: "Gossip messages dropped as invalid."}),
+		LimiterEvicted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_limiter_keys_evicted_total", Help: "Rate-limit buckets (per client address or member) dropped because the limiter was full."}),
 		AuditDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "broker_audit_dropped_total", Help: "Audit events dropped because the buffer was full."}),
 		ClockOffset: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -113,7 +116,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		m.MessagesDelivered, m.MessagesExpired, m.QueueDepth, m.TTLSweeps, m.StatusFlips, m.HookRequests,
 		m.HookRateLimited, m.DBHealthy, m.CommitToPush, m.CommitDuration, m.CommitBatchSize, m.Claims,
 		m.Recovered, m.SlowConsumers, m.ClientCloses, m.ClusterMembers, m.PresenceEntries, m.RelaySent,
-		m.RelayReceived, m.RelayLag, m.RelayReconnects, m.GossipDropped, m.AuditDropped, m.ClockOffset,
+		m.RelayReceived, m.RelayLag, m.RelayReconnects, m.GossipDropped, m.AuditDropped, m.LimiterEvicted, m.ClockOffset,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)

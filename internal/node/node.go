@@ -11,14 +11,17 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/memberlist"
 	"github.com/jackc/pgx/v5"
+	"github.com/pires/go-proxyproto"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
@@ -55,8 +58,10 @@ type Node struct {
 	srv      *server.Server
 	http     *http.Server
 	metrics  *http.Server // only with METRICS_ADDR
+	hooks    *http.Server // only with HOOK_LOCAL_ADDR
 
 	metricsAddr string
+	hookAddr    string
 	ln          net.Listener
 
 	cancel context.CancelFunc
@@ -109,6 +114,11 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		}
 	}
 	n.ln = ln
+	if cfg.ProxyProtocol {
+		if ln, err = proxyListener(ln, cfg.TrustedProxies); err != nil {
+			return nil, err
+		}
+	}
 
 	bindHost, bindPort, err := splitHostPort(cfg.ClusterBind)
 	if err != nil {
@@ -154,7 +164,7 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	}, logger.With("component", "relay"))
 	n.goRun(func() { _ = listener.Run(runCtx) })
 
-	n.http = &http.Server{Handler: n.srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}
+	n.http = httpServer(n.srv.Handler(), logger)
 	n.goRun(func() {
 		if err := n.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logger.Error("http server stopped", "err", err)
@@ -167,15 +177,32 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", n.srv.MetricsHandler())
-		// The private listener also serves Go's profiler for operators.
-		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		n.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		if cfg.PProf {
+			// Go's profiler exposes memory contents and can stall the
+			// node: only on the private listener, only when asked for,
+			// behind METRICS_TOKEN when there is one.
+			mux.Handle("/debug/pprof/", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Index)))
+			mux.Handle("/debug/pprof/cmdline", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Cmdline)))
+			mux.Handle("/debug/pprof/profile", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Profile)))
+			mux.Handle("/debug/pprof/symbol", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Symbol)))
+			mux.Handle("/debug/pprof/trace", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Trace)))
+		}
+		n.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: maxHeaderBytes}
 		n.metricsAddr = mln.Addr().String()
 		n.goRun(func() { _ = n.metrics.Serve(mln) })
+	}
+	if cfg.HookLocalAddr != "" {
+		hln, err := net.Listen("tcp", cfg.HookLocalAddr)
+		if err != nil {
+			return nil, fmt.Errorf("HOOK_LOCAL_ADDR %s: %w", cfg.HookLocalAddr, err)
+		}
+		if ip := clientaddr.Peer(hln.Addr().String()); !ip.IsLoopback() {
+			_ = hln.Close()
+			return nil, fmt.Errorf("HOOK_LOCAL_ADDR %s listens on %s, which is not loopback", cfg.HookLocalAddr, hln.Addr())
+		}
+		n.hooks = httpServer(n.srv.LocalHookHandler(), logger)
+		n.hookAddr = hln.Addr().String()
+		n.goRun(func() { _ = n.hooks.Serve(hln) })
 	}
 	n.goRun(func() { n.discovery(runCtx) })
 	ok = true
@@ -183,8 +210,51 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		"version", server.Version, "git_sha", cfg.GitSHA, "ttl_seconds", cfg.StatusTTLSeconds,
 		"hook_fresh_seconds", cfg.HookFreshSeconds, "max_connections_per_mesh", cfg.MaxConnsPerMesh,
 		"max_message_bytes", cfg.MaxMessageBytes, "hook_rate_limit_per_min", cfg.HookRateLimitPerMin,
-		"cluster_profile", cfg.ClusterProfile)
+		"cluster_profile", cfg.ClusterProfile, "trusted_proxies", cfg.TrustedProxies, "client_ip_header", cfg.ClientIPHeader,
+		"proxy_protocol", cfg.ProxyProtocol, "hook_local_addr", n.hookAddr, "join_require_proof", cfg.RequireJoinProof())
 	return n, nil
+}
+
+// maxHeaderBytes bounds a request's headers (Go's default is 1 MiB); the
+// broker's requests carry a few short ones.
+const maxHeaderBytes = 64 << 10
+
+// httpServer serves h with bounded headers and idle keep-alives. Bodies and
+// answers get their deadlines per request (server.Handler): one
+// server-wide ReadTimeout would also cut WebSockets.
+func httpServer(h http.Handler, logger *slog.Logger) *http.Server {
+	return &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		MaxHeaderBytes: maxHeaderBytes, ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}
+}
+
+// proxyListener reads a PROXY protocol (v1 or v2) header on connections
+// from the trusted proxies, which must send one (their connection's
+// address then is the header's source), and refuses connections from
+// anyone else that send one; those are served as they are.
+func proxyListener(ln net.Listener, trusted []string) (net.Listener, error) {
+	prefixes, err := clientaddr.ParseTrusted(trusted)
+	if err != nil {
+		return nil, fmt.Errorf("TRUSTED_PROXIES: %w", err)
+	}
+	return &proxyproto.Listener{
+		Listener:          ln,
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnPolicy: func(o proxyproto.ConnPolicyOptions) (proxyproto.Policy, error) {
+			if ip := clientaddr.Peer(o.Upstream.String()); ip.IsValid() && containsAddr(prefixes, ip) {
+				return proxyproto.REQUIRE, nil
+			}
+			return proxyproto.REJECT, nil
+		},
+	}, nil
+}
+
+func containsAddr(prefixes []netip.Prefix, ip netip.Addr) bool {
+	for _, p := range prefixes {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
 }
 
 // RelayApplicationName is the application_name of a node's LISTEN
@@ -301,6 +371,15 @@ func (n *Node) MetricsURL() string {
 	return n.HTTPURL() + "/metrics"
 }
 
+// HookURL is the local hook listener's POST /hook/set-status URL, or ""
+// without HOOK_LOCAL_ADDR.
+func (n *Node) HookURL() string {
+	if n.hookAddr == "" {
+		return ""
+	}
+	return "http://" + n.hookAddr + "/hook/set-status"
+}
+
 // GossipAddr is the node's gossip address.
 func (n *Node) GossipAddr() string { return n.cluster.LocalAddr() }
 
@@ -324,6 +403,9 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		_ = n.http.Shutdown(ctx) // stops accepting; WebSockets are hijacked and drained below
 		if n.metrics != nil {
 			_ = n.metrics.Shutdown(ctx)
+		}
+		if n.hooks != nil {
+			_ = n.hooks.Shutdown(ctx)
 		}
 		if err := n.srv.Shutdown(ctx); err != nil {
 			n.err = err
@@ -351,6 +433,9 @@ func (n *Node) Kill() {
 		if n.metrics != nil {
 			_ = n.metrics.Close()
 		}
+		if n.hooks != nil {
+			_ = n.hooks.Close()
+		}
 		_ = n.cluster.Shutdown()
 		n.srv.Abort()
 		n.notifier.Close()
@@ -373,6 +458,15 @@ func (n *Node) abort() {
 	}
 	if n.ln != nil {
 		_ = n.ln.Close()
+	}
+	if n.http != nil {
+		_ = n.http.Close()
+	}
+	if n.metrics != nil {
+		_ = n.metrics.Close()
+	}
+	if n.hooks != nil {
+		_ = n.hooks.Close()
 	}
 	n.wg.Wait()
 	n.store.Close()

@@ -389,7 +389,7 @@ func TestHookFlood(t *testing.T) {
 
 	codes := map[int]int{}
 	for i := 0; i < 100; i++ {
-		code, _ := post(t, url, []byte(`{"cwd":"/flood","pid":77,"status":"working"}`), nil)
+		code, _ := post(t, n.HookURL(), []byte(`{"cwd":"/flood","pid":77,"status":"working"}`), nil)
 		codes[code]++
 	}
 	// The bucket holds a minute's worth; a few more may refill meanwhile.
@@ -477,7 +477,7 @@ func TestOversizedInputs(t *testing.T) {
 		expectRejection(t, d, protocol.ReasonMalformed)
 		ok := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{Cwd: "/" + strings.Repeat("d", protocol.MaxCwdLen-1)})
 		ok.Close()
-		hook(t, n.HTTPURL(), `{"cwd":"/`+strings.Repeat("d", protocol.MaxCwdLen)+`","status":"idle"}`, http.StatusBadRequest)
+		hook(t, n.HookURL(), `{"cwd":"/`+strings.Repeat("d", protocol.MaxCwdLen)+`","status":"idle"}`, http.StatusBadRequest)
 	})
 	t.Run("frame over the limit before the hello", func(t *testing.T) {
 		d := dial(t, n.URL())

@@ -77,7 +77,7 @@ func (ss *session) handleHello(data []byte) {
 	}
 	// Per-address limit before any cryptography, so a flood of bad hellos
 	// cannot burn the CPU.
-	if !s.helloRate.allow(ss.remote) {
+	if !s.helloRate.allow(ss.addrKey) {
 		ss.reject(protocol.ReasonRateLimited, "hello rate")
 		return
 	}
@@ -189,6 +189,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	}
 	s.mu.Unlock()
 	ss.authed.Store(true)
+	s.connAuthed(ss.addrKey)
 	s.m.ConnectionsActive.Inc()
 
 	entry := s.replica.Create(e)

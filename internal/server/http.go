@@ -5,14 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"net"
 	"net/http"
 	"sort"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/claudemesh/broker/internal/auth"
+	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/store"
@@ -37,16 +36,6 @@ func readBody(r *http.Request, limit int) ([]byte, error) {
 }
 
 var errTooLarge = errors.New("body too large")
-
-// fromLoopback reports whether the request came straight from this machine
-// (not through a proxy that forwards for someone else).
-func fromLoopback(r *http.Request) bool {
-	ip := net.ParseIP(clientIP(r))
-	if ip == nil || !ip.IsLoopback() {
-		return false
-	}
-	return r.Header.Get("X-Forwarded-For") == "" && r.Header.Get("Forwarded") == "" && r.Header.Get("Fly-Client-IP") == ""
-}
 
 // HookRequest is the body of POST /hook/set-status.
 type HookRequest struct {
@@ -85,7 +74,26 @@ func ParseHook(body []byte) (HookRequest, error) {
 	return h, nil
 }
 
+// serveHook is POST /hook/set-status on the public port: signed hooks, and
+// unsigned ones only when HOOK_REQUIRE_SIGNATURE=false. No address makes
+// an unsigned hook trusted there: a proxy on this machine would make every
+// public request look local.
 func (s *Server) serveHook(w http.ResponseWriter, r *http.Request) {
+	s.hook(w, r, s.clientAddr(r), !s.cfg.RequireHookSignature())
+}
+
+// serveLocalHook is POST /hook/set-status on HOOK_LOCAL_ADDR, a loopback
+// listener: hooks of this machine, signed or not.
+func (s *Server) serveLocalHook(w http.ResponseWriter, r *http.Request) {
+	ip, ok := localPeer(r)
+	if !ok {
+		writeJSON(w, http.StatusForbidden, HookResponse{Error: "the local hook port takes requests from this machine only"})
+		return
+	}
+	s.hook(w, r, clientaddr.Addr{IP: ip, Peer: ip}, true)
+}
+
+func (s *Server) hook(w http.ResponseWriter, r *http.Request, addr clientaddr.Addr, unsignedOK bool) {
 	s.m.HookRequests.Inc()
 	body, err := readBody(r, s.cfg.MaxMessageBytes)
 	if errors.Is(err, errTooLarge) {
@@ -101,45 +109,49 @@ func (s *Server) serveHook(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, HookResponse{Error: err.Error()})
 		return
 	}
-	var meshID, pubkey string
-	if auth.HookSigned(r.Header) {
-		// Bound signature checks per address before the ed25519 work.
-		if !s.helloRate.allow("hook/" + clientIP(r)) {
-			s.m.HookRateLimited.Inc()
-			writeJSON(w, http.StatusTooManyRequests, HookResponse{Error: "rate limited"})
-			return
-		}
-		meshID, pubkey, err = auth.VerifyHook(r.Header, body, s.now())
-		if err != nil {
-			writeJSON(w, http.StatusUnauthorized, HookResponse{Error: err.Error()})
-			return
-		}
-		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
-		_, err = s.members.byPubkey(ctx, meshID, pubkey)
-		cancel()
-		if errors.Is(err, store.ErrNotFound) {
-			writeJSON(w, http.StatusUnauthorized, HookResponse{Error: "signer is not a member of the mesh"})
-			return
-		}
-		if err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, HookResponse{Error: "database unavailable"})
-			return
-		}
-	} else if s.cfg.RequireHookSignature() && !fromLoopback(r) {
-		writeJSON(w, http.StatusUnauthorized, HookResponse{Error: "unsigned hooks are accepted from loopback only; sign it (X-Mesh-Signature)"})
+	signed := auth.HookSigned(r.Header)
+	if !signed && !unsignedOK {
+		writeJSON(w, http.StatusUnauthorized, HookResponse{Error: "unsigned hooks are not accepted on this port: sign it (X-Mesh-Signature), or post it to the broker's local hook address (HOOK_LOCAL_ADDR)"})
 		return
+	}
+	// One budget per client address bounds what any hook costs before it
+	// is known to be a member's: a signature check, a replica scan.
+	if !s.helloRate.allow("hook/" + addr.Key()) {
+		s.m.HookRateLimited.Inc()
+		writeJSON(w, http.StatusTooManyRequests, HookResponse{Error: "rate limited"})
+		return
+	}
+	var meshID, pubkey string
+	if signed {
+		var status int
+		if meshID, pubkey, status, err = s.verifyHook(r, body); err != nil {
+			writeJSON(w, status, HookResponse{Error: err.Error()})
+			return
+		}
 	}
 	var pid int64
 	if h.PID != nil {
 		pid = *h.PID
 	}
-	if !s.hookRate.allow(strconv.FormatInt(pid, 10) + ":" + h.Cwd) {
+	target, ok := s.resolveHook(h, pid, meshID, pubkey)
+	// The budget is the server's idea of who asks and about what: the
+	// signer (or, unsigned, the client address) and the session the hook
+	// resolves to. Neither is the client's choice, so it cannot mint
+	// budgets by varying pid or cwd.
+	who := "a/" + addr.Key()
+	if signed {
+		who = "m/" + meshID + "/" + pubkey
+	}
+	about := "pending"
+	if ok {
+		about = target.PresenceID
+	}
+	if !s.hookRate.allow(who + "/" + about) {
 		s.m.HookRateLimited.Inc()
-		s.logger.Warn("hook rate limited", "cwd", h.Cwd, "pid", pid)
+		s.logger.Warn("hook rate limited", "remote", addr.String(), "cwd", h.Cwd, "pid", pid)
 		writeJSON(w, http.StatusTooManyRequests, HookResponse{Error: "rate limited"})
 		return
 	}
-	target, ok := s.resolveHook(h, pid, meshID, pubkey)
 	if !ok {
 		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 		err := s.store.AddPendingStatus(ctx, pid, h.Cwd, h.Status, meshID, pubkey)
@@ -148,7 +160,7 @@ func (s *Server) serveHook(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, http.StatusServiceUnavailable, HookResponse{Error: "database unavailable"})
 			return
 		}
-		s.logger.Info("hook", "cwd", h.Cwd, "pid", pid, "status", h.Status, "pending", true)
+		s.logger.Info("hook", "remote", addr.String(), "cwd", h.Cwd, "pid", pid, "status", h.Status, "pending", true)
 		writeJSON(w, http.StatusOK, HookResponse{OK: true, Pending: true})
 		return
 	}
@@ -158,8 +170,43 @@ func (s *Server) serveHook(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusServiceUnavailable, HookResponse{Error: "owning node unreachable: " + err.Error()})
 		return
 	}
-	s.logger.Info("hook", "cwd", h.Cwd, "pid", pid, "status", h.Status, "presence_id", target.PresenceID, "owner", target.Owner)
+	s.logger.Info("hook", "remote", addr.String(), "cwd", h.Cwd, "pid", pid, "status", h.Status, "presence_id", target.PresenceID, "owner", target.Owner)
 	writeJSON(w, http.StatusOK, HookResponse{OK: true, PresenceID: target.PresenceID})
+}
+
+// errHookReplayed answers a signed hook whose signature was used before.
+var errHookReplayed = errors.New("hook signature already used: sign each hook afresh")
+
+// verifyHook checks a signed hook: the signature, the signer's membership
+// and that this signature was not accepted before on any node (it is the
+// hook's one-time id: it covers the timestamp and the body, and the
+// timestamp window bounds how long it must be remembered). It returns the
+// HTTP status to answer with on failure.
+func (s *Server) verifyHook(r *http.Request, body []byte) (meshID, pubkey string, status int, err error) {
+	meshID, pubkey, err = auth.VerifyHook(r.Header, body, s.now())
+	if err != nil {
+		return "", "", http.StatusUnauthorized, err
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	_, err = s.members.byPubkey(ctx, meshID, pubkey)
+	if errors.Is(err, store.ErrNotFound) {
+		return "", "", http.StatusUnauthorized, errors.New("signer is not a member of the mesh")
+	}
+	if err != nil {
+		return "", "", http.StatusServiceUnavailable, errors.New("database unavailable")
+	}
+	// Recorded like a hello's signature (same table and expiry); no
+	// session takes a pending status through it (a hook's cwd is never
+	// empty).
+	res, err := s.hellos.accept(ctx, store.HelloCheck{SigHash: auth.HookReplayKey(r.Header.Get(auth.HeaderSignature))})
+	if err != nil {
+		return "", "", http.StatusServiceUnavailable, errors.New("database unavailable")
+	}
+	if !res.Fresh {
+		return "", "", http.StatusUnauthorized, errHookReplayed
+	}
+	return meshID, pubkey, 0, nil
 }
 
 // resolveHook finds the session a hook is about: (pid, cwd) first, else the
@@ -196,11 +243,16 @@ func (s *Server) resolveHook(h HookRequest, pid int64, meshID, pubkey string) (p
 	return matches[0], true
 }
 
-// JoinRequest is the body of POST /join.
+// JoinRequest is the body of POST /join: the original client's
+// {invite_token, peer_pubkey, display_name}, plus signature, the joiner's
+// proof that it holds the key it enrols (auth.SignJoin over the invite and
+// display_name exactly as sent). A body without it is refused unless
+// JOIN_REQUIRE_PROOF=false.
 type JoinRequest struct {
 	InviteToken string `json:"invite_token"`
 	PeerPubkey  string `json:"peer_pubkey"`
 	DisplayName string `json:"display_name"`
+	Signature   string `json:"signature,omitempty"`
 }
 
 // JoinResponse answers /join.
@@ -221,6 +273,7 @@ func joinError(w http.ResponseWriter, status int, code, msg string) {
 }
 
 func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
+	addr := s.clientAddr(r)
 	body, err := readBody(r, s.cfg.MaxMessageBytes)
 	if errors.Is(err, errTooLarge) {
 		joinError(w, http.StatusRequestEntityTooLarge, "too_large", "body too large")
@@ -228,7 +281,7 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 	}
 	var req JoinRequest
 	if err != nil || protocol.Decode(body, &req) != nil {
-		joinError(w, http.StatusBadRequest, "malformed", "body must be JSON {invite_token, peer_pubkey, display_name}")
+		joinError(w, http.StatusBadRequest, "malformed", "body must be JSON {invite_token, peer_pubkey, display_name, signature}")
 		return
 	}
 	req.PeerPubkey = strings.ToLower(req.PeerPubkey)
@@ -237,12 +290,13 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 		joinError(w, http.StatusBadRequest, "malformed", "peer_pubkey must be an ed25519 public key as 64 hex characters")
 		return
 	}
+	signedName := req.DisplayName
 	req.DisplayName = strings.TrimSpace(req.DisplayName)
 	if req.DisplayName == "" || len(req.DisplayName) > protocol.MaxDisplayName {
 		joinError(w, http.StatusBadRequest, "malformed", "display_name must be 1..128 characters")
 		return
 	}
-	if !s.helloRate.allow("join/" + clientIP(r)) {
+	if !s.helloRate.allow("join/" + addr.Key()) {
 		joinError(w, http.StatusTooManyRequests, "rate_limited", "too many joins from this address")
 		return
 	}
@@ -253,6 +307,18 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 	}
 	if err := inv.Verify(); err != nil {
 		joinError(w, http.StatusBadRequest, "invite_bad_signature", err.Error())
+		return
+	}
+	// Without the proof, anyone holding an invite could enrol someone
+	// else's key under a name of their choosing. A proof that is there
+	// but wrong is refused even when proofs are optional.
+	switch err := auth.VerifyJoin(req.PeerPubkey, req.Signature, inv, signedName); {
+	case errors.Is(err, auth.ErrJoinUnproven) && s.cfg.RequireJoinProof():
+		joinError(w, http.StatusUnauthorized, "proof_required",
+			"sign the join with the key being enrolled (signature over join|meshId|inviteId|peer_pubkey|display_name); this broker does not accept unsigned joins (JOIN_REQUIRE_PROOF)")
+		return
+	case err != nil && !errors.Is(err, auth.ErrJoinUnproven):
+		joinError(w, http.StatusUnauthorized, "bad_proof", "the join's signature is not by peer_pubkey over this invite and display_name")
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
@@ -283,6 +349,13 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 		joinError(w, http.StatusBadRequest, "invite_mesh_mismatch", "the invite belongs to another mesh")
 		return
 	}
+	// The invite must be usable before membership is looked at: an
+	// expired, revoked or used-up invite must not tell who is a member.
+	// (Redemption checks again, by compare-and-set.)
+	if code, msg := inviteUnusable(row, s.now()); code != "" {
+		joinError(w, http.StatusGone, code, msg)
+		return
+	}
 	m, already, err := s.store.RedeemInvite(ctx, row, req.PeerPubkey, req.DisplayName)
 	switch {
 	case errors.Is(err, store.ErrInviteExpired):
@@ -301,12 +374,27 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 	if !already {
 		s.audit.add(store.AuditEvent{MeshID: m.MeshID, Type: store.EventInviteUsed, Actor: m.ID, Target: row.ID})
 		s.audit.add(store.AuditEvent{MeshID: m.MeshID, Type: store.EventMemberJoined, Actor: m.ID,
-			Metadata: map[string]any{"display_name": m.DisplayName, "role": m.Role}})
+			Metadata: map[string]any{"display_name": m.DisplayName, "role": m.Role, "remote": addr.String(),
+				"proven": req.Signature != ""}})
 		s.members.invalidate(m.MeshID)
 	}
-	s.logger.Info("join", "mesh_id", m.MeshID, "member_id", m.ID, "already_member", already)
+	s.logger.Info("join", "remote", addr.String(), "mesh_id", m.MeshID, "member_id", m.ID, "already_member", already, "proven", req.Signature != "")
 	writeJSON(w, http.StatusOK, JoinResponse{OK: true, MemberID: m.ID, MeshID: m.MeshID, MeshSlug: mesh.Slug,
 		MeshName: mesh.Name, Role: m.Role, AlreadyMember: already})
+}
+
+// inviteUnusable returns the error code and message of an invite that can
+// enrol nobody at now, or "".
+func inviteUnusable(row store.Invite, now time.Time) (code, msg string) {
+	switch {
+	case row.RevokedAt != nil:
+		return "invite_revoked", "the invite was revoked"
+	case !row.ExpiresAt.After(now):
+		return "invite_expired", "the invite has expired; ask for a new one"
+	case row.UsedCount >= row.MaxUses:
+		return "invite_exhausted", "the invite has no uses left"
+	}
+	return "", ""
 }
 
 // Health is the body of GET /health.

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -43,7 +42,7 @@ func post(t *testing.T, url string, body []byte, header http.Header) (int, map[s
 }
 
 // The hook route: 400 for a bad body, 413 over MAX_MESSAGE_BYTES, 401 when
-// unsigned from a non-loopback client, 429 over the per-(pid, cwd) rate;
+// unsigned on the public port, 429 over the per-client, per-session rate;
 // a signed hook may change only its signer's sessions.
 func TestHookRoute(t *testing.T) {
 	db := pgtest.NewDB(t)
@@ -95,10 +94,11 @@ func TestHookRoute(t *testing.T) {
 		t.Fatalf("stranger's hook: %d, want 401", code)
 	}
 
-	// Rate limit: 3 per minute per (pid, cwd).
+	// Rate limit: 3 per minute per client and session (here: one local
+	// client, no session yet).
 	limited := 0
 	for i := 0; i < 5; i++ {
-		code, _ := post(t, url, []byte(`{"cwd":"/rl","pid":5,"status":"idle"}`), nil)
+		code, _ := post(t, n.HookURL(), []byte(`{"cwd":"/rl","pid":5,"status":"idle"}`), nil)
 		if code == http.StatusTooManyRequests {
 			limited++
 		}
@@ -112,15 +112,33 @@ func TestHookRoute(t *testing.T) {
 	_ = ca
 }
 
+// joinReq joins with a fresh key, signed as the Go client does.
 func joinReq(t *testing.T, base, token, name string) (int, server.JoinResponse) {
 	t.Helper()
-	pub, _, _ := ed25519.GenerateKey(rand.Reader)
-	return joinWith(t, base, token, hex.EncodeToString(pub), name)
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	return joinAs(t, base, token, priv, name)
 }
 
+// joinAs joins priv's key with its proof (when the token parses as an
+// invite at all).
+func joinAs(t *testing.T, base, token string, priv ed25519.PrivateKey, name string) (int, server.JoinResponse) {
+	t.Helper()
+	req := server.JoinRequest{InviteToken: token, PeerPubkey: auth.PubkeyHex(priv), DisplayName: name}
+	if inv, err := auth.ParseInvite(token); err == nil {
+		req.Signature = auth.SignJoin(priv, inv, name)
+	}
+	return joinBody(t, base, req)
+}
+
+// joinWith posts the original client's body: no proof.
 func joinWith(t *testing.T, base, token, pubkey, name string) (int, server.JoinResponse) {
 	t.Helper()
-	body, _ := json.Marshal(server.JoinRequest{InviteToken: token, PeerPubkey: pubkey, DisplayName: name})
+	return joinBody(t, base, server.JoinRequest{InviteToken: token, PeerPubkey: pubkey, DisplayName: name})
+}
+
+func joinBody(t *testing.T, base string, req server.JoinRequest) (int, server.JoinResponse) {
+	t.Helper()
+	body, _ := json.Marshal(req)
 	resp, err := http.Post(base+"/join", "application/json", bytes.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
@@ -174,17 +192,23 @@ func TestJoin(t *testing.T) {
 		t.Fatalf("codes %v errors %v: want 1 success and 4 exhausted", codes, errs)
 	}
 
-	// Idempotent re-join does not spend a use.
-	inv2, _ := admin.CreateInvite(ctx, n.Store(), mesh.MeshID, 1, time.Hour, "admin", "ws://x/ws")
-	pub, priv, _ := ed25519.GenerateKey(rand.Reader)
-	pk := hex.EncodeToString(pub)
-	code, r1 := joinWith(t, base, inv2.Token, pk, "carol")
+	// Idempotent re-join does not spend a use; once the invite is used up
+	// it answers nobody, members included (no membership oracle).
+	inv2, _ := admin.CreateInvite(ctx, n.Store(), mesh.MeshID, 2, time.Hour, "admin", "ws://x/ws")
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	code, r1 := joinAs(t, base, inv2.Token, priv, "carol")
 	if code != http.StatusOK || r1.AlreadyMember || r1.Role != "admin" || r1.MeshID != mesh.MeshID {
 		t.Fatalf("join: %d %+v", code, r1)
 	}
-	code, r2 := joinWith(t, base, inv2.Token, pk, "carol")
+	code, r2 := joinAs(t, base, inv2.Token, priv, "carol")
 	if code != http.StatusOK || !r2.AlreadyMember || r2.MemberID != r1.MemberID {
 		t.Fatalf("re-join: %d %+v", code, r2)
+	}
+	if code, r := joinReq(t, base, inv2.Token, "dave"); code != http.StatusOK || r.AlreadyMember {
+		t.Fatalf("second use after a re-join: %d %+v, want a new member (the re-join spent nothing)", code, r)
+	}
+	if code, r := joinAs(t, base, inv2.Token, priv, "carol"); code != http.StatusGone || r.Error != "invite_exhausted" {
+		t.Fatalf("re-join through a used-up invite: %d %+v, want 410 invite_exhausted", code, r)
 	}
 	// The enrolled member can connect at once.
 	testkit.Connect(t, n.URL(), client.Identity{MeshID: mesh.MeshID, MemberID: r1.MemberID, Priv: priv}, client.HelloOptions{})

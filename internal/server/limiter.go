@@ -7,11 +7,18 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// keyedLimiter is a token bucket per key (an address, or a hook's pid and
-// cwd), forgotten after a while without use.
+// maxLimiterKeys bounds a keyed limiter (about 200 bytes a key). Keys are
+// derived by the server (a client address or /64, an authenticated member),
+// but an attacker with many addresses still makes one per address.
+const maxLimiterKeys = 1 << 16
+
+// keyedLimiter is a token bucket per key (a client address, or a member
+// and the session its hook is about), forgotten after a while without use.
 type keyedLimiter struct {
-	rate  rate.Limit
-	burst int
+	rate    rate.Limit
+	burst   int
+	max     int
+	evicted func() // counts a bucket dropped to make room
 
 	mu   sync.Mutex
 	keys map[string]*keyedEntry
@@ -22,11 +29,11 @@ type keyedEntry struct {
 	seen time.Time
 }
 
-func newKeyedLimiter(perSecond float64, burst int) *keyedLimiter {
+func newKeyedLimiter(perSecond float64, burst int, evicted func()) *keyedLimiter {
 	if burst < 1 {
 		burst = 1
 	}
-	return &keyedLimiter{rate: rate.Limit(perSecond), burst: burst, keys: map[string]*keyedEntry{}}
+	return &keyedLimiter{rate: rate.Limit(perSecond), burst: burst, max: maxLimiterKeys, evicted: evicted, keys: map[string]*keyedEntry{}}
 }
 
 // allow takes a token for key.
@@ -38,6 +45,19 @@ func (k *keyedLimiter) allow(key string) bool {
 	k.mu.Lock()
 	e := k.keys[key]
 	if e == nil {
+		if len(k.keys) >= k.max {
+			// Full: drop an arbitrary bucket rather than refuse the new
+			// key. A flood of fresh addresses then costs the limiter its
+			// memory of some old ones (a fresh burst for them), never an
+			// honest newcomer its first request.
+			for old := range k.keys {
+				delete(k.keys, old)
+				break
+			}
+			if k.evicted != nil {
+				k.evicted()
+			}
+		}
 		e = &keyedEntry{lim: rate.NewLimiter(k.rate, k.burst)}
 		k.keys[key] = e
 	}
@@ -56,4 +76,11 @@ func (k *keyedLimiter) gc(idle time.Duration) {
 		}
 	}
 	k.mu.Unlock()
+}
+
+// size is the number of buckets held.
+func (k *keyedLimiter) size() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.keys)
 }

@@ -179,7 +179,7 @@ func TestPriorityGating(t *testing.T) {
 	}
 
 	// A hook turns it idle: the held messages follow in send order.
-	hook(t, n.HTTPURL(), `{"cwd":"/work/proj","pid":4242,"status":"idle"}`, http.StatusOK)
+	hook(t, n.HookURL(), `{"cwd":"/work/proj","pid":4242,"status":"idle"}`, http.StatusOK)
 	p1 := testkit.ExpectPush(t, rcv, 5*time.Second)
 	p2 := testkit.ExpectPush(t, rcv, 5*time.Second)
 	if p1.MessageID != next.MessageID || p2.MessageID != low.MessageID {
@@ -190,7 +190,7 @@ func TestPriorityGating(t *testing.T) {
 	sendRaw(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusDND})
 	testkit.Eventually(t, 5*time.Second, "status dnd", func() bool { return liveStatus(n, mesh.Members[1].MemberID) == protocol.StatusDND })
 	held := send(t, sender, protocol.Send{TargetSpec: to, Priority: "next", Ciphertext: "ZG5k"})
-	hook(t, n.HTTPURL(), `{"cwd":"/work/proj","pid":4242,"status":"idle"}`, http.StatusOK)
+	hook(t, n.HookURL(), `{"cwd":"/work/proj","pid":4242,"status":"idle"}`, http.StatusOK)
 	noPush(t, rcv, 500*time.Millisecond)
 	if s := liveStatus(n, mesh.Members[1].MemberID); s != protocol.StatusDND {
 		t.Fatalf("a hook changed dnd to %s", s)
@@ -212,9 +212,10 @@ func liveStatus(n *testkit.Node, member string) string {
 	return ""
 }
 
-func hook(t *testing.T, base, body string, want int) map[string]any {
+// hook posts an unsigned hook to url (a node's HookURL).
+func hook(t *testing.T, url, body string, want int) map[string]any {
 	t.Helper()
-	resp, err := http.Post(base+"/hook/set-status", "application/json", bytes.NewBufferString(body))
+	resp, err := http.Post(url, "application/json", bytes.NewBufferString(body))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -197,7 +197,7 @@ func TestPendingHook(t *testing.T) {
 	db := pgtest.NewDB(t)
 	n := testkit.StartNode(t, db, testkit.Options{})
 	mesh := testkit.NewMesh(t, n.Store(), 1)
-	out := hook(t, n.HTTPURL(), `{"cwd":"/early","pid":99,"status":"working"}`, http.StatusOK)
+	out := hook(t, n.HookURL(), `{"cwd":"/early","pid":99,"status":"working"}`, http.StatusOK)
 	if out["pending"] != true {
 		t.Fatalf("hook response %v, want pending", out)
 	}

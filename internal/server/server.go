@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
@@ -76,6 +77,7 @@ type Server struct {
 	audit     *auditor
 	hookRate  *keyedLimiter
 	helloRate *keyedLimiter
+	addrs     *clientaddr.Resolver
 
 	clock       func() time.Time
 	clockOffset atomic.Int64 // Postgres clock minus ours, in ns
@@ -87,7 +89,8 @@ type Server struct {
 	byPresence map[string]*session
 	byMesh     map[string]map[*session]struct{}
 	listeners  map[string]map[*session]struct{} // sessions that asked for system events, by mesh
-	perAddr    map[string]int
+	perAddr    map[string]int                   // open WebSockets by client address key
+	pending    map[string]int                   // of those, the ones without a hello yet
 
 	ctx    context.Context // cancelled by Shutdown
 	cancel context.CancelFunc
@@ -120,6 +123,7 @@ func New(d Deps) *Server {
 		byMesh:     map[string]map[*session]struct{}{},
 		listeners:  map[string]map[*session]struct{}{},
 		perAddr:    map[string]int{},
+		pending:    map[string]int{},
 		ctx:        ctx, cancel: cancel,
 		closed: make(chan struct{}),
 	}
@@ -133,8 +137,9 @@ func New(d Deps) *Server {
 	s.hellos = newHelloBatcher(s, 2)
 	s.acks = newAcker(s)
 	s.audit = newAuditor(s)
-	s.hookRate = newKeyedLimiter(float64(d.Config.HookRateLimitPerMin)/60, d.Config.HookRateLimitPerMin)
-	s.helloRate = newKeyedLimiter(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1)
+	s.hookRate = newKeyedLimiter(float64(d.Config.HookRateLimitPerMin)/60, d.Config.HookRateLimitPerMin, s.m.LimiterEvicted.Inc)
+	s.helloRate = newKeyedLimiter(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
+	s.addrs = newResolver(d.Config, d.Logger)
 	s.dbHealthy.Store(true)
 	s.m.DBHealthy.Set(1)
 	return s
@@ -179,7 +184,16 @@ func (s *Server) Handler() http.Handler {
 		mux.Handle("GET /metrics", s.MetricsHandler())
 	}
 	s.statusRoutes(mux)
-	return mux
+	return s.bounded(mux)
+}
+
+// LocalHookHandler serves HOOK_LOCAL_ADDR: POST /hook/set-status, where
+// unsigned hooks are accepted. It must only ever be served on a loopback
+// listener (node checks both the bind address and each peer).
+func (s *Server) LocalHookHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /hook/set-status", s.serveLocalHook)
+	return s.bounded(mux)
 }
 
 // now is the cluster's time: this node's clock corrected by its measured
@@ -189,9 +203,10 @@ func (s *Server) now() time.Time {
 	return s.clock().Add(time.Duration(s.clockOffset.Load()))
 }
 
-// MetricsHandler serves the Prometheus exposition.
+// MetricsHandler serves the Prometheus exposition; with METRICS_TOKEN it
+// takes only "Authorization: Bearer <METRICS_TOKEN>".
 func (s *Server) MetricsHandler() http.Handler {
-	return promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{})
+	return s.RequireMetricsToken(promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{}))
 }
 
 // Node is this node's name.

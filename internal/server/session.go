@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -96,9 +95,11 @@ type session struct {
 	s      *Server
 	conn   *websocket.Conn
 	id     string // connection id; leases name it
-	remote string // client IP
+	remote string // client address (clientaddr), for logs and audit
 	ctx    context.Context
 	cancel context.CancelFunc
+
+	addrKey string // what per-address limits count it by (clientaddr.Key)
 
 	// Set by the hello before authed is stored; read-only afterwards.
 	meshID, memberID, pubkey, displayName, presenceID, sessionID string
@@ -132,12 +133,12 @@ type session struct {
 	closeReason string
 }
 
-func (s *Server) newSession(conn *websocket.Conn, remote string) *session {
+func (s *Server) newSession(conn *websocket.Conn, remote, addrKey string) *session {
 	ctx, cancel := context.WithCancel(s.ctx)
 	id := strings.ToLower(s.node) + "/" + store.NewID()
 	slots := min(maxSendsInFlight, max(1, s.cfg.SendQueueLen/4))
 	ss := &session{
-		s: s, conn: conn, id: id, remote: remote, ctx: ctx, cancel: cancel,
+		s: s, conn: conn, id: id, remote: remote, addrKey: addrKey, ctx: ctx, cancel: cancel,
 		q:         frameQueue{max: s.cfg.SendQueueLen},
 		done:      make(chan struct{}),
 		inflight:  map[int64]struct{}{},
@@ -160,38 +161,18 @@ func (ss *session) log() *slog.Logger {
 	return ss.s.logger.With("conn", ss.id, "remote", ss.remote)
 }
 
-// clientIP is the request's remote IP.
-func clientIP(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return r.RemoteAddr
-	}
-	return host
-}
-
 func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
 		http.Error(w, "node is shutting down", http.StatusServiceUnavailable)
 		return
 	}
-	ip := clientIP(r)
-	s.mu.Lock()
-	if s.perAddr[ip] >= s.cfg.ConnsPerAddr {
-		s.mu.Unlock()
+	addr := s.clientAddr(r)
+	key := addr.Key()
+	if refused := s.admitConn(key); refused != "" {
 		s.m.ConnectionsRejected.WithLabelValues(protocol.ReasonRateLimited).Inc()
-		http.Error(w, "too many connections from this address", http.StatusTooManyRequests)
+		http.Error(w, refused, http.StatusTooManyRequests)
 		return
 	}
-	s.perAddr[ip]++
-	s.mu.Unlock()
-	release := func() {
-		s.mu.Lock()
-		if s.perAddr[ip]--; s.perAddr[ip] <= 0 {
-			delete(s.perAddr, ip)
-		}
-		s.mu.Unlock()
-	}
-
 	var ss *session
 	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{
 		// Clients authenticate by signature, not cookies: any origin may connect.
@@ -203,19 +184,19 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		},
 	})
 	if err != nil {
-		release()
+		s.releaseConn(key, false)
 		return // Accept has written the HTTP error
 	}
 	conn.SetReadLimit(int64(s.cfg.MaxMessageBytes))
 	s.m.ConnectionsTotal.Inc()
-	ss = s.newSession(conn, ip)
+	ss = s.newSession(conn, addr.String(), key)
 	s.mu.Lock()
 	s.sessions[ss] = struct{}{}
 	s.mu.Unlock()
 	// The connection is hijacked: serve it on a goroutine of our own and
 	// let the HTTP handler (and its deep stack) return.
 	go func() {
-		defer release()
+		defer func() { s.releaseConn(key, ss.authed.Load()) }()
 		helloTimer := time.AfterFunc(s.cfg.HelloTimeout, func() {
 			if !ss.authed.Load() {
 				ss.reject(protocol.ReasonHelloTimeout, "")

@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"sort"
 	"strings"
 	"sync"
@@ -25,9 +26,10 @@ import (
 
 // The operator status page: GET /status (HTML, refreshes itself) and
 // GET /status.json (the same report for scripts). It is off (404) unless
-// ADMIN_TOKEN is set; then it takes "Authorization: Bearer <token>", or
-// "?token=<token>" once, which sets an HttpOnly cookie and redirects to the
-// bare URL so that a browser can keep the page open.
+// ADMIN_TOKEN is set; then it takes "Authorization: Bearer <token>", or the
+// HttpOnly cookie that POST /status/login sets for a browser (the page
+// without credentials is that login form). The token is never taken from
+// a URL: URLs end up in proxy logs and browser history.
 
 const (
 	statusCookie      = "cm_status"
@@ -38,7 +40,8 @@ const (
 	statusRegistered  = 30 * time.Second
 	statusTimeout     = 3 * time.Second // to gather the whole report
 	statusProbe       = 1500 * time.Millisecond
-	statusNameQueries = 8 // concurrent mesh name lookups
+	statusNameQueries = 8    // concurrent mesh name lookups
+	statusLoginBody   = 4096 // bytes of a login form
 )
 
 // statusProbeClient asks the other nodes for their /health. No keep-alive:
@@ -133,10 +136,11 @@ type RecentRejection struct {
 func (s *Server) statusRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /status", s.serveStatusPage)
 	mux.HandleFunc("GET /status.json", s.serveStatusJSON)
+	mux.HandleFunc("POST /status/login", s.serveStatusLogin)
 }
 
 func (s *Server) serveStatusJSON(w http.ResponseWriter, r *http.Request) {
-	if !s.statusAuthorized(w, r) {
+	if !s.statusAuthorized(w, r, false) {
 		return
 	}
 	w.Header().Set("Cache-Control", "no-store")
@@ -144,7 +148,7 @@ func (s *Server) serveStatusJSON(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) serveStatusPage(w http.ResponseWriter, r *http.Request) {
-	if !s.statusAuthorized(w, r) {
+	if !s.statusAuthorized(w, r, true) {
 		return
 	}
 	var buf bytes.Buffer
@@ -153,41 +157,28 @@ func (s *Server) serveStatusPage(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "cannot render the status page", http.StatusInternalServerError)
 		return
 	}
-	h := w.Header()
-	h.Set("Content-Type", "text/html; charset=utf-8")
-	h.Set("Cache-Control", "no-store")
-	// Inline styles only: no script, no external resource, no framing.
-	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-	h.Set("X-Content-Type-Options", "nosniff")
-	h.Set("Referrer-Policy", "no-referrer")
+	pageHeaders(w.Header(), "none")
 	_, _ = buf.WriteTo(w)
 }
 
+// pageHeaders are the status and login pages' headers: inline styles
+// only, no script, no external resource, no framing; forms may post to
+// formAction ('none' or 'self').
+func pageHeaders(h http.Header, formAction string) {
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("Cache-Control", "no-store")
+	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action '"+formAction+"'; frame-ancestors 'none'")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Referrer-Policy", "no-referrer")
+}
+
 // statusAuthorized lets the request through or answers it: 404 when the
-// page is off, 401 for a missing or wrong token, 429 when an address keeps
-// guessing, and a redirect that trades ?token= for a cookie.
-func (s *Server) statusAuthorized(w http.ResponseWriter, r *http.Request) bool {
+// page is off, 401 for missing or wrong credentials (with the login form
+// when page is set), 429 when an address keeps guessing.
+func (s *Server) statusAuthorized(w http.ResponseWriter, r *http.Request, page bool) bool {
 	token := s.cfg.AdminToken
 	if token == "" {
 		http.NotFound(w, r)
-		return false
-	}
-	q := r.URL.Query()
-	if q.Has("token") {
-		if !secretEqual(q.Get("token"), token) {
-			s.statusDenied(w, r)
-			return false
-		}
-		http.SetCookie(w, &http.Cookie{
-			Name: statusCookie, Value: statusCookieValue(token), Path: "/",
-			MaxAge: int(statusCookieAge / time.Second), HttpOnly: true, Secure: isHTTPS(r),
-			SameSite: http.SameSiteLaxMode,
-		})
-		q.Del("token")
-		u := *r.URL
-		u.RawQuery = q.Encode()
-		// A path of this server, never a host: no open redirect.
-		http.Redirect(w, r, u.RequestURI(), http.StatusSeeOther)
 		return false
 	}
 	if bearer, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok && secretEqual(strings.TrimSpace(bearer), token) {
@@ -196,17 +187,50 @@ func (s *Server) statusAuthorized(w http.ResponseWriter, r *http.Request) bool {
 	if c, err := r.Cookie(statusCookie); err == nil && secretEqual(c.Value, statusCookieValue(token)) {
 		return true
 	}
-	s.statusDenied(w, r)
+	s.statusDenied(w, r, page, "")
 	return false
 }
 
-func (s *Server) statusDenied(w http.ResponseWriter, r *http.Request) {
-	if !s.helloRate.allow("status/" + clientIP(r)) {
+func (s *Server) statusDenied(w http.ResponseWriter, r *http.Request, page bool, problem string) {
+	if !s.helloRate.allow("status/" + s.clientAddr(r).Key()) {
 		http.Error(w, "too many attempts", http.StatusTooManyRequests)
 		return
 	}
 	w.Header().Set("WWW-Authenticate", `Bearer realm="claudemesh status"`)
-	http.Error(w, "unauthorized: send Authorization: Bearer <ADMIN_TOKEN>, or open /status?token=<ADMIN_TOKEN>", http.StatusUnauthorized)
+	if !page {
+		http.Error(w, "unauthorized: send Authorization: Bearer <ADMIN_TOKEN>, or log in at /status", http.StatusUnauthorized)
+		return
+	}
+	pageHeaders(w.Header(), "self")
+	w.WriteHeader(http.StatusUnauthorized)
+	_ = loginTemplate.Execute(w, problem)
+}
+
+// serveStatusLogin trades the token, posted by the login form, for the
+// cookie, and sends the browser back to the page.
+func (s *Server) serveStatusLogin(w http.ResponseWriter, r *http.Request) {
+	token := s.cfg.AdminToken
+	if token == "" {
+		http.NotFound(w, r)
+		return
+	}
+	body, err := readBody(r, statusLoginBody)
+	if err != nil {
+		http.Error(w, "login form too large or unreadable", http.StatusBadRequest)
+		return
+	}
+	form, err := url.ParseQuery(string(body))
+	if err != nil || !secretEqual(form.Get("token"), token) {
+		s.statusDenied(w, r, true, "That is not the ADMIN_TOKEN.")
+		return
+	}
+	http.SetCookie(w, &http.Cookie{
+		Name: statusCookie, Value: statusCookieValue(token), Path: "/",
+		MaxAge: int(statusCookieAge / time.Second), HttpOnly: true, Secure: isHTTPS(r),
+		SameSite: http.SameSiteLaxMode,
+	})
+	// A path of this server, never a host: no open redirect.
+	http.Redirect(w, r, "/status", http.StatusSeeOther)
 }
 
 // secretEqual compares in constant time, whatever the lengths.
@@ -625,3 +649,35 @@ footer{padding:8px 24px 24px;color:` + colourMuted + `;font-size:12px}
 </body>
 </html>
 `
+
+// loginTemplate is the status page's form for a browser without the
+// cookie; its data is a problem to show (or "").
+var loginTemplate = template.Must(template.New("login").Parse(`<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>claudemesh broker · status login</title>
+<style>
+body{margin:0;font:14px/1.45 -apple-system,BlinkMacSystemFont,"Segoe UI",Helvetica,Arial,sans-serif;color:#1f2328;background:#f6f8fa}
+header{background:#24292f;color:#fff;padding:14px 24px}
+h1{font-size:18px;margin:0}
+main{padding:24px;max-width:420px}
+input{font:inherit;padding:6px 8px;width:100%;box-sizing:border-box;margin:6px 0 12px}
+button{font:inherit;padding:6px 16px}
+.problem{color:#cf222e}
+</style>
+</head>
+<body>
+<header><h1>claudemesh broker · cluster status</h1></header>
+<main>
+<form method="post" action="/status/login">
+<label for="token">Admin token (<code>ADMIN_TOKEN</code>)</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+{{with .}}<p class="problem">{{.}}</p>{{end}}
+<button type="submit">Open the status page</button>
+</form>
+<p><small>Scripts send <code>Authorization: Bearer &lt;ADMIN_TOKEN&gt;</code> to <code>/status.json</code>.</small></p>
+</main>
+</body>
+</html>
+`))

@@ -10,6 +10,9 @@ import (
 	"image/png"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	neturl "net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,10 +73,14 @@ func TestStatusPageOffWithoutAdminToken(t *testing.T) {
 			t.Errorf("GET %s = %d, want 404", path, resp.StatusCode)
 		}
 	}
+	if resp, _ := statusPost(t, n.HTTPURL()+"/status/login", neturl.Values{"token": {""}}, nil); resp.StatusCode != http.StatusNotFound {
+		t.Errorf("POST /status/login = %d, want 404", resp.StatusCode)
+	}
 }
 
-// Bearer header, ?token= traded for an HttpOnly cookie, and the cookie;
-// everything else is refused.
+// Bearer header, or the HttpOnly cookie the login form (POST
+// /status/login) sets; everything else, a token in the URL included, is
+// refused.
 func TestStatusPageAuth(t *testing.T) {
 	n := testkit.StartNode(t, pgtest.NewDB(t), withAdminToken(statusToken))
 	base := n.HTTPURL()
@@ -96,10 +103,6 @@ func TestStatusPageAuth(t *testing.T) {
 			}
 		}
 	}
-	if resp, _ := statusGet(t, base+"/status?token=wrong", nil); resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("Set-Cookie") != "" {
-		t.Fatalf("wrong ?token= = %d, cookie %q; want 401 and no cookie", resp.StatusCode, resp.Header.Get("Set-Cookie"))
-	}
-
 	resp, body := statusGet(t, base+"/status", bearer(statusToken))
 	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") || !strings.Contains(body, n.Name()) {
 		t.Fatalf("bearer: GET /status = %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
@@ -114,9 +117,29 @@ func TestStatusPageAuth(t *testing.T) {
 		t.Error("the page loads a script or an external resource")
 	}
 
-	resp, _ = statusGet(t, base+"/status?token="+statusToken, nil)
+	// A token in the URL is no credential: it would end up in proxy logs
+	// and browser history.
+	for _, path := range []string{"/status?token=" + statusToken, "/status.json?token=" + statusToken} {
+		if resp, body := statusGet(t, base+path, nil); resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("Set-Cookie") != "" || strings.Contains(body, n.Name()) {
+			t.Errorf("GET %s = %d, cookie %q: want 401 without a cookie", path, resp.StatusCode, resp.Header.Get("Set-Cookie"))
+		}
+	}
+	// A browser without the cookie gets the login form, which posts the
+	// token in the body.
+	resp, body = statusGet(t, base+"/status", nil)
+	if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(body, `<form method="post" action="/status/login">`) {
+		t.Fatalf("GET /status without credentials = %d, want 401 with the login form:\n%s", resp.StatusCode, body)
+	}
+	if csp := resp.Header.Get("Content-Security-Policy"); !strings.Contains(csp, "form-action 'self'") || strings.Contains(csp, "script-src") {
+		t.Errorf("login page Content-Security-Policy = %q", csp)
+	}
+	if resp, body := statusPost(t, base+"/status/login", neturl.Values{"token": {"wrong"}}, nil); resp.StatusCode != http.StatusUnauthorized ||
+		resp.Header.Get("Set-Cookie") != "" || !strings.Contains(body, "not the ADMIN_TOKEN") {
+		t.Fatalf("wrong token posted = %d, cookie %q; want 401 and no cookie", resp.StatusCode, resp.Header.Get("Set-Cookie"))
+	}
+	resp, _ = statusPost(t, base+"/status/login", neturl.Values{"token": {statusToken}}, nil)
 	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != "/status" {
-		t.Fatalf("?token= = %d Location %q, want 303 to /status", resp.StatusCode, resp.Header.Get("Location"))
+		t.Fatalf("login = %d Location %q, want 303 to /status", resp.StatusCode, resp.Header.Get("Location"))
 	}
 	var cookie *http.Cookie
 	for _, c := range resp.Cookies() {
@@ -131,13 +154,32 @@ func TestStatusPageAuth(t *testing.T) {
 	if resp, body := statusGet(t, base+"/status.json", withCookie); resp.StatusCode != http.StatusOK || !json.Valid([]byte(body)) {
 		t.Fatalf("cookie: GET /status.json = %d", resp.StatusCode)
 	}
-	if resp, _ := statusGet(t, base+"/status.json?token="+statusToken+"&x=1", nil); resp.Header.Get("Location") != "/status.json?x=1" {
-		t.Fatalf("?token= on /status.json redirects to %q, want /status.json?x=1", resp.Header.Get("Location"))
-	}
-	resp, _ = statusGet(t, base+"/status?token="+statusToken, func(r *http.Request) { r.Header.Set("X-Forwarded-Proto", "https") })
+	resp, _ = statusPost(t, base+"/status/login", neturl.Values{"token": {statusToken}}, func(r *http.Request) { r.Header.Set("X-Forwarded-Proto", "https") })
 	if c := resp.Cookies(); len(c) != 1 || !c[0].Secure {
 		t.Fatalf("behind a TLS proxy the cookie must be Secure: %v", c)
 	}
+}
+
+func statusPost(t *testing.T, url string, form neturl.Values, mod func(*http.Request)) (*http.Response, string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(form.Encode()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	if mod != nil {
+		mod(req)
+	}
+	resp, err := noRedirect.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, string(body)
 }
 
 // statusCluster is two nodes with a mesh whose peers are spread over them
@@ -387,8 +429,9 @@ func peerRow(t *testing.T, dom, peer string) string {
 	return ""
 }
 
-// The page as a browser shows it: chromium opens /status?token=, follows
-// the redirect with the cookie, and renders the cluster. The rendered DOM
+// The page as a browser shows it: chromium opens /status through a proxy
+// that adds the admin token's header (as an operator's authenticating
+// proxy would), and renders the cluster. The rendered DOM
 // names both nodes, the mesh and every peer with its status badge; the
 // screenshot has the page's size, is not blank, and shows the status badges
 // in their colours.
@@ -396,7 +439,16 @@ func TestStatusPageInBrowser(t *testing.T) {
 	bin := chromium(t)
 	sc := startStatusCluster(t)
 	testkit.Eventually(t, 10*time.Second, "the report to show the cluster", func() bool { return sc.settled(sc.report(t, sc.a)) })
-	url := sc.a.HTTPURL() + "/status?token=" + statusToken
+	target, err := neturl.Parse(sc.a.HTTPURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	authProxy := httptest.NewServer(&httputil.ReverseProxy{Rewrite: func(pr *httputil.ProxyRequest) {
+		pr.SetURL(target)
+		pr.Out.Header.Set("Authorization", "Bearer "+statusToken)
+	}})
+	t.Cleanup(authProxy.Close)
+	url := authProxy.URL + "/status"
 
 	dom := runChromium(t, bin, url, "--dump-dom")
 	for _, want := range []string{

@@ -12,8 +12,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -48,6 +50,8 @@ func Config(dbURL string) *config.Config {
 		RevokeCheck:     time.Second,
 		HelloRatePerSec: 10000,
 		SendRatePerSec:  100000,
+		// Unsigned hooks are taken only here (Node.HookURL).
+		HookLocalAddr: "127.0.0.1:0",
 	}
 	cfg.Normalize()
 	return cfg
@@ -315,4 +319,86 @@ func StartCluster(t testing.TB, dbURL string, n int, o Options) []*Node {
 		return true
 	})
 	return nodes
+}
+
+// HTTPClientFrom is an HTTP client whose connections leave from localIP (a
+// loopback address such as 127.0.0.21), so that tests can be several
+// clients, each with an address of its own. Pass it as
+// client.DialOptions.HTTPClient for WebSockets.
+func HTTPClientFrom(t testing.TB, localIP string) *http.Client {
+	t.Helper()
+	ip := net.ParseIP(localIP)
+	if ip == nil {
+		t.Fatalf("HTTPClientFrom: %q is not an IP address", localIP)
+	}
+	d := &net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: ip}}
+	tr := &http.Transport{DialContext: d.DialContext, MaxIdleConnsPerHost: 64}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 30 * time.Second}
+}
+
+// TCPForward is a same-host TCP forwarder to target, as socat, ssh -L or
+// a sidecar would be: it adds no header and its connections to target come
+// from 127.0.0.1. It returns its address; it stops when the test ends.
+func TCPForward(t testing.TB, target string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var open []net.Conn
+	track := func(c net.Conn) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if open == nil {
+			return false
+		}
+		open = append(open, c)
+		return true
+	}
+	open = []net.Conn{}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			in, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			out, err := net.DialTimeout("tcp", target, 5*time.Second)
+			if err != nil {
+				_ = in.Close()
+				continue
+			}
+			if !track(in) || !track(out) {
+				_ = in.Close()
+				_ = out.Close()
+				return
+			}
+			wg.Add(2)
+			pipe := func(dst, src net.Conn) {
+				defer wg.Done()
+				_, _ = io.Copy(dst, src)
+				if tc, ok := dst.(*net.TCPConn); ok {
+					_ = tc.CloseWrite()
+				}
+			}
+			go pipe(out, in)
+			go pipe(in, out)
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		mu.Lock()
+		conns := open
+		open = nil
+		mu.Unlock()
+		for _, c := range conns {
+			_ = c.Close()
+		}
+		wg.Wait()
+	})
+	return ln.Addr().String()
 }
