@@ -36,17 +36,21 @@ type Config struct {
 	HookRequireSignature string `env:"HOOK_REQUIRE_SIGNATURE" envDefault:"true"`
 
 	// Cluster.
-	NodeName         string        `env:"NODE_NAME"`                              // default: hostname-port
-	ClusterBind      string        `env:"CLUSTER_BIND" envDefault:":7946"`        // memberlist bind host:port
-	ClusterAdvertise string        `env:"CLUSTER_ADVERTISE"`                      // host:port others reach us at
-	ClusterJoin      []string      `env:"CLUSTER_JOIN" envSeparator:","`          // seeds: host[:port] or DNS names
-	ClusterSecret    string        `env:"CLUSTER_SECRET"`                         // gossip encryption key material
-	ClusterProfile   string        `env:"CLUSTER_PROFILE" envDefault:"lan"`       // lan | wan | local
-	PresenceGrace    int           `env:"PRESENCE_GRACE_SECONDS" envDefault:"90"` // reattach window after a drop
-	MessageTTL       time.Duration `env:"MESSAGE_TTL" envDefault:"168h"`          // undelivered messages expire
-	LogLevel         string        `env:"LOG_LEVEL" envDefault:"info"`            // debug | info | warn | error
-	PublicURL        string        `env:"PUBLIC_URL"`                             // ws URL put into invites
-	AdminToken       string        `env:"ADMIN_TOKEN"`                            // protects /status; empty = disabled
+	NodeName         string   `env:"NODE_NAME"`                       // default: hostname-port
+	ClusterBind      string   `env:"CLUSTER_BIND" envDefault:":7946"` // memberlist bind host:port
+	ClusterAdvertise string   `env:"CLUSTER_ADVERTISE"`               // host:port others reach us at
+	ClusterJoin      []string `env:"CLUSTER_JOIN" envSeparator:","`   // seeds: host[:port] or DNS names
+	ClusterSecret    string   `env:"CLUSTER_SECRET"`                  // gossip encryption key material
+	// ClusterInsecure lets a node gossip on a non-loopback address without
+	// CLUSTER_SECRET (a private lab): anyone who reaches the gossip port
+	// can then join the cluster and speak for it.
+	ClusterInsecure bool          `env:"CLUSTER_INSECURE"`
+	ClusterProfile  string        `env:"CLUSTER_PROFILE" envDefault:"lan"`       // lan | wan | local
+	PresenceGrace   int           `env:"PRESENCE_GRACE_SECONDS" envDefault:"90"` // reattach window after a drop
+	MessageTTL      time.Duration `env:"MESSAGE_TTL" envDefault:"168h"`          // undelivered messages expire
+	LogLevel        string        `env:"LOG_LEVEL" envDefault:"info"`            // debug | info | warn | error
+	PublicURL       string        `env:"PUBLIC_URL"`                             // ws URL put into invites
+	AdminToken      string        `env:"ADMIN_TOKEN"`                            // protects /status; empty = disabled
 	// MetricsAddr, when set, serves /metrics on its own listener (host:port)
 	// instead of the public port, so a cloud proxy never exposes it.
 	MetricsAddr string `env:"METRICS_ADDR"`
@@ -74,8 +78,15 @@ type Config struct {
 	HelloRatePerSec       float64       `env:"HELLO_RATE_PER_SEC" envDefault:"50"` // per remote address, before ed25519
 	ConnsPerAddr          int           `env:"MAX_CONNECTIONS_PER_ADDR" envDefault:"20000"`
 	SendQueueLen          int           `env:"SEND_QUEUE_LEN" envDefault:"1024"` // frames buffered per connection
-	DBPoolSize            int           `env:"DB_POOL_SIZE" envDefault:"16"`
-	RevokeCheck           time.Duration `env:"REVOKE_CHECK_INTERVAL" envDefault:"2s"`
+	// SendQueueBytes bounds the bytes queued (and being written) per
+	// connection; zero means the larger of 4 MiB and 1 MiB plus four
+	// maximal frames.
+	SendQueueBytes int `env:"SEND_QUEUE_BYTES"`
+	// MaxSessionsPerMember bounds one member's present sessions (live or
+	// in grace, ephemeral ones included), counted cluster-wide.
+	MaxSessionsPerMember int           `env:"MAX_SESSIONS_PER_MEMBER" envDefault:"32"`
+	DBPoolSize           int           `env:"DB_POOL_SIZE" envDefault:"16"`
+	RevokeCheck          time.Duration `env:"REVOKE_CHECK_INTERVAL" envDefault:"2s"`
 }
 
 // Load reads the configuration from the process environment.
@@ -148,6 +159,10 @@ func (c *Config) Normalize() {
 	def(&c.PresenceGrace, 90)
 	def(&c.ConnsPerAddr, 20000)
 	def(&c.SendQueueLen, 1024)
+	def(&c.MaxSessionsPerMember, 32)
+	if c.SendQueueBytes == 0 {
+		c.SendQueueBytes = max(4<<20, MinSendQueueBytes(c.MaxMessageBytes)+2*c.MaxMessageBytes)
+	}
 	def(&c.DBPoolSize, 16)
 	defD(&c.MessageTTL, 168*time.Hour)
 	defD(&c.HelloTimeout, 10*time.Second)
@@ -283,6 +298,15 @@ func (c *Config) Validate() error {
 	if c.SendQueueLen < 16 {
 		bad("SEND_QUEUE_LEN", "must be at least 16")
 	}
+	if least := MinSendQueueBytes(c.MaxMessageBytes); c.SendQueueBytes < least {
+		bad("SEND_QUEUE_BYTES", "must be at least %d (1 MiB for a peers_list plus two frames of MAX_MESSAGE_BYTES), got %d", least, c.SendQueueBytes)
+	}
+	if c.MaxSessionsPerMember < 1 {
+		bad("MAX_SESSIONS_PER_MEMBER", "must be at least 1, got %d", c.MaxSessionsPerMember)
+	}
+	if len(c.NodeName) > MaxNodeName {
+		bad("NODE_NAME", "must be at most %d bytes (it names the node in every presence entry), got %d", MaxNodeName, len(c.NodeName))
+	}
 	if c.DBPoolSize < 4 {
 		bad("DB_POOL_SIZE", "must be at least 4")
 	}
@@ -301,6 +325,44 @@ func (c *Config) RequireDatabase() error {
 		return errors.New("config: DATABASE_URL: required (a postgres:// URL); or run `broker dev` for a local cluster on a private Postgres")
 	}
 	return nil
+}
+
+// MinSendQueueBytes is the smallest SEND_QUEUE_BYTES allowed: room for
+// the largest reply (a peers_list of at most 1 MiB, plus acks) and two
+// pushes of maxMessageBytes, so a single frame always fits an empty queue.
+func MinSendQueueBytes(maxMessageBytes int) int { return ReplyReserveBytes + 2*maxMessageBytes }
+
+// ReplyReserveBytes is the part of a session's byte budget that pushed
+// envelopes leave free for replies: one full peers_list (1 MiB) and room
+// for acks and errors.
+const ReplyReserveBytes = 1<<20 + 64<<10
+
+// MaxNodeName bounds NODE_NAME: every presence entry and lease carries it.
+const MaxNodeName = 128
+
+// RequireGossipSecret refuses a gossip bind address other hosts can reach
+// without CLUSTER_SECRET: memberlist would then accept any node that
+// reaches the port, and with it forged presence entries and hook
+// commands. CLUSTER_INSECURE=true waives it for a private lab.
+func (c *Config) RequireGossipSecret() error {
+	if c.ClusterSecret != "" || c.ClusterInsecure {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(c.ClusterBind)
+	if err != nil {
+		return fmt.Errorf("config: CLUSTER_BIND: must be host:port, got %q", c.ClusterBind)
+	}
+	if ip := net.ParseIP(strings.Trim(host, "[]")); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	where := host
+	if where == "" {
+		where = "all interfaces"
+	}
+	return fmt.Errorf("config: CLUSTER_SECRET: required when gossip listens beyond loopback (CLUSTER_BIND=%s, %s): "+
+		"without it any host that reaches the gossip port can join the cluster and forge presence and status; "+
+		"set the same CLUSTER_SECRET (at least 16 characters, e.g. `openssl rand -hex 32`) on every node, "+
+		"or CLUSTER_INSECURE=true on a private network you trust", c.ClusterBind, where)
 }
 
 // RequireHookSignature reports whether unsigned hooks are refused from

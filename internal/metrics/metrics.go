@@ -39,6 +39,7 @@ type Metrics struct {
 	GossipDropped       prometheus.Counter
 	AuditDropped        prometheus.Counter
 	ClockOffset         prometheus.Gauge
+	Bounds
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -116,6 +117,8 @@ func New(reg prometheus.Registerer) *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	m.Bounds = newBounds()
+	reg.MustRegister(m.Bounds.collectors()...)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)
