@@ -36,24 +36,25 @@ type Config struct {
 	HookRequireSignature string `env:"HOOK_REQUIRE_SIGNATURE" envDefault:"true"`
 
 	// Cluster.
-	NodeName         string   `env:"NODE_NAME"`                       // default: hostname-port
-	ClusterBind      string   `env:"CLUSTER_BIND" envDefault:":7946"` // memberlist bind host:port
-	ClusterAdvertise string   `env:"CLUSTER_ADVERTISE"`               // host:port others reach us at
-	ClusterJoin      []string `env:"CLUSTER_JOIN" envSeparator:","`   // seeds: host[:port] or DNS names
-	ClusterSecret    string   `env:"CLUSTER_SECRET"`                  // gossip encryption key material
-	// ClusterInsecure lets a node gossip on a non-loopback address without
-	// CLUSTER_SECRET (a private lab): anyone who reaches the gossip port
-	// can then join the cluster and speak for it.
-	ClusterInsecure bool          `env:"CLUSTER_INSECURE"`
-	ClusterProfile  string        `env:"CLUSTER_PROFILE" envDefault:"lan"`       // lan | wan | local
-	PresenceGrace   int           `env:"PRESENCE_GRACE_SECONDS" envDefault:"90"` // reattach window after a drop
-	MessageTTL      time.Duration `env:"MESSAGE_TTL" envDefault:"168h"`          // undelivered messages expire
-	LogLevel        string        `env:"LOG_LEVEL" envDefault:"info"`            // debug | info | warn | error
-	PublicURL       string        `env:"PUBLIC_URL"`                             // ws URL put into invites
-	AdminToken      string        `env:"ADMIN_TOKEN"`                            // protects /status; empty = disabled
+	NodeName         string        `env:"NODE_NAME"`                              // default: hostname-port
+	ClusterBind      string        `env:"CLUSTER_BIND" envDefault:":7946"`        // memberlist bind host:port
+	ClusterAdvertise string        `env:"CLUSTER_ADVERTISE"`                      // host:port others reach us at
+	ClusterJoin      []string      `env:"CLUSTER_JOIN" envSeparator:","`          // seeds: host[:port] or DNS names
+	ClusterSecret    string        `env:"CLUSTER_SECRET"`                         // gossip encryption key material
+	ClusterProfile   string        `env:"CLUSTER_PROFILE" envDefault:"lan"`       // lan | wan | local
+	PresenceGrace    int           `env:"PRESENCE_GRACE_SECONDS" envDefault:"90"` // reattach window after a drop
+	MessageTTL       time.Duration `env:"MESSAGE_TTL" envDefault:"168h"`          // undelivered messages expire
+	LogLevel         string        `env:"LOG_LEVEL" envDefault:"info"`            // debug | info | warn | error
+	PublicURL        string        `env:"PUBLIC_URL"`                             // ws URL put into invites
+	AdminToken       string        `env:"ADMIN_TOKEN"`                            // protects /status; empty = disabled
 	// MetricsAddr, when set, serves /metrics on its own listener (host:port)
 	// instead of the public port, so a cloud proxy never exposes it.
 	MetricsAddr string `env:"METRICS_ADDR"`
+
+	// ClusterInsecure lets a node gossip on a non-loopback address without
+	// CLUSTER_SECRET (a private lab): anyone who reaches the gossip port
+	// can then join the cluster and speak for it.
+	ClusterInsecure bool `env:"CLUSTER_INSECURE"`
 
 	// Fly.io sets these; they supply defaults for NODE_NAME,
 	// CLUSTER_BIND and CLUSTER_ADVERTISE (gossip over the 6PN network).
@@ -78,15 +79,17 @@ type Config struct {
 	HelloRatePerSec       float64       `env:"HELLO_RATE_PER_SEC" envDefault:"50"` // per remote address, before ed25519
 	ConnsPerAddr          int           `env:"MAX_CONNECTIONS_PER_ADDR" envDefault:"20000"`
 	SendQueueLen          int           `env:"SEND_QUEUE_LEN" envDefault:"1024"` // frames buffered per connection
+	DBPoolSize            int           `env:"DB_POOL_SIZE" envDefault:"16"`
+	RevokeCheck           time.Duration `env:"REVOKE_CHECK_INTERVAL" envDefault:"2s"`
+
+	// Bounds on what one session or member can make a node hold.
 	// SendQueueBytes bounds the bytes queued (and being written) per
-	// connection; zero means the larger of 4 MiB and 1 MiB plus four
-	// maximal frames.
+	// connection; zero means the larger of 4 MiB and
+	// MinSendQueueBytes plus two maximal frames.
 	SendQueueBytes int `env:"SEND_QUEUE_BYTES"`
 	// MaxSessionsPerMember bounds one member's present sessions (live or
 	// in grace, ephemeral ones included), counted cluster-wide.
-	MaxSessionsPerMember int           `env:"MAX_SESSIONS_PER_MEMBER" envDefault:"32"`
-	DBPoolSize           int           `env:"DB_POOL_SIZE" envDefault:"16"`
-	RevokeCheck          time.Duration `env:"REVOKE_CHECK_INTERVAL" envDefault:"2s"`
+	MaxSessionsPerMember int `env:"MAX_SESSIONS_PER_MEMBER" envDefault:"32"`
 }
 
 // Load reads the configuration from the process environment.
