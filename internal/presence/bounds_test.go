@@ -325,3 +325,25 @@ func TestCommandsAreValidated(t *testing.T) {
 		t.Fatal("a valid command was not queued")
 	}
 }
+
+// When a node dies its sessions wait in grace to reattach elsewhere,
+// except ephemeral ones (nobody reattaches to a one-shot command), which
+// leave at once and free their member's places.
+func TestDeadNodesEphemeralSessionsLeaveAtOnce(t *testing.T) {
+	r, _, _ := testCluster(t, "a", 1)
+	r.NodeAlive("b", 2)
+	eph := remote("eph", "b", 2, 1, "y")
+	eph.Ephemeral = true
+	r.Apply([]Entry{eph, remote("win", "b", 2, 2, "y")})
+	r.NodeDead("b")
+	r.Expire()
+	if _, ok := r.Get("eph"); ok {
+		t.Fatal("a dead node's ephemeral session waits in grace")
+	}
+	if e, ok := r.Get("win"); !ok || !e.InGrace() {
+		t.Fatal("a dead node's session did not wait in grace")
+	}
+	if n := r.MemberSessions("y"); n != 1 {
+		t.Fatalf("member holds %d places, want 1", n)
+	}
+}

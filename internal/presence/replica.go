@@ -418,6 +418,11 @@ func (r *Replica) NodeDead(name string) {
 		before := *e
 		r.account(e, -1)
 		r.markOrphan(e)
+		if e.Ephemeral {
+			// Nobody reattaches to a one-shot command: it should not hold
+			// a place in MAX_SESSIONS_PER_MEMBER for the grace period.
+			e.orphanUntil = r.now().UnixMilli()
+		}
 		r.account(e, 1)
 		cur := *e
 		changes = append(changes, Change{Prev: &before, Cur: &cur})
