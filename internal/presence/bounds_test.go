@@ -347,3 +347,29 @@ func TestDeadNodesEphemeralSessionsLeaveAtOnce(t *testing.T) {
 		t.Fatalf("member holds %d places, want 1", n)
 	}
 }
+
+// JSONLen is exactly what Marshal writes for any string, and TruncateJSON
+// cuts at a character boundary within the budget: the caps on gossip and
+// peers_list text are measured with them.
+func FuzzJSONLen(f *testing.F) {
+	for _, s := range []string{"", "plain", `"\<>&`, "\x00\x01\x1f\x7f\t\n", "é日本\u2028", "bad\xffutf8\xc3"} {
+		f.Add(s, 3)
+	}
+	f.Fuzz(func(t *testing.T, s string, n int) {
+		b, err := Marshal(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if JSONLen(s) != len(b)-2 {
+			t.Fatalf("JSONLen(%q) = %d, Marshal wrote %d", s, JSONLen(s), len(b)-2)
+		}
+		n = max(0, n%(len(b)+1))
+		c := TruncateJSON(s, n)
+		if !strings.HasPrefix(s, c) || JSONLen(c) > n {
+			t.Fatalf("TruncateJSON(%q, %d) = %q", s, n, c)
+		}
+		if rest := s[len(c):]; rest != "" && JSONLen(c)+JSONLen(rest[:1]) <= n && rest[0] < 0x80 {
+			t.Fatalf("TruncateJSON(%q, %d) = %q stopped early", s, n, c)
+		}
+	})
+}
