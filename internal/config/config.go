@@ -80,6 +80,10 @@ type Config struct {
 	MetricsToken     string        `env:"METRICS_TOKEN"`                      // bearer token for /metrics; empty = open
 	PProf            bool          `env:"PPROF"`                              // Go's profiler on METRICS_ADDR
 	HTTPReadTimeout  time.Duration `env:"HTTP_READ_TIMEOUT" envDefault:"10s"` // a non-WebSocket request's body
+	// ClusterInsecure lets a node gossip on a non-loopback address without
+	// CLUSTER_SECRET (a private lab): anyone who reaches the gossip port
+	// can then join the cluster and speak for it.
+	ClusterInsecure bool `env:"CLUSTER_INSECURE"`
 
 	// Fly.io sets these; they supply defaults for NODE_NAME,
 	// CLUSTER_BIND and CLUSTER_ADVERTISE (gossip over the 6PN network).
@@ -106,6 +110,15 @@ type Config struct {
 	SendQueueLen          int           `env:"SEND_QUEUE_LEN" envDefault:"1024"` // frames buffered per connection
 	DBPoolSize            int           `env:"DB_POOL_SIZE" envDefault:"16"`
 	RevokeCheck           time.Duration `env:"REVOKE_CHECK_INTERVAL" envDefault:"2s"`
+
+	// Bounds on what one session or member can make a node hold.
+	// SendQueueBytes bounds the bytes queued (and being written) per
+	// connection; zero means the larger of 4 MiB and
+	// MinSendQueueBytes plus two maximal frames.
+	SendQueueBytes int `env:"SEND_QUEUE_BYTES"`
+	// MaxSessionsPerMember bounds one member's present sessions (live or
+	// in grace, ephemeral ones included), counted cluster-wide.
+	MaxSessionsPerMember int `env:"MAX_SESSIONS_PER_MEMBER" envDefault:"32"`
 }
 
 // Load reads the configuration from the process environment.
@@ -178,6 +191,10 @@ func (c *Config) Normalize() {
 	def(&c.PresenceGrace, 90)
 	def(&c.ConnsPerAddr, 20000)
 	def(&c.SendQueueLen, 1024)
+	def(&c.MaxSessionsPerMember, 32)
+	if c.SendQueueBytes == 0 {
+		c.SendQueueBytes = max(4<<20, MinSendQueueBytes(c.MaxMessageBytes)+2*c.MaxMessageBytes)
+	}
 	def(&c.DBPoolSize, 16)
 	def(&c.PendingPerAddr, 64)
 	defD(&c.HTTPReadTimeout, 10*time.Second)
@@ -360,6 +377,15 @@ func (c *Config) Validate() error {
 	if c.SendQueueLen < 16 {
 		bad("SEND_QUEUE_LEN", "must be at least 16")
 	}
+	if least := MinSendQueueBytes(c.MaxMessageBytes); c.SendQueueBytes < least {
+		bad("SEND_QUEUE_BYTES", "must be at least %d (1 MiB for a peers_list plus two frames of MAX_MESSAGE_BYTES), got %d", least, c.SendQueueBytes)
+	}
+	if c.MaxSessionsPerMember < 1 {
+		bad("MAX_SESSIONS_PER_MEMBER", "must be at least 1, got %d", c.MaxSessionsPerMember)
+	}
+	if len(c.NodeName) > MaxNodeName {
+		bad("NODE_NAME", "must be at most %d bytes (it names the node in every presence entry), got %d", MaxNodeName, len(c.NodeName))
+	}
 	if c.DBPoolSize < 4 {
 		bad("DB_POOL_SIZE", "must be at least 4")
 	}
@@ -411,6 +437,44 @@ func (c *Config) RequireDatabase() error {
 		return errors.New("config: DATABASE_URL: required (a postgres:// URL); or run `broker dev` for a local cluster on a private Postgres")
 	}
 	return nil
+}
+
+// MinSendQueueBytes is the smallest SEND_QUEUE_BYTES allowed: room for
+// the largest reply (a peers_list of at most 1 MiB, plus acks) and two
+// pushes of maxMessageBytes, so a single frame always fits an empty queue.
+func MinSendQueueBytes(maxMessageBytes int) int { return ReplyReserveBytes + 2*maxMessageBytes }
+
+// ReplyReserveBytes is the part of a session's byte budget that pushed
+// envelopes leave free for replies: one full peers_list (1 MiB) and room
+// for acks and errors.
+const ReplyReserveBytes = 1<<20 + 64<<10
+
+// MaxNodeName bounds NODE_NAME: every presence entry and lease carries it.
+const MaxNodeName = 128
+
+// RequireGossipSecret refuses a gossip bind address other hosts can reach
+// without CLUSTER_SECRET: memberlist would then accept any node that
+// reaches the port, and with it forged presence entries and hook
+// commands. CLUSTER_INSECURE=true waives it for a private lab.
+func (c *Config) RequireGossipSecret() error {
+	if c.ClusterSecret != "" || c.ClusterInsecure {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(c.ClusterBind)
+	if err != nil {
+		return fmt.Errorf("config: CLUSTER_BIND: must be host:port, got %q", c.ClusterBind)
+	}
+	if ip := net.ParseIP(strings.Trim(host, "[]")); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	where := host
+	if where == "" {
+		where = "all interfaces"
+	}
+	return fmt.Errorf("config: CLUSTER_SECRET: required when gossip listens beyond loopback (CLUSTER_BIND=%s, %s): "+
+		"without it any host that reaches the gossip port can join the cluster and forge presence and status; "+
+		"set the same CLUSTER_SECRET (at least 16 characters, e.g. `openssl rand -hex 32`) on every node, "+
+		"or CLUSTER_INSECURE=true on a private network you trust", c.ClusterBind, where)
 }
 
 // RequireHookSignature reports whether the public port refuses unsigned

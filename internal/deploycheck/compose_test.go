@@ -23,11 +23,12 @@ import (
 
 // loadCompose loads docker-compose.yml with the loader Docker Compose
 // itself uses (schema validation, anchors and merges, interpolation of the
-// ${VAR:-default}s with nothing set), the monitoring profile enabled.
+// ${VAR:-default}s with nothing set but the required CLUSTER_SECRET), the
+// monitoring profile enabled.
 func loadCompose(t *testing.T) *types.Project {
 	t.Helper()
 	opts, err := cli.NewProjectOptions([]string{repoPath("docker-compose.yml")},
-		cli.WithWorkingDirectory(root), cli.WithEnv([]string{}), cli.WithProfiles([]string{"monitoring"}))
+		cli.WithWorkingDirectory(root), cli.WithEnv([]string{composeSecret}), cli.WithProfiles([]string{"monitoring"}))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -41,6 +41,7 @@ type Metrics struct {
 	LimiterEvicted      prometheus.Counter
 	ClockOffset         prometheus.Gauge
 	Edge
+	Bounds
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -121,6 +122,8 @@ func New(reg prometheus.Registerer) *Metrics {
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
 	m.Edge = newEdge(reg)
+	m.Bounds = newBounds()
+	reg.MustRegister(m.Bounds.collectors()...)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)

@@ -77,11 +77,18 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	if err := cfg.RequireDatabase(); err != nil {
 		return nil, err
 	}
+	if err := cfg.RequireGossipSecret(); err != nil {
+		return nil, err
+	}
 	logger := o.Logger
 	if logger == nil {
 		logger = slog.Default()
 	}
 	logger = logger.With("node", cfg.NodeName)
+	if cfg.ClusterSecret == "" && cfg.ClusterInsecure {
+		logger.Warn("gossip is not authenticated (CLUSTER_INSECURE=true): any host that reaches the gossip port can join the cluster",
+			"cluster_bind", cfg.ClusterBind)
+	}
 	reg := o.Registry
 	if reg == nil {
 		reg = prometheus.NewRegistry()
@@ -106,6 +113,13 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	m := metrics.New(reg)
 	inc := time.Now().UnixNano()
 	n.replica = presence.NewReplica(cfg.NodeName, inc, cfg.Grace())
+	n.replica.SetLimits(cfg.MaxSessionsPerMember, func(reason string) { m.GossipEntriesDropped.WithLabelValues(reason).Inc() })
+	envKey, err := envelopeKey(ctx, cfg, st, logger)
+	if err != nil {
+		return nil, err
+	}
+	ip, op := envKey.Pads()
+	st.SetEnvelopeKey(ip, op)
 
 	ln := o.Listener
 	if ln == nil {
@@ -128,7 +142,16 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		Name: cfg.NodeName, Incarnation: inc, BindAddr: bindHost, BindPort: bindPort,
 		Profile: cfg.ClusterProfile, Secret: cfg.ClusterSecret, HTTPAddr: ln.Addr().String(),
 		Logger: logger.With("component", "gossip"), WrapTransport: o.WrapTransport,
-		OnInvalid: m.GossipDropped.Inc,
+		OnInvalid:        m.GossipDropped.Inc,
+		OnDropped:        func(reason string) { m.GossipEntriesDropped.WithLabelValues(reason).Inc() },
+		OnCommandDropped: m.GossipCommandsDropped.Inc,
+		OnRefused:        m.GossipRefused.Inc,
+		OnState: func(size int, warn bool) {
+			m.GossipStateBytes.Set(float64(size))
+			if warn {
+				m.GossipStateWarnings.Inc()
+			}
+		},
 	}
 	if cfg.ClusterAdvertise != "" {
 		if gopts.AdvertiseAddr, gopts.AdvertisePort, err = splitHostPort(cfg.ClusterAdvertise); err != nil {
@@ -159,8 +182,9 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		cc.RuntimeParams["application_name"] = RelayApplicationName(cfg.NodeName)
 		cc.ConnectTimeout = 5 * time.Second
 		return pgx.ConnectConfig(ctx, cc)
-	}, store.MemberChannel, relay.NodeChannel(n.replica.Self()), relay.Handlers{
+	}, store.MemberChannel, relay.NodeChannel(n.replica.Self()), envKey, relay.Handlers{
 		Wake: n.srv.RelayWake, Envelope: n.srv.RelayEnvelope, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
+		Rejected: func(reason string) { m.RelayRejected.WithLabelValues(reason).Inc() },
 	}, logger.With("component", "relay"))
 	n.goRun(func() { _ = listener.Run(runCtx) })
 
@@ -271,6 +295,33 @@ func splitHostPort(hp string) (string, int, error) {
 		return "", 0, fmt.Errorf("bad port in %q", hp)
 	}
 	return host, port, nil
+}
+
+// envelopeKey is the key sealing envelope notifications: derived from
+// CLUSTER_SECRET when set (nothing in the database reveals it), else the
+// random key the nodes share in the relay_key table.
+func envelopeKey(ctx context.Context, cfg *config.Config, st *store.Store, logger *slog.Logger) (*relay.EnvelopeKey, error) {
+	if cfg.ClusterSecret != "" {
+		return relay.NewEnvelopeKey(relay.DeriveEnvelopeKey(cfg.ClusterSecret))
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		key, err := st.RelayKey(cctx)
+		cancel()
+		if err == nil {
+			return relay.NewEnvelopeKey(key)
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return nil, fmt.Errorf("read the relay key (is Postgres reachable at DATABASE_URL?): %w", err)
+		}
+		logger.Warn("reading the relay key failed; retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 func migrateWithRetry(ctx context.Context, url string, logger *slog.Logger) error {

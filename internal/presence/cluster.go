@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/claudemesh/broker/internal/protocol"
 )
 
 // Options configure the gossip layer.
@@ -37,6 +39,16 @@ type Options struct {
 	WrapTransport func(memberlist.NodeAwareTransport) memberlist.NodeAwareTransport
 	// OnInvalid is called for each gossip message dropped as malformed.
 	OnInvalid func()
+	// OnDropped is called for each presence entry refused (reason: see
+	// the drop* constants); OnCommandDropped for each command refused.
+	OnDropped        func(reason string)
+	OnCommandDropped func()
+	// OnRefused is called for each stream or packet memberlist refused
+	// (not encrypted with the cluster key, or undecodable).
+	OnRefused func()
+	// OnState is called with the size of every push-pull state sent, and
+	// whether it was above 60 % of memberlist's limit.
+	OnState func(bytes int, warn bool)
 }
 
 // Command is a request sent to the node that owns a presence.
@@ -77,17 +89,42 @@ const (
 	msgCommand byte = 'C'
 )
 
+// deltaMsg carries changed entries of the sending node. Inc is its
+// incarnation (0 from nodes that predate it).
 type deltaMsg struct {
 	From    string  `json:"f"`
+	Inc     int64   `json:"i,omitempty"`
 	Entries []Entry `json:"e"`
 }
 
+// deltaOut is deltaMsg with its entries already encoded.
+type deltaOut struct {
+	From    string            `json:"f"`
+	Inc     int64             `json:"i,omitempty"`
+	Entries []json.RawMessage `json:"e"`
+}
+
+// stateMsg is a node's push-pull state: its own present entries. Partial
+// means some were left out to stay under memberlist's limit, so entries
+// it does not list are not to be taken as deleted.
 type stateMsg struct {
 	From    string  `json:"f"`
 	Inc     int64   `json:"i"`
 	Clock   uint64  `json:"c"`
 	Entries []Entry `json:"e"`
+	Partial bool    `json:"p,omitempty"`
 }
+
+// memberlistStateLimit is memberlist v0.7.0's limit on a push-pull state
+// (maxPushStateBytes in its net.go, unexported): a state above it is
+// refused whole, and the node sending it can join nobody. Above
+// stateWarnAt this node warns; above stateMaxBytes it sends a partial
+// state (deltas still carry every entry).
+const (
+	memberlistStateLimit = 20 << 20
+	stateWarnAt          = memberlistStateLimit * 6 / 10
+	stateMaxBytes        = memberlistStateLimit * 8 / 10
+)
 
 // Cluster replicates a Replica over memberlist. Deltas of the node's own
 // entries go straight to every other node over memberlist's reliable
@@ -113,14 +150,19 @@ type Cluster struct {
 // peer coalesces deltas for one remote node; newest entry per id wins.
 type peer struct {
 	node    *memberlist.Node // a copy (copyNode); guarded by mu
+	inc     int64            // its incarnation, from its metadata; guarded by Cluster.mu
 	mu      sync.Mutex
 	pending map[string]Entry
 	wake    chan struct{}
 	stop    chan struct{}
 }
 
-// maxDeltaBatch bounds one reliable message.
-const maxDeltaBatch = 2000
+// maxDeltaBatch and maxDeltaBytes bound one reliable message (memberlist
+// refuses user messages above 20 MiB).
+const (
+	maxDeltaBatch = 2000
+	maxDeltaBytes = 1 << 20
+)
 
 // New creates a cluster layer for replica. Call SetHandlers, then Start.
 func New(opts Options, replica *Replica) *Cluster {
@@ -188,7 +230,7 @@ func (c *Cluster) config() (*memberlist.Config, error) {
 	}
 	cfg.Delegate = &delegate{c}
 	cfg.Events = &events{c}
-	cfg.Logger = log.New(&logWriter{c.logger}, "", 0)
+	cfg.Logger = log.New(&logWriter{logger: c.logger, onRefused: c.opts.OnRefused}, "", 0)
 	if c.opts.WrapTransport != nil {
 		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
 			BindAddrs: []string{cfg.BindAddr}, BindPort: cfg.BindPort, Logger: cfg.Logger,
@@ -297,11 +339,12 @@ func (c *Cluster) Replicate(entries []Entry) {
 	}
 }
 
-// wireEntry bounds the free-text fields of an entry before it travels.
+// wireEntry is an own entry as it travels: tombstones stripped (the text
+// of an entry was bounded when it was made, see bound).
 func wireEntry(e Entry) Entry {
-	e.Cwd = truncate(e.Cwd, 1024)
-	e.Summary = truncate(e.Summary, 512)
-	e.Hostname = truncate(e.Hostname, 255)
+	if e.State == Gone {
+		return tombstone(e)
+	}
 	return e
 }
 
@@ -321,17 +364,23 @@ func (c *Cluster) sendLoop(p *peer) {
 				p.mu.Unlock()
 				break
 			}
-			batch := make([]Entry, 0, min(len(p.pending), maxDeltaBatch))
+			batch := make([]json.RawMessage, 0, min(len(p.pending), maxDeltaBatch))
+			size := 0
 			for id, e := range p.pending {
-				batch = append(batch, e)
+				b, err := Marshal(e)
 				delete(p.pending, id)
-				if len(batch) == maxDeltaBatch {
+				if err != nil {
+					continue
+				}
+				batch = append(batch, b)
+				size += len(b) + 1
+				if len(batch) == maxDeltaBatch || size >= maxDeltaBytes {
 					break
 				}
 			}
 			node := p.node
 			p.mu.Unlock()
-			body, _ := json.Marshal(deltaMsg{From: c.opts.Name, Entries: batch})
+			body, _ := Marshal(deltaOut{From: c.opts.Name, Inc: c.opts.Incarnation, Entries: batch})
 			if err := c.ml.SendReliable(node, append([]byte{msgDeltas}, body...)); err != nil {
 				// Anti-entropy (push-pull) repairs what this loses.
 				c.logger.Debug("presence delta not sent", "peer", node.Name, "err", err)
@@ -360,7 +409,7 @@ func (c *Cluster) Send(name string, cmd Command) error {
 	p.mu.Lock()
 	target := p.node
 	p.mu.Unlock()
-	body, _ := json.Marshal(cmd)
+	body, _ := Marshal(cmd)
 	return c.ml.SendReliable(target, append([]byte{msgCommand}, body...))
 }
 
@@ -411,6 +460,73 @@ func (c *Cluster) invalid(what string, err error) {
 	}
 }
 
+func (c *Cluster) dropped(reason string) {
+	if c.opts.OnDropped != nil {
+		c.opts.OnDropped(reason)
+	}
+}
+
+// accept keeps the entries of a message from node from (incarnation inc,
+// 0 when it did not say) that it may send: only its own (a node speaks for
+// nobody else, so one faulty or hostile node cannot rewrite the others'
+// sessions, and a takeover or a dead node's orphans are settled by their
+// own entries' epochs), each within the caps (checkEntry, MaxEntryBytes).
+// One bad entry costs only itself.
+func (c *Cluster) accept(from string, inc int64, in []Entry) []Entry {
+	out := in[:0]
+	for i := range in {
+		e := in[i]
+		if e.Owner != from || (inc != 0 && e.OwnerInc != inc) {
+			c.dropped(dropNotOwner)
+			continue
+		}
+		if err := checkEntry(&e); err != nil {
+			c.dropped(dropReason(err))
+			continue
+		}
+		if b, err := Marshal(e); err != nil || len(b) > MaxEntryBytes {
+			c.dropped(dropTooLarge)
+			continue
+		}
+		e.orphaned, e.orphanUntil = false, 0
+		out = append(out, e)
+	}
+	return out
+}
+
+// sender checks the node a message says it comes from: a name, and not
+// this node (it never gossips to itself).
+func (c *Cluster) sender(from string) error {
+	if from == "" || len(from) > MaxEntryIDLen {
+		return errors.New("message without a valid sender")
+	}
+	if from == c.opts.Name {
+		return errors.New("message claims to come from this node")
+	}
+	return nil
+}
+
+// validCommand checks a command from another node: a hook with a status
+// and no other source, for a presence this node owns.
+func (c *Cluster) validCommand(cmd *Command) error {
+	if cmd.Kind != "hook" {
+		return fmt.Errorf("unknown command kind %q", truncate(cmd.Kind, 32))
+	}
+	if err := c.sender(cmd.From); err != nil {
+		return err
+	}
+	if cmd.PresenceID == "" || len(cmd.PresenceID) > MaxEntryIDLen || protocol.CheckText(cmd.PresenceID, 0) != nil {
+		return errors.New("command without a valid presence id")
+	}
+	if !protocol.ValidStatus(cmd.Status) || (cmd.Source != "" && cmd.Source != protocol.SourceHook) {
+		return fmt.Errorf("hook command with status %q source %q", truncate(cmd.Status, 16), truncate(cmd.Source, 16))
+	}
+	if !c.replica.Owns(cmd.PresenceID) {
+		return errors.New("command for a presence this node does not own")
+	}
+	return nil
+}
+
 // delegate adapts memberlist's Delegate to the cluster.
 type delegate struct{ c *Cluster }
 
@@ -434,16 +550,22 @@ func (d *delegate) NotifyMsg(b []byte) {
 			d.c.invalid("deltas", err)
 			return
 		}
-		entries, err := validEntries(m.Entries)
-		if err != nil {
+		if err := d.c.sender(m.From); err != nil {
 			d.c.invalid("deltas", err)
 			return
 		}
-		d.c.replica.Apply(entries)
+		d.c.replica.Apply(d.c.accept(m.From, m.Inc, m.Entries))
 	case msgCommand:
 		var cmd Command
 		if err := json.Unmarshal(b[1:], &cmd); err != nil {
 			d.c.invalid("command", err)
+			return
+		}
+		if err := d.c.validCommand(&cmd); err != nil {
+			d.c.logger.Warn("dropped cluster command", "from", truncate(cmd.From, 64), "err", err)
+			if d.c.opts.OnCommandDropped != nil {
+				d.c.opts.OnCommandDropped()
+			}
 			return
 		}
 		select {
@@ -462,35 +584,37 @@ func (d *delegate) NotifyMsg(b []byte) {
 // change it makes afterwards would lose to older entries.
 const maxLamport = 1 << 62
 
-// validEntries rejects entries that cannot be stored safely.
-func validEntries(in []Entry) ([]Entry, error) {
-	for i := range in {
-		e := &in[i]
-		if e.PresenceID == "" || e.Owner == "" || e.MeshID == "" || e.MemberID == "" {
-			return nil, errors.New("entry without id, owner, mesh or member")
-		}
-		if e.Epoch > maxLamport || e.Version > maxLamport {
-			return nil, fmt.Errorf("entry version %d/%d beyond any clock", e.Epoch, e.Version)
-		}
-		if e.State > Gone {
-			return nil, fmt.Errorf("entry state %d", e.State)
-		}
-		if len(e.Groups) > 256 {
-			return nil, errors.New("entry with too many groups")
-		}
-		e.orphaned, e.orphanUntil = false, 0
-	}
-	return in, nil
-}
-
 func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
 
+// LocalState is this node's own present entries (OwnSnapshot): what it
+// says of other nodes' sessions is theirs to say.
 func (d *delegate) LocalState(join bool) []byte {
-	clock, entries := d.c.replica.Snapshot()
-	for i := range entries {
-		entries[i] = wireEntry(entries[i])
+	clock, entries := d.c.replica.OwnSnapshot()
+	m := stateMsg{From: d.c.opts.Name, Inc: d.c.opts.Incarnation, Clock: clock, Entries: entries}
+	b, _ := Marshal(m)
+	if len(b) > stateMaxBytes {
+		// Memberlist would refuse the whole state, and no node could join
+		// this one. Send what fits; deltas carry the rest.
+		size, keep := 256, 0
+		for keep < len(entries) {
+			e, _ := Marshal(entries[keep])
+			if size+len(e)+1 > stateMaxBytes {
+				break
+			}
+			size += len(e) + 1
+			keep++
+		}
+		m.Entries, m.Partial = entries[:keep], true
+		b, _ = Marshal(m)
 	}
-	b, _ := json.Marshal(stateMsg{From: d.c.opts.Name, Inc: d.c.opts.Incarnation, Clock: clock, Entries: entries})
+	warn := len(b) > stateWarnAt
+	if warn {
+		d.c.logger.Warn("gossip state near memberlist's limit: nodes may fail to join",
+			"bytes", len(b), "limit", memberlistStateLimit, "entries", len(entries), "partial", m.Partial)
+	}
+	if d.c.opts.OnState != nil {
+		d.c.opts.OnState(len(b), warn)
+	}
 	return b
 }
 
@@ -503,9 +627,19 @@ func (d *delegate) MergeRemoteState(buf []byte, join bool) {
 		d.c.invalid("state", err)
 		return
 	}
-	entries, err := validEntries(m.Entries)
-	if err != nil {
+	if err := d.c.sender(m.From); err != nil {
 		d.c.invalid("state", err)
+		return
+	}
+	if m.Inc == 0 || m.Clock > maxLamport {
+		d.c.invalid("state", errors.New("state without incarnation or with a clock beyond any"))
+		return
+	}
+	entries := d.c.accept(m.From, m.Inc, m.Entries)
+	if m.Partial || len(entries) < len(m.Entries) {
+		// Entries it did not list (or that were refused) may still be
+		// there: only add, delete nothing.
+		d.c.replica.Apply(entries)
 		return
 	}
 	d.c.replica.MergeSnapshot(m.From, m.Inc, m.Clock, entries)
@@ -537,17 +671,35 @@ func (c *Cluster) nodeUp(n *memberlist.Node) {
 	c.replica.NodeAlive(n.Name, meta.Inc)
 	c.mu.Lock()
 	p, ok := c.peers[n.Name]
+	sync := false
 	if !ok && !c.closed {
-		p = &peer{node: copyNode(n), pending: map[string]Entry{}, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+		p = &peer{node: copyNode(n), inc: meta.Inc, pending: map[string]Entry{}, wake: make(chan struct{}, 1), stop: make(chan struct{})}
 		c.peers[n.Name] = p
 		c.wg.Add(1)
 		go c.sendLoop(p)
+		sync = true
 	} else if ok {
 		p.mu.Lock()
 		p.node = copyNode(n)
 		p.mu.Unlock()
+		sync = p.inc != meta.Inc // restarted under the same name
+		p.inc = meta.Inc
 	}
 	c.mu.Unlock()
+	if sync {
+		// A node learns each node's sessions from that node only (accept):
+		// send it ours now rather than at the next random push-pull.
+		own := c.replica.Own()
+		p.mu.Lock()
+		for _, e := range own {
+			p.pending[e.PresenceID] = wireEntry(e)
+		}
+		p.mu.Unlock()
+		select {
+		case p.wake <- struct{}{}:
+		default:
+		}
+	}
 	if !ok {
 		c.logger.Info("cluster node joined", "peer", n.Name, "addr", n.Address())
 	}
@@ -575,8 +727,13 @@ func (c *Cluster) nodeDown(n *memberlist.Node) {
 	}
 }
 
-// logWriter sends memberlist's log lines to slog at their level.
-type logWriter struct{ logger *slog.Logger }
+// logWriter sends memberlist's log lines to slog at their level, and
+// counts the streams and packets memberlist refused: it has no other
+// signal for them.
+type logWriter struct {
+	logger    *slog.Logger
+	onRefused func()
+}
 
 func (w *logWriter) Write(p []byte) (int, error) {
 	line := string(bytes.TrimSpace(p))
@@ -588,6 +745,12 @@ func (w *logWriter) Write(p []byte) (int, error) {
 		level = slog.LevelWarn
 	case strings.Contains(line, "[ERR]"):
 		level = slog.LevelError
+		// memberlist v0.7.0's texts for a stream it could not read
+		// (undecryptable, unencrypted while a key is set, garbage) and a
+		// packet it could not decrypt.
+		if w.onRefused != nil && (strings.Contains(line, "memberlist: failed to receive:") || strings.Contains(line, "Decrypt packet failed")) {
+			w.onRefused()
+		}
 	}
 	w.logger.Log(context.Background(), level, "memberlist", "msg", line)
 	return len(p), nil

@@ -31,8 +31,8 @@ func (s State) String() string {
 	return "gone"
 }
 
-// Entry is one session's presence. Field tags are short because entries
-// travel in gossip packets.
+// Entry is one session's presence. Field tags are short, and empty fields
+// left out, because entries travel in gossip packets.
 type Entry struct {
 	PresenceID string `json:"id"`
 	Owner      string `json:"o"`  // node name hosting the socket
@@ -43,23 +43,23 @@ type Entry struct {
 	// epoch. Both come from the owner's Lamport clock.
 	Epoch   uint64 `json:"e"`
 	Version uint64 `json:"v"`
-	ConnID  string `json:"c"` // the connection; leases carry it
+	ConnID  string `json:"c,omitempty"` // the connection; leases carry it
 
 	MeshID      string `json:"m"`
 	MemberID    string `json:"mb"`
-	Pubkey      string `json:"pk"`
-	DisplayName string `json:"dn"`
-	SessionID   string `json:"s"`
-	PID         int64  `json:"pid"`
-	Cwd         string `json:"cwd"`
+	Pubkey      string `json:"pk,omitempty"`
+	DisplayName string `json:"dn,omitempty"`
+	SessionID   string `json:"s,omitempty"`
+	PID         int64  `json:"pid,omitempty"`
+	Cwd         string `json:"cwd,omitempty"`
 	Hostname    string `json:"h,omitempty"`
 
-	Status          string   `json:"st"`
-	StatusSource    string   `json:"ss"`
-	StatusUpdatedAt int64    `json:"su"` // unix ms
+	Status          string   `json:"st,omitempty"`
+	StatusSource    string   `json:"ss,omitempty"`
+	StatusUpdatedAt int64    `json:"su,omitempty"` // unix ms
 	Summary         string   `json:"sm,omitempty"`
 	Groups          []string `json:"g,omitempty"`
-	ConnectedAt     int64    `json:"ca"` // unix ms
+	ConnectedAt     int64    `json:"ca,omitempty"` // unix ms
 
 	// Ephemeral sessions (CLI commands) are hidden from peers.
 	Ephemeral bool `json:"eph,omitempty"`

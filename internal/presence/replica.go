@@ -36,11 +36,23 @@ type Replica struct {
 
 	onChange func([]Change) // called without the lock held
 	onOwn    func([]Entry)  // own entries to replicate; called without the lock
+
+	// maxPerMember bounds the present entries one owner holds for one
+	// member (0: no bound); onDrop counts entries refused by it. Set
+	// before use.
+	maxPerMember int
+	onDrop       func(reason string)
 }
 
 // tombstoneTTL is how long a deleted entry is remembered, so that stale
 // copies arriving through anti-entropy cannot resurrect it.
 const tombstoneTTL = 10 * time.Minute
+
+// maxTombstones bounds the tombstones kept (about 200 bytes each). Churn
+// beyond it forgets the oldest early: a stale copy of one could then come
+// back until its owner's next push-pull, which lists only present entries,
+// deletes it again.
+const maxTombstones = 50000
 
 // NewReplica creates a replica for node self with incarnation inc.
 func NewReplica(self string, inc int64, grace time.Duration) *Replica {
@@ -62,6 +74,14 @@ func (r *Replica) Self() string { return r.self }
 
 // Incarnation is the owning node's incarnation.
 func (r *Replica) Incarnation() int64 { return r.inc }
+
+// SetLimits bounds the present entries one node may hold for one member
+// (MAX_SESSIONS_PER_MEMBER: every owner enforces it on its own hellos, so
+// only a faulty or hostile node sends more); onDrop is called for each
+// entry refused. Call before use.
+func (r *Replica) SetLimits(maxPerMember int, onDrop func(reason string)) {
+	r.maxPerMember, r.onDrop = maxPerMember, onDrop
+}
 
 // SetObservers sets the change callback and the callback that receives the
 // node's own changed entries for replication. Call before use.
@@ -106,7 +126,8 @@ func (r *Replica) account(e *Entry, d int) {
 }
 
 // put stores e (replacing any entry with its id) and maintains indexes and
-// counters. Callers hold the write lock.
+// counters; a tombstone is stored stripped (tombstone), e itself is left
+// whole for observers. Callers hold the write lock.
 func (r *Replica) put(e *Entry) *Entry {
 	prev := r.entries[e.PresenceID]
 	if prev != nil {
@@ -118,14 +139,18 @@ func (r *Replica) put(e *Entry) *Entry {
 		delIdx(r.byMesh, prev.MeshID, prev.PresenceID)
 		delIdx(r.byMember, prev.MemberID, prev.PresenceID)
 	}
-	r.entries[e.PresenceID] = e
 	if e.Present() {
+		r.entries[e.PresenceID] = e
 		delete(r.goneAt, e.PresenceID)
 		addIdx(r.bySess, e.sessKey(), e)
 		addIdx(r.byMesh, e.MeshID, e)
 		addIdx(r.byMember, e.MemberID, e)
-	} else if _, ok := r.goneAt[e.PresenceID]; !ok {
-		r.goneAt[e.PresenceID] = r.now().UnixMilli()
+	} else {
+		t := tombstone(*e)
+		r.entries[e.PresenceID] = &t
+		if _, ok := r.goneAt[e.PresenceID]; !ok {
+			r.goneAt[e.PresenceID] = r.now().UnixMilli()
+		}
 	}
 	if prev != nil && !prev.Present() {
 		prev = nil // a tombstone is "not present" for observers
@@ -169,6 +194,7 @@ func (r *Replica) notify(changes []Change, own []Entry) {
 // version this node has seen, so a takeover of an existing presence id
 // wins over the previous owner's entry.
 func (r *Replica) Create(e Entry) Entry {
+	bound(&e)
 	r.mu.Lock()
 	r.clock++
 	e.Owner, e.OwnerInc = r.self, r.inc
@@ -202,6 +228,7 @@ func (r *Replica) Update(id string, fn func(*Entry) bool) (Entry, bool) {
 		r.mu.Unlock()
 		return next, false
 	}
+	bound(&next)
 	r.clock++
 	next.Version = r.clock
 	prev := r.put(&next)
@@ -212,12 +239,20 @@ func (r *Replica) Update(id string, fn func(*Entry) bool) (Entry, bool) {
 }
 
 // Disconnect moves this node's entry to grace if connID still owns it (the
-// session was not taken over by a newer connection).
+// session was not taken over by a newer connection). An ephemeral
+// session (a CLI command, with a fresh session id each time) goes at once:
+// nobody reattaches to it, and a grace entry per command would let one
+// member's scripted commands fill every node's replica and its own
+// MAX_SESSIONS_PER_MEMBER.
 func (r *Replica) Disconnect(id, connID string) (Entry, bool) {
 	until := r.now().Add(r.grace).UnixMilli()
 	return r.Update(id, func(e *Entry) bool {
 		if e.ConnID != connID || e.State != Live {
 			return false
+		}
+		if e.Ephemeral {
+			e.State = Gone
+			return true
 		}
 		e.State, e.GraceUntil = Grace, until
 		return true
@@ -239,6 +274,7 @@ func (r *Replica) Remove(id string) (Entry, bool) {
 func (r *Replica) Apply(in []Entry) {
 	var changes []Change
 	var own []Entry
+	var dropped []string
 	r.mu.Lock()
 	for i := range in {
 		e := in[i]
@@ -257,6 +293,10 @@ func (r *Replica) Apply(in []Entry) {
 		if cur != nil && !e.newer(cur) {
 			continue
 		}
+		if e.Present() && r.maxPerMember > 0 && r.ownerHolds(e.Owner, e.OwnerInc, e.MemberID, e.PresenceID) >= r.maxPerMember {
+			dropped = append(dropped, dropOverCap)
+			continue
+		}
 		r.markOrphan(&e)
 		stored := e
 		prev := r.put(&stored)
@@ -264,10 +304,33 @@ func (r *Replica) Apply(in []Entry) {
 			continue // a tombstone for something we never saw
 		}
 		out := stored
+		if !out.Present() && prev != nil {
+			// Tombstones travel stripped: observers see the session that
+			// left, as it was.
+			out = *prev
+			out.State, out.Epoch, out.Version, out.GraceUntil = Gone, stored.Epoch, stored.Version, 0
+		}
 		changes = append(changes, Change{Prev: prev, Cur: &out})
 	}
 	r.mu.Unlock()
+	for _, reason := range dropped {
+		if r.onDrop != nil {
+			r.onDrop(reason)
+		}
+	}
 	r.notify(changes, own)
+}
+
+// ownerHolds counts the present entries of member held by one node
+// incarnation, other than id. Callers hold the lock.
+func (r *Replica) ownerHolds(owner string, inc int64, member, id string) int {
+	n := 0
+	for _, x := range r.byMember[member] {
+		if x.Owner == owner && x.OwnerInc == inc && x.PresenceID != id {
+			n++
+		}
+	}
+	return n
 }
 
 // Snapshot returns the Lamport clock and every entry (tombstones included)
@@ -355,6 +418,11 @@ func (r *Replica) NodeDead(name string) {
 		before := *e
 		r.account(e, -1)
 		r.markOrphan(e)
+		if e.Ephemeral {
+			// Nobody reattaches to a one-shot command: it should not hold
+			// a place in MAX_SESSIONS_PER_MEMBER for the grace period.
+			e.orphanUntil = r.now().UnixMilli()
+		}
 		r.account(e, 1)
 		cur := *e
 		changes = append(changes, Change{Prev: &before, Cur: &cur})
@@ -371,6 +439,9 @@ func (r *Replica) Expire() {
 	var changes []Change
 	var own []Entry
 	r.mu.Lock()
+	if len(r.goneAt) > maxTombstones {
+		r.forgetOldestTombstones(len(r.goneAt) - maxTombstones*9/10)
+	}
 	for id, e := range r.entries {
 		if !e.Present() {
 			if now-r.goneAt[id] > tombstoneTTL.Milliseconds() {
@@ -396,6 +467,55 @@ func (r *Replica) Expire() {
 	}
 	r.mu.Unlock()
 	r.notify(changes, own)
+}
+
+// forgetOldestTombstones drops the n oldest tombstones. Callers hold the
+// write lock.
+func (r *Replica) forgetOldestTombstones(n int) {
+	type aged struct {
+		id string
+		at int64
+	}
+	all := make([]aged, 0, len(r.goneAt))
+	for id, at := range r.goneAt {
+		all = append(all, aged{id, at})
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].at < all[j].at })
+	for _, a := range all[:min(n, len(all))] {
+		delete(r.entries, a.id)
+		delete(r.goneAt, a.id)
+	}
+}
+
+// MemberSessions counts a member's present sessions cluster-wide: live and
+// in grace, ephemeral ones included (MAX_SESSIONS_PER_MEMBER).
+func (r *Replica) MemberSessions(member string) int {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return len(r.byMember[member])
+}
+
+// Owns reports whether this node incarnation owns the present entry id.
+func (r *Replica) Owns(id string) bool {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	e := r.entries[id]
+	return e != nil && e.Present() && e.Owner == r.self && e.OwnerInc == r.inc
+}
+
+// OwnSnapshot returns the Lamport clock and this node's present entries:
+// the state it sends in a push-pull. Every node speaks only for its own
+// entries, and an entry it no longer lists is one it deleted.
+func (r *Replica) OwnSnapshot() (uint64, []Entry) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var out []Entry
+	for _, e := range r.entries {
+		if e.Owner == r.self && e.OwnerInc == r.inc && e.Present() {
+			out = append(out, *e)
+		}
+	}
+	return r.clock, out
 }
 
 // Get returns an entry by presence id (tombstones excluded).

@@ -1,6 +1,10 @@
 package relay
 
 import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -35,19 +39,24 @@ type Envelope struct {
 	CreatedAt time.Time `json:"-"`
 }
 
-// envelopeVersion starts every envelope payload.
-const envelopeVersion = "e1"
+// envelopeVersion starts every envelope payload. e2 added the seal; a
+// node of the e1 era reads e2 as a malformed wake-up, and its rows are
+// claimed instead.
+const envelopeVersion = "e2"
 
-// envelopeIDRoom is the room left in a payload for the message id and the
-// commit time that Postgres writes between prefix and suffix.
-const envelopeIDRoom = 48
+// envelopeIDRoom is the room left in a payload for what Postgres writes
+// between prefix and suffix: the message id, the commit time and the seal.
+const envelopeIDRoom = 48 + 1 + sha256.Size*2
 
 // EnvelopePrefix and EnvelopeSuffix are the two halves of an envelope
 // payload. The statement that inserts the row notifies
 //
-//	prefix || <message id> || ' ' || <created_at in unix microseconds> || suffix
+//	head || ' ' || seal || suffix
+//	head = prefix || <message id> || ' ' || <created_at in unix microseconds>
+//	seal = hex(HMAC-SHA256(key, head || ' ' || hex(SHA-256(suffix))))
 //
-// so the payload carries what only the insert knows.
+// so the payload carries what only the insert knows, sealed (see
+// EnvelopeKey) by a key other database roles do not have.
 func EnvelopePrefix(sentAt time.Time) string {
 	return envelopeVersion + " " + strconv.FormatInt(sentAt.UnixMicro(), 10) + " "
 }
@@ -55,28 +64,110 @@ func EnvelopePrefix(sentAt time.Time) string {
 // EnvelopeSuffix renders the envelope's fields. ok is false when the payload
 // would not fit under MaxPayload (the row then takes the claim path).
 func EnvelopeSuffix(prefix string, e *Envelope) (suffix string, ok bool) {
-	b, err := json.Marshal(e)
-	if err != nil {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // <, > and & as themselves: six times less room than escaped
+	if err := enc.Encode(e); err != nil {
 		return "", false
 	}
-	suffix = "\n" + string(b)
+	suffix = "\n" + strings.TrimSuffix(buf.String(), "\n")
 	return suffix, len(prefix)+envelopeIDRoom+len(suffix) <= MaxPayload
 }
+
+// EnvelopeKey seals and checks envelope notifications. Any role that can
+// connect to the database may NOTIFY on any channel, and an envelope makes
+// its node push a row to a session without reading it from Postgres: an
+// unsealed one would let such a role push any text, as any sender, under
+// the id of a real message that is then marked delivered and lost. The
+// seal covers everything in the payload, the message id and commit time
+// included, so it is computed by Postgres in the insert statement
+// (store.SetEnvelopeKey) from the key's HMAC pads, in the same round trip;
+// the node checks it before anything else. A replayed envelope is one
+// whose row was pushed already (the engine's taken set), or too old to
+// trust (LEASE_DURATION/2), and takes the claim path.
+type EnvelopeKey struct {
+	key []byte
+}
+
+// NewEnvelopeKey makes a key from secret bytes (at least 32).
+func NewEnvelopeKey(secret []byte) (*EnvelopeKey, error) {
+	if len(secret) < 32 {
+		return nil, errors.New("relay: envelope key shorter than 32 bytes")
+	}
+	return &EnvelopeKey{key: append([]byte(nil), secret...)}, nil
+}
+
+// DeriveEnvelopeKey derives the envelope key from CLUSTER_SECRET, apart
+// from the gossip key (SHA-256 of the secret): nodes that share the secret
+// share the key, and nothing in the database reveals it.
+func DeriveEnvelopeKey(clusterSecret string) []byte {
+	m := hmac.New(sha256.New, []byte(clusterSecret))
+	m.Write([]byte("claudemesh relay envelope key v1"))
+	return m.Sum(nil)
+}
+
+// Pads returns HMAC-SHA256's inner and outer keys (key XOR ipad, key XOR
+// opad, one block each), with which Postgres computes the seal using only
+// its built-in sha256(): sha256(outer || sha256(inner || message)).
+func (k *EnvelopeKey) Pads() (inner, outer []byte) {
+	block := make([]byte, sha256.BlockSize)
+	key := k.key
+	if len(key) > sha256.BlockSize {
+		sum := sha256.Sum256(key)
+		key = sum[:]
+	}
+	copy(block, key)
+	inner, outer = make([]byte, len(block)), make([]byte, len(block))
+	for i, b := range block {
+		inner[i], outer[i] = b^0x36, b^0x5c
+	}
+	return inner, outer
+}
+
+// Seal computes the seal of an envelope (for tests and tools; nodes let
+// Postgres do it).
+func (k *EnvelopeKey) Seal(head, suffix string) string {
+	return hex.EncodeToString(k.seal(head, suffix))
+}
+
+func (k *EnvelopeKey) seal(head, suffix string) []byte {
+	digest := sha256.Sum256([]byte(suffix))
+	m := hmac.New(sha256.New, k.key)
+	m.Write([]byte(head))
+	m.Write([]byte{' '})
+	m.Write([]byte(hex.EncodeToString(digest[:])))
+	return m.Sum(nil)
+}
+
+// ErrBadSeal is returned for an envelope not sealed with the node's key:
+// forged, or from a node with another CLUSTER_SECRET.
+var ErrBadSeal = errors.New("relay: envelope seal does not match")
 
 // IsEnvelope reports whether a mesh-channel payload is an envelope.
 func IsEnvelope(payload string) bool {
 	return strings.HasPrefix(payload, envelopeVersion+" ")
 }
 
-// DecodeEnvelope parses an envelope payload as notified by Postgres.
-func DecodeEnvelope(payload string) (sentAt time.Time, e Envelope, err error) {
-	head, body, ok := strings.Cut(payload, "\n")
+// DecodeEnvelope checks the seal of an envelope payload as notified by
+// Postgres (ErrBadSeal) and parses it.
+func DecodeEnvelope(payload string, key *EnvelopeKey) (sentAt time.Time, e Envelope, err error) {
+	if len(payload) > maxNotifyPayload {
+		return sentAt, e, errors.New("relay: envelope longer than a notification can be")
+	}
+	line, body, ok := strings.Cut(payload, "\n")
 	if !ok {
 		return sentAt, e, errors.New("relay: envelope without body")
 	}
-	f := strings.Fields(head)
-	if len(f) != 4 || f[0] != envelopeVersion {
+	f := strings.Split(line, " ")
+	if len(f) != 5 || f[0] != envelopeVersion {
 		return sentAt, e, errors.New("relay: malformed envelope header")
+	}
+	seal, err := hex.DecodeString(f[4])
+	if err != nil || len(seal) != sha256.Size {
+		return sentAt, e, errors.New("relay: malformed envelope seal")
+	}
+	if !hmac.Equal(seal, key.seal(strings.Join(f[:4], " "), "\n"+body)) {
+		return sentAt, e, ErrBadSeal
 	}
 	var n [3]int64
 	for i := range n {

@@ -18,11 +18,14 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgxlisten"
+
+	"github.com/claudemesh/broker/internal/protocol"
 )
 
 // Channels is the number of mesh channels. Every node must agree on it.
@@ -30,6 +33,13 @@ const Channels = 16
 
 // MaxPayload keeps NOTIFY payloads under Postgres' 8000-byte limit.
 const MaxPayload = 7000
+
+// maxNotifyPayload is Postgres' own limit: anything longer is not a
+// notification Postgres delivered.
+const maxNotifyPayload = 8000
+
+// maxIDLen bounds the mesh and member ids of a wake-up (protocol.MaxIDLen).
+const maxIDLen = protocol.MaxIDLen
 
 // ChannelFor names the channel of a mesh.
 func ChannelFor(meshID string) string {
@@ -100,33 +110,58 @@ func Encode(sentAt time.Time, wakes []Wake) []string {
 	return out
 }
 
-// Decode parses a payload made by Encode.
-func Decode(payload string) (time.Time, []Wake, error) {
+// Decode parses a payload made by Encode. Wake-ups are unauthenticated
+// (any database role may NOTIFY): they only make a node claim, which
+// reads the truth from Postgres, so they are checked for shape and size
+// only. A malformed line is skipped (and counted in skipped) without
+// losing the others; err is for a payload that is not a wake-up at all.
+func Decode(payload string) (sentAt time.Time, wakes []Wake, skipped int, err error) {
+	if len(payload) > maxNotifyPayload {
+		return time.Time{}, nil, 0, errors.New("relay: payload longer than a notification can be")
+	}
 	lines := strings.Split(payload, "\n")
 	head := strings.Fields(lines[0])
 	if len(head) != 2 || head[0] != "v1" {
-		return time.Time{}, nil, errors.New("relay: unknown payload version")
+		return time.Time{}, nil, 0, errors.New("relay: unknown payload version")
 	}
 	us, err := strconv.ParseInt(head[1], 10, 64)
 	if err != nil {
-		return time.Time{}, nil, fmt.Errorf("relay: bad timestamp: %w", err)
+		return time.Time{}, nil, 0, fmt.Errorf("relay: bad timestamp: %w", err)
 	}
-	var wakes []Wake
 	for _, line := range lines[1:] {
-		mesh, members, ok := strings.Cut(line, "\t")
-		if !ok || mesh == "" {
-			return time.Time{}, nil, errors.New("relay: malformed line")
-		}
-		w := Wake{MeshID: mesh}
-		if members == "*" {
-			w.All = true
-		} else if members != "" {
-			w.Members = strings.Split(members, ",")
+		w, ok := decodeLine(line)
+		if !ok {
+			skipped++
+			continue
 		}
 		wakes = append(wakes, w)
 	}
-	return time.UnixMicro(us), wakes, nil
+	return time.UnixMicro(us), wakes, skipped, nil
 }
+
+// decodeLine parses "meshId\tm1,m2" or "meshId\t*".
+func decodeLine(line string) (Wake, bool) {
+	mesh, members, ok := strings.Cut(line, "\t")
+	if !ok || !validID(mesh) {
+		return Wake{}, false
+	}
+	w := Wake{MeshID: mesh}
+	switch members {
+	case "*":
+		w.All = true
+	case "":
+	default:
+		w.Members = strings.Split(members, ",")
+		for _, m := range w.Members {
+			if !validID(m) {
+				return Wake{}, false
+			}
+		}
+	}
+	return w, true
+}
+
+func validID(s string) bool { return s != "" && protocol.CheckText(s, maxIDLen) == nil }
 
 // Notifications turns mesh → member wake-ups into NOTIFY channels and
 // payloads (parallel slices), for a statement that notifies as it commits.
@@ -280,8 +315,13 @@ type Handlers struct {
 	Wake func(sentAt time.Time, w Wake)
 	// Envelope is called for a row carried whole (the remote fast path).
 	Envelope func(sentAt time.Time, e Envelope)
-	// MemberChange is called with a member-channel payload.
+	// MemberChange is called with a member-channel payload (unchecked:
+	// the receiver validates it).
 	MemberChange func(payload string)
+	// Rejected is called for each notification, or line of one, refused:
+	// "bad_seal" for an envelope not sealed with the key, "malformed" for
+	// anything that does not parse.
+	Rejected func(reason string)
 	// Listening is called after every (re)LISTEN, before notifications
 	// flow: the node re-scans for anything it may have missed.
 	Listening func()
@@ -294,9 +334,9 @@ type Listener struct {
 }
 
 // NewListener prepares a listener on the mesh channels, memberChannel and
-// nodeChannel (this node's envelopes). connect must return a dedicated
-// connection (not from the pool).
-func NewListener(connect func(ctx context.Context) (*pgx.Conn, error), memberChannel, nodeChannel string, h Handlers, logger *slog.Logger) *Listener {
+// nodeChannel (this node's envelopes, checked with key). connect must
+// return a dedicated connection (not from the pool).
+func NewListener(connect func(ctx context.Context) (*pgx.Conn, error), memberChannel, nodeChannel string, key *EnvelopeKey, h Handlers, logger *slog.Logger) *Listener {
 	l := &pgxlisten.Listener{
 		Connect: connect,
 		LogError: func(ctx context.Context, err error) {
@@ -306,18 +346,40 @@ func NewListener(connect func(ctx context.Context) (*pgx.Conn, error), memberCha
 		},
 		ReconnectDelay: time.Second,
 	}
+	// Refused notifications are counted, and logged at most once a
+	// minute: any database role can send them, as fast as it likes.
+	var lastLog atomic.Int64
+	reject := func(n *pgconn.Notification, reason string, err error) {
+		if h.Rejected != nil {
+			h.Rejected(reason)
+		}
+		if now := time.Now().UnixNano(); now-lastLog.Load() > int64(time.Minute) {
+			lastLog.Store(now)
+			logger.Warn("relay notification refused", "channel", n.Channel, "backend_pid", n.PID, "reason", reason, "err", err)
+		}
+	}
 	mesh := func(ctx context.Context, n *pgconn.Notification, _ *pgx.Conn) error {
 		if IsEnvelope(n.Payload) {
-			sentAt, e, err := DecodeEnvelope(n.Payload)
-			if err != nil {
-				return err
+			sentAt, e, err := DecodeEnvelope(n.Payload, key)
+			switch {
+			case errors.Is(err, ErrBadSeal):
+				// Its row, if there is one, is leased to this node and
+				// taken by the next claim or sweep.
+				reject(n, "bad_seal", err)
+			case err != nil:
+				reject(n, "malformed", err)
+			default:
+				h.Envelope(sentAt, e)
 			}
-			h.Envelope(sentAt, e)
 			return nil
 		}
-		sentAt, wakes, err := Decode(n.Payload)
+		sentAt, wakes, skipped, err := Decode(n.Payload)
 		if err != nil {
-			return err
+			reject(n, "malformed", err)
+			return nil
+		}
+		for range skipped {
+			reject(n, "malformed", errors.New("relay: malformed wake-up line"))
 		}
 		for _, w := range wakes {
 			h.Wake(sentAt, w)

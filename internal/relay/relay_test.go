@@ -1,11 +1,16 @@
 package relay_test
 
 import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/relay"
 )
 
@@ -22,8 +27,8 @@ func TestEncodeDecode(t *testing.T) {
 		if len(p) > relay.MaxPayload {
 			t.Fatalf("payload of %d bytes exceeds %d", len(p), relay.MaxPayload)
 		}
-		at, w, err := relay.Decode(p)
-		if err != nil || !at.Equal(now) {
+		at, w, skipped, err := relay.Decode(p)
+		if err != nil || skipped != 0 || !at.Equal(now) {
 			t.Fatalf("decode: %v %v", err, at)
 		}
 		got = append(got, w...)
@@ -53,13 +58,18 @@ func FuzzDecode(f *testing.F) {
 	f.Add("v2 x")
 	f.Add("")
 	f.Fuzz(func(t *testing.T, p string) {
-		_, wakes, err := relay.Decode(p)
+		_, wakes, _, err := relay.Decode(p)
 		if err != nil {
 			return
 		}
 		for _, w := range wakes {
-			if w.MeshID == "" {
-				t.Fatalf("accepted an empty mesh id")
+			if protocol.CheckText(w.MeshID, protocol.MaxIDLen) != nil || w.MeshID == "" {
+				t.Fatalf("accepted mesh id %q", w.MeshID)
+			}
+			for _, m := range w.Members {
+				if protocol.CheckText(m, protocol.MaxIDLen) != nil || m == "" {
+					t.Fatalf("accepted member id %q", m)
+				}
 			}
 		}
 	})
@@ -73,7 +83,7 @@ func TestNotifications(t *testing.T) {
 	}
 	got := map[string][]string{}
 	for i, p := range pl {
-		_, wakes, err := relay.Decode(p)
+		_, wakes, _, err := relay.Decode(p)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -104,11 +114,13 @@ func TestEnvelopeRoundTrip(t *testing.T) {
 		t.Fatal("a small envelope does not fit")
 	}
 	// What the insert statement notifies.
-	payload := prefix + "9223372036854775807" + " " + fmt.Sprint(created.UnixMicro()) + suffix
+	key := testKey(t)
+	head := prefix + "9223372036854775807" + " " + fmt.Sprint(created.UnixMicro())
+	payload := head + " " + key.Seal(head, suffix) + suffix
 	if !relay.IsEnvelope(payload) || relay.IsEnvelope("v1 1\nm\t*") {
 		t.Fatal("IsEnvelope")
 	}
-	at, got, err := relay.DecodeEnvelope(payload)
+	at, got, err := relay.DecodeEnvelope(payload, key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,20 +135,110 @@ func TestEnvelopeRoundTrip(t *testing.T) {
 	if _, ok := relay.EnvelopeSuffix(prefix, &big); ok {
 		t.Fatal("an envelope over MaxPayload fits")
 	}
-	for _, bad := range []string{"e1 1 2 3", "e1 1 2\n{}", "e1 1 x 3\n{}", "e1 1 2 3\n{", "e1 1 0 3\n" + suffix[1:], "e1 1 2 3\n{\"n\":\"a\"}"} {
-		if _, _, err := relay.DecodeEnvelope(bad); err == nil {
+	sealed := func(head, body string) string { return head + " " + key.Seal(head, "\n"+body) + "\n" + body }
+	for _, bad := range []string{"e2 1 2 3", "e2 1 2\n{}", sealed("e2 1 x 3", "{}"), sealed("e2 1 2 3", "{"),
+		sealed("e2 1 0 3", suffix[1:]), sealed("e2 1 2 3", `{"n":"a"}`), "e2 1 2 3 zz\n{}", payload + strings.Repeat(" ", 8000)} {
+		if _, _, err := relay.DecodeEnvelope(bad, key); err == nil {
 			t.Errorf("DecodeEnvelope(%q) accepted", bad)
 		}
 	}
 }
 
+func testKey(t testing.TB) *relay.EnvelopeKey {
+	t.Helper()
+	k, err := relay.NewEnvelopeKey([]byte("0123456789abcdef0123456789abcdef"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// An envelope is pushed only if its seal matches: a payload changed
+// anywhere (the message id, the commit time, the recipient, the text), one
+// sealed with another key, or with no seal at all, is refused as forged.
+func TestEnvelopeSeal(t *testing.T) {
+	key := testKey(t)
+	other, _ := relay.NewEnvelopeKey(relay.DeriveEnvelopeKey("another cluster's secret"))
+	prefix := relay.EnvelopePrefix(time.UnixMicro(1764480000123456))
+	suffix, _ := relay.EnvelopeSuffix(prefix, &relay.Envelope{Node: "n#1", Presence: "p", Conn: "c", MeshID: "m",
+		MemberID: "r", Priority: 1, SenderName: "alice", Ciphertext: "Y2lwaGVy"})
+	head := prefix + "42 1764480000120001"
+	good := head + " " + key.Seal(head, suffix) + suffix
+	if _, e, err := relay.DecodeEnvelope(good, key); err != nil || e.MessageID != 42 {
+		t.Fatalf("a sealed envelope: %+v %v", e, err)
+	}
+	for name, p := range map[string]string{
+		"other message id":  strings.Replace(good, " 42 ", " 43 ", 1),
+		"other commit time": strings.Replace(good, "120001", "120002", 1),
+		"other recipient":   strings.Replace(good, `"r":"r"`, `"r":"s"`, 1),
+		"other text":        strings.Replace(good, "Y2lwaGVy", "Zm9yZ2Vk", 1),
+		"other key":         head + " " + other.Seal(head, suffix) + suffix,
+		"no seal":           head + " " + suffix,
+		"e1 format":         strings.Replace(prefix, "e2", "e1", 1) + "42 1764480000120001" + suffix,
+	} {
+		if _, _, err := relay.DecodeEnvelope(p, key); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, _, err := relay.DecodeEnvelope(head+" "+other.Seal(head, suffix)+suffix, key); !errors.Is(err, relay.ErrBadSeal) {
+		t.Errorf("another key's seal: %v, want ErrBadSeal", err)
+	}
+}
+
+// Postgres computes the seal with sha256() from the key's pads: that is
+// HMAC-SHA256 with the key.
+func TestEnvelopeKeyPads(t *testing.T) {
+	for _, secret := range [][]byte{[]byte("0123456789abcdef0123456789abcdef"), bytes.Repeat([]byte{7}, 100)} {
+		k, err := relay.NewEnvelopeKey(secret)
+		if err != nil {
+			t.Fatal(err)
+		}
+		inner, outer := k.Pads()
+		msg := "e2 1 2 3 " + strings.Repeat("ab", 32)
+		in := sha256.Sum256(append(append([]byte(nil), inner...), msg...))
+		out := sha256.Sum256(append(append([]byte(nil), outer...), in[:]...))
+		m := hmac.New(sha256.New, secret)
+		m.Write([]byte(msg))
+		if !hmac.Equal(out[:], m.Sum(nil)) {
+			t.Fatalf("pads of a %d-byte key do not give HMAC-SHA256", len(secret))
+		}
+	}
+	if _, err := relay.NewEnvelopeKey([]byte("short")); err == nil {
+		t.Fatal("a short key accepted")
+	}
+}
+
+// A bad line of a wake-up costs only itself; ids are bounded and clean.
+func TestDecodeSkipsBadLines(t *testing.T) {
+	long := strings.Repeat("x", protocol.MaxIDLen+1)
+	p := "v1 1764480000000000\nm1\ta,b\n\tx\nm2\t*\nnotab\nm3\ta,,b\nm4\t" + long + "\n" + long + "\t*\nm5\ta\x00\nm6\t"
+	_, wakes, skipped, err := relay.Decode(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, w := range wakes {
+		got = append(got, fmt.Sprintf("%s:%v:%s", w.MeshID, w.All, strings.Join(w.Members, ",")))
+	}
+	if strings.Join(got, " ") != "m1:false:a,b m2:true: m6:false:" || skipped != 6 {
+		t.Fatalf("wakes %v, skipped %d", got, skipped)
+	}
+	if _, _, _, err := relay.Decode("v1 1\nm\t" + strings.Repeat("a,", 4001)); err == nil {
+		t.Fatal("a payload longer than Postgres allows accepted")
+	}
+}
+
 func FuzzDecodeEnvelope(f *testing.F) {
-	f.Add("e1 1764480000000000 42 1764480000000000\n{\"n\":\"a#1\",\"p\":\"p\",\"c\":\"c\",\"m\":\"m\",\"r\":\"r\",\"pr\":1}")
-	f.Add("e1 1 2 3\n{}")
-	f.Add("e1 x")
+	key := testKey(f)
+	body := "\n{\"n\":\"a#1\",\"p\":\"p\",\"c\":\"c\",\"m\":\"m\",\"r\":\"r\",\"pr\":1}"
+	head := "e2 1764480000000000 42 1764480000000000"
+	f.Add(head + " " + key.Seal(head, body) + body)
+	f.Add("e1 1764480000000000 42 1764480000000000" + body)
+	f.Add("e2 1 2 3 00\n{}")
+	f.Add("e2 x")
 	f.Add("")
 	f.Fuzz(func(t *testing.T, p string) {
-		_, e, err := relay.DecodeEnvelope(p)
+		_, e, err := relay.DecodeEnvelope(p, key)
 		if err != nil {
 			return
 		}

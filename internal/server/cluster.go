@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"encoding/json"
 	"strings"
 	"time"
 
@@ -78,8 +77,8 @@ func (s *Server) systemEvent(e *presence.Entry, event string) {
 	if len(targets) == 0 {
 		return
 	}
-	data, _ := json.Marshal(e.Event())
-	frame, _ := json.Marshal(protocol.Push{
+	data, _ := presence.Marshal(e.Event())
+	frame, _ := presence.Marshal(protocol.Push{
 		Type: protocol.TypePush, Subtype: protocol.SubtypeSystem, Event: event, MeshID: e.MeshID,
 		SenderPubkey: protocol.SystemSender, Ciphertext: "", EventData: data,
 		CreatedAt: protocol.FormatTime(time.Now()),
@@ -152,11 +151,15 @@ func (s *Server) setStatus(presenceID, status, source string) (presence.Entry, b
 	return e, changed
 }
 
-// HandleCommand runs a command another node sent to this owner.
+// HandleCommand runs a command another node sent to this owner. The
+// gossip layer has checked it (a hook with a valid status, for a presence
+// this node owns); the checks are repeated here for commands from this
+// node itself.
 func (s *Server) HandleCommand(cmd presence.Command) {
 	switch cmd.Kind {
 	case "hook":
-		if !protocol.ValidStatus(cmd.Status) {
+		if !protocol.ValidStatus(cmd.Status) || !s.replica.Owns(cmd.PresenceID) {
+			s.m.GossipCommandsDropped.Inc()
 			return
 		}
 		e, _ := s.setStatus(cmd.PresenceID, cmd.Status, protocol.SourceHook)
@@ -235,8 +238,9 @@ func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
 	if s.engine.wasTaken(key) {
 		return // a claim got here first and pushed it
 	}
-	if s.now().Sub(e.CreatedAt) > s.cfg.LeaseDuration/2 {
-		// Too late to trust the lease: let a claim decide.
+	if s.now().Sub(e.CreatedAt) > min(s.cfg.LeaseDuration, takenTTL)/2 {
+		// Too late to trust the lease (or, replayed, to tell it from a row
+		// pushed already): let a claim decide.
 		s.engine.wake([]string{e.MemberID}, reasonNotify)
 		return
 	}
@@ -268,16 +272,39 @@ func (s *Server) RelayListening() {
 }
 
 // MemberChanged handles a membership change: "meshId", or
-// "meshId|memberId|revoked".
+// "meshId|memberId|revoked". Any database role may send one, so it is a
+// hint: the mesh's member list is reloaded, and a revocation closes
+// sessions only once the database confirms it (revocations.go).
 func (s *Server) MemberChanged(payload string) {
-	parts := strings.Split(payload, "|")
-	if parts[0] == "" {
+	mesh, rest, hasMember := strings.Cut(payload, "|")
+	if !validNotifyID(mesh) {
+		s.m.RelayRejected.WithLabelValues("malformed").Inc()
 		return
 	}
-	s.members.invalidate(parts[0])
-	if len(parts) == 3 && parts[2] == "revoked" {
-		s.closeMember(parts[1], "revoked")
+	s.members.invalidate(mesh)
+	if !hasMember {
+		return
 	}
+	member, what, _ := strings.Cut(rest, "|")
+	if what != "revoked" || !validNotifyID(member) {
+		s.m.RelayRejected.WithLabelValues("malformed").Inc()
+		return
+	}
+	s.checkRevocation(member)
+}
+
+func validNotifyID(s string) bool { return s != "" && protocol.CheckText(s, protocol.MaxIDLen) == nil }
+
+// memberFull reports whether a member already has MAX_SESSIONS_PER_MEMBER
+// present sessions cluster-wide (live or in grace, ephemeral included): a
+// hello over it is rejected with capacity. A session taking over its own
+// presence (reattach or replacement) adds none.
+func (s *Server) memberFull(memberID string, reattach bool) bool {
+	n := s.replica.MemberSessions(memberID)
+	if reattach {
+		n--
+	}
+	return n >= s.cfg.MaxSessionsPerMember
 }
 
 // closeMember closes every local session of a revoked member.

@@ -463,7 +463,7 @@ func (ss *session) pushReserved(d store.Delivery, committed time.Time) bool {
 	data := protocol.AppendPush(make([]byte, 0, 400+len(d.Nonce)+len(d.Ciphertext)+len(d.SenderName)), &fields)
 	meta := &pushMeta{key: store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID},
 		committed: committed, priority: protocol.PriorityName(int(d.Priority))}
-	if ss.q.pushUpTo(frame{data: data, push: meta}, ss.q.max-ss.reserve) {
+	if ss.q.pushUpTo(frame{data: data, push: meta}, ss.q.max-ss.reserve, ss.pushByteLimit()) {
 		ss.kickWriter()
 		return true
 	}

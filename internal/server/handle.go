@@ -116,6 +116,10 @@ func (ss *session) handleHello(data []byte) {
 		ss.reject(protocol.ReasonCapacity, "")
 		return
 	}
+	if s.memberFull(member.ID, hasPrev) {
+		ss.reject(protocol.ReasonCapacity, "sessions per member")
+		return
+	}
 	res, err := s.hellos.accept(ctx, store.HelloCheck{SigHash: auth.SignatureHash(h.Signature),
 		PID: h.PID, Cwd: h.Cwd, MeshID: h.MeshID, Pubkey: pubkey})
 	if err != nil {
@@ -307,13 +311,13 @@ func (ss *session) handleGroup(data []byte, typ, reqID string) {
 	}
 }
 
+// handleListPeers answers list_peers within the session's rate (a request
+// over it waits) and in at most 1 MiB (peers.go).
 func (ss *session) handleListPeers(reqID string) {
-	entries := ss.s.replica.Live(ss.meshID)
-	peers := make([]protocol.Peer, 0, len(entries))
-	for i := range entries {
-		peers = append(peers, entries[i].Peer())
+	if !ss.allowListPeers() {
+		return // the session is closing
 	}
-	ss.queue(protocol.PeersList{Type: protocol.TypePeersList, ReqID: reqID, Peers: peers})
+	ss.queueRaw(frame{data: ss.peersListReply(reqID)})
 }
 
 func (ss *session) handleMessageStatus(data []byte, reqID string) {

@@ -22,6 +22,13 @@ type memberCache struct {
 
 	mu     sync.RWMutex
 	meshes map[string]*meshMembers
+
+	// revoking holds members named by revocation notices, waiting for the
+	// database to confirm (revocations.go). Guarded by revMu; at most one
+	// checker runs (revRunning).
+	revMu      sync.Mutex
+	revoking   map[string]struct{}
+	revRunning bool
 }
 
 type meshMembers struct {

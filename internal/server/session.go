@@ -14,6 +14,7 @@ import (
 	"github.com/coder/websocket"
 	"golang.org/x/time/rate"
 
+	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/store"
 )
@@ -43,25 +44,40 @@ type pushMeta struct {
 	priority  string
 }
 
-// frameQueue is a session's bounded outgoing queue. It grows on demand, so
-// an idle session costs no buffer.
+// frameQueue is a session's bounded outgoing queue, in frames and in
+// bytes. It grows on demand, so an idle session costs no buffer.
 type frameQueue struct {
 	mu    sync.Mutex
 	items []frame
 	max   int
+	// bytes counts the data of queued frames and of frames the writer has
+	// taken but not yet written: what this session holds for its client.
+	// A frame count alone would let 1,024 one-megabyte peers_lists pile up
+	// behind a client that stopped reading.
+	bytes    int
+	maxBytes int
 }
 
-func (q *frameQueue) push(f frame) bool { return q.pushUpTo(f, q.max) }
+func (q *frameQueue) push(f frame) bool { return q.pushUpTo(f, q.max, q.maxBytes) }
 
-// pushUpTo queues f unless the queue already holds limit frames.
-func (q *frameQueue) pushUpTo(f frame, limit int) bool {
+// pushUpTo queues f unless the queue already holds limit frames or f would
+// take it past byteLimit bytes.
+func (q *frameQueue) pushUpTo(f frame, limit, byteLimit int) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if len(q.items) >= min(limit, q.max) {
+	if len(q.items) >= min(limit, q.max) || q.bytes+len(f.data) > min(byteLimit, q.maxBytes) {
 		return false
 	}
 	q.items = append(q.items, f)
+	q.bytes += len(f.data)
 	return true
+}
+
+// written returns the bytes of a frame the writer has finished with.
+func (q *frameQueue) written(n int) {
+	q.mu.Lock()
+	q.bytes -= n
+	q.mu.Unlock()
 }
 
 // free is how many frames fit now.
@@ -69,6 +85,13 @@ func (q *frameQueue) free() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return q.max - len(q.items)
+}
+
+// freeBytes is how many bytes fit now.
+func (q *frameQueue) freeBytes() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.maxBytes - q.bytes
 }
 
 func (q *frameQueue) take(buf []frame) []frame {
@@ -116,6 +139,9 @@ type session struct {
 	done    chan struct{} // closed once the socket is closed
 
 	sendLimit *rate.Limiter
+	// peersLimit paces list_peers; nil until the first one (peers.go).
+	// Owned by the read loop.
+	peersLimit *rate.Limiter
 	// sendSlots bounds sends accepted whose ack is not written yet: when
 	// it is full the read loop stops reading, so TCP pushes back on the
 	// client instead of work piling up in the broker.
@@ -139,7 +165,7 @@ func (s *Server) newSession(conn *websocket.Conn, remote, addrKey string) *sessi
 	slots := min(maxSendsInFlight, max(1, s.cfg.SendQueueLen/4))
 	ss := &session{
 		s: s, conn: conn, id: id, remote: remote, addrKey: addrKey, ctx: ctx, cancel: cancel,
-		q:         frameQueue{max: s.cfg.SendQueueLen},
+		q:         frameQueue{max: s.cfg.SendQueueLen, maxBytes: s.cfg.SendQueueBytes},
 		done:      make(chan struct{}),
 		inflight:  map[int64]struct{}{},
 		sendSlots: make(chan struct{}, slots),
@@ -312,8 +338,19 @@ func (ss *session) queueRaw(f frame) bool {
 	return false
 }
 
-// deliveryRoom is how many more envelope pushes the queue takes now.
-func (ss *session) deliveryRoom() int { return ss.q.free() - ss.reserve }
+// deliveryRoom is how many more envelope pushes the queue takes now: none
+// while the bytes pushes may use (all but config.ReplyReserveBytes) have
+// no room left for a maximal one, so claims wait for the writer instead
+// of claiming rows the queue would refuse.
+func (ss *session) deliveryRoom() int {
+	if ss.q.freeBytes()-config.ReplyReserveBytes < ss.s.cfg.MaxMessageBytes {
+		return 0
+	}
+	return ss.q.free() - ss.reserve
+}
+
+// pushByteLimit is the queue bytes envelope pushes may fill.
+func (ss *session) pushByteLimit() int { return ss.q.maxBytes - config.ReplyReserveBytes }
 
 // releaseSlot frees a send slot (its ack was written, or never will be).
 func (ss *session) releaseSlot() {
@@ -331,12 +368,14 @@ func (ss *session) kickWriter() {
 	}
 }
 
+// slow closes a session whose queue refused a reply or event: it is over
+// its frame or byte budget because its client does not read.
 func (ss *session) slow() {
 	if ss.isClosing() {
 		return
 	}
 	ss.s.m.SlowConsumers.Inc()
-	ss.log().Warn("slow consumer: closing")
+	ss.log().Warn("slow consumer: closing", "queued_bytes", ss.q.maxBytes-ss.q.freeBytes())
 	ss.closeNow(websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer)
 }
 
@@ -365,6 +404,7 @@ func (ss *session) writeLoop() {
 					ss.finishClose()
 					return
 				}
+				ss.q.written(len(buf[i].data))
 				if buf[i].slot {
 					ss.releaseSlot()
 				}

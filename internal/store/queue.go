@@ -191,12 +191,18 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 			-- node must see a row it may push directly before any wake-up
 			-- that makes it claim the same member's later rows. pg_notify is
 			-- volatile, so Postgres calls it after the sort.
+			-- An envelope is sealed here, where its id and commit time are
+			-- known (relay.EnvelopeKey): HMAC-SHA256 from the key's pads
+			-- ($24 inner, $25 outer) over the head and the suffix's digest.
 			SELECT pg_notify(x.c, x.p) FROM (
-				SELECT e.seq, e.c, e.prefix || ins.id::text || ' ' ||
-				       (extract(epoch FROM ins.created_at) * 1000000)::bigint::text || e.suffix AS p
-				FROM unnest($19::int4[], $20::text[], $21::text[], $22::text[]) WITH ORDINALITY AS e(ord, c, prefix, suffix, seq)
+				SELECT e.seq, e.c, CASE WHEN $24::bytea IS NULL THEN h.head
+				       ELSE h.head || ' ' || encode(sha256($25::bytea || sha256($24::bytea || convert_to(h.head || ' ' || e.digest, 'UTF8'))), 'hex')
+				       END || e.suffix AS p
+				FROM unnest($19::int4[], $20::text[], $21::text[], $22::text[], $26::text[]) WITH ORDINALITY AS e(ord, c, prefix, suffix, digest, seq)
 				JOIN input i ON i.ord = e.ord
 				JOIN ins ON ins.id = i.id
+				CROSS JOIN LATERAL (SELECT e.prefix || ins.id::text || ' ' ||
+				       (extract(epoch FROM ins.created_at) * 1000000)::bigint::text AS head) h
 				UNION ALL
 				SELECT 1000000000 + n.seq, n.c, n.p FROM unnest($17::text[], $18::text[]) WITH ORDINALITY AS n(c, p, seq)
 			) x ORDER BY x.seq
@@ -212,7 +218,8 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 		SELECT i.ord, i.id, ins.created_at, (SELECT count(*) FROM notified)
 		FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`,
 		ord, meshID, sender, spub, sname, target, prio, nonce, cipher, cmid, ttl,
-		dOrd, dMember, dConn, dNode, lease, channels, payloads, eOrd, eChan, ePrefix, eSuffix, dTries)
+		dOrd, dMember, dConn, dNode, lease, channels, payloads, eOrd, eChan, ePrefix, eSuffix, dTries,
+		s.envInner, s.envOuter, s.envelopeDigests(envs))
 	if err != nil {
 		return fmt.Errorf("insert messages: %w", err)
 	}

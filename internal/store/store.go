@@ -40,6 +40,8 @@ var (
 type Store struct {
 	pool *pgxpool.Pool
 	fast *pgxpool.Pool
+	// envInner, envOuter seal envelope notifications (relaykey.go).
+	envInner, envOuter []byte
 }
 
 // Open connects the pools to url with maxConns connections in all. It does
