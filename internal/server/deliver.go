@@ -54,6 +54,10 @@ type localMember struct {
 	sessions []*session
 	dirty    claimReason // non-zero: rows may be waiting
 	inflight bool        // a claim for it is running
+	// releasing counts lease releases of its rows not yet committed. While
+	// one runs, the released rows still look leased: a claim would skip
+	// them and push newer rows first, and so would the fast paths.
+	releasing int
 }
 
 // engine moves rows from Postgres to this node's sessions. Wake-ups mark
@@ -115,7 +119,7 @@ func (e *engine) detach(ss *session) {
 			break
 		}
 	}
-	if len(lm.sessions) == 0 && !lm.inflight {
+	if len(lm.sessions) == 0 && !lm.inflight && lm.releasing == 0 {
 		delete(e.members, ss.memberID)
 	}
 }
@@ -125,6 +129,32 @@ func (e *engine) hasLocal(member string) bool {
 	defer e.mu.Unlock()
 	lm := e.members[member]
 	return lm != nil && len(lm.sessions) > 0
+}
+
+// beginRelease holds back claims and fast paths of a member whose leases
+// are being released; endRelease lets them go and asks for a claim.
+func (e *engine) beginRelease(member string) {
+	e.mu.Lock()
+	if lm := e.members[member]; lm != nil {
+		lm.releasing++
+	}
+	e.mu.Unlock()
+}
+
+func (e *engine) endRelease(member string) {
+	e.mu.Lock()
+	lm := e.members[member]
+	if lm != nil && lm.releasing > 0 {
+		lm.releasing--
+		lm.dirty |= reasonRelease
+		if len(lm.sessions) == 0 && !lm.inflight && lm.releasing == 0 {
+			delete(e.members, member)
+		}
+	}
+	e.mu.Unlock()
+	if lm != nil {
+		e.kick()
+	}
 }
 
 // wake marks members (those with sessions here) as needing a claim.
@@ -180,7 +210,7 @@ func (e *engine) fastPath(member string, priority int, taken map[*session]int) *
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	lm := e.members[member]
-	if lm == nil || lm.dirty != 0 || lm.inflight {
+	if lm == nil || lm.dirty != 0 || lm.inflight || lm.releasing > 0 {
 		return nil
 	}
 	for _, ss := range lm.sessions {
@@ -230,7 +260,7 @@ func (e *engine) direct(ss *session, messageID int64, priority int) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	lm := e.members[ss.memberID]
-	if lm == nil || lm.dirty != 0 || lm.inflight {
+	if lm == nil || lm.dirty != 0 || lm.inflight || lm.releasing > 0 {
 		return false
 	}
 	for _, x := range lm.sessions {
@@ -311,7 +341,7 @@ func (e *engine) claimRound(ctx context.Context) {
 	var reqs []store.ClaimRequest
 	e.mu.Lock()
 	for id, lm := range e.members {
-		if lm.dirty == 0 || lm.inflight {
+		if lm.dirty == 0 || lm.inflight || lm.releasing > 0 {
 			continue
 		}
 		ss := lm.pick()
@@ -398,7 +428,7 @@ func (e *engine) claimRound(ctx context.Context) {
 			lm.dirty |= reasonMore
 			more = true
 		}
-		if len(lm.sessions) == 0 {
+		if len(lm.sessions) == 0 && lm.releasing == 0 {
 			delete(e.members, id)
 		}
 	}
@@ -475,17 +505,20 @@ func (ss *session) pushReserved(d store.Delivery, committed time.Time) bool {
 	// Until the row is claimed again no newer one may take the fast path;
 	// the writer asks for a claim once it has made room.
 	ss.starved.Store(true)
-	s.engine.wake([]string{d.MemberID}, reasonRelease)
 	s.releaseLeases(d.Conn, d.MeshID, d.MemberID, []store.DeliveryKey{meta.key})
 	return false
 }
 
 // releaseLeases gives rows back and wakes the member's other sessions, here
 // and on other nodes.
+// Until the release has committed the member takes no claim and no fast
+// path (engine.beginRelease), so nothing newer overtakes the released rows.
 func (s *Server) releaseLeases(conn, mesh, member string, keys []store.DeliveryKey) {
+	s.engine.beginRelease(member)
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		defer s.engine.endRelease(member)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if _, err := s.store.ReleaseLeases(ctx, conn, keys); err != nil {
@@ -497,7 +530,6 @@ func (s *Server) releaseLeases(conn, mesh, member string, keys []store.DeliveryK
 			}
 			s.m.BatchRowsFailed.WithLabelValues("release").Add(float64(re.Refused()))
 		}
-		s.engine.wake([]string{member}, reasonRelease)
 		if _, elsewhere := s.replica.MemberPresent(member); elsewhere {
 			s.notifier.Notify(mesh, []string{member})
 		}
