@@ -39,6 +39,9 @@ type Metrics struct {
 	GossipDropped       prometheus.Counter
 	AuditDropped        prometheus.Counter
 	ClockOffset         prometheus.Gauge
+	// RequestsLimited counts requests refused by a per-session rate limit,
+	// by frame type.
+	RequestsLimited *prometheus.CounterVec
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -116,6 +119,9 @@ func New(reg prometheus.Registerer) *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	m.RequestsLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "broker_requests_rate_limited_total", Help: "Requests refused by a per-session rate limit, by frame type."}, []string{"type"})
+	reg.MustRegister(m.RequestsLimited)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)

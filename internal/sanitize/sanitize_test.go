@@ -17,10 +17,10 @@ func TestLine(t *testing.T) {
 		{"a\r\nb\tc", "a b c"},
 		{"\x1b[31mred\x1b[0m", "red"},
 		{"\x1b]0;pwned title\x07name", "name"},
-		{"\x1b]52;c;ZXZpbA==\x1b\\x", "x"},          // OSC 52 clipboard, ST-terminated
-		{"\u009b31mred", "red"},                     // 8-bit CSI as UTF-8
-		{"\u009d0;title\u009cok", "ok"},             // 8-bit OSC … ST
-		{"a\x9bb", "a\ufffdb"},                      // a raw 0x9b byte is invalid UTF-8
+		{"\x1b]52;c;ZXZpbA==\x1b\\x", "x"},           // OSC 52 clipboard, ST-terminated
+		{"\u009b31mred", "red"},                      // 8-bit CSI as UTF-8
+		{"\u009d0;title\u009cok", "ok"},              // 8-bit OSC … ST
+		{"a\x9bb", "a\ufffdb"},                       // a raw 0x9b byte is invalid UTF-8
 		{"bell\x07\x08\x7fdone", "belldone"},         // BEL, BS, DEL
 		{"\u202eevil\u202c \u2066x\u2069", "evil x"}, // bidi overrides and isolates
 		{"al\u200bi\ufeffce", "alice"},

@@ -167,7 +167,7 @@ func (s *Server) serveHook(w http.ResponseWriter, r *http.Request) {
 // the hook is signed.
 func (s *Server) resolveHook(h HookRequest, pid int64, meshID, pubkey string) (presence.Entry, bool) {
 	matches := s.replica.Find(func(e *presence.Entry) bool {
-		if e.Cwd != h.Cwd {
+		if e.Cwd != h.Cwd || e.SendOnly {
 			return false
 		}
 		if h.SessionID != "" && e.SessionID != h.SessionID {

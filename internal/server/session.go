@@ -103,6 +103,7 @@ type session struct {
 	// Set by the hello before authed is stored; read-only afterwards.
 	meshID, memberID, pubkey, displayName, presenceID, sessionID string
 	clientAck, sysEvents                                         bool
+	sendOnly                                                     bool // capability send_only: never handed a message
 	authed                                                       atomic.Bool
 
 	maxPrio  atomic.Int32 // least urgent priority its status accepts
@@ -114,7 +115,8 @@ type session struct {
 	writing atomic.Bool   // a write loop is running (started on demand)
 	done    chan struct{} // closed once the socket is closed
 
-	sendLimit *rate.Limiter
+	sendLimit    *rate.Limiter
+	membersLimit *rate.Limiter // list_members; made on first use (read loop only)
 	// sendSlots bounds sends accepted whose ack is not written yet: when
 	// it is full the read loop stops reading, so TCP pushes back on the
 	// client instead of work piling up in the broker.
