@@ -294,6 +294,9 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 	case errors.Is(err, store.ErrInviteExhausted):
 		joinError(w, http.StatusGone, "invite_exhausted", "the invite has no uses left")
 		return
+	case errors.Is(err, store.ErrNameTaken):
+		joinError(w, http.StatusConflict, "name_taken", "another member of the mesh is called "+strconv.Quote(req.DisplayName)+"; choose another display name")
+		return
 	case err != nil:
 		joinError(w, http.StatusServiceUnavailable, "unavailable", "database unavailable")
 		return
