@@ -100,6 +100,8 @@ func (e *JoinError) Error() string {
 		return "the invite is not validly signed by the mesh owner (" + e.Code + "); ask for a new one"
 	case "invite_malformed":
 		return "the invite is malformed; copy the whole link again"
+	case "name_taken":
+		return "another member of the mesh already has this display name; choose another with --name (names address members, so they are unique in a mesh)"
 	case "rate_limited":
 		return "the broker is rate limiting joins from this address; try again in a minute"
 	case "unavailable":
