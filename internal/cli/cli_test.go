@@ -274,7 +274,7 @@ func TestSendInboxPeersStatus(t *testing.T) {
 		t.Fatalf("inbox --all: %s", out)
 	}
 
-	f2 := alice.fail(`unknown peer "carol"`, "send", "carol", "hi")
+	f2 := alice.fail(`unknown member "carol"`, "send", "carol", "hi")
 	if !strings.Contains(f2.stderr, "bob") {
 		t.Fatalf("unknown peer error does not list known peers: %s", f2.stderr)
 	}
@@ -399,7 +399,7 @@ func TestHook(t *testing.T) {
 	bob.ok("inbox", "--peek")
 	prompt := `{"session_id":"cc-1","cwd":"` + bob.cwd + `","hook_event_name":"UserPromptSubmit","prompt":"hi"}`
 	r := bob.runIn(ctx, prompt, "hook")
-	if r.code != 0 || !strings.Contains(r.stdout, "1 in mesh team (from alice)") || !strings.Contains(r.stdout, "check_messages") {
+	if r.code != 0 || !strings.Contains(r.stdout, "1 in mesh team (from alice ("+f.alicePubkey[:8]+"))") || !strings.Contains(r.stdout, "check_messages") {
 		t.Fatalf("hook on prompt: %+v", r)
 	}
 	if r := bob.runIn(ctx, `{"hook_event_name":"Stop","cwd":"`+bob.cwd+`"}`, "hook"); r.code != 0 || r.stdout != "" {

@@ -222,17 +222,15 @@ type UnknownPeerError struct {
 
 func (e *UnknownPeerError) Error() string {
 	name := strconv.Quote(sanitize.Clip(e.Name, sanitize.MaxNameRunes))
-	if len(e.Known) == 0 {
-		if e.Members {
-			return fmt.Sprintf("unknown member %s: the mesh has no other member", name)
-		}
-		return fmt.Sprintf("unknown peer %s: no peer of that name is online or was seen before; address an offline member by its pubkey", name)
+	switch {
+	case e.Members && len(e.Known) == 0:
+		return fmt.Sprintf("unknown member %s: the mesh has no other member", name)
+	case e.Members:
+		return fmt.Sprintf("unknown member %s; members: %s", name, strings.Join(e.Known, ", "))
+	case len(e.Known) == 0:
+		return fmt.Sprintf("unknown peer %s: no member of that name was seen before (the broker is out of reach); address a member by its pubkey", name)
 	}
-	what := "known peers"
-	if e.Members {
-		what = "members"
-	}
-	return fmt.Sprintf("unknown member %s; %s: %s (or address a member by its pubkey)", name, what, strings.Join(e.Known, ", "))
+	return fmt.Sprintf("unknown peer %s; members seen before: %s (the broker is out of reach; or address a member by its pubkey)", name, strings.Join(e.Known, ", "))
 }
 
 // AmbiguousPeerError is a name several members match.
@@ -570,3 +568,17 @@ func (s *Session) InferStatus(ctx context.Context, home string, every time.Durat
 		}
 	}
 }
+
+// MarkRead marks messages read (they reached Claude another way).
+func (s *Session) MarkRead(ids []string) error { return s.st.MarkRead(ids) }
+
+// JoinGroup adds the session to a group, kept across reconnections.
+func (s *Session) JoinGroup(ctx context.Context, name string) error { return s.c.JoinGroup(ctx, name) }
+
+// LeaveGroup removes the session from a group.
+func (s *Session) LeaveGroup(ctx context.Context, name string) error {
+	return s.c.LeaveGroup(ctx, name)
+}
+
+// Groups lists the session's groups.
+func (s *Session) Groups() []string { return s.c.Groups() }
