@@ -20,6 +20,7 @@ import (
 
 	"github.com/claudemesh/broker/internal/e2e"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/sanitize"
 )
 
 // Options configure a Client. Zero values are the documented defaults.
@@ -1043,7 +1044,9 @@ type RequestError struct {
 	Message string
 }
 
-func (e *RequestError) Error() string { return fmt.Sprintf("broker error %s: %s", e.Code, e.Message) }
+func (e *RequestError) Error() string {
+	return fmt.Sprintf("broker error %s: %s", sanitize.Clip(e.Code, 64), sanitize.Clip(e.Message, 200))
+}
 
 // ErrUnsupported: the broker does not know the request (an older broker).
 var ErrUnsupported = errors.New("the broker does not support this request")

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/claudemesh/broker/internal/auth"
+	"github.com/claudemesh/broker/internal/sanitize"
 )
 
 // HTTPBase turns a broker WebSocket URL (ws://host:port/ws) into the base
@@ -108,9 +109,9 @@ func (e *JoinError) Error() string {
 		return "the broker cannot reach its database right now; try again shortly"
 	}
 	if e.Message != "" {
-		return fmt.Sprintf("join refused (%s): %s", e.Code, e.Message)
+		return fmt.Sprintf("join refused (%s): %s", sanitize.Clip(e.Code, 64), sanitize.Clip(e.Message, 200))
 	}
-	return fmt.Sprintf("join refused: HTTP %d %s", e.Status, e.Code)
+	return fmt.Sprintf("join refused: HTTP %d %s", e.Status, sanitize.Clip(e.Code, 64))
 }
 
 // ErrInviteExpired is returned by Join, before any network traffic, for an
@@ -185,9 +186,9 @@ func (e *HookError) Error() string {
 	case http.StatusTooManyRequests:
 		return "hook rate limited by the broker"
 	case http.StatusUnauthorized:
-		return "hook not accepted: " + e.Message
+		return "hook not accepted: " + sanitize.Clip(e.Message, 200)
 	}
-	return fmt.Sprintf("hook refused: HTTP %d %s", e.Status, e.Message)
+	return fmt.Sprintf("hook refused: HTTP %d %s", e.Status, sanitize.Clip(e.Message, 200))
 }
 
 // PostHook reports a status through POST /hook/set-status, signed with the
