@@ -397,7 +397,7 @@ func PlanMCP(path, name string, server MCPServer, force bool) (*Change, error) {
 }
 
 // PlanUnMCP plans removing mcpServers.<name> from the file at path, when it
-// is a claudemesh registration (it runs "<…claudemesh…> mcp"); another
+// is a claudemesh registration (it runs "<…claudemesh…> mcp …"); another
 // server registered under that name is kept. An mcpServers object left
 // empty goes too.
 func PlanUnMCP(path, name string) (*Change, error) {
@@ -430,9 +430,9 @@ func PlanUnMCP(path, name string) (*Change, error) {
 	return finish(path, o, before, mode, []string{"mcpServers." + name + ": removed " + cur.Command + " " + strings.Join(cur.Args, " ")}, true)
 }
 
-// IsClaudemeshMCP reports whether a registration runs `claudemesh mcp`.
+// IsClaudemeshMCP reports whether a registration runs `claudemesh mcp …`.
 func IsClaudemeshMCP(s MCPServer) bool {
-	return strings.Contains(filepath.Base(s.Command), "claudemesh") && len(s.Args) > 0 && s.Args[len(s.Args)-1] == "mcp"
+	return strings.Contains(filepath.Base(s.Command), "claudemesh") && slices.Contains(s.Args, "mcp")
 }
 
 func mapsEqual(a, b map[string]string) bool {

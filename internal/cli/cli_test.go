@@ -365,7 +365,10 @@ func TestJoinErrors(t *testing.T) {
 
 	// Unreachable broker.
 	inv2, _ := admin.CreateInvite(ctx, n.Store(), mesh.MeshID, 1, time.Hour, "member", "ws://127.0.0.1:1/ws")
-	other.fail("cannot reach the broker", "join", inv2.Token)
+	r := other.fail("cannot reach the broker", "join", inv2.Token, "--wait", "1s")
+	if !strings.Contains(r.stderr, "--broker ws://host:port/ws") {
+		t.Fatalf("unreachable broker: no hint about --broker: %s", r.stderr)
+	}
 }
 
 // The hook reports the Claude Code event's status for the session in the

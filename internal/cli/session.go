@@ -317,14 +317,15 @@ func (a *app) unreadSummary(st *localstore.Store, ms *profile.Meshes) string {
 }
 
 type installCmd struct {
-	Print      bool   `help:"Only print what would be added; change nothing."`
-	Command    string `placeholder:"PATH" help:"How Claude Code runs claudemesh (default: this executable's absolute path)."`
-	Settings   string `placeholder:"FILE" help:"Claude Code settings file for the hooks (default: ~/.claude/settings.json)."`
-	ClaudeJSON string `name:"claude-json" placeholder:"FILE" help:"Claude Code file for MCP servers (default: ~/.claude.json)."`
-	NoHooks    bool   `help:"Do not install the hooks (status is then inferred from the transcript)."`
-	NoMCP      bool   `name:"no-mcp" help:"Do not register the MCP server."`
-	Force      bool   `help:"Replace existing claudemesh hooks and MCP registration that run another path, together."`
-	JSON       bool   `name:"json" help:"With --print: print JSON."`
+	Print      bool     `help:"Only print what would be added; change nothing."`
+	Command    string   `placeholder:"PATH" help:"How Claude Code runs claudemesh (default: this executable's absolute path)."`
+	Settings   string   `placeholder:"FILE" help:"Claude Code settings file for the hooks (default: ~/.claude/settings.json)."`
+	ClaudeJSON string   `name:"claude-json" placeholder:"FILE" help:"Claude Code file for MCP servers (default: ~/.claude.json)."`
+	NoHooks    bool     `help:"Do not install the hooks (status is then inferred from the transcript)."`
+	NoMCP      bool     `name:"no-mcp" help:"Do not register the MCP server."`
+	Force      bool     `help:"Replace existing claudemesh hooks and MCP registration that run another path, together."`
+	Group      []string `placeholder:"NAME" help:"Groups every Claude Code session joins (claudemesh mcp --group NAME); repeatable."`
+	JSON       bool     `name:"json" help:"With --print: print JSON."`
 }
 
 // settingsFiles are the two files install edits.
@@ -366,9 +367,15 @@ func (c *installCmd) Run(a *app) error {
 	if cmd == "" {
 		return errors.New("cannot tell where claudemesh is installed; pass --command")
 	}
+	if err := validGroups(c.Group); err != nil {
+		return err
+	}
 	settings, claudeJSON := a.settingsFiles(c.Settings, c.ClaudeJSON)
 	hookLine := claudecode.ShellQuote(cmd)
 	server := claudecode.MCPServer{Type: "stdio", Command: cmd, Args: []string{"mcp"}}
+	for _, g := range c.Group {
+		server.Args = append(server.Args, "--group", g)
+	}
 	if !a.defaultConfigDir(dir) {
 		hookLine += " --config-dir " + claudecode.ShellQuote(dir)
 		server.Env = map[string]string{profile.EnvConfigDir: dir}
@@ -394,7 +401,10 @@ func (c *installCmd) Run(a *app) error {
 	if server.Env != nil {
 		addCmd += "-e " + claudecode.ShellQuote(profile.EnvConfigDir+"="+dir) + " "
 	}
-	addCmd += "claudemesh -- " + claudecode.ShellQuote(cmd) + " mcp"
+	addCmd += "claudemesh -- " + claudecode.ShellQuote(cmd)
+	for _, arg := range server.Args {
+		addCmd += " " + claudecode.ShellQuote(arg)
+	}
 	if c.Print {
 		return a.printInstall(changes, hookLine, server, addCmd, c.JSON)
 	}

@@ -6,6 +6,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -346,6 +350,15 @@ func TestInstallLifecycle(t *testing.T) {
 	if !strings.Contains(string(cj), newBin) {
 		t.Fatalf("MCP entry not moved: %s", cj)
 	}
+	// Groups for every session go into the MCP registration.
+	u.ok("install", "--command", newBin, "--force", "--group", "backend")
+	var reg struct {
+		McpServers map[string]struct{ Args []string }
+	}
+	cj, _ = os.ReadFile(claudeJSON)
+	if err := json.Unmarshal(cj, &reg); err != nil || strings.Join(reg.McpServers["claudemesh"].Args, " ") != "mcp --group backend" {
+		t.Fatalf("MCP entry with a group: %s", cj)
+	}
 
 	u.ok("uninstall")
 	if out := u.ok("uninstall"); !strings.Contains(out, "nothing to remove") {
@@ -445,5 +458,67 @@ func TestPeerTextSanitized(t *testing.T) {
 	}
 	if !found {
 		t.Fatalf("--json changed the name: %s", js)
+	}
+}
+
+// join keeps trying a broker that refuses connections (starting, or
+// restarting behind its balancer) for as long as --wait allows.
+func TestJoinWaitsForBroker(t *testing.T) {
+	db := pgtest.NewDB(t)
+	n := testkit.StartNode(t, db, testkit.Options{})
+	mesh, err := admin.CreateMesh(context.Background(), n.Store(), "late", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // refused until the "broker" below starts
+	inv, err := admin.CreateInvite(context.Background(), n.Store(), mesh.MeshID, 1, time.Hour, "member", "ws://"+addr+"/ws")
+	if err != nil {
+		t.Fatal(err)
+	}
+	target, _ := url.Parse(n.HTTPURL())
+	// The broker starts only once the join has been refused.
+	refused := make(chan struct{})
+	var once sync.Once
+	dialer := &net.Dialer{}
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
+		c, err := dialer.DialContext(ctx, network, a)
+		if err != nil {
+			once.Do(func() { close(refused) })
+		}
+		return c, err
+	}}}
+	u := newUser(t, "late")
+	done := make(chan result, 1)
+	go func() {
+		var out, errb bytes.Buffer
+		env := u.env("", &out, &errb)
+		env.HTTPClient = hc
+		code := cli.Run(context.Background(), []string{"join", inv.Token, "--name", "late", "--wait", "20s"}, env)
+		done <- result{code: code, stdout: out.String(), stderr: errb.String()}
+	}()
+	select {
+	case <-refused:
+	case r := <-done:
+		t.Fatalf("join ended before it was refused: %+v", r)
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: httputil.NewSingleHostReverseProxy(target), ReadHeaderTimeout: 5 * time.Second}
+	t.Cleanup(func() { _ = srv.Close() })
+	go func() { _ = srv.Serve(l) }()
+	select {
+	case r := <-done:
+		if r.code != 0 || !strings.Contains(r.stdout, "joined mesh") {
+			t.Fatalf("join: %+v", r)
+		}
+	case <-time.After(25 * time.Second):
+		t.Fatal("join did not finish")
 	}
 }

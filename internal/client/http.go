@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/claudemesh/broker/internal/auth"
@@ -140,9 +141,24 @@ func Join(ctx context.Context, hc *http.Client, token, brokerURL, pubkeyHex, dis
 		return inv, nil, err
 	}
 	body, _ := json.Marshal(map[string]string{"invite_token": strings.TrimSpace(token), "peer_pubkey": pubkeyHex, "display_name": displayName})
-	status, data, err := postJSON(ctx, hc, base+"/join", body, nil)
+	// A broker that is starting (or a node restarting behind the balancer)
+	// refuses connections for a moment: try again until ctx ends.
+	var status int
+	var data []byte
+	for attempt := 1; ; attempt++ {
+		status, data, err = postJSON(ctx, hc, base+"/join", body, nil)
+		if err == nil || ctx.Err() != nil || !errors.Is(err, syscall.ECONNREFUSED) {
+			break
+		}
+		t := time.NewTimer(Backoff{Min: 200 * time.Millisecond, Max: 2 * time.Second}.Delay(attempt))
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+		t.Stop()
+	}
 	if err != nil {
-		return inv, nil, fmt.Errorf("cannot reach the broker at %s: %w", base, err)
+		return inv, nil, &JoinUnreachableError{URL: base, FromInvite: brokerURL == inv.BrokerURL, Err: err}
 	}
 	var reply struct {
 		JoinResult
@@ -158,6 +174,23 @@ func Join(ctx context.Context, hc *http.Client, token, brokerURL, pubkeyHex, dis
 	}
 	return inv, &reply.JoinResult, nil
 }
+
+// JoinUnreachableError: the broker the join went to did not answer.
+type JoinUnreachableError struct {
+	URL        string
+	FromInvite bool // the URL came from the invite (not --broker)
+	Err        error
+}
+
+func (e *JoinUnreachableError) Error() string {
+	hint := "check the --broker URL"
+	if e.FromInvite {
+		hint = "the invite names this broker; if it runs elsewhere (another host or port, or behind a load balancer), pass its URL: claudemesh join <invite> --broker ws://host:port/ws"
+	}
+	return fmt.Sprintf("cannot reach the broker at %s: %v; %s (join --wait sets how long to keep trying)", e.URL, e.Err, hint)
+}
+
+func (e *JoinUnreachableError) Unwrap() error { return e.Err }
 
 // HookStatus is the body of POST /hook/set-status.
 type HookStatus struct {
