@@ -399,7 +399,7 @@ func (c *Client) loop() error {
 			if c.o.GiveUpAfter > 0 && failures >= c.o.GiveUpAfter {
 				return &UnreachableError{Attempts: attempts}
 			}
-			if !c.waitRetry(c.retryDelay(err, failures)) {
+			if !c.waitRetry(c.retryDelay(err, failures), outage(err)) {
 				return nil
 			}
 			continue
@@ -426,10 +426,26 @@ func (c *Client) loop() error {
 		c.mu.Lock()
 		c.urlNext++ // the node we were on may be gone: try the next first
 		c.mu.Unlock()
-		if !c.waitRetry(c.o.Backoff.Delay(failures)) {
+		if !c.waitRetry(c.o.Backoff.Delay(failures), true) {
 			return nil
 		}
 	}
+}
+
+// outage reports failures that mean the broker is not there (refused,
+// reset, timed out, a balancer's 502/503/504): those end when it is back,
+// which /health tells. A broker that answered and refused (a hello
+// rejection such as capacity, 429) is not waited out early.
+func outage(err error) bool {
+	var hello *HelloError
+	if errors.As(err, &hello) {
+		return false
+	}
+	var he *HandshakeError
+	if errors.As(err, &he) {
+		return he.Status == http.StatusBadGateway || he.Status == http.StatusServiceUnavailable || he.Status == http.StatusGatewayTimeout
+	}
+	return true
 }
 
 // retryDelay is the wait after a failed attempt: what the server asked
@@ -457,10 +473,10 @@ const (
 	healthProbeSpread = 500 * time.Millisecond
 )
 
-// waitRetry waits d, or until a broker answers /health; it reports false
-// when the client is closing.
-func (c *Client) waitRetry(d time.Duration) bool {
-	if d <= 2*healthProbeEvery {
+// waitRetry waits d, or, with probe, until a broker answers /health; it
+// reports false when the client is closing.
+func (c *Client) waitRetry(d time.Duration, probe bool) bool {
+	if !probe || d <= 2*healthProbeEvery {
 		return c.sleep(d)
 	}
 	deadline := time.Now().Add(d)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/claudemesh/broker/internal/client"
+	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/testkit"
@@ -133,5 +134,36 @@ func TestListMembersPages(t *testing.T) {
 	}
 	if len(ms) != len(mesh.Members) || len(seen) != len(mesh.Members) {
 		t.Fatalf("listed %d members (%d distinct), want %d", len(ms), len(seen), len(mesh.Members))
+	}
+}
+
+// A broker that answers and refuses (here: the mesh is full) is not
+// retried early just because /health answers: the backoff holds.
+func TestRefusalIsNotRetriedEarly(t *testing.T) {
+	db := pgtest.NewDB(t)
+	n := testkit.StartNode(t, db, testkit.Options{Configure: func(c *config.Config) { c.MaxConnsPerMesh = 1 }})
+	mesh := testkit.NewMesh(t, n.Store(), 2)
+	testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
+	c, err := client.New(client.Options{Identity: mesh.Members[1], URLs: []string{n.URL()}, Logger: testkit.Logger(),
+		Backoff: client.Backoff{Min: 20 * time.Second, Max: 30 * time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	t.Cleanup(func() { _ = c.Close() })
+	testkit.Eventually(t, 5*time.Second, "refused for capacity", func() bool {
+		return n.Counter("broker_connections_rejected_total", "reason", protocol.ReasonCapacity) == 1
+	})
+	// The backoff is 10-20 s and /health answers all along: watch for 3 s
+	// (an early retry would come after about one) that none comes.
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
+		if got := n.Counter("broker_connections_rejected_total", "reason", protocol.ReasonCapacity); got != 1 {
+			t.Fatalf("%v capacity refusals, want 1: the client retried early", got)
+		}
+		select {
+		case <-c.Done():
+			t.Fatal("client stopped")
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 }
