@@ -18,6 +18,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/claudemesh/broker/internal/client"
@@ -68,6 +69,10 @@ type Session struct {
 	self   string // pubkey
 	logger *slog.Logger
 	news   chan struct{}
+
+	mu        sync.Mutex
+	members   []protocol.MemberInfo // the last member listing; guarded by mu
+	membersAt time.Time
 }
 
 // Start opens a session and starts connecting.
@@ -303,7 +308,11 @@ func (s *Session) Resolve(ctx context.Context, to string) (string, error) {
 	var names map[string]string // pubkey → name, of what was searched
 	authoritative := false
 	if s.awaitConn(ctx) {
-		members, err := s.c.ListMembers(ctx)
+		members, cached, err := s.memberList(ctx, false)
+		if err == nil && cached && len(match(byPubkey(members))) != 1 {
+			// The list may predate the member addressed: ask again.
+			members, _, err = s.memberList(ctx, true)
+		}
 		switch {
 		case err == nil:
 			names, authoritative = map[string]string{}, true
@@ -375,6 +384,39 @@ func (s *Session) Resolve(ctx context.Context, to string) (string, error) {
 	return "", &AmbiguousPeerError{Name: to, Pubkeys: keys, Names: shown}
 }
 
+// memberListTTL: a session that sends often (Claude's) resolves names
+// from a member list this recent; a name it does not find there is looked
+// up in a fresh one.
+const memberListTTL = 10 * time.Second
+
+// memberList returns the mesh's members, from the last listing when it is
+// recent and fresh is false; cached reports which.
+func (s *Session) memberList(ctx context.Context, fresh bool) (list []protocol.MemberInfo, cached bool, err error) {
+	s.mu.Lock()
+	if !fresh && s.members != nil && time.Since(s.membersAt) < memberListTTL {
+		list = s.members
+		s.mu.Unlock()
+		return list, true, nil
+	}
+	s.mu.Unlock()
+	list, err = s.c.ListMembers(ctx)
+	if err != nil {
+		return nil, false, err
+	}
+	s.mu.Lock()
+	s.members, s.membersAt = list, time.Now()
+	s.mu.Unlock()
+	return list, false, nil
+}
+
+func byPubkey(members []protocol.MemberInfo) map[string]string {
+	out := make(map[string]string, len(members))
+	for _, m := range members {
+		out[m.Pubkey] = m.DisplayName
+	}
+	return out
+}
+
 // Member is a member of the mesh, online or not.
 type Member struct {
 	protocol.MemberInfo
@@ -386,7 +428,7 @@ type Member struct {
 // unreachable.
 func (s *Session) Members(ctx context.Context) ([]Member, error) {
 	s.awaitConn(ctx)
-	list, err := s.c.ListMembers(ctx)
+	list, _, err := s.memberList(ctx, true)
 	if err != nil {
 		return nil, err
 	}
