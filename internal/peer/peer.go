@@ -311,18 +311,19 @@ func (s *Session) Resolve(ctx context.Context, to string) (string, error) {
 		members, cached, err := s.memberList(ctx, false)
 		if err == nil && cached && len(match(byPubkey(members))) != 1 {
 			// The list may predate the member addressed: ask again.
-			members, _, err = s.memberList(ctx, true)
+			members, cached, err = s.memberList(ctx, true)
 		}
 		switch {
 		case err == nil:
-			names, authoritative = map[string]string{}, true
-			cs := make([]localstore.Contact, 0, len(members))
-			for _, m := range members {
-				names[m.Pubkey] = m.DisplayName
-				cs = append(cs, localstore.Contact{Pubkey: m.Pubkey, Name: m.DisplayName})
-			}
-			if err := s.st.RememberPeers(cs); err != nil {
-				s.logger.Warn("remember members", "err", err)
+			names, authoritative = byPubkey(members), true
+			if !cached {
+				cs := make([]localstore.Contact, 0, len(members))
+				for _, m := range members {
+					cs = append(cs, localstore.Contact{Pubkey: m.Pubkey, Name: m.DisplayName})
+				}
+				if err := s.st.RememberPeers(cs); err != nil {
+					s.logger.Warn("remember members", "err", err)
+				}
 			}
 		case errors.Is(err, client.ErrUnsupported):
 			// An older broker: the live sessions, then the contacts.
