@@ -21,6 +21,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/claudemesh/broker/internal/client"
+	"github.com/claudemesh/broker/internal/protocol"
 )
 
 // Bounds on what the store keeps.
@@ -430,7 +431,7 @@ func (m *Mesh) TakeUrgent(maxBytes int) ([]Urgent, error) {
 			if err := json.Unmarshal(v, &st); err != nil {
 				return fmt.Errorf("corrupt inbox entry: %w", err)
 			}
-			if st.Read || st.Announced || st.Priority != "now" {
+			if st.Read || st.Announced || st.Priority != protocol.PriorityNow {
 				continue
 			}
 			u := Urgent{Message: st.Message}
