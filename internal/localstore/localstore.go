@@ -418,6 +418,24 @@ type Urgent struct {
 // unread; the rest wait for the next hook. One transaction, so two hooks
 // never show the same message.
 func (m *Mesh) TakeUrgent(maxBytes int) ([]Urgent, error) {
+	// Every tool call runs a hook: look (shared lock, no write) before
+	// taking.
+	found := false
+	if err := m.s.view(func(tx *bolt.Tx) error {
+		b, err := m.bucket(tx, inboxBucket)
+		if b == nil || err != nil {
+			return err
+		}
+		return b.ForEach(func(_, v []byte) error {
+			var st Stored
+			if json.Unmarshal(v, &st) == nil && !st.Read && !st.Announced && st.Priority == protocol.PriorityNow {
+				found = true
+			}
+			return nil
+		})
+	}); err != nil || !found {
+		return nil, err
+	}
 	var out []Urgent
 	err := m.s.update(func(tx *bolt.Tx) error {
 		b, err := m.bucket(tx, inboxBucket)
