@@ -27,6 +27,7 @@ type Mesh interface {
 	Members(ctx context.Context) ([]peer.Member, error)
 	TakeMessages(limit int) ([]client.Message, error)
 	MarkRead(ids []string) error
+	MessageStatus(ctx context.Context, messageID string) (*protocol.MessageStatusResult, error)
 	SetStatus(ctx context.Context, status string) error
 	SetSummary(ctx context.Context, summary string) error
 	JoinGroup(ctx context.Context, name string) error
@@ -186,6 +187,9 @@ type SendOutput struct {
 	Status    string `json:"status" jsonschema:"sent (the broker stored it for delivery) or queued (kept locally until the broker is reachable)"`
 	MessageID string `json:"messageId,omitempty"`
 	Target    string `json:"target"`
+	// HeldFor names recipients whose sessions are all busy: the broker
+	// delivers when one turns idle (priority now is never held).
+	HeldFor []string `json:"heldFor,omitempty"`
 }
 
 func (t *tools) send(ctx context.Context, _ *mcp.CallToolRequest, in SendInput) (*mcp.CallToolResult, SendOutput, error) {
@@ -202,8 +206,21 @@ func (t *tools) send(ctx context.Context, _ *mcp.CallToolRequest, in SendInput) 
 	if err != nil {
 		return nil, SendOutput{}, err
 	}
-	return text(fmt.Sprintf("Sent to %s (message %s).", describe(in.To, target), res.MessageID)),
-		SendOutput{Status: "sent", MessageID: res.MessageID, Target: target}, nil
+	out := SendOutput{Status: "sent", MessageID: res.MessageID, Target: target}
+	msg := fmt.Sprintf("Sent to %s (message %s).", describe(in.To, target), res.MessageID)
+	if in.Priority != protocol.PriorityNow {
+		if st, err := t.m.MessageStatus(ctx, res.MessageID); err == nil {
+			for _, r := range st.Recipients {
+				if r.State == protocol.StateHeld {
+					out.HeldFor = append(out.HeldFor, sanitize.Clip(r.DisplayName, sanitize.MaxNameRunes))
+				}
+			}
+		}
+	}
+	if len(out.HeldFor) > 0 {
+		msg += fmt.Sprintf(" Held for %s: busy (working or dnd); delivered when idle. Send with priority now if it cannot wait.", strings.Join(out.HeldFor, ", "))
+	}
+	return text(msg), out, nil
 }
 
 // describe shows a target: a member as "name (fingerprint)".

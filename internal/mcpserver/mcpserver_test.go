@@ -222,6 +222,24 @@ func TestTools(t *testing.T) {
 		t.Fatalf("second check_messages: %+v %s", inbox, textOf(res))
 	}
 
+	// A "next" message to a busy peer: the result says it is held.
+	if err := other.SetStatus(context.Background(), protocol.StatusWorking); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 10*time.Second, "p1 working", func() bool {
+		ps, _ := me.Peers(context.Background())
+		for _, p := range ps {
+			if p.DisplayName == "p1" {
+				return p.Status == protocol.StatusWorking
+			}
+		}
+		return false
+	})
+	res = call(t, cs, "send_message", map[string]any{"to": "p1", "message": "when you can"}, &sent)
+	if res.IsError || len(sent.HeldFor) != 1 || sent.HeldFor[0] != "p1" || !strings.Contains(textOf(res), "Held for p1") {
+		t.Fatalf("send to a busy peer: %+v %s", sent, textOf(res))
+	}
+
 	// set_status and set_summary, seen by the other peer
 	var st mcpserver.StatusOutput
 	if res := call(t, cs, "set_status", map[string]any{"status": "dnd"}, &st); res.IsError || st.Status != "dnd" {
