@@ -215,7 +215,7 @@ func channelParams(m client.Message) (ChannelParams, bool) {
 	if !whole {
 		body = cutUTF8(body, maxChannelContent) + "\n(cut short: call check_messages for the whole message " + sanitize.Line(m.ID) + ")"
 	}
-	content := fmt.Sprintf("%s%s [%s]:\n%s", who, to, sanitize.Line(m.Priority), neutralizeTags(body))
+	content := neutralizeTags(fmt.Sprintf("%s%s [%s]:\n%s", who, to, sanitize.Line(m.Priority), body))
 	meta := map[string]string{
 		"from_name":        metaValue(sanitize.Clip(m.FromName, sanitize.MaxNameRunes)),
 		"from_pubkey":      metaValue(m.From),
