@@ -469,7 +469,7 @@ func TestInstall(t *testing.T) {
 
 func TestHelpAndUsage(t *testing.T) {
 	u := newUser(t, "gina")
-	for _, cmd := range []string{"keygen", "join", "meshes", "send", "inbox", "listen", "peers", "status", "summary", "outbox", "hook", "install", "mcp"} {
+	for _, cmd := range []string{"keygen", "join", "meshes", "send", "inbox", "listen", "peers", "members", "status", "summary", "outbox", "hook", "install", "uninstall", "mcp"} {
 		r := u.run(cmd, "--help")
 		if r.code != 0 || !strings.Contains(r.stdout, "Usage: claudemesh "+cmd) {
 			t.Errorf("%s --help: %d %q", cmd, r.code, r.stdout)
