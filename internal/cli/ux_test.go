@@ -299,10 +299,15 @@ func TestMCPBinaryPushesMessages(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no notification within 5 s")
 	}
-	// Declared and pushed: it counts as read, so the hooks do not repeat it.
-	testkit.Eventually(t, 5*time.Second, "marked read", func() bool {
-		return len(decode[[]client.Message](t, alice.ok("inbox", "--peek", "--offline", "--json"))) == 0
-	})
+	// Claude Code shows the notification only when started with channels
+	// on, which the server cannot see: the message stays unread for the
+	// hooks and check_messages (watched for half a second, in which a
+	// wrong "read" would have been written).
+	for deadline := time.Now().Add(500 * time.Millisecond); time.Now().Before(deadline); {
+		if msgs := decode[[]client.Message](t, alice.ok("inbox", "--peek", "--offline", "--json")); len(msgs) != 1 {
+			t.Fatalf("after the push to Claude Code the inbox holds %+v, want the message unread", msgs)
+		}
+	}
 }
 
 // install refuses a `go run` build and says how to install; --force moves

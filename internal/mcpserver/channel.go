@@ -28,10 +28,10 @@ const (
 
 // Channel modes (Options.Channel).
 const (
-	// ChannelAuto pushes to clients that declare the capability (and then
-	// counts a pushed message as read), and to Claude Code, which takes
-	// the notifications only when started with channels enabled — so
-	// there the message also stays for check_messages and the hooks.
+	// ChannelAuto pushes to Claude Code, which takes the notifications only
+	// when started with channels enabled — so the message also stays for
+	// check_messages and the hooks — and to other clients that declare the
+	// capability, for which a pushed message counts as read.
 	ChannelAuto = "auto"
 	// ChannelOn pushes to any client and counts pushed messages as read.
 	ChannelOn = "on"
@@ -142,13 +142,15 @@ func channelFor(mode string, p *mcp.InitializeParams) (on, trusted bool) {
 	case ChannelOn:
 		return true, true
 	}
+	if p != nil && p.ClientInfo != nil && p.ClientInfo.Name == "claude-code" {
+		// Claude Code drops the notifications unless it was started with
+		// channels on, which a server cannot see: never count them as read.
+		return true, false
+	}
 	if p != nil && p.Capabilities != nil {
 		if _, ok := p.Capabilities.Experimental[ChannelCapability]; ok {
 			return true, true
 		}
-	}
-	if p != nil && p.ClientInfo != nil && p.ClientInfo.Name == "claude-code" {
-		return true, false
 	}
 	return false, false
 }
