@@ -57,7 +57,7 @@ func TestPlanHooksMerges(t *testing.T) {
 	if err := os.WriteFile(path, []byte(userSettings), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	c, err := PlanHooks(path, "claudemesh hook")
+	c, err := PlanHooks(path, "claudemesh hook", false)
 	if err != nil || !c.Changed {
 		t.Fatalf("%+v %v", c, err)
 	}
@@ -101,7 +101,7 @@ func TestPlanHooksMerges(t *testing.T) {
 	if !(strings.Index(s, `"model"`) < strings.Index(s, `"permissions"`) && strings.Index(s, `"hooks"`) < strings.Index(s, `"zzz"`)) {
 		t.Errorf("keys reordered:\n%s", s)
 	}
-	again, err := PlanHooks(path, "/other/path/claudemesh hook")
+	again, err := PlanHooks(path, "/other/path/claudemesh hook", false)
 	if err != nil || again.Changed {
 		t.Fatalf("second plan changed: %+v %v", again, err)
 	}
@@ -165,11 +165,11 @@ func TestPlanMCP(t *testing.T) {
 func TestPlanRejectsBrokenFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "settings.json")
 	_ = os.WriteFile(path, []byte(`{"hooks": [}`), 0o600)
-	if _, err := PlanHooks(path, "claudemesh hook"); err == nil {
+	if _, err := PlanHooks(path, "claudemesh hook", false); err == nil {
 		t.Fatal("broken settings accepted")
 	}
 	_ = os.WriteFile(path, []byte(`{"hooks": {"Stop": {"not": "a list"}}}`), 0o600)
-	if _, err := PlanHooks(path, "claudemesh hook"); err == nil {
+	if _, err := PlanHooks(path, "claudemesh hook", false); err == nil {
 		t.Fatal("hooks.Stop object accepted")
 	}
 }

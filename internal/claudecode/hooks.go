@@ -72,11 +72,28 @@ func StatusForEvent(event string) (status string, ok bool) {
 
 // InstalledEvents are the events `claudemesh install` registers the hook
 // for: the turn's start, each tool call (so a resumed turn is seen), and
-// its end.
-var InstalledEvents = []string{EventSessionStart, EventUserPromptSubmit, EventPreToolUse, EventStop, EventSessionEnd}
+// its end
+// (PostToolUse also lets an urgent message reach Claude mid-turn).
+var InstalledEvents = []string{EventSessionStart, EventUserPromptSubmit, EventPreToolUse, EventPostToolUse, EventStop, EventSessionEnd}
 
-// AddsContext reports whether Claude Code adds a hook's stdout to the
-// conversation for this event.
+// AddsContext reports whether a hook for this event can add context to the
+// conversation: UserPromptSubmit and SessionStart through plain stdout,
+// PostToolUse through JSON output (see HookContext).
 func AddsContext(event string) bool {
-	return event == EventUserPromptSubmit || event == EventSessionStart
+	return event == EventUserPromptSubmit || event == EventSessionStart || event == EventPostToolUse
+}
+
+// HookContext renders context for Claude as the hook's stdout. For
+// PostToolUse, plain stdout only reaches the transcript view, so it is the
+// JSON form Claude Code reads: hookSpecificOutput.additionalContext.
+func HookContext(event, text string) ([]byte, error) {
+	if event != EventPostToolUse {
+		return []byte(text), nil
+	}
+	out := map[string]any{"hookSpecificOutput": map[string]any{"hookEventName": event, "additionalContext": text}}
+	data, err := json.Marshal(out)
+	if err != nil {
+		return nil, err
+	}
+	return append(data, '\n'), nil
 }

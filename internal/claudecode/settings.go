@@ -85,6 +85,14 @@ func (o *object) set(key string, v any) error {
 	return nil
 }
 
+func (o *object) remove(key string) {
+	if _, ok := o.vals[key]; !ok {
+		return
+	}
+	delete(o.vals, key)
+	o.keys = slices.DeleteFunc(o.keys, func(k string) bool { return k == key })
+}
+
 // child returns the object under key (a new one when absent).
 func (o *object) child(key string) (*object, error) {
 	raw, ok := o.get(key)
@@ -157,10 +165,14 @@ func IsClaudemeshHook(command string) bool {
 	return len(f) >= 2 && strings.Contains(f[0], "claudemesh") && f[len(f)-1] == "hook"
 }
 
-// PlanHooks plans adding hookCommand (e.g. "claudemesh hook") to every
-// event of InstalledEvents in the settings file at path. Events that already
-// run a claudemesh hook are left alone; nothing else is touched.
-func PlanHooks(path, hookCommandLine string) (*Change, error) {
+// PlanHooks plans registering hookCommandLine (e.g. "claudemesh hook")
+// for every event of InstalledEvents in the settings file at path. Nothing
+// but claudemesh's own hook entries is ever touched. An event that already
+// runs exactly this command is kept. Without force, an event running
+// another claudemesh hook command (another path) is kept too, with a note;
+// with force every claudemesh hook entry, in any event, is replaced, so
+// the hooks and the MCP registration move to a new path together.
+func PlanHooks(path, hookCommandLine string, force bool) (*Change, error) {
 	o, before, mode, err := readObject(path)
 	if err != nil {
 		return nil, err
@@ -171,19 +183,31 @@ func PlanHooks(path, hookCommandLine string) (*Change, error) {
 	}
 	var notes []string
 	changed := false
-	for _, ev := range InstalledEvents {
-		var groups []json.RawMessage
-		if raw, ok := hooks.get(ev); ok && string(raw) != "null" {
-			if err := json.Unmarshal(raw, &groups); err != nil {
-				return nil, fmt.Errorf("%s: hooks.%s is not a list: %w", path, ev, err)
-			}
+	if force {
+		removed, err := removeClaudemeshHooks(hooks, func(cmd string) bool { return cmd != hookCommandLine })
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
 		}
-		if hasClaudemeshHook(groups) {
-			notes = append(notes, "hooks."+ev+": a claudemesh hook is already there; kept")
+		for _, r := range removed {
+			notes = append(notes, "hooks."+r+": removed")
+		}
+		changed = len(removed) > 0
+	}
+	for _, ev := range InstalledEvents {
+		groups, err := hookGroups(hooks, ev)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		switch cur := claudemeshCommands(groups); {
+		case slices.Contains(cur, hookCommandLine):
+			notes = append(notes, "hooks."+ev+": already there; kept")
+			continue
+		case len(cur) > 0:
+			notes = append(notes, "hooks."+ev+": runs "+cur[0]+"; kept (use --force to replace it)")
 			continue
 		}
 		g := hookGroup{Hooks: []hookCommand{{Type: "command", Command: hookCommandLine, Timeout: 10}}}
-		if ev == EventPreToolUse {
+		if ev == EventPreToolUse || ev == EventPostToolUse {
 			g.Matcher = "*"
 		}
 		data, _ := json.Marshal(g)
@@ -202,7 +226,58 @@ func PlanHooks(path, hookCommandLine string) (*Change, error) {
 	return finish(path, o, before, mode, notes, changed)
 }
 
-func hasClaudemeshHook(groups []json.RawMessage) bool {
+// PlanUnhooks plans removing every claudemesh hook entry from the settings
+// file at path: hook groups left empty go, then events left empty, then the
+// "hooks" object if it is left empty, so what install added is gone and
+// everything else stays byte for byte.
+func PlanUnhooks(path string) (*Change, error) {
+	o, before, mode, err := readObject(path)
+	if err != nil {
+		return nil, err
+	}
+	if before == nil {
+		return finish(path, o, before, mode, []string{"no settings file; nothing to remove"}, false)
+	}
+	if _, ok := o.get("hooks"); !ok {
+		return finish(path, o, before, mode, []string{"no claudemesh hook; nothing to remove"}, false)
+	}
+	hooks, err := o.child("hooks")
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	removed, err := removeClaudemeshHooks(hooks, func(string) bool { return true })
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if len(removed) == 0 {
+		return finish(path, o, before, mode, []string{"no claudemesh hook; nothing to remove"}, false)
+	}
+	var notes []string
+	for _, r := range removed {
+		notes = append(notes, "hooks."+r+": removed")
+	}
+	if len(hooks.keys) == 0 {
+		o.remove("hooks")
+	} else if err := o.set("hooks", hooks); err != nil {
+		return nil, err
+	}
+	return finish(path, o, before, mode, notes, true)
+}
+
+// hookGroups reads the hook groups of one event.
+func hookGroups(hooks *object, ev string) ([]json.RawMessage, error) {
+	var groups []json.RawMessage
+	if raw, ok := hooks.get(ev); ok && string(raw) != "null" {
+		if err := json.Unmarshal(raw, &groups); err != nil {
+			return nil, fmt.Errorf("hooks.%s is not a list: %w", ev, err)
+		}
+	}
+	return groups, nil
+}
+
+// claudemeshCommands lists the claudemesh hook commands of an event.
+func claudemeshCommands(groups []json.RawMessage) []string {
+	var out []string
 	for _, raw := range groups {
 		var g hookGroup
 		if json.Unmarshal(raw, &g) != nil {
@@ -210,12 +285,77 @@ func hasClaudemeshHook(groups []json.RawMessage) bool {
 		}
 		for _, h := range g.Hooks {
 			if IsClaudemeshHook(h.Command) {
-				return true
+				out = append(out, h.Command)
 			}
 		}
 	}
-	return false
+	return out
 }
+
+// removeClaudemeshHooks drops, in every event, the claudemesh hook entries
+// whose command drop accepts. A group is rewritten only when it held one
+// (its other keys and entries are kept as they were); a group left without
+// entries goes, and so does an event left without groups. It returns the
+// events it changed.
+func removeClaudemeshHooks(hooks *object, drop func(command string) bool) ([]string, error) {
+	var changed []string
+	for _, ev := range slices.Clone(hooks.keys) {
+		groups, err := hookGroups(hooks, ev)
+		if err != nil {
+			return nil, err
+		}
+		kept := make([]json.RawMessage, 0, len(groups))
+		touched := false
+		for _, raw := range groups {
+			g := newObject()
+			var entries []json.RawMessage
+			if json.Unmarshal(raw, g) != nil {
+				kept = append(kept, raw)
+				continue
+			}
+			if hr, ok := g.get("hooks"); !ok || json.Unmarshal(hr, &entries) != nil {
+				kept = append(kept, raw)
+				continue
+			}
+			rest := make([]json.RawMessage, 0, len(entries))
+			for _, e := range entries {
+				var h hookCommand
+				if json.Unmarshal(e, &h) == nil && IsClaudemeshHook(h.Command) && drop(h.Command) {
+					continue
+				}
+				rest = append(rest, e)
+			}
+			switch {
+			case len(rest) == len(entries):
+				kept = append(kept, raw)
+			case len(rest) == 0:
+				touched = true
+			default:
+				touched = true
+				if err := g.set("hooks", rest); err != nil {
+					return nil, err
+				}
+				data, err := json.Marshal(g)
+				if err != nil {
+					return nil, err
+				}
+				kept = append(kept, data)
+			}
+		}
+		if !touched {
+			continue
+		}
+		changed = append(changed, ev)
+		if len(kept) == 0 {
+			hooks.remove(ev)
+		} else if err := hooks.set(ev, kept); err != nil {
+			return nil, err
+		}
+	}
+	return changed, nil
+}
+
+func hasClaudemeshHook(groups []json.RawMessage) bool { return len(claudemeshCommands(groups)) > 0 }
 
 // MCPServer is a stdio MCP server registration in ~/.claude.json.
 type MCPServer struct {
@@ -254,6 +394,45 @@ func PlanMCP(path, name string, server MCPServer, force bool) (*Change, error) {
 		return nil, err
 	}
 	return finish(path, o, before, mode, []string{"mcpServers." + name + ": registered " + server.Command + " " + strings.Join(server.Args, " ")}, true)
+}
+
+// PlanUnMCP plans removing mcpServers.<name> from the file at path, when it
+// is a claudemesh registration (it runs "<…claudemesh…> mcp …"); another
+// server registered under that name is kept. An mcpServers object left
+// empty goes too.
+func PlanUnMCP(path, name string) (*Change, error) {
+	o, before, mode, err := readObject(path)
+	if err != nil {
+		return nil, err
+	}
+	none := []string{"mcpServers." + name + ": not registered; nothing to remove"}
+	if _, ok := o.get("mcpServers"); !ok || before == nil {
+		return finish(path, o, before, mode, none, false)
+	}
+	servers, err := o.child("mcpServers")
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	raw, ok := servers.get(name)
+	if !ok {
+		return finish(path, o, before, mode, none, false)
+	}
+	var cur MCPServer
+	if json.Unmarshal(raw, &cur) != nil || !IsClaudemeshMCP(cur) {
+		return finish(path, o, before, mode, []string{"mcpServers." + name + ": not a claudemesh registration; kept"}, false)
+	}
+	servers.remove(name)
+	if len(servers.keys) == 0 {
+		o.remove("mcpServers")
+	} else if err := o.set("mcpServers", servers); err != nil {
+		return nil, err
+	}
+	return finish(path, o, before, mode, []string{"mcpServers." + name + ": removed " + cur.Command + " " + strings.Join(cur.Args, " ")}, true)
+}
+
+// IsClaudemeshMCP reports whether a registration runs `claudemesh mcp …`.
+func IsClaudemeshMCP(s MCPServer) bool {
+	return strings.Contains(filepath.Base(s.Command), "claudemesh") && slices.Contains(s.Args, "mcp")
 }
 
 func mapsEqual(a, b map[string]string) bool {
@@ -356,4 +535,18 @@ func ShellQuote(s string) string {
 		return s
 	}
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// TemporaryBuild reports whether path is a binary that `go run` (or `go
+// test`) built in a temporary folder (…/go-build123/b001/exe/claudemesh):
+// it is deleted when that command exits, so registering it would leave
+// Claude Code with hooks and an MCP server that cannot start.
+func TemporaryBuild(path string) bool {
+	parts := strings.Split(filepath.ToSlash(filepath.Clean(path)), "/")
+	for i, p := range parts {
+		if strings.HasPrefix(p, "go-build") && strings.Trim(strings.TrimPrefix(p, "go-build"), "0123456789") == "" && i < len(parts)-1 {
+			return true
+		}
+	}
+	return false
 }

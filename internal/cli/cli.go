@@ -24,6 +24,7 @@ import (
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/peer"
 	"github.com/claudemesh/broker/internal/profile"
+	"github.com/claudemesh/broker/internal/sanitize"
 )
 
 // Version is the claudemesh CLI version.
@@ -84,19 +85,21 @@ type Globals struct {
 type cliArgs struct {
 	Globals
 
-	Keygen  keygenCmd  `cmd:"" help:"Create your identity key pair (ed25519)."`
-	Join    joinCmd    `cmd:"" help:"Join a mesh with an invite."`
-	Meshes  meshesCmd  `cmd:"" help:"List the meshes you joined, or choose the default."`
-	Send    sendCmd    `cmd:"" help:"Send an end-to-end encrypted message."`
-	Inbox   inboxCmd   `cmd:"" help:"Show messages received (and fetch waiting ones)."`
-	Listen  listenCmd  `cmd:"" help:"Stay connected and print messages as they arrive."`
-	Peers   peersCmd   `cmd:"" help:"List the sessions online in the mesh."`
-	Status  statusCmd  `cmd:"" help:"Set the status of this directory's running session: idle, working or dnd."`
-	Summary summaryCmd `cmd:"" help:"Set the summary of this directory's running session."`
-	Outbox  outboxCmd  `cmd:"" help:"List messages not yet accepted by the broker, and rejected ones."`
-	Hook    hookCmd    `cmd:"" help:"Claude Code hook: reads the hook event on stdin and reports working/idle."`
-	Install installCmd `cmd:"" help:"Register the hooks and the MCP server in Claude Code's settings."`
-	MCP     mcpCmd     `cmd:"" name:"mcp" help:"Run the MCP server for Claude Code on stdin/stdout."`
+	Keygen    keygenCmd    `cmd:"" help:"Create your identity key pair (ed25519)."`
+	Join      joinCmd      `cmd:"" help:"Join a mesh with an invite."`
+	Meshes    meshesCmd    `cmd:"" help:"List the meshes you joined, or choose the default."`
+	Send      sendCmd      `cmd:"" help:"Send an end-to-end encrypted message."`
+	Inbox     inboxCmd     `cmd:"" help:"Show messages received (and fetch waiting ones)."`
+	Listen    listenCmd    `cmd:"" help:"Stay connected and print messages as they arrive."`
+	Peers     peersCmd     `cmd:"" help:"List the sessions online in the mesh."`
+	Members   membersCmd   `cmd:"" help:"List the mesh's members, online or not (anyone here can be messaged by name)."`
+	Status    statusCmd    `cmd:"" help:"Set the status of this directory's running session: idle, working or dnd."`
+	Summary   summaryCmd   `cmd:"" help:"Set the summary of this directory's running session."`
+	Outbox    outboxCmd    `cmd:"" help:"List messages not yet accepted by the broker, and rejected ones."`
+	Hook      hookCmd      `cmd:"" help:"Claude Code hook: reads the hook event on stdin and reports working/idle."`
+	Install   installCmd   `cmd:"" help:"Register the hooks and the MCP server in Claude Code's settings."`
+	Uninstall uninstallCmd `cmd:"" help:"Remove exactly what install added to Claude Code's settings (backups are kept)."`
+	MCP       mcpCmd       `cmd:"" name:"mcp" help:"Run the MCP server for Claude Code on stdin/stdout."`
 }
 
 // exitPanic carries kong's exit code out of a parse (for --help).
@@ -239,10 +242,13 @@ func (a *app) serviceLogger() *slog.Logger {
 // sessionOptions adjust openSession.
 type sessionOptions struct {
 	persistent bool
-	groups     []string
-	onMessage  func(client.Message)
-	onEvent    func(client.Event)
-	logger     *slog.Logger
+	// sendOnly: a command that only sends or lists; the broker never hands
+	// it a message (what waits belongs to the member's real session).
+	sendOnly  bool
+	groups    []string
+	onMessage func(client.Message)
+	onEvent   func(client.Event)
+	logger    *slog.Logger
 }
 
 func (a *app) openSession(sel *selected, o sessionOptions) (*peer.Session, error) {
@@ -261,15 +267,30 @@ func (a *app) openSession(sel *selected, o sessionOptions) (*peer.Session, error
 	}
 	return peer.Start(peer.Config{
 		Identity: sel.id, Mesh: sel.mesh, Store: st, URLs: a.g.Broker, Cwd: a.env.Cwd, PID: pid,
-		Hostname: a.env.Hostname, Groups: o.groups, Persistent: o.persistent, OnMessage: o.onMessage, OnEvent: o.onEvent,
+		Hostname: a.env.Hostname, Groups: o.groups, Persistent: o.persistent, SendOnly: o.sendOnly, OnMessage: o.onMessage, OnEvent: o.onEvent,
 		Logger: logger,
 	})
 }
 
+// printJSON prints v indented; text from peers stays exact, with the runes
+// a terminal could act on escaped (sanitize.JSON).
 func (a *app) printJSON(v any) error {
-	enc := json.NewEncoder(a.env.Stdout)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = a.env.Stdout.Write(append(sanitize.JSON(data), '\n'))
+	return err
+}
+
+// printJSONLine prints v as one line of JSON (listen --json).
+func (a *app) printJSONLine(v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = a.env.Stdout.Write(append(sanitize.JSON(data), '\n'))
+	return err
 }
 
 func (a *app) printf(format string, args ...any) {

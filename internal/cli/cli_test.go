@@ -274,7 +274,7 @@ func TestSendInboxPeersStatus(t *testing.T) {
 		t.Fatalf("inbox --all: %s", out)
 	}
 
-	f2 := alice.fail(`unknown peer "carol"`, "send", "carol", "hi")
+	f2 := alice.fail(`unknown member "carol"`, "send", "carol", "hi")
 	if !strings.Contains(f2.stderr, "bob") {
 		t.Fatalf("unknown peer error does not list known peers: %s", f2.stderr)
 	}
@@ -365,7 +365,10 @@ func TestJoinErrors(t *testing.T) {
 
 	// Unreachable broker.
 	inv2, _ := admin.CreateInvite(ctx, n.Store(), mesh.MeshID, 1, time.Hour, "member", "ws://127.0.0.1:1/ws")
-	other.fail("cannot reach the broker", "join", inv2.Token)
+	r := other.fail("cannot reach the broker", "join", inv2.Token, "--wait", "1s")
+	if !strings.Contains(r.stderr, "--broker ws://host:port/ws") {
+		t.Fatalf("unreachable broker: no hint about --broker: %s", r.stderr)
+	}
 }
 
 // The hook reports the Claude Code event's status for the session in the
@@ -399,7 +402,7 @@ func TestHook(t *testing.T) {
 	bob.ok("inbox", "--peek")
 	prompt := `{"session_id":"cc-1","cwd":"` + bob.cwd + `","hook_event_name":"UserPromptSubmit","prompt":"hi"}`
 	r := bob.runIn(ctx, prompt, "hook")
-	if r.code != 0 || !strings.Contains(r.stdout, "1 in mesh team (from alice)") || !strings.Contains(r.stdout, "check_messages") {
+	if r.code != 0 || !strings.Contains(r.stdout, "1 in mesh team (from alice ("+f.alicePubkey[:8]+"))") || !strings.Contains(r.stdout, "check_messages") {
 		t.Fatalf("hook on prompt: %+v", r)
 	}
 	if r := bob.runIn(ctx, `{"hook_event_name":"Stop","cwd":"`+bob.cwd+`"}`, "hook"); r.code != 0 || r.stdout != "" {
@@ -466,7 +469,7 @@ func TestInstall(t *testing.T) {
 
 func TestHelpAndUsage(t *testing.T) {
 	u := newUser(t, "gina")
-	for _, cmd := range []string{"keygen", "join", "meshes", "send", "inbox", "listen", "peers", "status", "summary", "outbox", "hook", "install", "mcp"} {
+	for _, cmd := range []string{"keygen", "join", "meshes", "send", "inbox", "listen", "peers", "members", "status", "summary", "outbox", "hook", "install", "uninstall", "mcp"} {
 		r := u.run(cmd, "--help")
 		if r.code != 0 || !strings.Contains(r.stdout, "Usage: claudemesh "+cmd) {
 			t.Errorf("%s --help: %d %q", cmd, r.code, r.stdout)

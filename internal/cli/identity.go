@@ -11,6 +11,7 @@ import (
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/profile"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/sanitize"
 )
 
 type keygenCmd struct {
@@ -111,7 +112,7 @@ func (j *joinCmd) Run(a *app) error {
 	if res.AlreadyMember {
 		verb = "already a member of"
 	}
-	a.printf("%s mesh %q (%s) as %q, role %s\n", verb, m.Name, m.Slug, name, m.Role)
+	a.printf("%s mesh %q (%s) as %s, role %s\n", verb, sanitize.Clip(m.Name, 64), sanitize.Line(m.Slug), sanitize.Name(name, id.Pubkey), sanitize.Line(m.Role))
 	if inv.RootKey == "" {
 		a.printf("note: the invite carries no mesh key, so broadcast and group messages cannot be read or sent\n")
 	}
@@ -159,7 +160,8 @@ func (l *meshesListCmd) Run(a *app) error {
 		if m.MeshID == ms.Default {
 			mark = "*"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", mark, m.Slug, m.Name, m.DisplayName, m.Role, strings.Join(m.BrokerURLs, ","), m.MeshID)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", mark, sanitize.Line(m.Slug), sanitize.Clip(m.Name, 40), sanitize.Clip(m.DisplayName, sanitize.MaxNameRunes),
+			sanitize.Line(m.Role), sanitize.Line(strings.Join(m.BrokerURLs, ",")), sanitize.Line(m.MeshID))
 	}
 	return tw.Flush()
 }
@@ -177,6 +179,6 @@ func (u *meshesUseCmd) Run(a *app) error {
 	if err != nil {
 		return err
 	}
-	a.printf("default mesh: %s (%s)\n", m.Name, m.Slug)
+	a.printf("default mesh: %s (%s)\n", sanitize.Clip(m.Name, 64), sanitize.Line(m.Slug))
 	return nil
 }

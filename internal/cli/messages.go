@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +14,7 @@ import (
 	"github.com/claudemesh/broker/internal/localstore"
 	"github.com/claudemesh/broker/internal/peer"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/sanitize"
 )
 
 // maxStdinMessage bounds a message read from stdin.
@@ -55,7 +55,7 @@ func (s *sendCmd) Run(a *app) error {
 	if err != nil {
 		return err
 	}
-	sess, err := a.openSession(sel, sessionOptions{})
+	sess, err := a.openSession(sel, sessionOptions{sendOnly: true})
 	if err != nil {
 		return err
 	}
@@ -85,22 +85,64 @@ func (s *sendCmd) Run(a *app) error {
 	if err != nil {
 		return err
 	}
+	held := heldFor(ctx, sess, res.MessageID, s.Priority)
 	if s.JSON {
+		if held == nil {
+			held = []string{}
+		}
 		return a.printJSON(map[string]any{"messageId": res.MessageID, "clientMessageId": res.ClientMessageID,
-			"target": target, "duplicate": res.Duplicate})
+			"target": target, "duplicate": res.Duplicate, "heldFor": held})
 	}
 	a.printf("sent to %s (message %s)\n", describeTarget(s.To, target), res.MessageID)
+	if len(held) > 0 {
+		who := strings.Join(held, ", ")
+		if len(held) > 5 {
+			who = strings.Join(held[:5], ", ") + fmt.Sprintf(" and %d more", len(held)-5)
+		}
+		verb := "are"
+		if len(held) == 1 {
+			verb = "is"
+		}
+		a.printf("held: %s %s busy (working or dnd); the message is delivered when a session turns idle (-p now reaches a busy session)\n", who, verb)
+	}
 	return nil
 }
 
-func describeTarget(to, target string) string {
-	if to == target || strings.EqualFold(to, target) {
-		if kind, _ := protocol.ParseTarget(target); kind == protocol.TargetPubkey {
-			return short(target, 12)
-		}
-		return target
+// heldFor names the recipients for whom the broker holds the message
+// because every session of theirs is busy. Best effort: nothing when the
+// broker cannot say.
+func heldFor(ctx context.Context, sess *peer.Session, messageID, priority string) []string {
+	if priority == protocol.PriorityNow || messageID == "" {
+		return nil // now is never held
 	}
-	return fmt.Sprintf("%s (%s)", to, short(target, 12))
+	st, err := sess.MessageStatus(ctx, messageID)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, r := range st.Recipients {
+		if r.State == protocol.StateHeld {
+			out = append(out, sanitize.Clip(r.DisplayName, sanitize.MaxNameRunes))
+		}
+	}
+	return out
+}
+
+// describeTarget shows what a message went to: a member as "name
+// (fingerprint)", a group or * as it is.
+func describeTarget(to, target string) string {
+	kind, _ := protocol.ParseTarget(target)
+	if kind != protocol.TargetPubkey {
+		return sanitize.Line(target)
+	}
+	if to == "" || strings.EqualFold(to, target) {
+		return short(target, 12)
+	}
+	name := to
+	if open := strings.LastIndex(to, " ("); open > 0 && strings.HasSuffix(to, ")") {
+		name = to[:open] // already shown with a fingerprint
+	}
+	return sanitize.Name(name, target)
 }
 
 type inboxCmd struct {
@@ -125,22 +167,9 @@ func (c *inboxCmd) Run(a *app) error {
 		}
 		local = st.Mesh(sel.mesh.MeshID)
 	} else {
-		sess, err := a.openSession(sel, sessionOptions{})
-		if err != nil {
+		var err error
+		if local, err = a.fetchInbox(sel, c.Wait); err != nil {
 			return err
-		}
-		defer sess.Close()
-		local = sess.Local()
-		ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
-		err = sess.WaitReady(ctx)
-		cancel()
-		switch {
-		case isPermanent(err):
-			return err
-		case err != nil:
-			a.warnf("%v\nshowing the messages received before", err)
-		default:
-			drain(a.ctx, sess.NewMessages(), c.Wait)
 		}
 	}
 	var msgs []client.Message
@@ -171,6 +200,59 @@ func (c *inboxCmd) Run(a *app) error {
 	return nil
 }
 
+// fetchInbox fetches waiting messages into the local inbox — unless
+// another session of this identity is online: the broker delivers to that
+// one (a message held while it works is its to get), so a command must not
+// take it. Then only what this machine received is shown.
+func (a *app) fetchInbox(sel *selected, quiet time.Duration) (*localstore.Mesh, error) {
+	ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
+	defer cancel()
+	look, err := a.openSession(sel, sessionOptions{sendOnly: true})
+	if err != nil {
+		return nil, err
+	}
+	err = look.WaitReady(ctx)
+	var mine []peer.Peer
+	if err == nil {
+		peers, perr := look.Peers(ctx)
+		for _, p := range peers {
+			if p.Me && !p.Self {
+				mine = append(mine, p)
+			}
+		}
+		err = perr
+	}
+	_ = look.Close()
+	switch {
+	case isPermanent(err):
+		return nil, err
+	case err != nil:
+		a.warnf("%v\nshowing the messages received before", err)
+		return look.Local(), nil
+	case len(mine) > 0:
+		where := make([]string, 0, len(mine))
+		for _, p := range mine {
+			where = append(where, sanitize.Clip(p.Cwd, 60)+" on "+sanitize.Clip(p.Hostname, 40))
+		}
+		a.warnf("your session in %s receives your messages (held ones too, while it is busy); showing those received on this machine", strings.Join(where, ", "))
+		return look.Local(), nil
+	}
+	sess, err := a.openSession(sel, sessionOptions{})
+	if err != nil {
+		return nil, err
+	}
+	defer sess.Close()
+	if err := sess.WaitReady(ctx); err != nil {
+		if isPermanent(err) {
+			return nil, err
+		}
+		a.warnf("%v\nshowing the messages received before", err)
+		return sess.Local(), nil
+	}
+	drain(a.ctx, sess.NewMessages(), quiet)
+	return sess.Local(), nil
+}
+
 // drain waits until no new message arrived for quiet (at most 10×quiet):
 // the broker pushes what waited for us right after the hello, and the
 // protocol has no marker for the end of that backlog.
@@ -196,21 +278,24 @@ func drain(ctx context.Context, news <-chan struct{}, quiet time.Duration) {
 	}
 }
 
+// printMessage shows a message: a header line that only the CLI writes,
+// then the body, sanitized and indented, so no line of a body can pass for
+// a header (or reach the terminal as an escape sequence).
 func printMessage(w io.Writer, m client.Message) {
 	where := ""
 	if m.Kind != client.KindDirect {
-		where = " → " + m.Target
+		where = " → " + sanitize.Line(m.Target)
 	}
 	prio := ""
 	if m.Priority != protocol.PriorityNext {
-		prio = " [" + m.Priority + "]"
+		prio = " [" + sanitize.Line(m.Priority) + "]"
 	}
 	body := m.Text
 	if m.DecryptError != "" {
 		body = "[could not decrypt: " + m.DecryptError + "]"
 	}
-	fmt.Fprintf(w, "%s  %s%s%s  (%s)\n", m.CreatedAt, m.FromName, where, prio, short(m.From, 12))
-	for _, line := range strings.Split(body, "\n") {
+	fmt.Fprintf(w, "%s  %s%s%s\n", sanitize.Line(m.CreatedAt), sanitize.Name(m.FromName, m.From), where, prio)
+	for _, line := range strings.Split(sanitize.Text(body), "\n") {
 		fmt.Fprintf(w, "    %s\n", line)
 	}
 }
@@ -242,16 +327,17 @@ func (l *listenCmd) Run(a *app) error {
 		mu.Lock()
 		defer mu.Unlock()
 		if l.JSON {
-			_ = json.NewEncoder(a.env.Stdout).Encode(map[string]any{"type": "event", "event": e.Name, "peer": e.Peer, "at": e.At})
+			_ = a.printJSONLine(map[string]any{"type": "event", "event": e.Name, "peer": e.Peer, "at": e.At})
 			return
 		}
+		who := sanitize.Name(e.Peer.DisplayName, e.Peer.Pubkey)
 		switch e.Name {
 		case protocol.EventPeerJoined:
-			a.printf("* %s joined (%s)\n", e.Peer.DisplayName, e.Peer.Status)
+			a.printf("* %s joined (%s)\n", who, sanitize.Line(e.Peer.Status))
 		case protocol.EventPeerLeft:
-			a.printf("* %s left\n", e.Peer.DisplayName)
+			a.printf("* %s left\n", who)
 		case protocol.EventPeerStatus:
-			a.printf("* %s is %s\n", e.Peer.DisplayName, e.Peer.Status)
+			a.printf("* %s is %s\n", who, sanitize.Line(e.Peer.Status))
 		}
 	}
 	if err := validGroups(l.Group); err != nil {
@@ -271,11 +357,17 @@ func (l *listenCmd) Run(a *app) error {
 		return err
 	}
 	defer stop()
+	// A listening terminal has no transcript: its status is what it says
+	// (idle, or what `claudemesh status` sets), not the broker's default
+	// "idle from the transcript".
+	if err := sess.SetStatus(ctx, protocol.StatusIdle); err != nil {
+		return err
+	}
 	announced := make(chan struct{})
 	go func() {
 		defer close(announced)
 		if sess.WaitReady(ctx) == nil {
-			fmt.Fprintf(a.env.Stderr, "listening on mesh %s as %s (Ctrl-C to stop)\n", sel.mesh.Slug, sel.mesh.DisplayName)
+			fmt.Fprintf(a.env.Stderr, "listening on mesh %s as %s (Ctrl-C to stop)\n", sanitize.Line(sel.mesh.Slug), sanitize.Name(sel.mesh.DisplayName, sel.mesh.Pubkey))
 		}
 	}()
 	defer func() {
@@ -295,7 +387,7 @@ func (l *listenCmd) Run(a *app) error {
 		mu.Lock()
 		for _, m := range msgs {
 			if l.JSON {
-				_ = json.NewEncoder(a.env.Stdout).Encode(struct {
+				_ = a.printJSONLine(struct {
 					Type string `json:"type"`
 					client.Message
 				}{"message", m})
@@ -338,7 +430,7 @@ func (c *peersCmd) Run(a *app) error {
 	if err != nil {
 		return err
 	}
-	sess, err := a.openSession(sel, sessionOptions{})
+	sess, err := a.openSession(sel, sessionOptions{sendOnly: true})
 	if err != nil {
 		return err
 	}
@@ -366,22 +458,68 @@ func (c *peersCmd) Run(a *app) error {
 		return a.printJSON(peers)
 	}
 	if len(peers) == 0 {
-		a.printf("no peer is online in mesh %s\n", sel.mesh.Slug)
+		a.printf("no peer is online in mesh %s (`claudemesh members` lists everyone, online or not)\n", sanitize.Line(sel.mesh.Slug))
 		return nil
 	}
 	tw := tabwriter.NewWriter(a.env.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSTATUS\tSUMMARY\tGROUPS\tCWD\tHOST\tPUBKEY\tNODE")
+	fmt.Fprintln(tw, "NAME\tSTATUS\tSUMMARY\tGROUPS\tCWD\tHOST\tNODE")
 	for _, p := range peers {
-		name := p.DisplayName
+		name := sanitize.Name(p.DisplayName, p.Pubkey)
 		if p.Me {
 			name += " (you)"
 		}
 		groups := make([]string, len(p.Groups))
 		for i, g := range p.Groups {
-			groups[i] = "@" + g
+			groups[i] = "@" + sanitize.Clip(g, 32)
 		}
-		fmt.Fprintf(tw, "%s\t%s (%s)\t%s\t%s\t%s\t%s\t%s\t%s\n", name, p.Status, p.StatusSource, short(oneLine(p.Summary), 40),
-			strings.Join(groups, ","), p.Cwd, p.Hostname, short(p.Pubkey, 12), p.Node)
+		fmt.Fprintf(tw, "%s\t%s (%s)\t%s\t%s\t%s\t%s\t%s\n", name, sanitize.Line(p.Status), sanitize.Line(p.StatusSource),
+			sanitize.Clip(p.Summary, 40), strings.Join(groups, ","), sanitize.Clip(p.Cwd, 60), sanitize.Clip(p.Hostname, 40), sanitize.Clip(p.Node, 40))
+	}
+	return tw.Flush()
+}
+
+type membersCmd struct {
+	Wait time.Duration `default:"10s" help:"How long to wait for the broker."`
+	JSON bool          `name:"json" help:"Print JSON."`
+}
+
+func (c *membersCmd) Run(a *app) error {
+	sel, err := a.selectMesh()
+	if err != nil {
+		return err
+	}
+	sess, err := a.openSession(sel, sessionOptions{sendOnly: true})
+	if err != nil {
+		return err
+	}
+	defer sess.Close()
+	ctx, cancel := context.WithTimeout(a.ctx, c.Wait)
+	defer cancel()
+	if err := sess.WaitReady(ctx); err != nil {
+		return err
+	}
+	members, err := sess.Members(ctx)
+	if errors.Is(err, client.ErrUnsupported) {
+		return errors.New("this broker does not list members (an older version); `claudemesh peers` lists who is online")
+	}
+	if err != nil {
+		return err
+	}
+	if c.JSON {
+		return a.printJSON(members)
+	}
+	tw := tabwriter.NewWriter(a.env.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tONLINE\tROLE\tJOINED\tPUBKEY")
+	for _, m := range members {
+		name := sanitize.Name(m.DisplayName, m.Pubkey)
+		if m.Me {
+			name += " (you)"
+		}
+		online := "no"
+		if m.Online {
+			online = "yes"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", name, online, sanitize.Line(m.Role), sanitize.Line(m.JoinedAt), short(sanitize.Line(m.Pubkey), 16))
 	}
 	return tw.Flush()
 }
@@ -394,8 +532,6 @@ func validGroups(groups []string) error {
 	}
 	return nil
 }
-
-func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
 
 type outboxCmd struct {
 	ClearFailed bool `help:"Forget the sends the broker rejected."`
@@ -445,17 +581,10 @@ func (c *outboxCmd) Run(a *app) error {
 	tw := tabwriter.NewWriter(a.env.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "STATE\tQUEUED\tTO\tTEXT\tID")
 	for _, e := range pending {
-		fmt.Fprintf(tw, "pending\t%s\t%s\t%s\t%s\n", e.CreatedAt.Format(time.RFC3339), describeTarget(orTarget(e.To, e.TargetSpec), e.TargetSpec), short(oneLine(e.Text), 40), e.ClientMessageID)
+		fmt.Fprintf(tw, "pending\t%s\t%s\t%s\t%s\n", e.CreatedAt.Format(time.RFC3339), describeTarget(e.To, e.TargetSpec), sanitize.Clip(e.Text, 40), e.ClientMessageID)
 	}
 	for _, f := range failed {
-		fmt.Fprintf(tw, "rejected: %s\t%s\t%s\t%s\t%s\n", f.Code, f.CreatedAt.Format(time.RFC3339), describeTarget(orTarget(f.To, f.TargetSpec), f.TargetSpec), short(oneLine(f.Text), 40), f.ClientMessageID)
+		fmt.Fprintf(tw, "rejected: %s\t%s\t%s\t%s\t%s\n", sanitize.Line(f.Code), f.CreatedAt.Format(time.RFC3339), describeTarget(f.To, f.TargetSpec), sanitize.Clip(f.Text, 40), f.ClientMessageID)
 	}
 	return tw.Flush()
-}
-
-func orTarget(to, target string) string {
-	if to == "" {
-		return target
-	}
-	return to
 }

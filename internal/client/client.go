@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net/http"
 	"slices"
 	"strconv"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/claudemesh/broker/internal/e2e"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/sanitize"
 )
 
 // Options configure a Client. Zero values are the documented defaults.
@@ -41,6 +43,11 @@ type Options struct {
 	// Ephemeral marks a short-lived connection (a CLI command): the broker
 	// hides it from peers and announces no join or leave for it.
 	Ephemeral bool
+	// SendOnly asks the broker never to hand this connection a message
+	// (capability send_only): a command that only sends or lists must not
+	// take what waits for the member's real session. It implies
+	// Ephemeral.
+	SendOnly bool
 
 	// Outbox keeps sends until acked; nil: in memory (lost on exit).
 	Outbox Outbox
@@ -392,7 +399,7 @@ func (c *Client) loop() error {
 			if c.o.GiveUpAfter > 0 && failures >= c.o.GiveUpAfter {
 				return &UnreachableError{Attempts: attempts}
 			}
-			if !c.sleep(c.o.Backoff.Delay(failures)) {
+			if !c.waitRetry(c.retryDelay(err, failures), outage(err)) {
 				return nil
 			}
 			continue
@@ -419,10 +426,108 @@ func (c *Client) loop() error {
 		c.mu.Lock()
 		c.urlNext++ // the node we were on may be gone: try the next first
 		c.mu.Unlock()
-		if !c.sleep(c.o.Backoff.Delay(failures)) {
+		if !c.waitRetry(c.o.Backoff.Delay(failures), true) {
 			return nil
 		}
 	}
+}
+
+// outage reports failures that mean the broker is not there (refused,
+// reset, timed out, a balancer's 502/503/504): those end when it is back,
+// which /health tells. A broker that answered and refused (a hello
+// rejection such as capacity, 429) is not waited out early.
+func outage(err error) bool {
+	var hello *HelloError
+	if errors.As(err, &hello) {
+		return false
+	}
+	var he *HandshakeError
+	if errors.As(err, &he) {
+		return he.Status == http.StatusBadGateway || he.Status == http.StatusServiceUnavailable || he.Status == http.StatusGatewayTimeout
+	}
+	return true
+}
+
+// retryDelay is the wait after a failed attempt: what the server asked
+// for (Retry-After), almost none when the node was draining (another one
+// takes the session), else the backoff.
+func (c *Client) retryDelay(err error, failures int) time.Duration {
+	var he *HandshakeError
+	if errors.As(err, &he) && he.RetryAfter > 0 {
+		return min(he.RetryAfter, time.Minute)
+	}
+	var hello *HelloError
+	if errors.As(err, &hello) && hello.Code == protocol.ReasonDraining {
+		return c.o.Backoff.Delay(1)
+	}
+	return c.o.Backoff.Delay(failures)
+}
+
+// Health probing while waiting to reconnect: after a full restart every
+// client has backed off for up to Backoff.Max, while the cluster is back
+// within seconds. A wait longer than healthProbeEvery is cut short as soon
+// as a broker URL answers /health with 200, plus a random spread so that
+// the clients of a restarted cluster do not all come back at once.
+const (
+	healthProbeEvery  = time.Second
+	healthProbeSpread = 500 * time.Millisecond
+)
+
+// waitRetry waits d, or, with probe, until a broker answers /health; it
+// reports false when the client is closing.
+func (c *Client) waitRetry(d time.Duration, probe bool) bool {
+	if !probe || d <= 2*healthProbeEvery {
+		return c.sleep(d)
+	}
+	deadline := time.Now().Add(d)
+	for time.Until(deadline) > healthProbeEvery {
+		if !c.sleep(healthProbeEvery) {
+			return false
+		}
+		if i, ok := c.probeHealth(); ok {
+			c.mu.Lock()
+			c.urlNext = i
+			c.mu.Unlock()
+			c.logger.Info("broker answers /health; reconnecting now", "url", c.o.URLs[i])
+			return c.sleep(mrand.N(healthProbeSpread))
+		}
+	}
+	return c.sleep(time.Until(deadline))
+}
+
+// probeHealth asks each URL's /health (briefly) and returns the first that
+// answers 200.
+func (c *Client) probeHealth() (int, bool) {
+	hc := c.o.HTTPClient
+	if hc == nil {
+		hc = http.DefaultClient
+	}
+	c.mu.Lock()
+	first := c.urlNext
+	c.mu.Unlock()
+	for k := range c.o.URLs {
+		i := (first + k) % len(c.o.URLs)
+		base, err := HTTPBase(c.o.URLs[i])
+		if err != nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(c.ctx, healthProbeEvery/2)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/health", nil)
+		if err != nil {
+			cancel()
+			continue
+		}
+		resp, err := hc.Do(req)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
+			resp.Body.Close()
+		}
+		cancel()
+		if err == nil && resp.StatusCode == http.StatusOK {
+			return i, true
+		}
+	}
+	return 0, false
 }
 
 func (c *Client) sleep(d time.Duration) bool {
@@ -465,8 +570,11 @@ func (c *Client) connect(url string) (*liveConn, error) {
 	groups := slices.Clone(c.groups)
 	c.mu.Unlock()
 	caps := []string{protocol.CapClientAck, protocol.CapSystemEvents}
-	if c.o.Ephemeral {
+	if c.o.Ephemeral || c.o.SendOnly {
 		caps = append(caps, protocol.CapEphemeral)
+	}
+	if c.o.SendOnly {
+		caps = append(caps, protocol.CapSendOnly)
 	}
 	ack, err := conn.Hello(ctx, c.o.Identity, HelloOptions{
 		SessionID: c.o.SessionID, PID: c.o.PID, Cwd: c.o.Cwd, Hostname: c.o.Hostname, Groups: groups,
@@ -923,7 +1031,7 @@ func (c *Client) request(ctx context.Context, build func(reqID string) any) ([]b
 	case raw := <-ch:
 		var e protocol.ErrorFrame
 		if json.Unmarshal(raw, &e) == nil && e.Type == protocol.TypeError {
-			return nil, fmt.Errorf("broker error %s: %s", e.Code, e.Message)
+			return nil, &RequestError{Code: e.Code, Message: e.Message}
 		}
 		return raw, nil
 	case <-lc.gone:
@@ -944,6 +1052,51 @@ func (c *Client) ListPeers(ctx context.Context) ([]protocol.Peer, error) {
 		return nil, fmt.Errorf("decode peers_list: %w", err)
 	}
 	return pl.Peers, nil
+}
+
+// RequestError is a request the broker answered with an error frame.
+type RequestError struct {
+	Code    string
+	Message string
+}
+
+func (e *RequestError) Error() string {
+	return fmt.Sprintf("broker error %s: %s", sanitize.Clip(e.Code, 64), sanitize.Clip(e.Message, 200))
+}
+
+// ErrUnsupported: the broker does not know the request (an older broker).
+var ErrUnsupported = errors.New("the broker does not support this request")
+
+// maxMemberPages bounds a listing: 200 pages of up to 500 members.
+const maxMemberPages = 200
+
+// ListMembers returns the mesh's live members, online or not, page by page
+// (list_members). An older broker answers ErrUnsupported.
+func (c *Client) ListMembers(ctx context.Context) ([]protocol.MemberInfo, error) {
+	var out []protocol.MemberInfo
+	after := ""
+	for range maxMemberPages {
+		raw, err := c.request(ctx, func(id string) any {
+			return protocol.ListMembers{Type: protocol.TypeListMembers, ReqID: id, After: after, Limit: protocol.MaxMembersPage}
+		})
+		var re *RequestError
+		if errors.As(err, &re) && re.Code == protocol.CodeUnknownType {
+			return nil, ErrUnsupported
+		}
+		if err != nil {
+			return nil, err
+		}
+		var ml protocol.MembersList
+		if err := json.Unmarshal(raw, &ml); err != nil {
+			return nil, fmt.Errorf("decode members_list: %w", err)
+		}
+		out = append(out, ml.Members...)
+		if ml.Next == "" || ml.Next <= after {
+			return out, nil
+		}
+		after = ml.Next
+	}
+	return out, nil
 }
 
 // MessageStatus asks for the delivery state of a message.

@@ -11,6 +11,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -52,6 +54,32 @@ type CloseError struct {
 
 func (e *CloseError) Error() string { return fmt.Sprintf("connection closed: %d %s", e.Code, e.Reason) }
 
+// HandshakeError is a WebSocket upgrade the server answered with an HTTP
+// error (429 too many connections from this address, 503 while a node
+// starts or stops, …).
+type HandshakeError struct {
+	URL        string
+	Status     int
+	RetryAfter time.Duration // from the Retry-After header; zero when absent
+	Err        error
+}
+
+func (e *HandshakeError) Error() string {
+	return fmt.Sprintf("dial %s: HTTP %d %s", e.URL, e.Status, http.StatusText(e.Status))
+}
+
+func (e *HandshakeError) Unwrap() error { return e.Err }
+
+// retryAfter reads a Retry-After header given in seconds (the HTTP-date
+// form is not used by brokers); zero when absent or unreadable.
+func retryAfter(v string) time.Duration {
+	n, err := strconv.Atoi(strings.TrimSpace(v))
+	if err != nil || n <= 0 {
+		return 0
+	}
+	return time.Duration(min(n, 3600)) * time.Second
+}
+
 // ErrClosed is returned once the connection is gone without a close frame.
 var ErrClosed = errors.New("connection closed")
 
@@ -81,8 +109,11 @@ func Dial(ctx context.Context, url string, o *DialOptions) (*Conn, error) {
 	if o == nil {
 		o = &DialOptions{}
 	}
-	ws, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{HTTPHeader: o.Header, HTTPClient: o.HTTPClient})
+	ws, resp, err := websocket.Dial(ctx, url, &websocket.DialOptions{HTTPHeader: o.Header, HTTPClient: o.HTTPClient})
 	if err != nil {
+		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
+			return nil, &HandshakeError{URL: url, Status: resp.StatusCode, RetryAfter: retryAfter(resp.Header.Get("Retry-After")), Err: err}
+		}
 		return nil, fmt.Errorf("dial %s: %w", url, err)
 	}
 	limit := o.ReadLimit

@@ -11,9 +11,11 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/claudemesh/broker/internal/auth"
+	"github.com/claudemesh/broker/internal/sanitize"
 )
 
 // HTTPBase turns a broker WebSocket URL (ws://host:port/ws) into the base
@@ -101,6 +103,8 @@ func (e *JoinError) Error() string {
 		return "the invite is not validly signed by the mesh owner (" + e.Code + "); ask for a new one"
 	case "invite_malformed":
 		return "the invite is malformed; copy the whole link again"
+	case "name_taken":
+		return "another member of the mesh already has this display name; choose another with --name (names address members, so they are unique in a mesh)"
 	case "rate_limited":
 		return "the broker is rate limiting joins from this address; try again in a minute"
 	case "proof_required", "bad_proof":
@@ -109,9 +113,9 @@ func (e *JoinError) Error() string {
 		return "the broker cannot reach its database right now; try again shortly"
 	}
 	if e.Message != "" {
-		return fmt.Sprintf("join refused (%s): %s", e.Code, e.Message)
+		return fmt.Sprintf("join refused (%s): %s", sanitize.Clip(e.Code, 64), sanitize.Clip(e.Message, 200))
 	}
-	return fmt.Sprintf("join refused: HTTP %d %s", e.Status, e.Code)
+	return fmt.Sprintf("join refused: HTTP %d %s", e.Status, sanitize.Clip(e.Code, 64))
 }
 
 // ErrInviteExpired is returned by Join, before any network traffic, for an
@@ -142,9 +146,24 @@ func Join(ctx context.Context, hc *http.Client, token, brokerURL string, priv ed
 	}
 	body, _ := json.Marshal(map[string]string{"invite_token": strings.TrimSpace(token), "peer_pubkey": auth.PubkeyHex(priv),
 		"display_name": displayName, "signature": auth.SignJoin(priv, inv, displayName)})
-	status, data, err := postJSON(ctx, hc, base+"/join", body, nil)
+	// A broker that is starting (or a node restarting behind the balancer)
+	// refuses connections for a moment: try again until ctx ends.
+	var status int
+	var data []byte
+	for attempt := 1; ; attempt++ {
+		status, data, err = postJSON(ctx, hc, base+"/join", body, nil)
+		if err == nil || ctx.Err() != nil || !errors.Is(err, syscall.ECONNREFUSED) {
+			break
+		}
+		t := time.NewTimer(Backoff{Min: 200 * time.Millisecond, Max: 2 * time.Second}.Delay(attempt))
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+		t.Stop()
+	}
 	if err != nil {
-		return inv, nil, fmt.Errorf("cannot reach the broker at %s: %w", base, err)
+		return inv, nil, &JoinUnreachableError{URL: base, FromInvite: brokerURL == inv.BrokerURL, Err: err}
 	}
 	var reply struct {
 		JoinResult
@@ -160,6 +179,23 @@ func Join(ctx context.Context, hc *http.Client, token, brokerURL string, priv ed
 	}
 	return inv, &reply.JoinResult, nil
 }
+
+// JoinUnreachableError: the broker the join went to did not answer.
+type JoinUnreachableError struct {
+	URL        string
+	FromInvite bool // the URL came from the invite (not --broker)
+	Err        error
+}
+
+func (e *JoinUnreachableError) Error() string {
+	hint := "check the --broker URL"
+	if e.FromInvite {
+		hint = "the invite names this broker; if it runs elsewhere (another host or port, or behind a load balancer), pass its URL: claudemesh join <invite> --broker ws://host:port/ws"
+	}
+	return fmt.Sprintf("cannot reach the broker at %s: %v; %s (join --wait sets how long to keep trying)", e.URL, e.Err, hint)
+}
+
+func (e *JoinUnreachableError) Unwrap() error { return e.Err }
 
 // HookStatus is the body of POST /hook/set-status.
 type HookStatus struct {
@@ -188,9 +224,9 @@ func (e *HookError) Error() string {
 	case http.StatusTooManyRequests:
 		return "hook rate limited by the broker"
 	case http.StatusUnauthorized:
-		return "hook not accepted: " + e.Message
+		return "hook not accepted: " + sanitize.Clip(e.Message, 200)
 	}
-	return fmt.Sprintf("hook refused: HTTP %d %s", e.Status, e.Message)
+	return fmt.Sprintf("hook refused: HTTP %d %s", e.Status, sanitize.Clip(e.Message, 200))
 }
 
 // PostHook reports a status through POST /hook/set-status, signed with the

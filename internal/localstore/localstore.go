@@ -21,6 +21,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/claudemesh/broker/internal/client"
+	"github.com/claudemesh/broker/internal/protocol"
 )
 
 // Bounds on what the store keeps.
@@ -290,6 +291,8 @@ func (m *Mesh) ClearFailed() error {
 type Stored struct {
 	client.Message
 	Read bool `json:"read"`
+	// Announced: a hook already showed it to Claude (whole or cut).
+	Announced bool `json:"announced,omitempty"`
 }
 
 // inboxKey orders messages by the broker's numeric id.
@@ -398,6 +401,115 @@ func (m *Mesh) TakeUnread(limit int) ([]client.Message, error) {
 		return nil
 	})
 	return out, err
+}
+
+// Urgent is a "now" message for a hook to show Claude.
+type Urgent struct {
+	client.Message
+	// Cut: the text did not fit and was shortened; the message stays
+	// unread for check_messages.
+	Cut bool
+}
+
+// TakeUrgent returns, oldest first, the unread "now" messages no hook has
+// shown yet, with at most maxBytes of text in all: a hook shows them to
+// Claude in the middle of a turn. Those that fit whole are marked read
+// (Claude has them); one that does not is cut, marked announced and left
+// unread; the rest wait for the next hook. One transaction, so two hooks
+// never show the same message.
+func (m *Mesh) TakeUrgent(maxBytes int) ([]Urgent, error) {
+	// Every tool call runs a hook: look (shared lock, no write) before
+	// taking.
+	found := false
+	if err := m.s.view(func(tx *bolt.Tx) error {
+		b, err := m.bucket(tx, inboxBucket)
+		if b == nil || err != nil {
+			return err
+		}
+		return b.ForEach(func(_, v []byte) error {
+			var st Stored
+			if json.Unmarshal(v, &st) == nil && !st.Read && !st.Announced && st.Priority == protocol.PriorityNow {
+				found = true
+			}
+			return nil
+		})
+	}); err != nil || !found {
+		return nil, err
+	}
+	var out []Urgent
+	err := m.s.update(func(tx *bolt.Tx) error {
+		b, err := m.bucket(tx, inboxBucket)
+		if err != nil {
+			return err
+		}
+		budget := maxBytes
+		c := b.Cursor()
+		for k, v := c.First(); k != nil && budget > 0; k, v = c.Next() {
+			var st Stored
+			if err := json.Unmarshal(v, &st); err != nil {
+				return fmt.Errorf("corrupt inbox entry: %w", err)
+			}
+			if st.Read || st.Announced || st.Priority != protocol.PriorityNow {
+				continue
+			}
+			u := Urgent{Message: st.Message}
+			if len(st.Text) <= budget {
+				st.Read = true
+			} else {
+				u.Text, u.Cut = cutUTF8(st.Text, budget), true
+			}
+			budget -= len(u.Text)
+			st.Announced = true
+			data, _ := json.Marshal(st)
+			if err := b.Put(bytes.Clone(k), data); err != nil {
+				return err
+			}
+			out = append(out, u)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// MarkRead marks messages read: they reached Claude some other way.
+func (m *Mesh) MarkRead(ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	return m.s.update(func(tx *bolt.Tx) error {
+		b, err := m.bucket(tx, inboxBucket)
+		if err != nil {
+			return err
+		}
+		for _, id := range ids {
+			k := inboxKey(id)
+			v := b.Get(k)
+			if v == nil {
+				continue
+			}
+			var st Stored
+			if json.Unmarshal(v, &st) != nil || st.Read {
+				continue
+			}
+			st.Read = true
+			data, _ := json.Marshal(st)
+			if err := b.Put(k, data); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// cutUTF8 shortens s to at most n bytes without splitting a character.
+func cutUTF8(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && s[n]&0xC0 == 0x80 {
+		n--
+	}
+	return s[:n]
 }
 
 // Messages lists stored messages, oldest first: the unread ones, or all of

@@ -217,3 +217,42 @@ func TestContactsAndHooks(t *testing.T) {
 		t.Fatal("forgotten mark still throttles")
 	}
 }
+
+// TakeUrgent hands each unread "now" message to one hook, whole when it
+// fits (then it is read) or cut (then it stays unread); other priorities
+// and messages already shown are left alone.
+func TestTakeUrgent(t *testing.T) {
+	s, _ := open(t)
+	m := s.Mesh("m")
+	for i, x := range []struct{ prio, text string }{
+		{"now", "first"}, {"next", "not urgent"}, {"now", "second, a longer one"}, {"now", "third"},
+	} {
+		if _, err := m.Record(client.Message{ID: fmt.Sprint(i + 1), Priority: x.prio, Text: x.text}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := m.TakeUrgent(12)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Text != "first" || got[0].Cut || !got[1].Cut || got[1].Text != "second," {
+		t.Fatalf("first hook: %+v", got)
+	}
+	again, err := m.TakeUrgent(100)
+	if err != nil || len(again) != 1 || again[0].Text != "third" {
+		t.Fatalf("second hook: %+v %v", again, err)
+	}
+	if more, _ := m.TakeUrgent(100); len(more) != 0 {
+		t.Fatalf("shown twice: %+v", more)
+	}
+	unread, err := m.Messages(false, 0)
+	if err != nil || len(unread) != 2 || unread[0].Text != "not urgent" || unread[1].Text != "second, a longer one" {
+		t.Fatalf("unread after the hooks: %+v %v", unread, err)
+	}
+	if err := m.MarkRead([]string{"2", "404"}); err != nil {
+		t.Fatal(err)
+	}
+	if unread, _ := m.Messages(false, 0); len(unread) != 1 {
+		t.Fatalf("after MarkRead: %+v", unread)
+	}
+}

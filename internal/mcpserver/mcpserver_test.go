@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/modelcontextprotocol/go-sdk/jsonrpc"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
 	"github.com/claudemesh/broker/internal/client"
@@ -57,7 +58,15 @@ func startPeer(t *testing.T, n *testkit.Node, mesh *testkit.Mesh, i int) *peer.S
 
 // connect serves s over an in-memory transport and returns the SDK client
 // session talking to it.
-func connect(t *testing.T, s *mcp.Server) *mcp.ClientSession {
+func connect(t *testing.T, s *mcpserver.Server) *mcp.ClientSession {
+	t.Helper()
+	cs, _ := connectAs(t, s, "test", nil)
+	return cs
+}
+
+// connectAs connects a client with the given name and capabilities; the
+// channel notifications it receives arrive on the returned channel.
+func connectAs(t *testing.T, s *mcpserver.Server, name string, caps *mcp.ClientCapabilities) (*mcp.ClientSession, <-chan mcpserver.ChannelParams) {
 	t.Helper()
 	ctx := context.Background()
 	st, ct := mcp.NewInMemoryTransports()
@@ -66,13 +75,55 @@ func connect(t *testing.T, s *mcp.Server) *mcp.ClientSession {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = ss.Close() })
-	c := mcp.NewClient(&mcp.Implementation{Name: "test", Version: "v0"}, nil)
-	cs, err := c.Connect(ctx, ct, nil)
+	rec := &recordingTransport{Transport: ct, got: make(chan mcpserver.ChannelParams, 16)}
+	c := mcp.NewClient(&mcp.Implementation{Name: name, Version: "v0"}, &mcp.ClientOptions{Capabilities: caps})
+	cs, err := c.Connect(ctx, rec, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cs.Close() })
-	return cs
+	return cs, rec.got
+}
+
+// recordingTransport takes the channel notifications out of what a client
+// reads (the SDK's client has no handler for them) and hands them to the
+// test.
+type recordingTransport struct {
+	mcp.Transport
+	got chan mcpserver.ChannelParams
+}
+
+func (r *recordingTransport) Connect(ctx context.Context) (mcp.Connection, error) {
+	c, err := r.Transport.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &recordingConn{Connection: c, got: r.got}, nil
+}
+
+type recordingConn struct {
+	mcp.Connection
+	got chan mcpserver.ChannelParams
+}
+
+func (r *recordingConn) Read(ctx context.Context) (jsonrpc.Message, error) {
+	for {
+		m, err := r.Connection.Read(ctx)
+		if err != nil {
+			return m, err
+		}
+		if req, ok := m.(*jsonrpc.Request); ok && req.Method == mcpserver.ChannelMethod {
+			var p mcpserver.ChannelParams
+			if json.Unmarshal(req.Params, &p) == nil {
+				select {
+				case r.got <- p:
+				default:
+				}
+			}
+			continue
+		}
+		return m, nil
+	}
 }
 
 // call invokes a tool and decodes its structured output into out.
@@ -118,7 +169,7 @@ func TestTools(t *testing.T) {
 		}
 		tools[tool.Name] = true
 	}
-	for _, name := range []string{"send_message", "list_peers", "check_messages", "set_status", "set_summary"} {
+	for _, name := range []string{"send_message", "list_peers", "list_members", "check_messages", "set_status", "set_summary", "join_group", "leave_group"} {
 		if !tools[name] {
 			t.Errorf("tool %s missing (have %v)", name, tools)
 		}
@@ -163,12 +214,30 @@ func TestTools(t *testing.T) {
 	var inbox mcpserver.CheckOutput
 	res = call(t, cs, "check_messages", nil, &inbox)
 	if res.IsError || len(inbox.Messages) != 1 || inbox.Messages[0].Text != "yes, on it" || inbox.Messages[0].From != "p1" ||
-		!strings.Contains(textOf(res), "From p1") {
+		!strings.Contains(textOf(res), "From p1 ("+other.Pubkey()[:8]+")") {
 		t.Fatalf("check_messages: %+v %s", inbox, textOf(res))
 	}
 	res = call(t, cs, "check_messages", nil, &inbox)
 	if len(inbox.Messages) != 0 || textOf(res) != "No new messages." {
 		t.Fatalf("second check_messages: %+v %s", inbox, textOf(res))
+	}
+
+	// A "next" message to a busy peer: the result says it is held.
+	if err := other.SetStatus(context.Background(), protocol.StatusWorking); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 10*time.Second, "p1 working", func() bool {
+		ps, _ := me.Peers(context.Background())
+		for _, p := range ps {
+			if p.DisplayName == "p1" {
+				return p.Status == protocol.StatusWorking
+			}
+		}
+		return false
+	})
+	res = call(t, cs, "send_message", map[string]any{"to": "p1", "message": "when you can"}, &sent)
+	if res.IsError || len(sent.HeldFor) != 1 || sent.HeldFor[0] != "p1" || !strings.Contains(textOf(res), "Held for p1") {
+		t.Fatalf("send to a busy peer: %+v %s", sent, textOf(res))
 	}
 
 	// set_status and set_summary, seen by the other peer
@@ -193,13 +262,44 @@ func TestTools(t *testing.T) {
 		return false
 	})
 
+	// list_members, and groups joined and left.
+	var members mcpserver.ListMembersOutput
+	if res := call(t, cs, "list_members", nil, &members); res.IsError || len(members.Members) != 2 || !strings.Contains(textOf(res), "p1 ("+other.Pubkey()[:8]+"): online") {
+		t.Fatalf("list_members: %+v %s", members, textOf(res))
+	}
+	var groups mcpserver.GroupsOutput
+	if res := call(t, cs, "join_group", map[string]any{"name": "@reviewers"}, &groups); res.IsError || len(groups.Groups) != 1 || groups.Groups[0] != "reviewers" {
+		t.Fatalf("join_group: %+v %s", groups, textOf(res))
+	}
+	testkit.Eventually(t, 10*time.Second, "p0 in @reviewers", func() bool {
+		ps, _ := other.Peers(context.Background())
+		for _, p := range ps {
+			if p.DisplayName == "p0" {
+				return len(p.Groups) == 1 && p.Groups[0] == "reviewers"
+			}
+		}
+		return false
+	})
+	// p0 is dnd: only "now" gets through.
+	if _, _, err := other.Send(context.Background(), "@reviewers", "group hello", protocol.PriorityNow); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, 10*time.Second, "group message", func() bool {
+		msgs, _ := me.Local().Messages(false, 0)
+		return len(msgs) == 1 && msgs[0].Text == "group hello"
+	})
+	if res := call(t, cs, "leave_group", map[string]any{"name": "reviewers"}, &groups); res.IsError || len(groups.Groups) != 0 {
+		t.Fatalf("leave_group: %+v %s", groups, textOf(res))
+	}
+
 	// Errors are tool errors with a useful text.
 	for _, tc := range []struct {
 		tool string
 		args map[string]any
 		want string
 	}{
-		{"send_message", map[string]any{"to": "nobody", "message": "hi"}, `unknown peer "nobody"`},
+		{"send_message", map[string]any{"to": "nobody", "message": "hi"}, `unknown member "nobody"`},
+		{"join_group", map[string]any{"name": "@"}, "group name"},
 		{"send_message", map[string]any{"to": "p1", "message": "  "}, "empty"},
 		{"send_message", map[string]any{"to": "p1", "message": "x", "priority": "urgent"}, "priority"},
 		{"set_status", map[string]any{"status": "asleep"}, "status"},

@@ -42,6 +42,9 @@ type Metrics struct {
 	ClockOffset         prometheus.Gauge
 	Edge
 	Bounds
+	// RequestsLimited counts requests refused by a per-session rate limit,
+	// by frame type.
+	RequestsLimited *prometheus.CounterVec
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -124,6 +127,9 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.Edge = newEdge(reg)
 	m.Bounds = newBounds()
 	reg.MustRegister(m.Bounds.collectors()...)
+	m.RequestsLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "broker_requests_rate_limited_total", Help: "Requests refused by a per-session rate limit, by frame type."}, []string{"type"})
+	reg.MustRegister(m.RequestsLimited)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)

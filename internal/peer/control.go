@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -62,10 +63,38 @@ func socketPath(runDir, sessionID string) (string, error) {
 	}
 	sum := sha256.Sum256([]byte(p))
 	dir := filepath.Join(os.TempDir(), fmt.Sprintf("claudemesh-%d", os.Getuid()))
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := privateDir(dir, os.Getuid()); err != nil {
 		return "", err
 	}
 	return filepath.Join(dir, hex.EncodeToString(sum[:8])+".sock"), nil
+}
+
+// privateDir makes dir a folder only uid can enter. The temporary
+// directory is shared: another user who created the folder first (its name
+// is predictable) could watch or replace the sockets in it, and with them
+// the status and summary requests. A missing folder is created 0700; an
+// existing one must be a real folder (not a link) owned by uid, and is
+// tightened to 0700.
+func privateDir(dir string, uid int) error {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s is not a folder (a link or a file someone else put there?); remove it and try again", dir)
+	}
+	if owner, ok := fileOwner(fi); ok && owner != uid {
+		return fmt.Errorf("%s belongs to another user (uid %d); refusing to keep control sockets there: remove it, or use a shorter claudemesh folder path (--config-dir)", dir, owner)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("make %s private: %w", dir, err)
+		}
+	}
+	return nil
 }
 
 // ServeControl listens on a Unix socket (reachable only by this user: the
@@ -74,6 +103,9 @@ func socketPath(runDir, sessionID string) (string, error) {
 // the registration.
 func (s *Session) ServeControl(runDir, command string) (stop func(), err error) {
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := privateDir(runDir, os.Getuid()); err != nil {
 		return nil, err
 	}
 	sid := s.c.SessionID()

@@ -16,13 +16,16 @@ import (
 	"io"
 	"log/slog"
 	"sort"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/localstore"
 	"github.com/claudemesh/broker/internal/profile"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/sanitize"
 	"github.com/claudemesh/broker/internal/transcript"
 )
 
@@ -43,6 +46,10 @@ type Config struct {
 	// command fails fast when the broker is unreachable.
 	Persistent  bool
 	GiveUpAfter int
+	// SendOnly sessions are never handed a message by the broker (a
+	// command that only sends or lists): what waits for the member's real
+	// session stays there. Only for sessions that are not Persistent.
+	SendOnly bool
 	// OnMessage and OnEvent are called for each new message and event,
 	// after the message is in the local inbox.
 	OnMessage func(client.Message)
@@ -62,6 +69,10 @@ type Session struct {
 	self   string // pubkey
 	logger *slog.Logger
 	news   chan struct{}
+
+	mu        sync.Mutex
+	members   []protocol.MemberInfo // the last member listing; guarded by mu
+	membersAt time.Time
 }
 
 // Start opens a session and starts connecting.
@@ -106,7 +117,7 @@ func Start(cfg Config) (*Session, error) {
 	s.c, err = client.New(client.Options{
 		Identity: id, URLs: urls, MeshKey: key, SessionID: sessionID, PID: cfg.PID, Cwd: cfg.Cwd, Hostname: cfg.Hostname, Groups: cfg.Groups,
 		Outbox: s.st, Inbox: s.st, OnMessage: s.onMessage, OnEvent: s.onEvent,
-		Backoff: backoff, GiveUpAfter: giveUp, Logger: logger, Ephemeral: !cfg.Persistent,
+		Backoff: backoff, GiveUpAfter: giveUp, Logger: logger, Ephemeral: !cfg.Persistent, SendOnly: cfg.SendOnly && !cfg.Persistent,
 	})
 	if err != nil {
 		return nil, err
@@ -206,36 +217,68 @@ func Explain(err error, m *profile.Mesh) error {
 	return err
 }
 
-// UnknownPeerError is a name no peer has.
+// UnknownPeerError is a name no member has.
 type UnknownPeerError struct {
 	Name  string
-	Known []string
+	Known []string // members (or peers seen) as "name (fingerprint)"
+	// Members: Known is the mesh's member list, not only who was seen.
+	Members bool
 }
 
 func (e *UnknownPeerError) Error() string {
-	if len(e.Known) == 0 {
-		return fmt.Sprintf("unknown peer %q: no peer of that name is online or was seen before; address an offline member by its pubkey", e.Name)
+	name := strconv.Quote(sanitize.Clip(e.Name, sanitize.MaxNameRunes))
+	switch {
+	case e.Members && len(e.Known) == 0:
+		return fmt.Sprintf("unknown member %s: the mesh has no other member", name)
+	case e.Members:
+		return fmt.Sprintf("unknown member %s; members: %s", name, strings.Join(e.Known, ", "))
+	case len(e.Known) == 0:
+		return fmt.Sprintf("unknown peer %s: no member of that name was seen before (the broker is out of reach); address a member by its pubkey", name)
 	}
-	return fmt.Sprintf("unknown peer %q; known peers: %s (or address a member by its pubkey)", e.Name, strings.Join(e.Known, ", "))
+	return fmt.Sprintf("unknown peer %s; members seen before: %s (the broker is out of reach; or address a member by its pubkey)", name, strings.Join(e.Known, ", "))
 }
 
-// AmbiguousPeerError is a name several members share.
+// AmbiguousPeerError is a name several members match.
 type AmbiguousPeerError struct {
 	Name    string
 	Pubkeys []string
+	Names   []string // "name (fingerprint)" of each, in Pubkeys' order
 }
 
 func (e *AmbiguousPeerError) Error() string {
-	return fmt.Sprintf("several members are called %q; address one by its pubkey: %s", e.Name, strings.Join(e.Pubkeys, ", "))
+	return fmt.Sprintf("several members match %s: %s; address one as it is shown here, or by its pubkey: %s",
+		strconv.Quote(sanitize.Clip(e.Name, sanitize.MaxNameRunes)), strings.Join(e.Names, ", "), strings.Join(e.Pubkeys, ", "))
 }
 
 // ErrSelf is returned for a message addressed to the sender's own identity.
 var ErrSelf = errors.New("that name is your own identity")
 
-// Resolve turns what a person addressed — a display name, a pubkey, "*"
-// or "@group" — into a targetSpec. Names are looked up among the live
-// peers, then among the peers seen before (so an offline member can be
-// addressed by name while the broker is unreachable too).
+// nameKey folds a display name for matching: what is shown (sanitized), in
+// any case, so that a name that differs only by invisible characters or
+// escapes matches, and is then reported as ambiguous rather than sent to.
+func nameKey(n string) string { return strings.ToLower(sanitize.Line(n)) }
+
+// splitFingerprint reads "name (3f9a2c81)", the form names are shown in.
+func splitFingerprint(to string) (name, fp string) {
+	open := strings.LastIndex(to, " (")
+	if open < 0 || !strings.HasSuffix(to, ")") {
+		return to, ""
+	}
+	fp = strings.ToLower(to[open+2 : len(to)-1])
+	if len(fp) < 6 || len(fp) > 64 || strings.Trim(fp, "0123456789abcdef") != "" {
+		return to, ""
+	}
+	return to[:open], fp
+}
+
+// Resolve turns what a person addressed — a display name (optionally as
+// shown, "name (fingerprint)"), a pubkey, "*" or "@group" — into a
+// targetSpec. Names are looked up in the mesh's member list, which the
+// broker keeps and which holds offline members too: a live session never
+// outranks it, so someone online under a look-alike name cannot receive
+// what was meant for an offline member. Against a broker without member
+// listings, names are looked up among the live peers, then the peers seen
+// before; with no broker at all, among the members and peers seen before.
 func (s *Session) Resolve(ctx context.Context, to string) (string, error) {
 	to = strings.TrimSpace(to)
 	switch kind, arg := protocol.ParseTarget(to); kind {
@@ -248,66 +291,164 @@ func (s *Session) Resolve(ctx context.Context, to string) (string, error) {
 		return "", errors.New("no recipient: give a name, a pubkey, * or @group")
 	}
 	if strings.HasPrefix(to, "@") {
-		return "", fmt.Errorf("%q is not a valid group name", to)
+		return "", fmt.Errorf("%q is not a valid group name", sanitize.Line(to))
 	}
+	name, fp := splitFingerprint(to)
+	want := nameKey(name)
 	match := func(names map[string]string) []string {
 		var keys []string
 		for pk, n := range names {
-			if strings.EqualFold(n, to) {
+			if nameKey(n) == want && strings.HasPrefix(pk, fp) {
 				keys = append(keys, pk)
 			}
 		}
 		sort.Strings(keys)
 		return keys
 	}
-	live := map[string]string{}
+	var names map[string]string // pubkey → name, of what was searched
+	authoritative := false
 	if s.awaitConn(ctx) {
-		peers, err := s.c.ListPeers(ctx)
-		if err == nil {
-			for _, p := range peers {
-				live[p.Pubkey] = p.DisplayName
+		members, cached, err := s.memberList(ctx, false)
+		if err == nil && cached && len(match(byPubkey(members))) != 1 {
+			// The list may predate the member addressed: ask again.
+			members, cached, err = s.memberList(ctx, true)
+		}
+		switch {
+		case err == nil:
+			names, authoritative = byPubkey(members), true
+			if !cached {
+				cs := make([]localstore.Contact, 0, len(members))
+				for _, m := range members {
+					cs = append(cs, localstore.Contact{Pubkey: m.Pubkey, Name: m.DisplayName})
+				}
+				if err := s.st.RememberPeers(cs); err != nil {
+					s.logger.Warn("remember members", "err", err)
+				}
 			}
-			s.remember(peers)
+		case errors.Is(err, client.ErrUnsupported):
+			// An older broker: the live sessions, then the contacts.
+			if peers, err := s.c.ListPeers(ctx); err == nil {
+				names = map[string]string{}
+				for _, p := range peers {
+					names[p.Pubkey] = p.DisplayName
+				}
+				s.remember(peers)
+			}
+		default:
+			s.logger.Info("member list unavailable; using the members seen before", "err", err)
 		}
 	}
-	keys := match(live)
-	known := map[string]string{}
-	if len(keys) == 0 {
+	keys := match(names)
+	if len(keys) == 0 && !authoritative {
 		contacts, err := s.st.Contacts()
 		if err != nil {
 			return "", err
 		}
+		known := map[string]string{}
 		for _, c := range contacts {
 			known[c.Pubkey] = c.Name
+		}
+		if names == nil {
+			names = known
+		} else {
+			for pk, n := range known {
+				if _, ok := names[pk]; !ok {
+					names[pk] = n
+				}
+			}
 		}
 		keys = match(known)
 	}
 	switch len(keys) {
 	case 0:
-		names := map[string]bool{}
-		for pk, n := range live {
-			if pk != s.self {
-				names[n] = true
-			}
-		}
-		for pk, n := range known {
-			if pk != s.self {
-				names[n] = true
-			}
-		}
 		list := make([]string, 0, len(names))
-		for n := range names {
-			list = append(list, n)
+		for pk, n := range names {
+			if pk != s.self {
+				list = append(list, sanitize.Name(n, pk))
+			}
 		}
 		sort.Strings(list)
-		return "", &UnknownPeerError{Name: to, Known: list}
+		if len(list) > 20 {
+			list = append(list[:20], fmt.Sprintf("… %d more (claudemesh members)", len(list)-20))
+		}
+		return "", &UnknownPeerError{Name: to, Known: list, Members: authoritative}
 	case 1:
 		if keys[0] == s.self {
 			return "", ErrSelf
 		}
 		return keys[0], nil
 	}
-	return "", &AmbiguousPeerError{Name: to, Pubkeys: keys}
+	shown := make([]string, len(keys))
+	for i, pk := range keys {
+		shown[i] = sanitize.Name(names[pk], pk)
+	}
+	return "", &AmbiguousPeerError{Name: to, Pubkeys: keys, Names: shown}
+}
+
+// memberListTTL: a session that sends often (Claude's) resolves names
+// from a member list this recent; a name it does not find there is looked
+// up in a fresh one.
+const memberListTTL = 10 * time.Second
+
+// memberList returns the mesh's members, from the last listing when it is
+// recent and fresh is false; cached reports which.
+func (s *Session) memberList(ctx context.Context, fresh bool) (list []protocol.MemberInfo, cached bool, err error) {
+	s.mu.Lock()
+	if !fresh && s.members != nil && time.Since(s.membersAt) < memberListTTL {
+		list = s.members
+		s.mu.Unlock()
+		return list, true, nil
+	}
+	s.mu.Unlock()
+	list, err = s.c.ListMembers(ctx)
+	if err != nil {
+		return nil, false, err
+	}
+	s.mu.Lock()
+	s.members, s.membersAt = list, time.Now()
+	s.mu.Unlock()
+	return list, false, nil
+}
+
+func byPubkey(members []protocol.MemberInfo) map[string]string {
+	out := make(map[string]string, len(members))
+	for _, m := range members {
+		out[m.Pubkey] = m.DisplayName
+	}
+	return out
+}
+
+// Member is a member of the mesh, online or not.
+type Member struct {
+	protocol.MemberInfo
+	Me bool `json:"me,omitempty"`
+}
+
+// Members lists the mesh's members, online or not, by name; they are
+// remembered, so they can be addressed by name while the broker is
+// unreachable.
+func (s *Session) Members(ctx context.Context) ([]Member, error) {
+	s.awaitConn(ctx)
+	list, _, err := s.memberList(ctx, true)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Member, 0, len(list))
+	cs := make([]localstore.Contact, 0, len(list))
+	for _, m := range list {
+		out = append(out, Member{MemberInfo: m, Me: m.Pubkey == s.self})
+		cs = append(cs, localstore.Contact{Pubkey: m.Pubkey, Name: m.DisplayName})
+	}
+	if err := s.st.RememberPeers(cs); err != nil {
+		s.logger.Warn("remember members", "err", err)
+	}
+	sort.SliceStable(out, func(i, j int) bool { return nameKey(out[i].DisplayName) < nameKey(out[j].DisplayName) })
+	return out, nil
+}
+
+// MessageStatus asks the broker for the delivery state of a message.
+func (s *Session) MessageStatus(ctx context.Context, messageID string) (*protocol.MessageStatusResult, error) {
+	return s.c.MessageStatus(ctx, messageID)
 }
 
 func (s *Session) remember(peers []protocol.Peer) {
@@ -439,8 +580,18 @@ func (s *Session) InferStatus(ctx context.Context, home string, every time.Durat
 	t := time.NewTicker(every)
 	defer t.Stop()
 	last, sentAt := "", time.Time{}
+	announced := false
 	for {
-		if path, mod, err := transcript.Latest(dir); err == nil {
+		path, mod, err := transcript.Latest(dir)
+		if err != nil && last == "" && !announced {
+			// No transcript (yet): the broker's default, idle from the
+			// transcript, would be untrue. Say idle as the session itself,
+			// until a transcript tells more.
+			if s.c.SetStatus(ctx, protocol.StatusIdle, protocol.SourceManual) == nil {
+				announced = true
+			}
+		}
+		if err == nil {
 			st, err := transcript.InferFile(path)
 			switch {
 			case err != nil:
@@ -460,3 +611,17 @@ func (s *Session) InferStatus(ctx context.Context, home string, every time.Durat
 		}
 	}
 }
+
+// MarkRead marks messages read (they reached Claude another way).
+func (s *Session) MarkRead(ids []string) error { return s.st.MarkRead(ids) }
+
+// JoinGroup adds the session to a group, kept across reconnections.
+func (s *Session) JoinGroup(ctx context.Context, name string) error { return s.c.JoinGroup(ctx, name) }
+
+// LeaveGroup removes the session from a group.
+func (s *Session) LeaveGroup(ctx context.Context, name string) error {
+	return s.c.LeaveGroup(ctx, name)
+}
+
+// Groups lists the session's groups.
+func (s *Session) Groups() []string { return s.c.Groups() }

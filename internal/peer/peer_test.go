@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -73,63 +74,41 @@ func start(t *testing.T, cfg peer.Config) *peer.Session {
 }
 
 func TestResolve(t *testing.T) {
-	e := newEnv(t, "alice", "bob", "twin", "twin", "carol")
+	e := newEnv(t, "alice", "bob", "carol", "Dave")
 	alice := start(t, e.config(t, 0, "/a"))
-	for _, i := range []int{1, 2, 3} {
-		start(t, e.config(t, i, fmt.Sprint("/p", i)))
-	}
+	start(t, e.config(t, 1, "/p1"))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	testkit.Eventually(t, 10*time.Second, "peers online", func() bool {
-		ps, err := alice.Peers(ctx)
-		return err == nil && len(ps) == 4
-	})
-	bob, carol := e.mesh.Members[1], e.mesh.Members[4]
+	bob, carol, dave := e.mesh.Members[1], e.mesh.Members[2], e.mesh.Members[3]
 	for to, want := range map[string]string{
 		"bob": bob.Pubkey(), "BOB": bob.Pubkey(), "*": "*", "@backend": "@backend",
 		bob.Pubkey(): bob.Pubkey(), fmt.Sprintf("%X", bob.PublicKey()): bob.Pubkey(),
+		// Members who never connected are addressable by name: the
+		// broker's member list knows them.
+		"carol": carol.Pubkey(), "dave": dave.Pubkey(),
+		// The form names are shown in.
+		"bob (" + bob.Pubkey()[:8] + ")": bob.Pubkey(),
 	} {
 		got, err := alice.Resolve(ctx, to)
 		if err != nil || got != want {
 			t.Errorf("Resolve(%q) = %q %v, want %q", to, got, err, want)
 		}
 	}
-	var amb *peer.AmbiguousPeerError
-	if _, err := alice.Resolve(ctx, "twin"); !errors.As(err, &amb) || len(amb.Pubkeys) != 2 {
-		t.Errorf("twin: %v", err)
+	if _, err := alice.Resolve(ctx, "bob ("+carol.Pubkey()[:8]+")"); err == nil {
+		t.Error("a name with another member's fingerprint resolved")
 	}
 	if _, err := alice.Resolve(ctx, "alice"); !errors.Is(err, peer.ErrSelf) {
 		t.Errorf("self: %v", err)
 	}
 	var unknown *peer.UnknownPeerError
-	if _, err := alice.Resolve(ctx, "carol"); !errors.As(err, &unknown) || len(unknown.Known) != 2 {
-		t.Errorf("offline carol, never seen: %v", err) // known: bob, twin
+	if _, err := alice.Resolve(ctx, "erin"); !errors.As(err, &unknown) || !unknown.Members || len(unknown.Known) != 3 {
+		t.Errorf("erin, not a member: %v", err) // members: bob, carol, Dave
 	}
 	if _, err := alice.Resolve(ctx, "@"); err == nil {
 		t.Error("bad group accepted")
 	}
-
-	// carol comes and goes: afterwards her name still resolves, from the
-	// contacts, and a message to her waits for her at the broker.
-	c := start(t, e.config(t, 4, "/c"))
-	testkit.Eventually(t, 10*time.Second, "carol seen", func() bool {
-		_, err := alice.Resolve(ctx, "carol")
-		return err == nil
-	})
-	_ = c.Close()
-	testkit.Eventually(t, 10*time.Second, "carol gone", func() bool {
-		ps, _ := alice.Peers(ctx)
-		for _, p := range ps {
-			if p.DisplayName == "carol" {
-				return false
-			}
-		}
-		return true
-	})
-	got, err := alice.Resolve(ctx, "carol")
-	if err != nil || got != carol.Pubkey() {
-		t.Fatalf("offline carol: %q %v", got, err)
-	}
+	// Offline with the broker out of reach, names still resolve from the
+	// members listed before, and the message waits in the outbox.
 	if _, _, err := alice.Send(ctx, "carol", "see this when you are back", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +116,7 @@ func TestResolve(t *testing.T) {
 	// A one-shot command's connection announces itself as ephemeral: the
 	// broker does not list it, even to AllPeers, yet it can send.
 	oneShot := e.config(t, 1, "/cli")
-	oneShot.Persistent = false
+	oneShot.Persistent, oneShot.SendOnly = false, true
 	cmd := start(t, oneShot)
 	if _, _, err := cmd.Send(ctx, "alice", "from a one-shot command", ""); err != nil {
 		t.Fatal(err)
@@ -151,6 +130,61 @@ func TestResolve(t *testing.T) {
 			t.Fatalf("the broker lists a one-shot session: %+v", p)
 		}
 	}
+	ms, err := cmd.Members(ctx)
+	if err != nil || len(ms) != 4 {
+		t.Fatalf("members %+v %v", ms, err)
+	}
+	for _, m := range ms {
+		if want := m.DisplayName == "alice" || m.DisplayName == "bob"; m.Online != want {
+			t.Errorf("member %s online=%v, want %v (carol and Dave never connected)", m.DisplayName, m.Online, want)
+		}
+		if m.Me != (m.Pubkey == bob.Pubkey()) {
+			t.Errorf("member %s me=%v", m.DisplayName, m.Me)
+		}
+	}
+}
+
+// The member list outranks whatever else a name could mean: a key the
+// local contacts once saw under a member's name, online now, never receives
+// a message addressed to that (offline) member; a session whose name
+// differs from it only by invisible characters or case makes the name
+// ambiguous instead of receiving it.
+func TestResolvePrefersMembers(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	t.Run("stale contact online", func(t *testing.T) {
+		e := newEnv(t, "sender", "alice", "mallory")
+		sender := start(t, e.config(t, 0, "/s"))
+		start(t, e.config(t, 2, "/mallory")) // online; the real alice is not
+		realAlice, mallory := e.mesh.Members[1], e.mesh.Members[2]
+		if err := sender.Local().RememberPeers([]localstore.Contact{{Pubkey: mallory.Pubkey(), Name: "alice"}}); err != nil {
+			t.Fatal(err)
+		}
+		got, err := sender.Resolve(ctx, "alice")
+		if err != nil || got != realAlice.Pubkey() {
+			t.Fatalf("alice resolved to %q (%v), want the member %s, not mallory %s", got, err, realAlice.Pubkey(), mallory.Pubkey())
+		}
+	})
+	t.Run("look-alike online", func(t *testing.T) {
+		e := newEnv(t, "sender", "alice", "AL\u200bICE")
+		sender := start(t, e.config(t, 0, "/s"))
+		start(t, e.config(t, 2, "/mallory"))
+		realAlice := e.mesh.Members[1]
+		var amb *peer.AmbiguousPeerError
+		_, err := sender.Resolve(ctx, "alice")
+		if !errors.As(err, &amb) || len(amb.Pubkeys) != 2 {
+			t.Fatalf("alice with a look-alike online: %v, want an ambiguity listing both", err)
+		}
+		for _, n := range amb.Names {
+			if strings.ContainsRune(n, 0x200b) {
+				t.Fatalf("the ambiguity shows an invisible character: %q", n)
+			}
+		}
+		got, err := sender.Resolve(ctx, "alice ("+realAlice.Pubkey()[:8]+")")
+		if err != nil || got != realAlice.Pubkey() {
+			t.Fatalf("alice by fingerprint: %q %v", got, err)
+		}
+	})
 }
 
 // status and summary requests reach a running session through its control
@@ -219,6 +253,17 @@ func TestInferStatus(t *testing.T) {
 		t.Fatal(err)
 	}
 	path := filepath.Join(dir, "0b6c-session.jsonl")
+	ctx0, cancel0 := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel0()
+	statusOf := func() (string, string) {
+		ps, _ := bob.Peers(ctx0)
+		for _, p := range ps {
+			if p.DisplayName == "alice" {
+				return p.Status, p.StatusSource
+			}
+		}
+		return "", ""
+	}
 	write := func(lines ...string) {
 		f, err := os.OpenFile(path, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 		if err != nil {
@@ -237,15 +282,12 @@ func TestInferStatus(t *testing.T) {
 	}()
 	defer func() { cancel(); <-done }()
 
-	statusOf := func() (string, string) {
-		ps, _ := bob.Peers(ctx)
-		for _, p := range ps {
-			if p.DisplayName == "alice" {
-				return p.Status, p.StatusSource
-			}
-		}
-		return "", ""
-	}
+	// No transcript yet: the session says idle itself, rather than leave
+	// the broker's default (idle from a transcript) standing.
+	testkit.Eventually(t, 10*time.Second, "idle, not from a transcript", func() bool {
+		st, src := statusOf()
+		return st == protocol.StatusIdle && src == protocol.SourceManual
+	})
 	write(`{"type":"user","message":{"role":"user","content":"run the tests"}}`,
 		`{"type":"assistant","message":{"role":"assistant","content":[{"type":"tool_use","id":"toolu_1","name":"Bash","input":{}}]}}`)
 	testkit.Eventually(t, 10*time.Second, "working from the transcript", func() bool {
@@ -258,4 +300,49 @@ func TestInferStatus(t *testing.T) {
 		st, src := statusOf()
 		return st == protocol.StatusIdle && src == protocol.SourceJSONL
 	})
+}
+
+// The control socket's fallback folder in the shared temporary directory
+// is refused when another user owns it or it is a link, and tightened when
+// its mode lets others in.
+func TestPrivateSocketDir(t *testing.T) {
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
+	long := filepath.Join(t.TempDir(), strings.Repeat("r", 120))
+	dir := filepath.Join(tmp, fmt.Sprintf("claudemesh-%d", os.Getuid()))
+
+	// Missing: created 0700.
+	p, err := peer.SocketPath(long, "s1")
+	if err != nil || filepath.Dir(p) != dir {
+		t.Fatalf("socket path %q %v", p, err)
+	}
+	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("folder %v %v", fi, err)
+	}
+	// Pre-created open to everyone: tightened.
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := peer.SocketPath(long, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(dir); fi.Mode().Perm() != 0o700 {
+		t.Fatalf("mode %v after reuse, want 0700", fi.Mode().Perm())
+	}
+	// Owned by someone else: refused (the check is given another uid, so
+	// no root is needed to stage it).
+	if err := peer.PrivateDir(dir, os.Getuid()+1); err == nil || !strings.Contains(err.Error(), "another user") {
+		t.Fatalf("a folder of another user accepted: %v", err)
+	}
+	// A link planted in its place: refused.
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	target := t.TempDir()
+	if err := os.Symlink(target, dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := peer.SocketPath(long, "s1"); err == nil || !strings.Contains(err.Error(), "not a folder") {
+		t.Fatalf("a link accepted: %v", err)
+	}
 }

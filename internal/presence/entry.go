@@ -63,6 +63,9 @@ type Entry struct {
 
 	// Ephemeral sessions (CLI commands) are hidden from peers.
 	Ephemeral bool `json:"eph,omitempty"`
+	// SendOnly sessions (capability send_only) are never handed a message:
+	// no node may lease a row to one or count it as a place to deliver.
+	SendOnly bool `json:"so,omitempty"`
 
 	State      State `json:"x"`
 	GraceUntil int64 `json:"gu,omitempty"` // unix ms
@@ -88,6 +91,11 @@ func (e *Entry) IsLive() bool { return e.State == Live && !e.orphaned }
 
 // Visible reports whether peers see the session: live and not ephemeral.
 func (e *Entry) Visible() bool { return e.IsLive() && !e.Ephemeral }
+
+// Receives reports whether the session may be handed messages: present
+// and not send-only. Delivery decisions (fast paths, "is the member here or
+// elsewhere", "held") look only at such entries.
+func (e *Entry) Receives() bool { return e.Present() && !e.SendOnly }
 
 // InGrace reports whether the entry waits for a reattach.
 func (e *Entry) InGrace() bool { return e.State == Grace || (e.State == Live && e.orphaned) }

@@ -585,28 +585,37 @@ func (r *Replica) MemberEntries(member string) []Entry {
 }
 
 // SoleRemoteSession returns a member's session when it is the member's
-// only present session, live, and hosted by another node.
+// only present session that receives messages, live, and hosted by another
+// node.
 func (r *Replica) SoleRemoteSession(member string) (Entry, bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	es := r.byMember[member]
-	if len(es) != 1 {
-		return Entry{}, false
-	}
-	for _, e := range es {
-		if e.IsLive() && (e.Owner != r.self || e.OwnerInc != r.inc) {
-			return *e, true
+	var sole *Entry
+	for _, e := range r.byMember[member] {
+		if !e.Receives() {
+			continue // a send-only connection is not a place to deliver
 		}
+		if sole != nil {
+			return Entry{}, false
+		}
+		sole = e
+	}
+	if sole != nil && sole.IsLive() && (sole.Owner != r.self || sole.OwnerInc != r.inc) {
+		return *sole, true
 	}
 	return Entry{}, false
 }
 
-// MemberPresent reports whether a member has any live or grace session,
-// and whether one of them is hosted by a node other than this one.
+// MemberPresent reports whether a member has any live or grace session that
+// receives messages, and whether one of them is hosted by a node other
+// than this one.
 func (r *Replica) MemberPresent(member string) (present, remote bool) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	for _, e := range r.byMember[member] {
+		if !e.Receives() {
+			continue
+		}
 		present = true
 		if e.Owner != r.self || e.OwnerInc != r.inc {
 			remote = true

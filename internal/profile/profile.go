@@ -55,12 +55,44 @@ type Profile struct {
 	Dir string
 }
 
-// Open returns the profile in dir, creating the folder if needed.
+// Open returns the profile in dir, creating the folder if needed. An
+// existing folder (or secret file in it) that others may read is made
+// private again: the folder holds the secret key, and a mode widened by
+// hand, a restored backup or an older tool must not stay so.
 func Open(dir string) (*Profile, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return nil, err
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("%s is not a folder", dir)
+	}
+	if err := tighten(dir, fi.Mode().Perm(), 0o700); err != nil {
+		return nil, err
+	}
+	for _, name := range []string{identityFile, meshesFile, stateFile} {
+		path := filepath.Join(dir, name)
+		if fi, err := os.Lstat(path); err == nil && fi.Mode().IsRegular() {
+			if err := tighten(path, fi.Mode().Perm(), 0o600); err != nil {
+				return nil, err
+			}
+		}
+	}
 	return &Profile{Dir: dir}, nil
+}
+
+// tighten removes every permission bit beyond want.
+func tighten(path string, mode, want os.FileMode) error {
+	if mode&^want == 0 {
+		return nil
+	}
+	if err := os.Chmod(path, mode&want); err != nil {
+		return fmt.Errorf("%s can be read by others (mode %#o) and cannot be made private: %w", path, mode, err)
+	}
+	return nil
 }
 
 // Identity is the user's key pair as stored.

@@ -114,3 +114,38 @@ func TestMeshSelection(t *testing.T) {
 		t.Fatalf("ambiguous: %v", err)
 	}
 }
+
+// Opening a folder that others can read makes it, and its secret files,
+// private again.
+func TestOpenTightensModes(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "cm")
+	p, err := profile.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.CreateIdentity(false); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(p.IdentityPath(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := profile.Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]os.FileMode{dir: 0o700, p.IdentityPath(): 0o600} {
+		fi, err := os.Stat(path)
+		if err != nil || fi.Mode().Perm() != want {
+			t.Fatalf("%s: mode %v %v, want %#o", path, fi.Mode().Perm(), err, want)
+		}
+	}
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := profile.Open(file); err == nil {
+		t.Fatal("a file accepted as the folder")
+	}
+}

@@ -245,7 +245,7 @@ func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
 		return
 	}
 	ss := s.sessionByPresence(e.Presence)
-	if ss == nil || ss.id != e.Conn || ss.isClosing() {
+	if ss == nil || ss.id != e.Conn || ss.isClosing() || ss.sendOnly {
 		s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []store.DeliveryKey{key})
 		return
 	}

@@ -52,6 +52,8 @@ func (ss *session) handleFrame(data []byte) {
 		ss.handleListPeers(env.ReqID)
 	case protocol.TypeMessageStatus:
 		ss.handleMessageStatus(data, env.ReqID)
+	case protocol.TypeListMembers:
+		ss.handleListMembers(data, env.ReqID)
 	case protocol.TypePing:
 		ss.queue(protocol.Pong{Type: protocol.TypePong, ReqID: env.ReqID})
 	case protocol.TypeHello:
@@ -112,7 +114,7 @@ func (ss *session) handleHello(data []byte) {
 	if hasPrev && prev.Visible() {
 		live-- // the replaced session frees its slot
 	}
-	if live >= s.cfg.MaxConnsPerMesh && !h.HasCapability(protocol.CapEphemeral) {
+	if live >= s.cfg.MaxConnsPerMesh && !h.HasCapability(protocol.CapEphemeral) && !h.HasCapability(protocol.CapSendOnly) {
 		ss.reject(protocol.ReasonCapacity, "")
 		return
 	}
@@ -120,8 +122,14 @@ func (ss *session) handleHello(data []byte) {
 		ss.reject(protocol.ReasonCapacity, "sessions per member")
 		return
 	}
-	res, err := s.hellos.accept(ctx, store.HelloCheck{SigHash: auth.SignatureHash(h.Signature),
-		PID: h.PID, Cwd: h.Cwd, MeshID: h.MeshID, Pubkey: pubkey})
+	check := store.HelloCheck{SigHash: auth.SignatureHash(h.Signature), PID: h.PID, Cwd: h.Cwd, MeshID: h.MeshID, Pubkey: pubkey}
+	if h.HasCapability(protocol.CapSendOnly) {
+		// A hook that came before its session is for that session, not
+		// for a command run in the same folder: hooks always name a cwd,
+		// so an empty one takes none.
+		check.PID, check.Cwd = 0, ""
+	}
+	res, err := s.hellos.accept(ctx, check)
 	if err != nil {
 		if s.rowFailed("hello", err); store.IsDataError(err) {
 			ss.reject(protocol.ReasonMalformed, "refused by Postgres")
@@ -155,7 +163,8 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	ss.memberID, ss.displayName, ss.sessionID, ss.pubkey = member.ID, member.DisplayName, h.SessionID, member.Pubkey
 	ss.clientAck = h.HasCapability(protocol.CapClientAck)
 	ss.sysEvents = h.HasCapability(protocol.CapSystemEvents)
-	ephemeral := h.HasCapability(protocol.CapEphemeral)
+	ss.sendOnly = h.HasCapability(protocol.CapSendOnly)
+	ephemeral := h.HasCapability(protocol.CapEphemeral) || ss.sendOnly
 
 	groups := h.GroupNames()
 	e := presence.Entry{
@@ -163,7 +172,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 		MeshID: h.MeshID, MemberID: member.ID, Pubkey: member.Pubkey, DisplayName: member.DisplayName,
 		SessionID: h.SessionID, PID: h.PID, Cwd: h.Cwd, Hostname: h.Hostname,
 		Status: protocol.StatusIdle, StatusSource: protocol.SourceJSONL, StatusUpdatedAt: now.UnixMilli(),
-		ConnectedAt: now.UnixMilli(), Groups: groups, Ephemeral: ephemeral,
+		ConnectedAt: now.UnixMilli(), Groups: groups, Ephemeral: ephemeral, SendOnly: ss.sendOnly,
 	}
 	reattached := hasPrev
 	if hasPrev {
@@ -188,7 +197,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	old := s.byPresence[e.PresenceID]
 	s.byPresence[e.PresenceID] = ss
 	addToSet(s.byMesh, ss.meshID, ss)
-	if ss.sysEvents {
+	if ss.sysEvents && !ss.sendOnly {
 		addToSet(s.listeners, ss.meshID, ss)
 	}
 	s.mu.Unlock()
@@ -202,7 +211,9 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	}
 	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
 		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
-	s.engine.attach(ss)
+	if !ss.sendOnly {
+		s.engine.attach(ss) // a send-only session is never a delivery target
+	}
 	ss.log().Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
 		"reattached", reattached, "client_ack", ss.clientAck)
 	s.audit.add(store.AuditEvent{MeshID: h.MeshID, Type: store.EventPeerConnected, Actor: member.ID,
@@ -372,7 +383,7 @@ func (s *Server) deliveryState(r store.RecipientRow, priority int16) string {
 	entries := s.replica.MemberEntries(r.MemberID)
 	live := false
 	for i := range entries {
-		if !entries[i].IsLive() {
+		if !entries[i].IsLive() || !entries[i].Receives() {
 			continue
 		}
 		live = true

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -214,7 +215,7 @@ func (s *Server) verifyHook(r *http.Request, body []byte) (meshID, pubkey string
 // the hook is signed.
 func (s *Server) resolveHook(h HookRequest, pid int64, meshID, pubkey string) (presence.Entry, bool) {
 	matches := s.replica.Find(func(e *presence.Entry) bool {
-		if e.Cwd != h.Cwd {
+		if e.Cwd != h.Cwd || e.SendOnly {
 			return false
 		}
 		if h.SessionID != "" && e.SessionID != h.SessionID {
@@ -366,6 +367,9 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	case errors.Is(err, store.ErrInviteExhausted):
 		joinError(w, http.StatusGone, "invite_exhausted", "the invite has no uses left")
+		return
+	case errors.Is(err, store.ErrNameTaken):
+		joinError(w, http.StatusConflict, "name_taken", "another member of the mesh is called "+strconv.Quote(req.DisplayName)+"; choose another display name")
 		return
 	case err != nil:
 		joinError(w, http.StatusServiceUnavailable, "unavailable", "database unavailable")

@@ -127,6 +127,7 @@ type session struct {
 	// Set by the hello before authed is stored; read-only afterwards.
 	meshID, memberID, pubkey, displayName, presenceID, sessionID string
 	clientAck, sysEvents                                         bool
+	sendOnly                                                     bool // capability send_only: never handed a message
 	authed                                                       atomic.Bool
 
 	maxPrio  atomic.Int32 // least urgent priority its status accepts
@@ -141,7 +142,8 @@ type session struct {
 	sendLimit *rate.Limiter
 	// peersLimit paces list_peers; nil until the first one (peers.go).
 	// Owned by the read loop.
-	peersLimit *rate.Limiter
+	peersLimit   *rate.Limiter
+	membersLimit *rate.Limiter // list_members; made on first use (read loop only)
 	// sendSlots bounds sends accepted whose ack is not written yet: when
 	// it is full the read loop stops reading, so TCP pushes back on the
 	// client instead of work piling up in the broker.

@@ -77,7 +77,9 @@ func (s *Store) RevokeInvite(ctx context.Context, id string) error {
 // RedeemInvite enrols pubkey with the invite's role. It is idempotent for a
 // pubkey that is already a live member of the mesh (no use is spent), and
 // spends a use by compare-and-set otherwise, so concurrent redemptions can
-// never exceed max_uses. The signature must have been checked by the caller.
+// never exceed max_uses. A display name another live member has is
+// ErrNameTaken, and spends nothing. The signature must have been checked by
+// the caller.
 func (s *Store) RedeemInvite(ctx context.Context, inv Invite, pubkey, displayName string) (m Member, already bool, err error) {
 	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		rows, err := tx.Query(ctx, `SELECT `+memberCols+` FROM member
@@ -92,6 +94,9 @@ func (s *Store) RedeemInvite(ctx context.Context, inv Invite, pubkey, displayNam
 		if len(existing) > 0 {
 			m, already = existing[0], true
 			return nil
+		}
+		if err := checkNameFree(ctx, tx, inv.MeshID, pubkey, displayName); err != nil {
+			return err // before a use is spent
 		}
 		var role string
 		err = tx.QueryRow(ctx, `
@@ -128,6 +133,10 @@ func (s *Store) RedeemInvite(ctx context.Context, inv Invite, pubkey, displayNam
 		_, err = tx.Exec(ctx, `SELECT pg_notify($1, $2)`, MemberChannel, inv.MeshID)
 		return err
 	})
+	if isNameViolation(err) {
+		// A concurrent join took the name first.
+		return Member{}, false, fmt.Errorf("%q in mesh %s: %w", displayName, inv.MeshID, ErrNameTaken)
+	}
 	if isUniqueViolation(err) {
 		// A concurrent redemption by the same pubkey won; answer as a re-join.
 		m, err = s.MemberByPubkey(ctx, inv.MeshID, pubkey)

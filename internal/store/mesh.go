@@ -99,7 +99,8 @@ func (s *Store) ListMeshes(ctx context.Context) ([]Mesh, error) {
 }
 
 // AddMember enrols pubkey in a mesh. A live member with that pubkey is
-// ErrConflict. The change is announced on MemberChannel.
+// ErrConflict, one with that display name ErrNameTaken. The change is
+// announced on MemberChannel.
 func (s *Store) AddMember(ctx context.Context, m Member) (Member, error) {
 	if m.ID == "" {
 		m.ID = NewID()
@@ -121,10 +122,16 @@ func (s *Store) AddMember(ctx context.Context, m Member) (Member, error) {
 		if archived != nil {
 			return fmt.Errorf("mesh %s is archived: %w", m.MeshID, ErrNotFound)
 		}
+		if err := checkNameFree(ctx, tx, m.MeshID, m.Pubkey, m.DisplayName); err != nil {
+			return err
+		}
 		err := tx.QueryRow(ctx, `
 			INSERT INTO member (id, mesh_id, pubkey, display_name, role, groups)
 			VALUES ($1, $2, $3, $4, $5, $6) RETURNING joined_at`,
 			m.ID, m.MeshID, m.Pubkey, m.DisplayName, m.Role, m.Groups).Scan(&m.JoinedAt)
+		if isNameViolation(err) {
+			return fmt.Errorf("%q in mesh %s: %w", m.DisplayName, m.MeshID, ErrNameTaken)
+		}
 		if isUniqueViolation(err) {
 			return fmt.Errorf("pubkey already a member of mesh %s: %w", m.MeshID, ErrConflict)
 		}

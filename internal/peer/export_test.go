@@ -1,0 +1,6 @@
+package peer
+
+var (
+	SocketPath = socketPath
+	PrivateDir = privateDir
+)
