@@ -388,7 +388,7 @@ func TestDevProcessesFailover(t *testing.T) {
 	code := cmcli.Run(ctx, strings.Fields(m[1])[1:], cmcli.Env{Stdin: strings.NewReader(""), Stdout: &out, Stderr: &errb,
 		Getenv: func(string) string { return "" }, Home: home, Cwd: home, Hostname: "h", Executable: "/usr/local/bin/claudemesh",
 		SessionPID: func() (int, bool) { return 0, false }})
-	if code != 0 || !strings.Contains(out.String(), `as "alice"`) {
+	if code != 0 || !strings.Contains(out.String(), `as alice (`) {
 		t.Fatalf("join through the balancer with a node killed: %d %s %s", code, out.String(), errb.String())
 	}
 

@@ -160,10 +160,10 @@ func TestBannerJoinLinesSurviveRestart(t *testing.T) {
 	}
 
 	alice, bob := newPerson(t), newPerson(t)
-	if out := alice.line(b1.joins["alice"]); !strings.Contains(out, `joined mesh "demo"`) || !strings.Contains(out, `as "alice"`) {
+	if out := alice.line(b1.joins["alice"]); !strings.Contains(out, `joined mesh "demo"`) || !strings.Contains(out, `as alice (`) {
 		t.Fatalf("alice's join: %s", out)
 	}
-	if out := bob.line(b1.joins["bob"]); !strings.Contains(out, `as "bob"`) {
+	if out := bob.line(b1.joins["bob"]); !strings.Contains(out, `as bob (`) {
 		t.Fatalf("bob's join: %s", out)
 	}
 	send := func(text string) {
@@ -193,7 +193,7 @@ func TestBannerJoinLinesSurviveRestart(t *testing.T) {
 	if out := alice.line(b2.joins["alice"]); !strings.Contains(out, "already a member") {
 		t.Fatalf("alice's second join: %s", out)
 	}
-	if out := newPerson(t).line(strings.Replace(b2.joins["bob"], "--name bob", "--name erin", 1)); !strings.Contains(out, `as "erin"`) {
+	if out := newPerson(t).line(strings.Replace(b2.joins["bob"], "--name bob", "--name erin", 1)); !strings.Contains(out, `as erin (`) {
 		t.Fatalf("a newcomer's join after the restart: %s", out)
 	}
 	send("after the restart")

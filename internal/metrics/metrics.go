@@ -39,6 +39,7 @@ type Metrics struct {
 	GossipDropped       prometheus.Counter
 	AuditDropped        prometheus.Counter
 	LimiterEvicted      prometheus.Counter
+	MemberCacheEvicted  prometheus.Counter
 	ClockOffset         prometheus.Gauge
 	Edge
 	Bounds
@@ -110,6 +111,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "broker_gossip_invalid_total", Help: "Gossip messages dropped as invalid."}),
 		LimiterEvicted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "broker_limiter_keys_evicted_total", Help: "Rate-limit buckets (per client address or member) dropped because the limiter was full."}),
+		MemberCacheEvicted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "broker_member_cache_evicted_total", Help: "Mesh member lists dropped from the member cache because it was full."}),
 		AuditDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "broker_audit_dropped_total", Help: "Audit events dropped because the buffer was full."}),
 		ClockOffset: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -120,7 +123,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		m.MessagesDelivered, m.MessagesExpired, m.QueueDepth, m.TTLSweeps, m.StatusFlips, m.HookRequests,
 		m.HookRateLimited, m.DBHealthy, m.CommitToPush, m.CommitDuration, m.CommitBatchSize, m.Claims,
 		m.Recovered, m.SlowConsumers, m.ClientCloses, m.ClusterMembers, m.PresenceEntries, m.RelaySent,
-		m.RelayReceived, m.RelayLag, m.RelayReconnects, m.GossipDropped, m.AuditDropped, m.LimiterEvicted, m.ClockOffset,
+		m.RelayReceived, m.RelayLag, m.RelayReconnects, m.GossipDropped, m.AuditDropped, m.LimiterEvicted, m.MemberCacheEvicted, m.ClockOffset,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)

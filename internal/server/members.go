@@ -14,11 +14,19 @@ import (
 // change notification was lost.
 const memberCacheTTL = 30 * time.Second
 
+// maxCachedMeshes bounds the member cache. Only meshes with members are
+// cached, so only real meshes count; past the bound the oldest list goes.
+const maxCachedMeshes = 16384
+
 // memberCache keeps each active mesh's live members in memory. Membership
 // changes are announced on the member channel and drop the mesh's entry.
+// A mesh without members is not cached: anyone can sign a hello for a mesh
+// id they make up, and each would otherwise leave an entry behind.
 type memberCache struct {
-	store *store.Store
-	sf    singleflight.Group
+	store   *store.Store
+	sf      singleflight.Group
+	evicted func() // counts lists dropped because the cache was full
+	max     int
 
 	mu     sync.RWMutex
 	meshes map[string]*meshMembers
@@ -37,8 +45,8 @@ type meshMembers struct {
 	byPubkey map[string]store.Member
 }
 
-func newMemberCache(st *store.Store) *memberCache {
-	return &memberCache{store: st, meshes: map[string]*meshMembers{}}
+func newMemberCache(st *store.Store, evicted func()) *memberCache {
+	return &memberCache{store: st, evicted: evicted, max: maxCachedMeshes, meshes: map[string]*meshMembers{}}
 }
 
 func (c *memberCache) get(ctx context.Context, mesh string, maxAge time.Duration) (*meshMembers, error) {
@@ -57,9 +65,9 @@ func (c *memberCache) get(ctx context.Context, mesh string, maxAge time.Duration
 		for _, m := range all {
 			mm.byPubkey[m.Pubkey] = m
 		}
-		c.mu.Lock()
-		c.meshes[mesh] = mm
-		c.mu.Unlock()
+		if len(all) > 0 {
+			c.store1(mesh, mm)
+		}
 		return mm, nil
 	})
 	if err != nil {
@@ -94,6 +102,32 @@ func (c *memberCache) all(ctx context.Context, mesh string) ([]store.Member, err
 		return nil, err
 	}
 	return mm.all, nil
+}
+
+// store1 caches one mesh's list, dropping the oldest when full.
+func (c *memberCache) store1(mesh string, mm *meshMembers) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.meshes[mesh]; !ok && len(c.meshes) >= c.max {
+		oldest := ""
+		for id, x := range c.meshes {
+			if oldest == "" || x.loaded.Before(c.meshes[oldest].loaded) {
+				oldest = id
+			}
+		}
+		delete(c.meshes, oldest)
+		if c.evicted != nil {
+			c.evicted()
+		}
+	}
+	c.meshes[mesh] = mm
+}
+
+// len is how many meshes are cached.
+func (c *memberCache) len() int {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.meshes)
 }
 
 // invalidate drops a mesh's list.

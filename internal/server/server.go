@@ -131,7 +131,7 @@ func New(d Deps) *Server {
 	if s.clock == nil {
 		s.clock = time.Now
 	}
-	s.members = newMemberCache(d.Store)
+	s.members = newMemberCache(d.Store, s.m.MemberCacheEvicted.Inc)
 	s.engine = newEngine(s)
 	s.commit = newCommitter(s, 2)
 	s.hellos = newHelloBatcher(s, 2)
