@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -61,7 +63,10 @@ type Result struct {
 	Date     time.Time `json:"date"`
 	Topology string    `json:"topology"`
 	Profile  string    `json:"profile"`
-	Note     string    `json:"note,omitempty"`
+	// Machine is the CPU count and the 1-minute load average at the start
+	// and the end of the run (other processes share the machine).
+	Machine string `json:"machine"`
+	Note    string `json:"note,omitempty"`
 
 	Rows   []Row   `json:"rows"`
 	Checks []Check `json:"checks"`
@@ -127,6 +132,7 @@ func Run(t testing.TB, c *Cluster, plan Plan) *Result {
 	r := NewRunner(t, c)
 	res := &Result{Date: time.Now().UTC(), Topology: c.T.String(), Profile: c.Profile, Values: map[string]float64{},
 		Pushes: map[string]Push{}}
+	loadBefore := loadAverage()
 	res.FirstHellos = r.FirstHellos()
 	t.Logf("first hellos: %v", res.FirstHellos)
 	res.LaterHellos = r.LaterHellos(plan.Hellos)
@@ -145,7 +151,21 @@ func Run(t testing.TB, c *Cluster, plan Plan) *Result {
 	res.PostgresCut = r.CutPostgres(plan.CutRegion, plan.PostgresCut)
 	t.Logf("postgres cut: %+v", res.PostgresCut)
 	res.build(c.Wire, plan)
+	res.Machine = fmt.Sprintf("%d CPUs, load average %s at the start, %s at the end", runtime.NumCPU(), loadBefore, loadAverage())
 	return res
+}
+
+// loadAverage is the 1-minute load average (Linux), or "unknown".
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "unknown"
+	}
+	return f[0]
 }
 
 // farRegions are the regions other than Postgres', in topology order.
@@ -316,20 +336,20 @@ func (res *Result) build(w Wire, plan Plan) {
 		val("gossip_cut_declared_dead."+g.Region, g.DeclaredDead)
 	}
 	deadHolds = res.check(DeadRegionLimit, g.Region, orForever(g.DeclaredDead, g.Cut), 0)
-	healed := fmt.Sprintf("not within %s", ms(g.HealTimeout))
+	healed := fmt.Sprintf("replicas did not agree within %s of the heal", ms(g.HealTimeout))
 	if g.Healed > 0 {
-		healed = ms(g.Healed)
+		healed = fmt.Sprintf("replicas agreed %s after the heal", ms(g.Healed))
 		val("gossip_cut_healed."+g.Region, g.Healed)
 	}
 	if g.Whole > 0 {
-		healed = fmt.Sprintf("membership whole %s after the heal, replicas agreed after %s", ms(g.Whole), healed)
+		healed = fmt.Sprintf("membership whole %s and %s", ms(g.Whole), healed)
 		val("gossip_cut_whole."+g.Region, g.Whole)
 	}
 	res.Values["gossip_cut_lost"] = float64(l.Lost)
 	res.Values["gossip_cut_duplicated"] = float64(l.AppDuplicates)
 	res.Rows = append(res.Rows, Row{
 		Path: fmt.Sprintf("gossip cut %s↔others %s (load: %d peers, %d messages)", g.Region, ms(g.Cut), l.Peers, l.Offered),
-		Measured: fmt.Sprintf("%d lost, %d duplicated (%d redelivered and deduped, %d unacked); others declared %s dead %s; views (sessions, one made in %s during the cut included) healed in %s",
+		Measured: fmt.Sprintf("%d lost, %d duplicated (%d redelivered and deduped, %d unacked); the others declared %s dead %s; views (sessions, one made in %s during the cut included): %s",
 			l.Lost, l.AppDuplicates, l.Redeliveries, l.Unacked, g.Region, dead, g.Region, healed),
 		Wire:   "—",
 		Target: "0 lost, 0 duplicated; dead within ~5 s",
@@ -427,7 +447,7 @@ func secs(d time.Duration) string { return fmt.Sprintf("%.1f s", d.Seconds()) }
 // WriteMarkdown prints the table.
 func (res *Result) WriteMarkdown(w io.Writer) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Measured %s; %s; CLUSTER_PROFILE=%s.", res.Date.Format("2006-01-02 15:04 MST"), res.Topology, res.Profile)
+	fmt.Fprintf(&b, "Measured %s; %s; CLUSTER_PROFILE=%s; %s.", res.Date.Format("2006-01-02 15:04 MST"), res.Topology, res.Profile, res.Machine)
 	if res.Note != "" {
 		fmt.Fprintf(&b, " %s", res.Note)
 	}
