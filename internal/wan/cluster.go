@@ -1,11 +1,13 @@
 package wan
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"net/http"
 	"net/url"
+	"runtime"
 	"testing"
 	"time"
 
@@ -115,6 +117,12 @@ func Start(t testing.TB, db string, o Options) *Cluster {
 	t.Cleanup(admin.Close)
 	c := &Cluster{T: topo, Wire: Wire{T: topo}, Admin: admin, Profile: o.Profile}
 	c.Mesh = testkit.NewMesh(t, admin, o.Members)
+	// Runs after every node's shutdown (cleanups run last first).
+	t.Cleanup(func() {
+		if !waitUntil(probeLinger, func() bool { return !memberlistProbing() }) {
+			t.Errorf("wan: memberlist probes still running %s after the nodes stopped", probeLinger)
+		}
+	})
 
 	for i, r := range topo.Regions {
 		n := &Node{Region: r}
@@ -226,6 +234,21 @@ func (c *Cluster) HealGossip() {
 	for _, n := range c.Nodes {
 		n.Partition.Heal()
 	}
+}
+
+// probeLinger bounds how long memberlist's probe goroutines outlive
+// Shutdown: it does not wait for them, and each waits out its probe
+// timeout (3 s in the WAN profile) and the TCP fallback's deadline (the
+// probe interval, 5 s).
+const probeLinger = 10 * time.Second
+
+// memberlistProbing reports whether a goroutine of a memberlist probe is
+// still running, so that a test ends only when they are gone (the leak
+// check after the package's tests would find them).
+func memberlistProbing() bool {
+	buf := make([]byte, 1<<20)
+	n := runtime.Stack(buf, true)
+	return bytes.Contains(buf[:n], []byte("memberlist.(*Memberlist).probeNode"))
 }
 
 // waitUntil polls cond every 10 ms until it holds or timeout passes: for

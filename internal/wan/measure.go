@@ -481,9 +481,14 @@ type PostgresCut struct {
 	// Sends are the sends made during the cut, one a second.
 	Sends []SendOutcome
 	// AtHeal is a send written as the path healed, by a peer that sent
-	// nothing during the cut, from writing it to its ack. AfterHealthy is
-	// one written once /health was 200 again.
-	AtHeal, AfterHealthy time.Duration
+	// nothing during the cut, until it was committed: a send answered
+	// with an error is written again at once, as an application retries
+	// (AtHealTries counts the writes). AfterHealthy is one written once
+	// /health was 200 again.
+	AtHeal       time.Duration
+	AtHealTries  int
+	AtHealErrors []string
+	AfterHealthy time.Duration
 	// Delivered counts the acked sends pushed to their recipient; Missing
 	// and Duplicated those that were not, or more than once.
 	Delivered, Missing, Duplicated int
@@ -538,17 +543,29 @@ func (r *Runner) CutPostgres(region string, cut time.Duration) PostgresCut {
 	healAt := time.Now()
 	nd.Postgres.Heal()
 	atHeal := "pg-at-heal"
-	sentAtHeal, err := first.Send(context.Background(), to, atHeal, atHeal)
-	if err != nil {
-		r.t.Fatal(err)
+	sentAtHeal := time.Now()
+	for res.AtHeal == 0 && time.Since(sentAtHeal) < ackTimeout {
+		cmid := atHeal + "-" + strconv.Itoa(res.AtHealTries)
+		if _, err := first.Send(context.Background(), to, cmid, cmid); err != nil {
+			r.t.Fatal(err)
+		}
+		res.AtHealTries++
+		a, at, ok := first.WaitAck(cmid, ackTimeout-time.Since(sentAtHeal))
+		switch {
+		case !ok:
+			res.AtHealErrors = append(res.AtHealErrors, "no ack")
+		case a.Queued:
+			res.AtHeal = at.Sub(sentAtHeal)
+			atHeal = cmid
+		default:
+			res.AtHealErrors = append(res.AtHealErrors, a.Error)
+		}
+	}
+	if res.AtHeal == 0 {
+		r.t.Errorf("wan: a send written at the heal was not committed within %s: %v", ackTimeout, res.AtHealErrors)
 	}
 	if waitUntil(time.Minute, func() bool { return health(nd) == http.StatusOK }) {
 		res.Healthy = time.Since(healAt)
-	}
-	if a, at, ok := first.WaitAck(atHeal, ackTimeout); ok && a.Queued {
-		res.AtHeal = at.Sub(sentAtHeal)
-	} else {
-		r.t.Errorf("wan: the send at the heal got %+v (acked: %v)", a, ok)
 	}
 	afterHealthy := "pg-after-healthy"
 	sent, err := first.Send(context.Background(), to, afterHealthy, afterHealthy)
@@ -574,7 +591,12 @@ func (r *Runner) CutPostgres(region string, cut time.Duration) PostgresCut {
 		}
 		res.Sends = append(res.Sends, o)
 	}
-	acked = append(acked, atHeal, afterHealthy)
+	if res.AtHeal > 0 {
+		acked = append(acked, atHeal)
+	}
+	if res.AfterHealthy > 0 {
+		acked = append(acked, afterHealthy)
+	}
 	for _, cmid := range acked {
 		rcpt.WaitPush(cmid, ackTimeout)
 	}

@@ -70,9 +70,10 @@ type Result struct {
 
 	Rows   []Row   `json:"rows"`
 	Checks []Check `json:"checks"`
-	// Values holds every number measured, in milliseconds, by key
-	// ("first_hello.syd", "push_p50.ams→syd", …).
-	Values map[string]float64 `json:"values_ms"`
+	// Values holds every number measured by key ("first_hello.syd",
+	// "push_p50.ams→syd", …): milliseconds, except the counts
+	// ("gossip_cut_lost", "send_at_heal_tries.syd", …).
+	Values map[string]float64 `json:"values"`
 
 	FirstHellos    map[string]FirstHello    `json:"-"`
 	LaterHellos    map[string]Dist          `json:"-"`
@@ -287,10 +288,11 @@ func (res *Result) build(w Wire, plan Plan) {
 	pc := res.PostgresCut
 	cr := pc.Region
 	val("send_at_heal."+cr, pc.AtHeal)
+	res.Values["send_at_heal_tries."+cr] = float64(pc.AtHealTries)
 	val("send_after_healthy."+cr, pc.AfterHealthy)
 	res.Rows = append(res.Rows, Row{
 		Path:     fmt.Sprintf("first send after Postgres came back (%s): written at the heal / once `/health` was 200 again", cr),
-		Measured: fmt.Sprintf("%s / %s", ms(pc.AtHeal), ms(pc.AfterHealthy)),
+		Measured: fmt.Sprintf("%s%s / %s", ms(pc.AtHeal), triesText(pc.AtHealTries, pc.AtHealErrors), ms(pc.AfterHealthy)),
 		Wire:     ms(w.Request(cr)),
 		Target:   fmt.Sprintf("1 RTT: ≤ %s", ms(FirstSendAfterOutageLimit.Bound(w.Request(cr)))),
 		Holds:    yesNo([]bool{res.check(FirstSendAfterOutageLimit, cr, pc.AtHeal, w.Request(cr))}),
@@ -367,6 +369,13 @@ func (res *Result) build(w Wire, plan Plan) {
 		Target: "—",
 		Holds:  yesNo([]bool{pc.Missing == 0 && pc.Duplicated == 0}),
 	})
+}
+
+func triesText(tries int, errs []string) string {
+	if tries <= 1 {
+		return ""
+	}
+	return fmt.Sprintf(" (written %d times: first answered %s)", tries, strings.Join(errs, ", "))
 }
 
 func orForever(d, cut time.Duration) time.Duration {

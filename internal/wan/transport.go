@@ -31,13 +31,14 @@ type DelayTransport struct {
 	queues map[string]*packetQueue // by destination region
 	conns  map[*delayedConn]struct{}
 	closed bool
+	stop   chan struct{} // closed by Shutdown
 	wg     sync.WaitGroup
 }
 
 // NewDelayTransport wraps t for a node in region self.
 func NewDelayTransport(t memberlist.NodeAwareTransport, topo Topology, self string) *DelayTransport {
 	return &DelayTransport{NodeAwareTransport: t, topo: topo, self: self, max: DefaultMaxBuffer,
-		noLink: newLink(), queues: map[string]*packetQueue{}, conns: map[*delayedConn]struct{}{}}
+		noLink: newLink(), queues: map[string]*packetQueue{}, conns: map[*delayedConn]struct{}{}, stop: make(chan struct{})}
 }
 
 // Stats reads the transport's counters.
@@ -107,31 +108,22 @@ func (t *DelayTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Ti
 	return now, nil
 }
 
-// stopped reports whether Shutdown was called.
-func (t *DelayTransport) stopped() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.closed
-}
-
 func (t *DelayTransport) sendPackets(pq *packetQueue) {
 	defer t.wg.Done()
 	for {
 		pq.mu.Lock()
 		if len(pq.q) == 0 {
 			pq.mu.Unlock()
-			<-pq.wake
-			if t.stopped() {
+			select {
+			case <-pq.wake:
+			case <-t.stop:
 				return
 			}
 			continue
 		}
 		p := pq.q[0]
 		pq.mu.Unlock()
-		if d := time.Until(p.due); d > 0 {
-			time.Sleep(d) // bounded by the region's delay
-		}
-		if t.stopped() {
+		if !sleepUntil(p.due, t.stop) {
 			return
 		}
 		_, _ = t.NodeAwareTransport.WriteToAddress(p.b, p.a)
@@ -158,11 +150,14 @@ func (t *DelayTransport) DialAddressTimeout(a memberlist.Address, timeout time.D
 	}
 	start := time.Now()
 	if !t.topo.NoHandshake {
+		// SYN and SYN-ACK.
 		if 2*d >= timeout {
-			time.Sleep(timeout)
+			sleepUntil(start.Add(timeout), t.stop)
 			return nil, &net.OpError{Op: "dial", Net: "tcp", Err: os.ErrDeadlineExceeded}
 		}
-		time.Sleep(2 * d) // SYN and SYN-ACK
+		if !sleepUntil(start.Add(2*d), t.stop) {
+			return nil, errors.New("wan: transport shut down")
+		}
 	}
 	c, err := t.NodeAwareTransport.DialAddressTimeout(a, timeout-time.Since(start))
 	if err != nil {
@@ -193,13 +188,13 @@ func (t *DelayTransport) DialAddressTimeout(a memberlist.Address, timeout time.D
 // and streams, then the wrapped transport.
 func (t *DelayTransport) Shutdown() error {
 	t.mu.Lock()
+	if !t.closed {
+		close(t.stop)
+	}
 	t.closed = true
 	conns := make([]*delayedConn, 0, len(t.conns))
 	for c := range t.conns {
 		conns = append(conns, c)
-	}
-	for _, pq := range t.queues {
-		poke(pq.wake)
 	}
 	t.mu.Unlock()
 	for _, c := range conns {
