@@ -33,6 +33,9 @@ func addrOf(ip string, nt *memberlist.NetTransport) memberlist.Address {
 // Packets to an address of no region go out at once.
 func TestDelayTransport(t *testing.T) {
 	topo := wan.DefaultTopology()
+	// Longer than the tests' tolerance, so that a delay applied twice
+	// shows.
+	topo.SetDelay("ams", "iad", 90*time.Millisecond)
 	ams, _ := topo.Region("ams")
 	iad, _ := topo.Region("iad")
 	d := topo.Delay("ams", "iad")
@@ -134,5 +137,31 @@ func TestDelayTransport(t *testing.T) {
 	}
 	if st := a.Stats(); st.PacketsDelayed != 6 || st.Conns != 1 || st.PacketsDropped != 0 {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+// Packets waiting out their delay are bounded in bytes per destination
+// region: beyond DefaultMaxBuffer they are dropped, as a full queue on a
+// real link would drop them, and counted.
+func TestDelayTransportBoundsPackets(t *testing.T) {
+	topo := wan.DefaultTopology()
+	topo.SetDelay("ams", "syd", time.Second) // all of them wait at once
+	ams, _ := topo.Region("ams")
+	syd, _ := topo.Region("syd")
+	a := wan.NewDelayTransport(netTransport(t, ams.IP), topo, "ams")
+	defer a.Shutdown()
+	bt := netTransport(t, syd.IP)
+	defer bt.Shutdown()
+	const size, n = 1400, 1000 // 1.4 MB
+	pkt := make([]byte, size)
+	for range n {
+		if _, err := a.WriteToAddress(pkt, addrOf(syd.IP, bt)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := a.Stats()
+	if st.PacketsDelayed+st.PacketsDropped != n || st.PacketsDropped == 0 || st.PacketsDelayed*size > wan.DefaultMaxBuffer {
+		t.Fatalf("%d packets of %d bytes: %d held, %d dropped; want at most %d bytes held and the rest dropped",
+			n, size, st.PacketsDelayed, st.PacketsDropped, wan.DefaultMaxBuffer)
 	}
 }
