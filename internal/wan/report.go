@@ -448,7 +448,7 @@ func sendsText(sends []SendOutcome, cut time.Duration) string {
 		parts = append(parts, fmt.Sprintf("%d `%s`, answered %s–%s after the cut (the longest waited %s)",
 			a.n, k, secs(a.first), secs(a.last), secs(a.longest)))
 	}
-	return fmt.Sprintf("%d made, one a second, the heal at %s: ", len(sends), secs(cut)) + strings.Join(parts, "; ")
+	return fmt.Sprintf("%d made to a peer on the same node, one a second, the heal at %s: ", len(sends), secs(cut)) + strings.Join(parts, "; ")
 }
 
 func secs(d time.Duration) string { return fmt.Sprintf("%.1f s", d.Seconds()) }
