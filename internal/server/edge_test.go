@@ -288,6 +288,7 @@ func TestJoinRequiresProof(t *testing.T) {
 	_, attacker, _ := ed25519.GenerateKey(rand.Reader)
 	victimKey := auth.PubkeyHex(victim)
 
+	honest := 0
 	for name, tc := range map[string]struct {
 		sig  string
 		code string
@@ -302,7 +303,8 @@ func TestJoinRequiresProof(t *testing.T) {
 		if code != http.StatusUnauthorized || r.Error != tc.code {
 			t.Errorf("%s: %d %+v, want 401 %s", name, code, r, tc.code)
 		}
-		if code, r := joinReq(t, n.HTTPURL(), inv.Token, "honest"); code != http.StatusOK {
+		honest++ // display names are unique in a mesh
+		if code, r := joinReq(t, n.HTTPURL(), inv.Token, fmt.Sprintf("honest-%d", honest)); code != http.StatusOK {
 			t.Fatalf("an honest join between the attempts: %d %+v", code, r)
 		}
 	}
