@@ -19,6 +19,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/protocol"
@@ -70,7 +71,7 @@ func (s *Store) open(readOnly bool) (*bolt.DB, error) {
 	// Readers share the file lock; a writer takes it alone.
 	db, err := bolt.Open(s.path, 0o600, &bolt.Options{Timeout: s.timeout, ReadOnly: readOnly})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, bolterrors.ErrTimeout) {
 			return nil, fmt.Errorf("local state %s is locked by another claudemesh process for more than %s", s.path, s.timeout)
 		}
 		return nil, fmt.Errorf("open local state %s: %w", s.path, err)

@@ -410,7 +410,7 @@ func (t *tools) setStatus(ctx context.Context, _ *mcp.CallToolRequest, in SetSta
 	if err := t.m.SetStatus(ctx, in.Status); err != nil {
 		return nil, StatusOutput{}, err
 	}
-	return text("Status set to " + in.Status + "."), StatusOutput{Status: in.Status}, nil
+	return text("Status set to " + in.Status + "."), StatusOutput(in), nil
 }
 
 // SetSummaryInput is set_summary's input.
@@ -427,7 +427,7 @@ func (t *tools) setSummary(ctx context.Context, _ *mcp.CallToolRequest, in SetSu
 	if err := t.m.SetSummary(ctx, in.Summary); err != nil {
 		return nil, SummaryOutput{}, err
 	}
-	return text("Summary set."), SummaryOutput{Summary: in.Summary}, nil
+	return text("Summary set."), SummaryOutput(in), nil
 }
 
 // GroupInput is join_group's and leave_group's input.
