@@ -63,6 +63,13 @@ func ParseHook(body []byte) (HookRequest, error) {
 	if h.Cwd == "" || len(h.Cwd) > protocol.MaxCwdLen {
 		return h, errors.New("cwd is required (at most 4096 bytes)")
 	}
+	// A NUL would reach Postgres (a pending status) and be refused there.
+	if err := protocol.CheckField("cwd", h.Cwd, protocol.MaxCwdLen); err != nil {
+		return h, err
+	}
+	if err := protocol.CheckField("session_id", h.SessionID, protocol.MaxIDLen); err != nil {
+		return h, err
+	}
 	if !protocol.ValidStatus(h.Status) {
 		return h, errors.New("status must be idle, working or dnd")
 	}
@@ -256,6 +263,26 @@ type JoinRequest struct {
 	Signature   string `json:"signature,omitempty"`
 }
 
+// check refuses what Postgres or the protocol would: a NUL, invalid UTF-8
+// or an oversized field (a display name with a NUL failed the insert and
+// answered 503 instead of 400).
+func (req *JoinRequest) check() error {
+	for _, f := range []struct {
+		name, v string
+		max     int
+	}{
+		{"invite_token", req.InviteToken, 8192},
+		{"peer_pubkey", req.PeerPubkey, 128},
+		{"display_name", req.DisplayName, protocol.MaxDisplayName},
+		{"signature", req.Signature, 256},
+	} {
+		if err := protocol.CheckField(f.name, f.v, f.max); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // JoinResponse answers /join.
 type JoinResponse struct {
 	OK            bool   `json:"ok"`
@@ -283,6 +310,10 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 	var req JoinRequest
 	if err != nil || protocol.Decode(body, &req) != nil {
 		joinError(w, http.StatusBadRequest, "malformed", "body must be JSON {invite_token, peer_pubkey, display_name, signature}")
+		return
+	}
+	if err := req.check(); err != nil {
+		joinError(w, http.StatusBadRequest, "malformed", err.Error())
 		return
 	}
 	req.PeerPubkey = strings.ToLower(req.PeerPubkey)
