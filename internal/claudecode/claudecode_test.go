@@ -223,3 +223,55 @@ func TestSessionPID(t *testing.T) {
 		t.Errorf("SessionPID = %d", pid)
 	}
 }
+
+// An install and an uninstall in the same second each keep a backup: the
+// second never overwrites the first, which holds the user's original
+// settings. And a settings file that is a symbolic link (a dotfiles
+// repository) stays a link, its target edited.
+func TestApplyKeepsEveryBackupAndLinks(t *testing.T) {
+	home, dotfiles := t.TempDir(), t.TempDir()
+	target := filepath.Join(dotfiles, "settings.json")
+	if err := os.WriteFile(target, []byte(userSettings), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(home, "settings.json")
+	if err := os.Symlink(target, path); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
+	c, err := PlanHooks(path, "claudemesh hook", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := c.Apply(now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	installed, _ := os.ReadFile(target)
+	c, err = PlanUnhooks(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := c.Apply(now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first == second {
+		t.Fatalf("both backups are %s", first)
+	}
+	if b, _ := os.ReadFile(first); string(b) != userSettings {
+		t.Fatalf("the first backup no longer holds the original settings:\n%s", b)
+	}
+	if b, _ := os.ReadFile(second); string(b) != string(installed) {
+		t.Fatalf("the second backup is not the installed version:\n%s", b)
+	}
+	if fi, err := os.Lstat(path); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Fatalf("the settings link was replaced by a file: %v %v", fi, err)
+	}
+	if fi, _ := os.Stat(target); fi.Mode().Perm() != 0o644 {
+		t.Errorf("target mode changed to %v", fi.Mode().Perm())
+	}
+	if HooksInstalled(target) {
+		t.Error("the uninstall did not reach the link's target")
+	}
+}

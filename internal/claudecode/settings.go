@@ -11,6 +11,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/claudemesh/broker/internal/fsutil"
 )
 
 // object is a JSON object that keeps its keys in file order and its values
@@ -448,9 +450,10 @@ func mapsEqual(a, b map[string]string) bool {
 }
 
 // Apply writes the change: the old file is first copied to
-// <path>.claudemesh-backup-<time>, then the new content replaces it
-// atomically with the old file's mode. It returns the backup's path ("" when
-// there was no file).
+// <path>.claudemesh-backup-<time> (-2, -3, … when a backup of that second
+// exists: an earlier one is never overwritten), then the new content
+// replaces it atomically (fsutil.WriteFileAtomic) with the old file's mode.
+// It returns the backup's path ("" when there was no file).
 func (c *Change) Apply(now time.Time) (string, error) {
 	if !c.Changed {
 		return "", nil
@@ -460,40 +463,51 @@ func (c *Change) Apply(now time.Time) (string, error) {
 	}
 	backup := ""
 	if c.Before != nil {
-		backup = c.Path + ".claudemesh-backup-" + now.UTC().Format("20060102T150405Z")
-		if err := os.WriteFile(backup, c.Before, 0o600); err != nil {
+		var err error
+		if backup, err = writeBackup(c.Path, c.Before, now); err != nil {
 			return "", fmt.Errorf("back up %s: %w", c.Path, err)
 		}
 	}
-	if err := writeAtomic(c.Path, c.After, c.mode); err != nil {
+	if err := fsutil.WriteFileAtomic(c.Path, c.After, c.mode); err != nil {
 		return backup, fmt.Errorf("write %s: %w", c.Path, err)
 	}
 	return backup, nil
 }
 
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
+// maxBackupsPerSecond bounds the names tried for one second's backup.
+const maxBackupsPerSecond = 100
+
+// writeBackup saves data under a backup name no other file has (created
+// exclusively, so two installs in the same second keep both versions) and
+// syncs it before the original is replaced.
+func writeBackup(path string, data []byte, now time.Time) (string, error) {
+	base := path + ".claudemesh-backup-" + now.UTC().Format("20060102T150405Z")
+	for i := 1; i <= maxBackupsPerSecond; i++ {
+		name := base
+		if i > 1 {
+			name = fmt.Sprintf("%s-%d", base, i)
+		}
+		f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if errors.Is(err, fs.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return "", err
+		}
+		_, err = f.Write(data)
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			_ = os.Remove(name)
+			return "", err
+		}
+		return name, nil
 	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return "", fmt.Errorf("%d backups of %s in one second already exist", maxBackupsPerSecond, path)
 }
 
 // SettingsPaths are the settings files that may hold hooks for a session
