@@ -13,6 +13,7 @@ import (
 
 	"github.com/claudemesh/broker/internal/admin"
 	"github.com/claudemesh/broker/internal/auth"
+	"github.com/claudemesh/broker/internal/fsutil"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -138,7 +139,7 @@ func seed(ctx context.Context, st *store.Store, path, publicURL string, keyed bo
 	}
 	d.Members = nil
 	data, _ := json.MarshalIndent(d, "", "  ")
-	if err := os.WriteFile(path, append(data, '\n'), 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(path, append(data, '\n'), 0o600); err != nil {
 		return d, what, err
 	}
 	return d, what, nil

@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/fsutil"
 	"github.com/claudemesh/broker/internal/node"
 	"github.com/claudemesh/broker/internal/pgembed"
 	"github.com/claudemesh/broker/internal/store"
@@ -339,7 +340,7 @@ func (c *Cluster) startPostgres(ctx context.Context) error {
 		c.pgNote = "kept for this --data from now on"
 	}
 	if o.PGPort == 0 && pg.Port() != port {
-		if err := os.WriteFile(portFile, []byte(strconv.Itoa(pg.Port())+"\n"), 0o644); err != nil {
+		if err := fsutil.WriteFileAtomic(portFile, []byte(strconv.Itoa(pg.Port())+"\n"), 0o644); err != nil {
 			return err
 		}
 	}

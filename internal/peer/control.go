@@ -16,6 +16,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/claudemesh/broker/internal/fsutil"
 )
 
 // SessionInfo describes a running session that accepts control requests;
@@ -123,7 +125,7 @@ func (s *Session) ServeControl(runDir, command string) (stop func(), err error) 
 		PID: int64(os.Getpid()), Command: command, Socket: sock, StartedAt: time.Now().UTC()}
 	reg := filepath.Join(runDir, sid+".json")
 	data, _ := json.Marshal(info)
-	if err := os.WriteFile(reg, data, 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(reg, data, 0o600); err != nil {
 		ln.Close()
 		return nil, err
 	}
