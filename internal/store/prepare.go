@@ -45,8 +45,9 @@ import (
 type poolKind uint8
 
 const (
-	onSync poolKind = iota // Store.pool: synchronous commit
-	onFast                 // Store.fast: asynchronous commit
+	onSync  poolKind = iota // Store.pool: synchronous commit
+	onFast                  // Store.fast: asynchronous commit
+	onProbe                 // Store.probe: the health check (Now), nothing hot
 )
 
 type hotStatement struct {
@@ -134,7 +135,7 @@ func (s *Store) Warm(ctx context.Context) error {
 		name string
 		pool *pgxpool.Pool
 		size int32
-	}{{"synchronous", s.pool, s.poolSize}, {"asynchronous", s.fast, s.fastSize}} {
+	}{{"synchronous", s.pool, s.poolSize}, {"asynchronous", s.fast, s.fastSize}, {"health check's", s.probe, 1}} {
 		if err := warmPool(ctx, p.pool, p.size); err != nil {
 			return fmt.Errorf("warm the %s pool: %w", p.name, err)
 		}

@@ -40,6 +40,12 @@ var (
 type Store struct {
 	pool *pgxpool.Pool
 	fast *pgxpool.Pool
+	// probe is one connection of its own for the health check (Now), so
+	// that a probe that times out (Postgres unreachable; pgx then closes
+	// the connection, its state unknown) closes no connection of the
+	// pools: those of a path to Postgres that stalled and heals serve
+	// again as it heals, without being reopened.
+	probe *pgxpool.Pool
 	// poolSize, fastSize: the connections each pool keeps open.
 	poolSize, fastSize int32
 	// envInner, envOuter seal envelope notifications (relaykey.go).
@@ -59,7 +65,8 @@ type options struct {
 // with it what the pools do: connections opened, statements prepared.
 func WithTracer(t pgx.QueryTracer) Option { return func(o *options) { o.tracer = t } }
 
-// Open connects the pools to url with maxConns connections in all. Each
+// Open connects the pools to url with maxConns connections in all, and
+// the health check's connection besides. Each
 // pool opens all its connections at once, in the background, and keeps
 // them open: a node far from Postgres would otherwise open them on its
 // first requests, several round trips each (Warm waits for them). Open
@@ -105,7 +112,13 @@ func Open(ctx context.Context, url string, maxConns int, opts ...Option) (*Store
 		pool.Close()
 		return nil, err
 	}
-	return &Store{pool: pool, fast: fast, poolSize: int32(syncConns), fastSize: int32(maxConns - syncConns)}, nil
+	probe, err := newPool(ctx, url, 1, "claudemesh-broker-probe", params(), onProbe, o)
+	if err != nil {
+		pool.Close()
+		fast.Close()
+		return nil, err
+	}
+	return &Store{pool: pool, fast: fast, probe: probe, poolSize: int32(syncConns), fastSize: int32(maxConns - syncConns)}, nil
 }
 
 func newPool(ctx context.Context, url string, maxConns int, app string, params map[string]string, kind poolKind, o options) (*pgxpool.Pool, error) {
@@ -153,18 +166,20 @@ func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 func (s *Store) Close() {
 	s.pool.Close()
 	s.fast.Close()
+	s.probe.Close()
 }
 
-// Now returns Postgres' clock.
+// Now returns Postgres' clock: the health check, on its own connection.
+// One round trip (the simple protocol: nothing to prepare).
 func (s *Store) Now(ctx context.Context) (time.Time, error) {
 	var t time.Time
-	err := s.pool.QueryRow(ctx, "SELECT now()").Scan(&t)
+	err := s.probe.QueryRow(ctx, "SELECT now()", pgx.QueryExecModeSimpleProtocol).Scan(&t)
 	return t, err
 }
 
-// Ping checks that Postgres answers.
+// Ping checks that Postgres answers, on the health check's connection.
 func (s *Store) Ping(ctx context.Context) error {
-	_, err := s.pool.Exec(ctx, "SELECT 1")
+	_, err := s.probe.Exec(ctx, "SELECT 1")
 	return err
 }
 
