@@ -450,10 +450,10 @@ func (s *Server) healthLoop(ctx context.Context) {
 			// before reporting healthy: the first requests after the
 			// outage then pay no set-up. Until then, unhealthy.
 			wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			err = s.store.Warm(wctx)
+			werr := s.store.Warm(wctx)
 			cancel()
-			if err != nil {
-				s.logger.Warn("db back, pool not warm yet", "err", err)
+			if werr != nil {
+				s.logger.Warn("db back, pool not warm yet", "err", werr)
 				continue
 			}
 			s.dbHealthy.Store(true)

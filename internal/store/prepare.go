@@ -30,7 +30,8 @@ import (
 // that runs it, as the variable holding its SQL: the method runs that
 // variable and AfterConnect prepares it, so the text prepared is the text
 // run. A method that runs a statement not declared so still works, and
-// prepares it on first use on each connection (TestHotPathsPrepared fails).
+// prepares it on first use on each connection; TestHotPathsPrepared, which
+// runs the hot paths, and the node's TestFirstRequestsPayNoSetUp fail.
 //
 // Explicitly prepared statements are not dropped by pgx when a query on
 // them fails (its statement cache drops an entry on any error, and the

@@ -59,19 +59,19 @@ type options struct {
 	tracer pgx.QueryTracer
 }
 
-// WithTracer sets a pgx tracer on every connection of both pools; the
+// WithTracer sets a pgx tracer on every connection of the store; the
 // interfaces it implements beyond pgx.QueryTracer (pgx.ConnectTracer,
 // pgx.PrepareTracer, pgxpool.AcquireTracer, …) are called too. Tests watch
 // with it what the pools do: connections opened, statements prepared.
 func WithTracer(t pgx.QueryTracer) Option { return func(o *options) { o.tracer = t } }
 
-// Open connects the pools to url with maxConns connections in all, and
-// the health check's connection besides. Each
-// pool opens all its connections at once, in the background, and keeps
-// them open: a node far from Postgres would otherwise open them on its
-// first requests, several round trips each (Warm waits for them). Open
-// does not fail when Postgres is down, so that a node can start and report
-// itself degraded; the pools connect when it is back.
+// Open connects the pools to url with maxConns connections in all, plus
+// the health check's. Each pool opens all its connections at once, in the
+// background, and keeps them open: a node far from Postgres would
+// otherwise open them on its first requests, several round trips each
+// (Warm waits for them). Open does not fail when Postgres is down, so that
+// a node can start and report itself degraded; the pools connect when it
+// is back.
 func Open(ctx context.Context, url string, maxConns int, opts ...Option) (*Store, error) {
 	var o options
 	for _, opt := range opts {
