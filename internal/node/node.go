@@ -45,6 +45,9 @@ type Options struct {
 	// Clock is the node's wall clock; nil means time.Now. Tests skew it to
 	// check that the node corrects for its offset from Postgres' clock.
 	Clock func() time.Time
+	// DBTracer, when set, traces the store's connections (tests watch
+	// which connections are opened and statements prepared).
+	DBTracer pgx.QueryTracer
 }
 
 // Node is a running broker node.
@@ -98,7 +101,7 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 			return nil, err
 		}
 	}
-	st, err := store.Open(ctx, cfg.DatabaseURL, cfg.DBPoolSize)
+	st, err := store.Open(ctx, cfg.DatabaseURL, cfg.DBPoolSize, store.WithTracer(o.DBTracer))
 	if err != nil {
 		return nil, err
 	}
@@ -120,6 +123,15 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	}
 	ip, op := envKey.Pads()
 	st.SetEnvelopeKey(ip, op)
+	// Open and prepare the pools' connections before serving: a node far
+	// from Postgres would pay several round trips for each on its first
+	// requests. Postgres down is not fatal here (the health check reports
+	// it, and warms the pools when it is back).
+	wctx, wcancel := context.WithTimeout(ctx, warmTimeout)
+	if err := st.Warm(wctx); err != nil {
+		logger.Warn("database pool not warm at start-up; requests will open connections", "err", err)
+	}
+	wcancel()
 
 	ln := o.Listener
 	if ln == nil {
@@ -238,6 +250,9 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		"proxy_protocol", cfg.ProxyProtocol, "hook_local_addr", n.hookAddr, "join_require_proof", cfg.RequireJoinProof())
 	return n, nil
 }
+
+// warmTimeout bounds how long a starting node waits for its pools.
+const warmTimeout = 30 * time.Second
 
 // maxHeaderBytes bounds a request's headers (Go's default is 1 MiB); the
 // broker's requests carry a few short ones.

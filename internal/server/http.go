@@ -477,6 +477,16 @@ func (s *Server) healthLoop(ctx context.Context) {
 		was := s.dbHealthy.Load()
 		switch {
 		case err == nil && !was:
+			// Reopen the pools' connections and prepare their statements
+			// before reporting healthy: the first requests after the
+			// outage then pay no set-up. Until then, unhealthy.
+			wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			werr := s.store.Warm(wctx)
+			cancel()
+			if werr != nil {
+				s.logger.Warn("db back, pool not warm yet", "err", werr)
+				continue
+			}
 			s.dbHealthy.Store(true)
 			s.m.DBHealthy.Set(1)
 			s.logger.Info("db healthy")

@@ -180,10 +180,13 @@ func scanMember(r pgx.CollectableRow) (Member, error) {
 	return m, err
 }
 
+// meshMembersSQL is run by a hello whose mesh is not cached.
+var meshMembersSQL = hotSync("mesh members", `SELECT `+memberCols+` FROM member
+		WHERE mesh_id = $1 AND revoked_at IS NULL ORDER BY joined_at, id`)
+
 // MeshMembers returns the live (non-revoked) members of a mesh.
 func (s *Store) MeshMembers(ctx context.Context, meshID string) ([]Member, error) {
-	rows, err := s.pool.Query(ctx, `SELECT `+memberCols+` FROM member
-		WHERE mesh_id = $1 AND revoked_at IS NULL ORDER BY joined_at, id`, meshID)
+	rows, err := s.pool.Query(ctx, meshMembersSQL, meshID)
 	if err != nil {
 		return nil, fmt.Errorf("mesh members: %w", err)
 	}
@@ -199,10 +202,14 @@ func (s *Store) MembersByID(ctx context.Context, ids []string) ([]Member, error)
 	return pgx.CollectRows(rows, scanMember)
 }
 
+// memberByPubkeySQL is run by a hello of a member the mesh's cached list
+// does not have yet.
+var memberByPubkeySQL = hotSync("member by pubkey", `SELECT `+memberCols+` FROM member
+		WHERE mesh_id = $1 AND pubkey = $2 AND revoked_at IS NULL`)
+
 // MemberByPubkey returns the live member of meshID with pubkey.
 func (s *Store) MemberByPubkey(ctx context.Context, meshID, pubkey string) (Member, error) {
-	rows, err := s.pool.Query(ctx, `SELECT `+memberCols+` FROM member
-		WHERE mesh_id = $1 AND pubkey = $2 AND revoked_at IS NULL`, meshID, pubkey)
+	rows, err := s.pool.Query(ctx, memberByPubkeySQL, meshID, pubkey)
 	if err != nil {
 		return Member{}, fmt.Errorf("member by pubkey: %w", err)
 	}

@@ -61,6 +61,9 @@ type Inserted struct {
 	Err error
 }
 
+// duplicateMessageSQL finds the message a send repeats (InsertMessages).
+var duplicateMessageSQL = hotSync("find duplicate message", `SELECT id, created_at FROM message WHERE sender_member_id = $1 AND client_message_id = $2`)
+
 // InsertMessages commits a batch of messages and their delivery rows in one
 // statement (one round trip, one transaction), with the batch's relay
 // notifications, which Postgres delivers only if the transaction commits.
@@ -94,8 +97,7 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 			continue
 		}
 		m := msgs[o]
-		err := s.pool.QueryRow(ctx, `SELECT id, created_at FROM message WHERE sender_member_id = $1 AND client_message_id = $2`,
-			m.SenderMemberID, m.ClientMessageID).Scan(&out[o].ID, &out[o].CreatedAt)
+		err := s.pool.QueryRow(ctx, duplicateMessageSQL, m.SenderMemberID, m.ClientMessageID).Scan(&out[o].ID, &out[o].CreatedAt)
 		if err != nil {
 			out[o].Err = fmt.Errorf("find duplicate message: %w", err)
 		}
@@ -114,6 +116,55 @@ func envelopesIn(envs []EnvelopeNotify, lo, hi int) []EnvelopeNotify {
 	}
 	return out
 }
+
+// insertMessagesSQL commits a batch of sends (InsertMessages).
+var insertMessagesSQL = hotSync("insert messages", `
+		WITH input AS (
+			SELECT nextval('message_id_seq') AS id, u.*
+			FROM (SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+			                           $7::int2[], $8::text[], $9::text[], $10::text[])
+			          AS t(ord, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
+			               priority, nonce, ciphertext, client_message_id)
+			      ORDER BY ord) u
+		), ins AS (
+			INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
+			                     priority, nonce, ciphertext, client_message_id, expires_at)
+			SELECT id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
+			       priority, nonce, ciphertext, client_message_id, now() + $11::interval
+			FROM input
+			ON CONFLICT (sender_member_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+			RETURNING id, created_at, expires_at
+		), notified AS (
+			-- Envelopes first, in batch order, then the member wake-ups: a
+			-- node must see a row it may push directly before any wake-up
+			-- that makes it claim the same member's later rows. pg_notify is
+			-- volatile, so Postgres calls it after the sort.
+			-- An envelope is sealed here, where its id and commit time are
+			-- known (relay.EnvelopeKey): HMAC-SHA256 from the key's pads
+			-- ($24 inner, $25 outer) over the head and the suffix's digest.
+			SELECT pg_notify(x.c, x.p) FROM (
+				SELECT e.seq, e.c, CASE WHEN $24::bytea IS NULL THEN h.head
+				       ELSE h.head || ' ' || encode(sha256($25::bytea || sha256($24::bytea || convert_to(h.head || ' ' || e.digest, 'UTF8'))), 'hex')
+				       END || e.suffix AS p
+				FROM unnest($19::int4[], $20::text[], $21::text[], $22::text[], $26::text[]) WITH ORDINALITY AS e(ord, c, prefix, suffix, digest, seq)
+				JOIN input i ON i.ord = e.ord
+				JOIN ins ON ins.id = i.id
+				CROSS JOIN LATERAL (SELECT e.prefix || ins.id::text || ' ' ||
+				       (extract(epoch FROM ins.created_at) * 1000000)::bigint::text AS head) h
+				UNION ALL
+				SELECT 1000000000 + n.seq, n.c, n.p FROM unnest($17::text[], $18::text[]) WITH ORDINALITY AS n(c, p, seq)
+			) x ORDER BY x.seq
+		), dl AS (
+			INSERT INTO delivery (message_id, recipient_member_id, priority, expires_at,
+			                      lease_conn, lease_node, lease_expires_at, attempts)
+			SELECT ins.id, d.member, i.priority, ins.expires_at, d.conn, d.node,
+			       CASE WHEN d.conn IS NOT NULL THEN now() + $16::interval END, d.tries
+			FROM unnest($12::int4[], $13::text[], $14::text[], $15::text[], $23::int4[]) AS d(ord, member, conn, node, tries)
+			JOIN input i ON i.ord = d.ord
+			JOIN ins ON ins.id = i.id
+		)
+		SELECT i.ord, i.id, ins.created_at, (SELECT count(*) FROM notified)
+		FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`)
 
 // insertMessages runs InsertMessages' statement over msgs and fills out
 // (one Inserted per message; duplicates are only flagged).
@@ -170,53 +221,7 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 			}
 		}
 	}
-	rows, err := s.pool.Query(ctx, `
-		WITH input AS (
-			SELECT nextval('message_id_seq') AS id, u.*
-			FROM (SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-			                           $7::int2[], $8::text[], $9::text[], $10::text[])
-			          AS t(ord, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
-			               priority, nonce, ciphertext, client_message_id)
-			      ORDER BY ord) u
-		), ins AS (
-			INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
-			                     priority, nonce, ciphertext, client_message_id, expires_at)
-			SELECT id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
-			       priority, nonce, ciphertext, client_message_id, now() + $11::interval
-			FROM input
-			ON CONFLICT (sender_member_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
-			RETURNING id, created_at, expires_at
-		), notified AS (
-			-- Envelopes first, in batch order, then the member wake-ups: a
-			-- node must see a row it may push directly before any wake-up
-			-- that makes it claim the same member's later rows. pg_notify is
-			-- volatile, so Postgres calls it after the sort.
-			-- An envelope is sealed here, where its id and commit time are
-			-- known (relay.EnvelopeKey): HMAC-SHA256 from the key's pads
-			-- ($24 inner, $25 outer) over the head and the suffix's digest.
-			SELECT pg_notify(x.c, x.p) FROM (
-				SELECT e.seq, e.c, CASE WHEN $24::bytea IS NULL THEN h.head
-				       ELSE h.head || ' ' || encode(sha256($25::bytea || sha256($24::bytea || convert_to(h.head || ' ' || e.digest, 'UTF8'))), 'hex')
-				       END || e.suffix AS p
-				FROM unnest($19::int4[], $20::text[], $21::text[], $22::text[], $26::text[]) WITH ORDINALITY AS e(ord, c, prefix, suffix, digest, seq)
-				JOIN input i ON i.ord = e.ord
-				JOIN ins ON ins.id = i.id
-				CROSS JOIN LATERAL (SELECT e.prefix || ins.id::text || ' ' ||
-				       (extract(epoch FROM ins.created_at) * 1000000)::bigint::text AS head) h
-				UNION ALL
-				SELECT 1000000000 + n.seq, n.c, n.p FROM unnest($17::text[], $18::text[]) WITH ORDINALITY AS n(c, p, seq)
-			) x ORDER BY x.seq
-		), dl AS (
-			INSERT INTO delivery (message_id, recipient_member_id, priority, expires_at,
-			                      lease_conn, lease_node, lease_expires_at, attempts)
-			SELECT ins.id, d.member, i.priority, ins.expires_at, d.conn, d.node,
-			       CASE WHEN d.conn IS NOT NULL THEN now() + $16::interval END, d.tries
-			FROM unnest($12::int4[], $13::text[], $14::text[], $15::text[], $23::int4[]) AS d(ord, member, conn, node, tries)
-			JOIN input i ON i.ord = d.ord
-			JOIN ins ON ins.id = i.id
-		)
-		SELECT i.ord, i.id, ins.created_at, (SELECT count(*) FROM notified)
-		FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`,
+	rows, err := s.pool.Query(ctx, insertMessagesSQL,
 		ord, meshID, sender, spub, sname, target, prio, nonce, cipher, cmid, ttl,
 		dOrd, dMember, dConn, dNode, lease, channels, payloads, eOrd, eChan, ePrefix, eSuffix, dTries,
 		s.envInner, s.envOuter, s.envelopeDigests(envs))
@@ -274,23 +279,8 @@ type Delivery struct {
 	CreatedAt       time.Time
 }
 
-// Claim leases deliverable rows for many members in one statement.
-// Concurrent claimers on any node get disjoint rows (FOR UPDATE SKIP
-// LOCKED); a row is deliverable when it is neither delivered nor expired
-// and its lease (if any) has run out by Postgres' clock. Rows come back
-// ordered by recipient, then message id.
-func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, reqs []ClaimRequest) ([]Delivery, error) {
-	if len(reqs) == 0 {
-		return nil, nil
-	}
-	members := make([]string, len(reqs))
-	conns := make([]string, len(reqs))
-	maxp := make([]int16, len(reqs))
-	limits := make([]int32, len(reqs))
-	for i, r := range reqs {
-		members[i], conns[i], maxp[i], limits[i] = r.MemberID, r.Conn, r.MaxPriority, r.Limit
-	}
-	rows, err := s.fast.Query(ctx, `
+// claimSQL leases deliverable rows (Claim).
+var claimSQL = hotFast("claim", `
 		WITH picked AS (
 			SELECT x.message_id, x.recipient_member_id, r.conn, x.prev_conn
 			FROM unnest($1::text[], $2::text[], $3::int2[], $4::int4[]) AS r(member, conn, maxp, lim)
@@ -316,8 +306,25 @@ func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, req
 		       m.mesh_id, m.sender_member_id, m.sender_pubkey, m.sender_name, m.target_spec,
 		       m.priority, m.nonce, m.ciphertext, coalesce(m.client_message_id, ''), m.created_at
 		FROM upd u JOIN message m ON m.id = u.message_id
-		ORDER BY u.recipient_member_id, u.message_id`,
-		members, conns, maxp, limits, node, lease)
+		ORDER BY u.recipient_member_id, u.message_id`)
+
+// Claim leases deliverable rows for many members in one statement.
+// Concurrent claimers on any node get disjoint rows (FOR UPDATE SKIP
+// LOCKED); a row is deliverable when it is neither delivered nor expired
+// and its lease (if any) has run out by Postgres' clock. Rows come back
+// ordered by recipient, then message id.
+func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, reqs []ClaimRequest) ([]Delivery, error) {
+	if len(reqs) == 0 {
+		return nil, nil
+	}
+	members := make([]string, len(reqs))
+	conns := make([]string, len(reqs))
+	maxp := make([]int16, len(reqs))
+	limits := make([]int32, len(reqs))
+	for i, r := range reqs {
+		members[i], conns[i], maxp[i], limits[i] = r.MemberID, r.Conn, r.MaxPriority, r.Limit
+	}
+	rows, err := s.fast.Query(ctx, claimSQL, members, conns, maxp, limits, node, lease)
 	if err != nil {
 		return nil, fmt.Errorf("claim deliveries: %w", err)
 	}
@@ -368,14 +375,17 @@ func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) (done []D
 	return done, re
 }
 
-func (s *Store) markDelivered(ctx context.Context, keys []DeliveryKey) ([]DeliveryKey, error) {
-	ids, members := splitKeys(keys)
-	rows, err := s.fast.Query(ctx, `
+// markDeliveredSQL marks acked rows delivered (MarkDelivered).
+var markDeliveredSQL = hotFast("mark delivered", `
 		UPDATE delivery d SET delivered_at = now(), lease_expires_at = NULL
 		FROM unnest($1::int8[], $2::text[]) AS a(mid, member)
 		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
 		  AND d.delivered_at IS NULL AND d.expired_at IS NULL
-		RETURNING d.message_id, d.recipient_member_id`, ids, members)
+		RETURNING d.message_id, d.recipient_member_id`)
+
+func (s *Store) markDelivered(ctx context.Context, keys []DeliveryKey) ([]DeliveryKey, error) {
+	ids, members := splitKeys(keys)
+	rows, err := s.fast.Query(ctx, markDeliveredSQL, ids, members)
 	if err != nil {
 		return nil, fmt.Errorf("mark delivered: %w", err)
 	}
@@ -408,13 +418,16 @@ func (s *Store) ReleaseLeases(ctx context.Context, conn string, keys []DeliveryK
 	return n, re
 }
 
-func (s *Store) releaseLeases(ctx context.Context, conn string, keys []DeliveryKey) (int64, error) {
-	ids, members := splitKeys(keys)
-	tag, err := s.fast.Exec(ctx, `
+// releaseLeasesSQL gives back leases (ReleaseLeases).
+var releaseLeasesSQL = hotFast("release leases", `
 		UPDATE delivery d SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
 		FROM unnest($2::int8[], $3::text[]) AS a(mid, member)
 		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
-		  AND d.lease_conn = $1 AND d.delivered_at IS NULL`, conn, ids, members)
+		  AND d.lease_conn = $1 AND d.delivered_at IS NULL`)
+
+func (s *Store) releaseLeases(ctx context.Context, conn string, keys []DeliveryKey) (int64, error) {
+	ids, members := splitKeys(keys)
+	tag, err := s.fast.Exec(ctx, releaseLeasesSQL, conn, ids, members)
 	if err != nil {
 		return 0, fmt.Errorf("release leases: %w", err)
 	}
@@ -578,12 +591,15 @@ func (s *Store) MessageStatus(ctx context.Context, meshID string, id int64) (Mes
 	return info, nil
 }
 
+// notifySQL sends wake-ups (Notify).
+var notifySQL = hotFast("notify", `SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)`)
+
 // Notify sends notifications in one statement (one notifying transaction).
 func (s *Store) Notify(ctx context.Context, channels, payloads []string) error {
 	if len(channels) == 0 {
 		return nil
 	}
-	_, err := s.fast.Exec(ctx, `SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)`, channels, payloads)
+	_, err := s.fast.Exec(ctx, notifySQL, channels, payloads)
 	if err != nil {
 		return fmt.Errorf("notify: %w", err)
 	}

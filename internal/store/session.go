@@ -51,17 +51,8 @@ func (s *Store) AcceptHellos(ctx context.Context, keep, pendingTTL time.Duration
 	return out, nil
 }
 
-func (s *Store) acceptHellos(ctx context.Context, keep, pendingTTL time.Duration, checks []HelloCheck, out []HelloResult) error {
-	n := len(checks)
-	sigs := make([][]byte, n)
-	pids := make([]int64, n)
-	cwds := make([]string, n)
-	meshes := make([]string, n)
-	pubkeys := make([]string, n)
-	for i, c := range checks {
-		sigs[i], pids[i], cwds[i], meshes[i], pubkeys[i] = c.SigHash, c.PID, c.Cwd, c.MeshID, c.Pubkey
-	}
-	rows, err := s.pool.Query(ctx, `
+// acceptHellosSQL records a batch of hellos (AcceptHellos).
+var acceptHellosSQL = hotSync("accept hellos", `
 		WITH input AS (
 			SELECT * FROM unnest($1::bytea[], $2::int8[], $3::text[], $4::text[], $5::text[])
 			     WITH ORDINALITY AS t(sig, pid, cwd, mesh, pubkey, ord)
@@ -79,8 +70,19 @@ func (s *Store) acceptHellos(ctx context.Context, keep, pendingTTL time.Duration
 		SELECT i.ord, EXISTS (SELECT 1 FROM seen s WHERE s.signature_hash = i.sig),
 		       (SELECT status FROM pend WHERE pend.ord = i.ord AND pend.created_at > now() - $7::interval
 		        ORDER BY pend.created_at DESC LIMIT 1)
-		FROM input i ORDER BY i.ord`,
-		sigs, pids, cwds, meshes, pubkeys, keep, pendingTTL)
+		FROM input i ORDER BY i.ord`)
+
+func (s *Store) acceptHellos(ctx context.Context, keep, pendingTTL time.Duration, checks []HelloCheck, out []HelloResult) error {
+	n := len(checks)
+	sigs := make([][]byte, n)
+	pids := make([]int64, n)
+	cwds := make([]string, n)
+	meshes := make([]string, n)
+	pubkeys := make([]string, n)
+	for i, c := range checks {
+		sigs[i], pids[i], cwds[i], meshes[i], pubkeys[i] = c.SigHash, c.PID, c.Cwd, c.MeshID, c.Pubkey
+	}
+	rows, err := s.pool.Query(ctx, acceptHellosSQL, sigs, pids, cwds, meshes, pubkeys, keep, pendingTTL)
 	if err != nil {
 		return fmt.Errorf("accept hellos: %w", err)
 	}

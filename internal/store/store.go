@@ -40,14 +40,43 @@ var (
 type Store struct {
 	pool *pgxpool.Pool
 	fast *pgxpool.Pool
+	// probe is one connection of its own for the health check (Now), so
+	// that a probe that times out (Postgres unreachable; pgx then closes
+	// the connection, its state unknown) closes no connection of the
+	// pools: those of a path to Postgres that stalled and heals serve
+	// again as it heals, without being reopened.
+	probe *pgxpool.Pool
+	// poolSize, fastSize: the connections each pool keeps open.
+	poolSize, fastSize int32
 	// envInner, envOuter seal envelope notifications (relaykey.go).
 	envInner, envOuter []byte
 }
 
-// Open connects the pools to url with maxConns connections in all. It does
-// not fail when Postgres is down: pools connect lazily, so a node can start
-// and report itself degraded.
-func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
+// Option adjusts Open.
+type Option func(*options)
+
+type options struct {
+	tracer pgx.QueryTracer
+}
+
+// WithTracer sets a pgx tracer on every connection of the store; the
+// interfaces it implements beyond pgx.QueryTracer (pgx.ConnectTracer,
+// pgx.PrepareTracer, pgxpool.AcquireTracer, …) are called too. Tests watch
+// with it what the pools do: connections opened, statements prepared.
+func WithTracer(t pgx.QueryTracer) Option { return func(o *options) { o.tracer = t } }
+
+// Open connects the pools to url with maxConns connections in all, plus
+// the health check's. Each pool opens all its connections at once, in the
+// background, and keeps them open: a node far from Postgres would
+// otherwise open them on its first requests, several round trips each
+// (Warm waits for them). Open does not fail when Postgres is down, so that
+// a node can start and report itself degraded; the pools connect when it
+// is back.
+func Open(ctx context.Context, url string, maxConns int, opts ...Option) (*Store, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	if maxConns < 4 {
 		maxConns = 4
 	}
@@ -74,27 +103,48 @@ func Open(ctx context.Context, url string, maxConns int) (*Store, error) {
 		}
 		return m
 	}
-	pool, err := newPool(ctx, url, syncConns, "claudemesh-broker", params())
+	pool, err := newPool(ctx, url, syncConns, "claudemesh-broker", params(), onSync, o)
 	if err != nil {
 		return nil, err
 	}
-	fast, err := newPool(ctx, url, maxConns-syncConns, "claudemesh-broker-async", params("synchronous_commit", "off"))
+	fast, err := newPool(ctx, url, maxConns-syncConns, "claudemesh-broker-async", params("synchronous_commit", "off"), onFast, o)
 	if err != nil {
 		pool.Close()
 		return nil, err
 	}
-	return &Store{pool: pool, fast: fast}, nil
+	probe, err := newPool(ctx, url, 1, "claudemesh-broker-probe", params(), onProbe, o)
+	if err != nil {
+		pool.Close()
+		fast.Close()
+		return nil, err
+	}
+	return &Store{pool: pool, fast: fast, probe: probe, poolSize: int32(syncConns), fastSize: int32(maxConns - syncConns)}, nil
 }
 
-func newPool(ctx context.Context, url string, maxConns int, app string, params map[string]string) (*pgxpool.Pool, error) {
+func newPool(ctx context.Context, url string, maxConns int, app string, params map[string]string, kind poolKind, o options) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, fmt.Errorf("parse DATABASE_URL: %w", err)
 	}
 	cfg.MaxConns = int32(maxConns)
-	cfg.MaxConnIdleTime = 5 * time.Minute
-	cfg.HealthCheckPeriod = 5 * time.Second
+	// All connections stay open (none is closed for being idle), so that
+	// no request waits for one to be opened; DB_POOL_SIZE is sized
+	// against Postgres' max_connections anyway.
+	cfg.MinConns = cfg.MaxConns
+	// Connections are still replaced after MaxConnLifetime (pgx's hour);
+	// spread out, so that the pool replaces one at a time, in the
+	// background, while the others serve.
+	cfg.MaxConnLifetimeJitter = 10 * time.Minute
+	// The pool's own check (idle and expired connections, reopening to
+	// MinConns) is local work, no round trip: run it often, so that a
+	// connection lost is reopened within a second.
+	cfg.HealthCheckPeriod = time.Second
+	cfg.ShouldPing = checkIdle
+	cfg.AfterConnect = prepareHot(kind)
 	cfg.ConnConfig.ConnectTimeout = 5 * time.Second
+	if o.tracer != nil {
+		cfg.ConnConfig.Tracer = o.tracer
+	}
 	if cfg.ConnConfig.RuntimeParams == nil {
 		cfg.ConnConfig.RuntimeParams = map[string]string{}
 	}
@@ -116,18 +166,20 @@ func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 func (s *Store) Close() {
 	s.pool.Close()
 	s.fast.Close()
+	s.probe.Close()
 }
 
-// Now returns Postgres' clock.
+// Now returns Postgres' clock: the health check, on its own connection.
+// One round trip (the simple protocol: nothing to prepare).
 func (s *Store) Now(ctx context.Context) (time.Time, error) {
 	var t time.Time
-	err := s.pool.QueryRow(ctx, "SELECT now()").Scan(&t)
+	err := s.probe.QueryRow(ctx, "SELECT now()", pgx.QueryExecModeSimpleProtocol).Scan(&t)
 	return t, err
 }
 
-// Ping checks that Postgres answers.
+// Ping checks that Postgres answers, on the health check's connection.
 func (s *Store) Ping(ctx context.Context) error {
-	_, err := s.pool.Exec(ctx, "SELECT 1")
+	_, err := s.probe.Exec(ctx, "SELECT 1")
 	return err
 }
 

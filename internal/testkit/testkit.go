@@ -22,6 +22,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/hashicorp/memberlist"
+	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
@@ -64,6 +65,8 @@ type Options struct {
 	Join          []*Node
 	// Clock skews the node's wall clock (nil: time.Now).
 	Clock func() time.Time
+	// DBTracer traces the node's database connections (node.Options).
+	DBTracer pgx.QueryTracer
 }
 
 // Node is a running test node.
@@ -101,7 +104,7 @@ func StartNode(t testing.TB, dbURL string, o Options) *Node {
 	reg := prometheus.NewRegistry()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport, Clock: o.Clock})
+	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport, Clock: o.Clock, DBTracer: o.DBTracer})
 	if err != nil {
 		t.Fatalf("start node: %v", err)
 	}

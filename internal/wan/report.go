@@ -295,7 +295,8 @@ func (res *Result) build(w Wire, plan Plan) {
 		Measured: fmt.Sprintf("%s%s / %s", ms(pc.AtHeal), triesText(pc.AtHealTries, pc.AtHealErrors), ms(pc.AfterHealthy)),
 		Wire:     ms(w.Request(cr)),
 		Target:   fmt.Sprintf("1 RTT: ≤ %s", ms(FirstSendAfterOutageLimit.Bound(w.Request(cr)))),
-		Holds:    yesNo([]bool{res.check(FirstSendAfterOutageLimit, cr, pc.AtHeal, w.Request(cr))}),
+		Holds: yesNo([]bool{res.check(FirstSendAfterOutageLimit, cr, pc.AtHeal, w.Request(cr)),
+			res.check(SendAfterHealthyLimit, cr, pc.AfterHealthy, w.Request(cr))}),
 	})
 
 	// Pushes.
