@@ -61,6 +61,17 @@ func statusOf(t *testing.T, u *user, name string, args ...string) string {
 	return ""
 }
 
+func peerField(t *testing.T, u *user, name, field string, args ...string) string {
+	t.Helper()
+	for _, p := range decode[[]map[string]any](t, u.ok(append(args, "peers", "--json")...)) {
+		if p["displayName"] == name {
+			v, _ := p[field].(string)
+			return v
+		}
+	}
+	return ""
+}
+
 // A "next" message held for bob's working session survives any number of
 // bob's CLI commands — peers, members, send, inbox — and reaches that
 // session once it turns idle; alice's send says it is held. Across two
@@ -72,9 +83,11 @@ func TestHeldMessageSurvivesCommands(t *testing.T) {
 	}{{"one node", 1}, {"two nodes", 2}} {
 		t.Run(tc.name, func(t *testing.T) {
 			db := pgtest.NewDB(t)
-			nodes := []*testkit.Node{testkit.StartNode(t, db, testkit.Options{})}
+			var nodes []*testkit.Node
 			if tc.nodes == 2 {
 				nodes = testkit.StartCluster(t, db, 2, testkit.Options{})
+			} else {
+				nodes = []*testkit.Node{testkit.StartNode(t, db, testkit.Options{})}
 			}
 			f := setupOn(t, nodes[0])
 			alice, bob := f.alice, f.bob
@@ -82,6 +95,11 @@ func TestHeldMessageSurvivesCommands(t *testing.T) {
 			cmdAt := []string{"--broker", nodes[len(nodes)-1].URL()}
 			listen := bob.start(append(listenAt, "listen", "--json", "--no-events", "--count", "1", "--timeout", "60s")...)
 			testkit.Eventually(t, 10*time.Second, "bob online", func() bool { return statusOf(t, alice, "bob", cmdAt...) == "idle" })
+			// listen has no transcript: its idle is its own report, not an
+			// inference the broker defaulted to.
+			testkit.Eventually(t, 10*time.Second, "bob's idle from listen itself", func() bool {
+				return peerField(t, alice, "bob", "statusSource", cmdAt...) == "manual"
+			})
 			testkit.Eventually(t, 10*time.Second, "status reaches bob's session", func() bool {
 				return bob.run("status", "working").code == 0
 			})

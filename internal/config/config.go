@@ -33,7 +33,7 @@ type Config struct {
 	HookFreshSeconds    int    `env:"HOOK_FRESH_WINDOW_SECONDS" envDefault:"30"` // a fresh hook beats lower sources
 	MaxConnsPerMesh     int    `env:"MAX_CONNECTIONS_PER_MESH" envDefault:"100"` // live sessions per mesh, cluster-wide
 	MaxMessageBytes     int    `env:"MAX_MESSAGE_BYTES" envDefault:"65536"`      // WebSocket frame and HTTP body limit
-	HookRateLimitPerMin int    `env:"HOOK_RATE_LIMIT_PER_MIN" envDefault:"30"`   // per (pid, cwd)
+	HookRateLimitPerMin int    `env:"HOOK_RATE_LIMIT_PER_MIN" envDefault:"30"`   // per signer (or client address) and session
 	GitSHA              string `env:"GIT_SHA"`                                   // reported by /health
 	// HookRequireSignature is "true" (the default, also when empty): the
 	// public port refuses unsigned hooks (local ones go to HOOK_LOCAL_ADDR);
