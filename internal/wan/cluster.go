@@ -15,8 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/node"
-	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/store"
 	"github.com/claudemesh/broker/internal/testkit"
 )
@@ -46,7 +46,7 @@ type Node struct {
 	Clients *Proxy
 	// Gossip delays the node's gossip; Partition, around it, cuts it.
 	Gossip    *DelayTransport
-	Partition *presence.Partition
+	Partition *faultkit.Partition
 	// Started is when node.Start returned.
 	Started time.Time
 }
@@ -155,7 +155,7 @@ func Start(t testing.TB, db string, o Options) *Cluster {
 			Config: cfg, Logger: testkit.Logger(), Registry: reg, Listener: ln, SkipMigrate: true,
 			WrapTransport: func(tr memberlist.NodeAwareTransport) memberlist.NodeAwareTransport {
 				n.Gossip = NewDelayTransport(tr, topo, r.Name)
-				n.Partition = presence.NewPartition(n.Gossip)
+				n.Partition = faultkit.NewPartition(n.Gossip)
 				return n.Partition
 			},
 		})
