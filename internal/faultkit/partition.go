@@ -25,14 +25,16 @@ import (
 type Partition struct {
 	memberlist.NodeAwareTransport
 
-	mu      sync.Mutex
-	self    string                  // this node's advertised IP; guarded by mu
-	blocked map[string]bool         // peer IP → cut; guarded by mu
-	conns   map[*partConn]struct{}  // open streams; guarded by mu
-	packets chan *memberlist.Packet // filtered PacketCh
-	streams chan net.Conn           // filtered StreamCh
-	stop    chan struct{}           // closed by Shutdown
-	once    sync.Once
+	mu       sync.Mutex
+	self     string                  // this node's advertised IP; guarded by mu
+	blocked  map[string]bool         // peer IP → cut; guarded by mu
+	conns    map[*partConn]struct{}  // open streams; guarded by mu
+	packets  chan *memberlist.Packet // filtered PacketCh
+	streams  chan net.Conn           // filtered StreamCh
+	stop     chan struct{}           // closed by Shutdown
+	shut     chan struct{}           // closed once the wrapped transport shut down
+	once     sync.Once
+	shutOnce sync.Once
 }
 
 // dialers maps the local address of a stream dialed through a Partition
@@ -45,7 +47,7 @@ var dialers sync.Map
 func NewPartition(t memberlist.NodeAwareTransport) *Partition {
 	p := &Partition{
 		NodeAwareTransport: t, blocked: map[string]bool{}, conns: map[*partConn]struct{}{},
-		packets: make(chan *memberlist.Packet), streams: make(chan net.Conn), stop: make(chan struct{}),
+		packets: make(chan *memberlist.Packet), streams: make(chan net.Conn), stop: make(chan struct{}), shut: make(chan struct{}),
 	}
 	go p.filterPackets()
 	go p.filterStreams()
@@ -135,6 +137,7 @@ func (p *Partition) filterStreams() {
 	for {
 		select {
 		case <-p.stop:
+			p.drain(in)
 			return
 		case conn, ok := <-in:
 			if !ok {
@@ -149,8 +152,27 @@ func (p *Partition) filterStreams() {
 			case p.streams <- pc:
 			case <-p.stop:
 				pc.Close()
+				p.drain(in)
 				return
 			}
+		}
+	}
+}
+
+// drain closes the streams the wrapped transport still hands over while
+// it shuts down: its listener blocks handing over one accepted just before,
+// and would never end.
+func (p *Partition) drain(in <-chan net.Conn) {
+	shut := p.shut
+	var grace <-chan time.Time
+	for {
+		select {
+		case conn := <-in:
+			conn.Close()
+		case <-shut:
+			shut, grace = nil, time.After(100*time.Millisecond)
+		case <-grace:
+			return
 		}
 	}
 }
@@ -236,7 +258,9 @@ func (p *Partition) DialAddressTimeout(a memberlist.Address, timeout time.Durati
 // Shutdown implements memberlist.Transport.
 func (p *Partition) Shutdown() error {
 	p.once.Do(func() { close(p.stop) })
-	return p.NodeAwareTransport.Shutdown()
+	err := p.NodeAwareTransport.Shutdown()
+	p.shutOnce.Do(func() { close(p.shut) })
+	return err
 }
 
 var _ memberlist.NodeAwareTransport = (*Partition)(nil)

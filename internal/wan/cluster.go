@@ -229,6 +229,17 @@ func (c *Cluster) CutGossip(name string) {
 	}
 }
 
+// DetectorCounts sums, over the nodes, the deaths they declared and the
+// times a node stopped answering one of them (presence.Stats).
+func (c *Cluster) DetectorCounts() (deaths, unreachable uint64) {
+	for _, n := range c.Nodes {
+		st := n.Cluster().Stats()
+		deaths += st.Deaths
+		unreachable += st.Unreachable
+	}
+	return deaths, unreachable
+}
+
 // HealGossip restores all gossip.
 func (c *Cluster) HealGossip() {
 	for _, n := range c.Nodes {
