@@ -11,6 +11,7 @@ import (
 
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/node"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/presence"
@@ -71,14 +72,14 @@ func TestListenerTerminatedMidBurst(t *testing.T) {
 // presence converges afterwards.
 func TestGossipPartition(t *testing.T) {
 	db := pgtest.NewDB(t)
-	parts := make([]*presence.Partition, 3)
+	parts := make([]*faultkit.Partition, 3)
 	var nodes []*testkit.Node
 	ips := []string{"127.0.0.21", "127.0.0.22", "127.0.0.23"}
 	for i, ip := range ips {
 		o := testkit.Options{
 			Configure: func(c *config.Config) { c.Host, c.ClusterBind = ip, ip+":0"; shortLease(c) },
 			WrapTransport: func(tr memberlist.NodeAwareTransport) memberlist.NodeAwareTransport {
-				parts[i] = presence.NewPartition(tr)
+				parts[i] = faultkit.NewPartition(tr)
 				return parts[i]
 			},
 		}

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -81,19 +82,31 @@ type NodeInfo struct {
 type nodeMeta struct {
 	Inc  int64  `json:"i"`
 	HTTP string `json:"h,omitempty"`
+	// Acks: the node acknowledges delta packets (deltas.go).
+	Acks bool `json:"a,omitempty"`
 }
 
 // Message kinds on the wire (first byte).
 const (
 	msgDeltas  byte = 'D'
 	msgCommand byte = 'C'
+	msgAck     byte = 'A'
+	msgLeave   byte = 'L'
 )
 
+// leaveMsg says that node From (incarnation Inc) is leaving.
+type leaveMsg struct {
+	From string `json:"f"`
+	Inc  int64  `json:"i"`
+}
+
 // deltaMsg carries changed entries of the sending node. Inc is its
-// incarnation (0 from nodes that predate it).
+// incarnation (0 from nodes that predate it). Seq, on a packet, asks for
+// an ack (ackMsg); a delta without entries is a heartbeat.
 type deltaMsg struct {
 	From    string  `json:"f"`
 	Inc     int64   `json:"i,omitempty"`
+	Seq     uint64  `json:"q,omitempty"`
 	Entries []Entry `json:"e"`
 }
 
@@ -101,6 +114,7 @@ type deltaMsg struct {
 type deltaOut struct {
 	From    string            `json:"f"`
 	Inc     int64             `json:"i,omitempty"`
+	Seq     uint64            `json:"q,omitempty"`
 	Entries []json.RawMessage `json:"e"`
 }
 
@@ -127,34 +141,68 @@ const (
 )
 
 // Cluster replicates a Replica over memberlist. Deltas of the node's own
-// entries go straight to every other node over memberlist's reliable
-// (TCP) channel, coalesced per peer; push-pull exchanges of whole
-// snapshots repair anything a lost delta missed.
+// entries go straight to every other node, coalesced per peer, as
+// acknowledged packets (deltas.go); push-pull exchanges of whole snapshots
+// (with a node that joins or comes back at once, with a random one
+// periodically) repair anything a lost delta missed.
 type Cluster struct {
 	opts    Options
 	replica *Replica
 	ml      *memberlist.Memberlist
 	logger  *slog.Logger
+	timings deltaTimings
+	// packetBudget is the largest delta sent as a packet, in bytes.
+	packetBudget int
+	stats        stats
 
 	onCommand func(Command)
 	onNode    func(NodeEvent)
+	onReach   func(ReachEvent)
 
 	mu     sync.Mutex
-	peers  map[string]*peer
+	peers  map[string]*peer     // live members; guarded by mu
+	dead   map[string]*deadPeer // members declared dead, contacted again; guarded by mu
 	closed bool
 	cmds   chan Command
 	done   chan struct{}
 	wg     sync.WaitGroup
+	dials  sync.WaitGroup // reconnect attempts (a dial may outlast Shutdown)
 }
 
-// peer coalesces deltas for one remote node; newest entry per id wins.
+// peer is one remote node as the delta channel sees it.
 type peer struct {
-	node    *memberlist.Node // a copy (copyNode); guarded by mu
-	inc     int64            // its incarnation, from its metadata; guarded by Cluster.mu
-	mu      sync.Mutex
-	pending map[string]Entry
-	wake    chan struct{}
-	stop    chan struct{}
+	name    string
+	wake    chan struct{} // the send loop has something to do
+	syncReq chan struct{} // a push-pull with the peer is wanted
+	stop    chan struct{} // closed when the peer leaves
+
+	leaving atomic.Bool // it said it is leaving (not a failure when it goes)
+
+	mu   sync.Mutex
+	node *memberlist.Node // a copy (copyNode); guarded by mu
+	inc  int64            // its incarnation, from its metadata; guarded by mu
+	acks bool             // it acknowledges packets; guarded by mu
+
+	// The rest is guarded by mu and owned by the peer's sendLoop, except
+	// what Replicate and acked change.
+	pending  map[string]struct{} // own presence ids to send
+	inflight map[uint64]*flight  // packets awaiting their ack, by seq
+	latest   map[string]uint64   // id → the newest packet in flight carrying it
+	seq      uint64
+	failures int       // timeouts and failed sends since the last ack
+	retryAt  time.Time // no reliable send before
+	rtt      rtt
+	// lastPacket is when a packet was last sent; lastHeard when an ack
+	// last came; silentSince when the first packet still unanswered was
+	// sent (zero, or before lastHeard, when none is).
+	lastPacket, lastHeard, silentSince time.Time
+	reachable                          bool // as last reported
+}
+
+func newPeer(n *memberlist.Node, meta nodeMeta) *peer {
+	return &peer{name: n.Name, node: copyNode(n), inc: meta.Inc, acks: meta.Acks,
+		wake: make(chan struct{}, 1), syncReq: make(chan struct{}, 1), stop: make(chan struct{}),
+		pending: map[string]struct{}{}, inflight: map[uint64]*flight{}, latest: map[string]uint64{}, reachable: true}
 }
 
 // maxDeltaBatch and maxDeltaBytes bound one reliable message (memberlist
@@ -170,8 +218,8 @@ func New(opts Options, replica *Replica) *Cluster {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	c := &Cluster{
-		opts: opts, replica: replica, logger: opts.Logger,
-		peers: map[string]*peer{}, cmds: make(chan Command, 1024), done: make(chan struct{}),
+		opts: opts, replica: replica, logger: opts.Logger, timings: timingsFor(opts.Profile),
+		peers: map[string]*peer{}, dead: map[string]*deadPeer{}, cmds: make(chan Command, 1024), done: make(chan struct{}),
 	}
 	return c
 }
@@ -187,6 +235,22 @@ func (c *Cluster) config() (*memberlist.Config, error) {
 	switch c.opts.Profile {
 	case "wan":
 		cfg = memberlist.DefaultWANConfig()
+		// memberlist's WAN timings (probe every 5 s, 3 s timeout,
+		// suspicion × 6) let a region that stopped answering stay alive
+		// for over 30 s, and senders route rows to its sessions meanwhile.
+		// A node is now suspected when a probe, its indirect probes and
+		// the TCP fallback all go unanswered for a second, and declared
+		// dead 2 s after that unless it refutes (the suspicion reaches it
+		// with the next probe or gossip, 200 ms apart): ~3.5 s in all,
+		// at worst ~6 s. The probe timeout stays above any round trip
+		// on Earth (~350 ms) with room for a loaded node.
+		cfg.ProbeInterval = time.Second
+		cfg.ProbeTimeout = 600 * time.Millisecond
+		cfg.SuspicionMult = 2
+		cfg.GossipInterval = 200 * time.Millisecond
+		// Bounds a push-pull or reliable send to a node that vanished
+		// mid-way (memberlist's WAN 30 s holds a reconnect that long).
+		cfg.TCPTimeout = 10 * time.Second
 	case "local":
 		cfg = memberlist.DefaultLocalConfig()
 		cfg.PushPullInterval = 5 * time.Second
@@ -213,6 +277,7 @@ func (c *Cluster) config() (*memberlist.Config, error) {
 		// A restarted node keeps its name even if its address changed.
 		cfg.DeadNodeReclaimTime = 10 * time.Second
 	}
+	c.packetBudget = cfg.UDPBufferSize - packetOverhead
 	cfg.Name = c.opts.Name
 	cfg.BindAddr = c.opts.BindAddr
 	if cfg.BindAddr == "" {
@@ -260,8 +325,9 @@ func (c *Cluster) Start() error {
 		return fmt.Errorf("start gossip on %s:%d: %w", cfg.BindAddr, cfg.BindPort, err)
 	}
 	c.ml = ml
-	c.wg.Add(1)
+	c.wg.Add(2)
 	go c.commandLoop()
+	go c.reconnectLoop()
 	return nil
 }
 
@@ -329,13 +395,10 @@ func (c *Cluster) Replicate(entries []Entry) {
 	for _, p := range peers {
 		p.mu.Lock()
 		for _, e := range entries {
-			p.pending[e.PresenceID] = wireEntry(e)
+			p.pending[e.PresenceID] = struct{}{}
 		}
 		p.mu.Unlock()
-		select {
-		case p.wake <- struct{}{}:
-		default:
-		}
+		poke(p.wake)
 	}
 }
 
@@ -346,47 +409,6 @@ func wireEntry(e Entry) Entry {
 		return tombstone(e)
 	}
 	return e
-}
-
-func (c *Cluster) sendLoop(p *peer) {
-	defer c.wg.Done()
-	for {
-		select {
-		case <-p.stop:
-			return
-		case <-c.done:
-			return
-		case <-p.wake:
-		}
-		for {
-			p.mu.Lock()
-			if len(p.pending) == 0 {
-				p.mu.Unlock()
-				break
-			}
-			batch := make([]json.RawMessage, 0, min(len(p.pending), maxDeltaBatch))
-			size := 0
-			for id, e := range p.pending {
-				b, err := Marshal(e)
-				delete(p.pending, id)
-				if err != nil {
-					continue
-				}
-				batch = append(batch, b)
-				size += len(b) + 1
-				if len(batch) == maxDeltaBatch || size >= maxDeltaBytes {
-					break
-				}
-			}
-			node := p.node
-			p.mu.Unlock()
-			body, _ := Marshal(deltaOut{From: c.opts.Name, Inc: c.opts.Incarnation, Entries: batch})
-			if err := c.ml.SendReliable(node, append([]byte{msgDeltas}, body...)); err != nil {
-				// Anti-entropy (push-pull) repairs what this loses.
-				c.logger.Debug("presence delta not sent", "peer", node.Name, "err", err)
-			}
-		}
-	}
 }
 
 // Send delivers a command to node name over the reliable channel.
@@ -432,6 +454,24 @@ func (c *Cluster) Leave(timeout time.Duration) error {
 	if c.ml == nil {
 		return nil
 	}
+	// memberlist tells its delegates neither whether a node that went
+	// left or failed (Node.State is never set), so the others are told
+	// directly that this one is leaving: they will not try to reach it
+	// again, nor count a death.
+	c.mu.Lock()
+	nodes := make([]*memberlist.Node, 0, len(c.peers))
+	for _, p := range c.peers {
+		p.mu.Lock()
+		if p.acks { // nodes that predate it would count it as invalid
+			nodes = append(nodes, p.node)
+		}
+		p.mu.Unlock()
+	}
+	c.mu.Unlock()
+	body, _ := Marshal(leaveMsg{From: c.opts.Name, Inc: c.opts.Incarnation})
+	for _, n := range nodes {
+		_ = c.ml.SendBestEffort(n, append([]byte{msgLeave}, body...))
+	}
 	return c.ml.Leave(timeout)
 }
 
@@ -450,6 +490,17 @@ func (c *Cluster) Shutdown() error {
 		err = c.ml.Shutdown()
 	}
 	c.wg.Wait()
+	// A reconnect attempt blocked in a dial to a vanished address ends
+	// with the dial's timeout; it is not waited for longer than this.
+	dialed := make(chan struct{})
+	go func() {
+		c.dials.Wait()
+		close(dialed)
+	}()
+	select {
+	case <-dialed:
+	case <-time.After(time.Second):
+	}
 	return err
 }
 
@@ -531,9 +582,9 @@ func (c *Cluster) validCommand(cmd *Command) error {
 type delegate struct{ c *Cluster }
 
 func (d *delegate) NodeMeta(limit int) []byte {
-	b, _ := json.Marshal(nodeMeta{Inc: d.c.opts.Incarnation, HTTP: d.c.opts.HTTPAddr})
+	b, _ := json.Marshal(nodeMeta{Inc: d.c.opts.Incarnation, HTTP: d.c.opts.HTTPAddr, Acks: true})
 	if len(b) > limit {
-		b, _ = json.Marshal(nodeMeta{Inc: d.c.opts.Incarnation})
+		b, _ = json.Marshal(nodeMeta{Inc: d.c.opts.Incarnation, Acks: true})
 	}
 	return b
 }
@@ -554,7 +605,50 @@ func (d *delegate) NotifyMsg(b []byte) {
 			d.c.invalid("deltas", err)
 			return
 		}
-		d.c.replica.Apply(d.c.accept(m.From, m.Inc, m.Entries))
+		if len(m.Entries) > 0 {
+			d.c.replica.Apply(d.c.accept(m.From, m.Inc, m.Entries))
+		}
+		if m.Seq != 0 {
+			d.c.sendAck(m.From, m.Inc, m.Seq)
+		}
+	case msgAck:
+		var m ackMsg
+		if err := json.Unmarshal(b[1:], &m); err != nil {
+			d.c.invalid("ack", err)
+			return
+		}
+		if err := d.c.sender(m.From); err != nil {
+			d.c.invalid("ack", err)
+			return
+		}
+		d.c.mu.Lock()
+		p := d.c.peers[m.From]
+		d.c.mu.Unlock()
+		if p == nil || m.To != d.c.opts.Incarnation {
+			return // for an earlier incarnation of this node, or from a node gone since
+		}
+		d.c.acked(p, m.Seq)
+	case msgLeave:
+		var m leaveMsg
+		if err := json.Unmarshal(b[1:], &m); err != nil {
+			d.c.invalid("leave", err)
+			return
+		}
+		if err := d.c.sender(m.From); err != nil {
+			d.c.invalid("leave", err)
+			return
+		}
+		d.c.mu.Lock()
+		p := d.c.peers[m.From]
+		d.c.mu.Unlock()
+		if p != nil {
+			p.mu.Lock()
+			same := p.inc == m.Inc
+			p.mu.Unlock()
+			if same {
+				p.leaving.Store(true)
+			}
+		}
 	case msgCommand:
 		var cmd Command
 		if err := json.Unmarshal(b[1:], &cmd); err != nil {
@@ -670,38 +764,42 @@ func (c *Cluster) nodeUp(n *memberlist.Node) {
 	_ = json.Unmarshal(n.Meta, &meta)
 	c.replica.NodeAlive(n.Name, meta.Inc)
 	c.mu.Lock()
+	delete(c.dead, n.Name)
 	p, ok := c.peers[n.Name]
 	sync := false
 	if !ok && !c.closed {
-		p = &peer{node: copyNode(n), inc: meta.Inc, pending: map[string]Entry{}, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+		p = newPeer(n, meta)
 		c.peers[n.Name] = p
-		c.wg.Add(1)
+		c.wg.Add(2)
 		go c.sendLoop(p)
+		go c.syncLoop(p)
 		sync = true
 	} else if ok {
 		p.mu.Lock()
 		p.node = copyNode(n)
+		p.acks = meta.Acks
+		if p.inc != meta.Inc {
+			// Restarted under the same name: what was in flight went to
+			// the previous process.
+			sync = true
+			p.inc = meta.Inc
+			clear(p.inflight)
+			clear(p.latest)
+			p.failures, p.retryAt, p.silentSince = 0, time.Time{}, time.Time{}
+		}
 		p.mu.Unlock()
-		sync = p.inc != meta.Inc // restarted under the same name
-		p.inc = meta.Inc
 	}
 	c.mu.Unlock()
 	if sync {
-		// A node learns each node's sessions from that node only (accept):
-		// send it ours now rather than at the next random push-pull.
-		own := c.replica.Own()
-		p.mu.Lock()
-		for _, e := range own {
-			p.pending[e.PresenceID] = wireEntry(e)
-		}
-		p.mu.Unlock()
-		select {
-		case p.wake <- struct{}{}:
-		default:
-		}
+		// A node learns each node's sessions from that node only (accept),
+		// and one that comes back missed the deltas of its absence: both
+		// sides send their full state now rather than at the next random
+		// push-pull, which also removes what was deleted meanwhile.
+		poke(p.syncReq)
 	}
-	if !ok {
+	if !ok && p != nil {
 		c.logger.Info("cluster node joined", "peer", n.Name, "addr", n.Address())
+		c.reachChanged(ReachEvent{Name: n.Name, Incarnation: meta.Inc, Reachable: true})
 	}
 	if c.onNode != nil {
 		c.onNode(NodeEvent{Name: n.Name, Incarnation: meta.Inc, Addr: n.Address(), Up: true})
@@ -716,12 +814,33 @@ func (c *Cluster) nodeDown(n *memberlist.Node) {
 	_ = json.Unmarshal(n.Meta, &meta)
 	c.replica.NodeDead(n.Name)
 	c.mu.Lock()
-	if p, ok := c.peers[n.Name]; ok {
+	p, ok := c.peers[n.Name]
+	failed := !ok || !p.leaving.Load()
+	if ok {
 		close(p.stop)
 		delete(c.peers, n.Name)
 	}
+	if failed && !c.closed {
+		c.noteDead(n.Name, n.Address())
+	}
 	c.mu.Unlock()
-	c.logger.Info("cluster node left", "peer", n.Name, "state", stateName(n.State))
+	if failed {
+		c.stats.deaths.Add(1)
+	}
+	how := "left"
+	if failed {
+		how = "failed"
+	}
+	c.logger.Info("cluster node gone", "peer", n.Name, "how", how)
+	if ok {
+		p.mu.Lock()
+		was := p.reachable
+		p.reachable = false
+		p.mu.Unlock()
+		if was {
+			c.reachChanged(ReachEvent{Name: n.Name, Incarnation: meta.Inc, Reachable: false})
+		}
+	}
 	if c.onNode != nil {
 		c.onNode(NodeEvent{Name: n.Name, Incarnation: meta.Inc, Addr: n.Address(), Up: false})
 	}
@@ -758,7 +877,8 @@ func (w *logWriter) Write(p []byte) (int, error) {
 
 var _ io.Writer = (*logWriter)(nil)
 
-// Flush waits up to timeout for queued deltas to be sent.
+// Flush waits up to timeout for queued deltas to be sent and, to peers
+// that acknowledge, acknowledged.
 func (c *Cluster) Flush(timeout time.Duration) {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
@@ -767,6 +887,11 @@ func (c *Cluster) Flush(timeout time.Duration) {
 		for _, p := range c.peers {
 			p.mu.Lock()
 			pending += len(p.pending)
+			for _, f := range p.inflight {
+				if len(f.ids) > 0 {
+					pending++
+				}
+			}
 			p.mu.Unlock()
 		}
 		c.mu.Unlock()

@@ -52,6 +52,11 @@ func fuzzSeeds() (msgs, states [][]byte) {
 		append([]byte{msgCommand}, cmd...),
 		[]byte(`D{"f":"other","e":[{"id":"x","o":"other","m":"m1","mb":"c","x":7}]}`),
 		[]byte(`D{"e":[{"id":"x","o":"other","m":"m1","mb":"c","g":null,"e":-1}]}`),
+		[]byte(`D{"f":"other","i":3,"q":18446744073709551615,"e":[]}`), // a heartbeat
+		[]byte(`A{"f":"other","i":3,"t":7,"q":1}`),
+		[]byte(`A{"f":"self","i":7,"t":7,"q":0}`),
+		[]byte(`L{"f":"other","i":3}`),
+		{msgAck}, {msgLeave},
 	}
 	states = [][]byte{
 		nil, []byte(`{}`), []byte(`[]`), []byte(`{"e":null}`),

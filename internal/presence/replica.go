@@ -518,6 +518,23 @@ func (r *Replica) OwnSnapshot() (uint64, []Entry) {
 	return r.clock, out
 }
 
+// OwnEntries returns the current state of this node's entries ids,
+// tombstones included; ids it does not hold (any more) are left out.
+func (r *Replica) OwnEntries(ids []string) []Entry {
+	if len(ids) == 0 {
+		return nil
+	}
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	out := make([]Entry, 0, len(ids))
+	for _, id := range ids {
+		if e := r.entries[id]; e != nil && e.Owner == r.self && e.OwnerInc == r.inc {
+			out = append(out, *e)
+		}
+	}
+	return out
+}
+
 // Get returns an entry by presence id (tombstones excluded).
 func (r *Replica) Get(id string) (Entry, bool) {
 	r.mu.RLock()

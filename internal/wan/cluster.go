@@ -15,8 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/node"
-	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/store"
 	"github.com/claudemesh/broker/internal/testkit"
 )
@@ -46,7 +46,7 @@ type Node struct {
 	Clients *Proxy
 	// Gossip delays the node's gossip; Partition, around it, cuts it.
 	Gossip    *DelayTransport
-	Partition *presence.Partition
+	Partition *faultkit.Partition
 	// Started is when node.Start returned.
 	Started time.Time
 }
@@ -155,7 +155,7 @@ func Start(t testing.TB, db string, o Options) *Cluster {
 			Config: cfg, Logger: testkit.Logger(), Registry: reg, Listener: ln, SkipMigrate: true,
 			WrapTransport: func(tr memberlist.NodeAwareTransport) memberlist.NodeAwareTransport {
 				n.Gossip = NewDelayTransport(tr, topo, r.Name)
-				n.Partition = presence.NewPartition(n.Gossip)
+				n.Partition = faultkit.NewPartition(n.Gossip)
 				return n.Partition
 			},
 		})
@@ -227,6 +227,17 @@ func (c *Cluster) CutGossip(name string) {
 		n.Partition.Block(isolated.Region.IP)
 		isolated.Partition.Block(n.Region.IP)
 	}
+}
+
+// DetectorCounts sums, over the nodes, the deaths they declared and the
+// times a node stopped answering one of them (presence.Stats).
+func (c *Cluster) DetectorCounts() (deaths, unreachable uint64) {
+	for _, n := range c.Nodes {
+		st := n.Cluster().Stats()
+		deaths += st.Deaths
+		unreachable += st.Unreachable
+	}
+	return deaths, unreachable
 }
 
 // HealGossip restores all gossip.

@@ -331,6 +331,10 @@ func (r *Runner) PresenceStatuses(src, dst string, n int) Dist {
 type GossipCut struct {
 	Region string
 	Cut    time.Duration
+	// Unreachable is how long into the cut both other nodes reported the
+	// region unreachable (presence.Cluster.Reachable); zero if they never
+	// did during the cut.
+	Unreachable time.Duration
 	// DeclaredDead is how long into the cut both other nodes had declared
 	// the region dead; zero if they never did during the cut.
 	DeclaredDead time.Duration
@@ -398,6 +402,9 @@ func (r *Runner) CutGossip(region string, cut time.Duration, load GossipCutLoad)
 	var lateIn *Peer
 	deadline := cutAt.Add(cut)
 	for time.Now().Before(deadline) {
+		if res.Unreachable == 0 && !slices.ContainsFunc(others, func(o *Node) bool { return o.Cluster().Reachable(region) }) {
+			res.Unreachable = time.Since(cutAt)
+		}
 		if res.DeclaredDead == 0 && !slices.ContainsFunc(others, func(o *Node) bool { return o.Cluster().NumMembers() == n }) {
 			res.DeclaredDead = time.Since(cutAt)
 		}
@@ -420,6 +427,58 @@ func (r *Runner) CutGossip(region string, cut time.Duration, load GossipCutLoad)
 	}
 	sleepFor(load.After)
 	res.Load = b.Settle(60 * time.Second)
+	return res
+}
+
+// Healthy is what the failure detectors said of a cluster none of whose
+// nodes failed: every node declared dead, and every time a node stopped
+// answering another, counted on all nodes.
+type Healthy struct {
+	Took        time.Duration
+	Deaths      uint64
+	Unreachable uint64
+	Load        faultkit.Report
+}
+
+// HealthyLoad is the load of the Healthy scenario.
+type HealthyLoad struct {
+	Peers int           // spread over the regions' nodes; default 30
+	Rate  float64       // messages per second, all peers together; default 300
+	For   time.Duration // default 20 s
+}
+
+// Healthy runs a burst across the healthy cluster, far regions included,
+// with presence changing meanwhile (every peer of the burst connects on
+// it), and reports whether any node took another for dead or silent: the
+// false positives of the WAN profile's failure detection.
+func (r *Runner) Healthy(load HealthyLoad) Healthy {
+	r.t.Helper()
+	if load.Peers == 0 {
+		load.Peers = 30
+	}
+	if load.Rate == 0 {
+		load.Rate = 300
+	}
+	if load.For == 0 {
+		load.For = 20 * time.Second
+	}
+	var urls []string
+	for _, n := range r.c.Nodes {
+		urls = append(urls, n.PeerURL())
+	}
+	var members []client.Identity
+	for range load.Peers {
+		members = append(members, r.member())
+	}
+	deaths, silent := r.c.DetectorCounts()
+	start := time.Now()
+	b := faultkit.Start(r.t, faultkit.Options{URLs: urls, Members: members, Rate: load.Rate, Size: 256, Seed: 15})
+	defer b.Close()
+	sleepFor(load.For) // the load runs meanwhile
+	res := Healthy{Took: time.Since(start)}
+	res.Load = b.Settle(60 * time.Second)
+	d, u := r.c.DetectorCounts()
+	res.Deaths, res.Unreachable = d-deaths, u-silent
 	return res
 }
 

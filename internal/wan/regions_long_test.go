@@ -65,6 +65,12 @@ func TestRegions(t *testing.T) {
 	for _, p := range res.GossipCut.Load.Problems() {
 		t.Errorf("gossip cut: %s", p)
 	}
+	if h := res.Healthy; h.Deaths != 0 {
+		t.Errorf("healthy load: %d nodes declared dead while none failed", h.Deaths)
+	}
+	for _, p := range res.Healthy.Load.Problems() {
+		t.Errorf("healthy load: %s", p)
+	}
 	if pc := res.PostgresCut; pc.Missing != 0 || pc.Duplicated != 0 {
 		t.Errorf("Postgres cut: %d acked sends missing, %d duplicated", pc.Missing, pc.Duplicated)
 	}

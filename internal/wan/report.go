@@ -29,6 +29,8 @@ type Plan struct {
 	GossipCut   time.Duration // default 20 s
 	PostgresCut time.Duration // default 15 s
 	Load        GossipCutLoad
+	// Healthy is the load under which no node may be taken for dead.
+	Healthy HealthyLoad
 }
 
 func (p *Plan) normalize() {
@@ -82,6 +84,7 @@ type Result struct {
 	Pushes         map[string]Push          `json:"-"`
 	PresenceJoin   Dist                     `json:"-"`
 	PresenceStatus Dist                     `json:"-"`
+	Healthy        Healthy                  `json:"-"`
 	GossipCut      GossipCut                `json:"-"`
 	PostgresCut    PostgresCut              `json:"-"`
 }
@@ -126,7 +129,8 @@ func ms(d time.Duration) string {
 
 // Run measures every scenario on c, in an order that keeps them apart:
 // first hellos (before anything else touched the nodes), later hellos,
-// send→ack, pushes, presence, the gossip cut, the Postgres cut.
+// send→ack, pushes, presence, a load on the healthy cluster, the gossip
+// cut, the Postgres cut.
 func Run(t testing.TB, c *Cluster, plan Plan) *Result {
 	t.Helper()
 	plan.normalize()
@@ -147,10 +151,20 @@ func Run(t testing.TB, c *Cluster, plan Plan) *Result {
 	res.PresenceJoin = r.PresenceJoins(plan.PresenceFrom, plan.PresenceTo, plan.Presence)
 	res.PresenceStatus = r.PresenceStatuses(plan.PresenceFrom, plan.PresenceTo, plan.Presence)
 	t.Logf("presence %s→%s: joins %v, statuses %v", plan.PresenceFrom, plan.PresenceTo, res.PresenceJoin, res.PresenceStatus)
+	res.Healthy = r.Healthy(plan.Healthy)
+	t.Logf("healthy load: %+v", res.Healthy)
 	res.GossipCut = r.CutGossip(plan.CutRegion, plan.GossipCut, plan.Load)
 	t.Logf("gossip cut: %+v", res.GossipCut)
 	res.PostgresCut = r.CutPostgres(plan.CutRegion, plan.PostgresCut)
 	t.Logf("postgres cut: %+v", res.PostgresCut)
+	for _, n := range c.Nodes {
+		st := n.Cluster().Stats()
+		t.Logf("gossip deltas of %s: %+v", n.Region.Name, st)
+		res.Values["delta_packets."+n.Region.Name] = float64(st.DeltaPackets)
+		res.Values["delta_streams."+n.Region.Name] = float64(st.DeltaStreams)
+		res.Values["delta_heartbeats."+n.Region.Name] = float64(st.Heartbeats)
+		res.Values["delta_timeouts."+n.Region.Name] = float64(st.Timeouts)
+	}
 	res.build(c.Wire, plan)
 	res.Machine = fmt.Sprintf("%d CPUs, load average %s at the start, %s at the end", runtime.NumCPU(), loadBefore, loadAverage())
 	return res
@@ -329,20 +343,42 @@ func (res *Result) build(w Wire, plan Plan) {
 			res.check(PresenceLimit, "status."+from+"→"+to, res.PresenceStatus.P50, sw)}),
 	})
 
+	// Healthy load.
+	h := res.Healthy
+	res.Values["healthy_deaths"] = float64(h.Deaths)
+	res.Values["healthy_unreachable"] = float64(h.Unreachable)
+	res.Rows = append(res.Rows, Row{
+		Path: fmt.Sprintf("load on the healthy cluster for %s (%d peers, %d messages, all regions)", ms(h.Took), h.Load.Peers, h.Load.Offered),
+		Measured: fmt.Sprintf("nodes declared dead: %d; a node stopped answering another: %d times; %d lost, %d duplicated, latency p50 %s",
+			h.Deaths, h.Unreachable, h.Load.Lost, h.Load.AppDuplicates, ms(h.Load.P50)),
+		Wire:   "—",
+		Target: "no node declared dead",
+		Holds:  yesNo([]bool{h.Deaths == 0 && h.Load.Lost == 0 && h.Load.AppDuplicates == 0}),
+	})
+
 	// Gossip cut.
 	g := res.GossipCut
 	l := g.Load
 	dead := "never during the cut"
-	deadHolds := false
 	if g.DeclaredDead > 0 {
 		dead = "after " + ms(g.DeclaredDead)
 		val("gossip_cut_declared_dead."+g.Region, g.DeclaredDead)
 	}
-	deadHolds = res.check(DeadRegionLimit, g.Region, orForever(g.DeclaredDead, g.Cut), 0)
+	deadHolds := res.check(DeadRegionLimit, g.Region, orForever(g.DeclaredDead, g.Cut), 0)
+	unreachable := "never during the cut"
+	if g.Unreachable > 0 {
+		unreachable = "after " + ms(g.Unreachable)
+		val("gossip_cut_unreachable."+g.Region, g.Unreachable)
+	}
+	unreachableHolds := res.check(UnreachableLimit, g.Region, orForever(g.Unreachable, g.Cut), 0)
 	healed := fmt.Sprintf("replicas did not agree within %s of the heal", ms(g.HealTimeout))
 	if g.Healed > 0 {
 		healed = fmt.Sprintf("replicas agreed %s after the heal", ms(g.Healed))
 		val("gossip_cut_healed."+g.Region, g.Healed)
+	}
+	healHolds := true
+	if g.HealTimeout > 0 {
+		healHolds = res.check(HealLimit, g.Region, orForever(g.Healed, g.HealTimeout), 0)
 	}
 	if g.Whole > 0 {
 		healed = fmt.Sprintf("membership whole %s and %s", ms(g.Whole), healed)
@@ -352,11 +388,11 @@ func (res *Result) build(w Wire, plan Plan) {
 	res.Values["gossip_cut_duplicated"] = float64(l.AppDuplicates)
 	res.Rows = append(res.Rows, Row{
 		Path: fmt.Sprintf("gossip cut %s↔others %s (load: %d peers, %d messages)", g.Region, ms(g.Cut), l.Peers, l.Offered),
-		Measured: fmt.Sprintf("%d lost, %d duplicated (%d redelivered and deduped, %d unacked); the others declared %s dead %s; views (sessions, one made in %s during the cut included): %s",
-			l.Lost, l.AppDuplicates, l.Redeliveries, l.Unacked, g.Region, dead, g.Region, healed),
+		Measured: fmt.Sprintf("%d lost, %d duplicated (%d redelivered and deduped, %d unacked); the others found %s unreachable %s and declared it dead %s; views (sessions, one made in %s during the cut included): %s",
+			l.Lost, l.AppDuplicates, l.Redeliveries, l.Unacked, g.Region, unreachable, dead, g.Region, healed),
 		Wire:   "—",
-		Target: "0 lost, 0 duplicated; dead within ~5 s",
-		Holds:  yesNo([]bool{l.Lost == 0 && l.AppDuplicates == 0 && l.Unacked == 0 && l.SettleErr == nil, deadHolds}),
+		Target: fmt.Sprintf("0 lost, 0 duplicated; unreachable %s, dead %s; views agree %s after the heal", UnreachableLimit, DeadRegionLimit, HealLimit),
+		Holds:  yesNo([]bool{l.Lost == 0 && l.AppDuplicates == 0 && l.Unacked == 0 && l.SettleErr == nil, unreachableHolds && deadHolds, healHolds}),
 	})
 
 	// Postgres cut.

@@ -88,17 +88,30 @@ var (
 		Enforced: []string{"syd→iad", "iad→ams"}}
 	// PresenceLimit: a presence change reaches another region one one-way
 	// delay + 50 ms after it.
-	PresenceLimit = Threshold{Name: "presence_p50", Target: "one-way + 50 ms", Factor: 1, Slack: 50 * time.Millisecond}
+	PresenceLimit = Threshold{Name: "presence_p50", Target: "one-way + 50 ms", Factor: 1, Slack: 50 * time.Millisecond,
+		Enforced: []string{"*"}}
 	// DeadRegionLimit: the other nodes stop treating a region they cannot
 	// reach as alive within ~5 s (so no sender routes fast-path rows to
 	// its sessions for longer). Measured on the gossip cut: how long until
 	// both other nodes declared the cut region dead.
-	DeadRegionLimit = Threshold{Name: "dead_region_detected", Target: "~5 s", Slack: 5 * time.Second}
+	DeadRegionLimit = Threshold{Name: "dead_region_detected", Target: "~5 s", Slack: 5 * time.Second, Enforced: []string{"*"}}
+	// UnreachableLimit: both other nodes report the cut region
+	// unreachable (presence.Cluster.Reachable, the delivery engine's early
+	// signal) within 2 s: a heartbeat interval and the unreachable timeout.
+	UnreachableLimit = Threshold{Name: "unreachable_detected", Target: "~2 s", Slack: 2 * time.Second, Enforced: []string{"*"}}
+	// HealLimit: after a gossip cut long enough for deaths, every node sees
+	// every other and all replicas agree (a session made in the cut region
+	// during the cut included) within 8 s of the heal: the nodes keep
+	// contacting the dead (at most 4 s apart) and exchange full state when
+	// they meet, where they used to wait for a periodic push-pull (31–53 s
+	// measured, 60 s apart in the WAN profile).
+	HealLimit = Threshold{Name: "gossip_cut_healed", Target: "≤ 8 s", Slack: 8 * time.Second, Enforced: []string{"*"}}
 )
 
 // Thresholds lists every named threshold.
 func Thresholds() []*Threshold {
-	return []*Threshold{&FirstHelloLimit, &FirstSendLimit, &LaterHelloLimit, &SendAckP50Limit, &SendAckP99Limit, &FirstSendAfterOutageLimit, &SendAfterHealthyLimit, &PushP50Limit, &PresenceLimit, &DeadRegionLimit}
+	return []*Threshold{&FirstHelloLimit, &FirstSendLimit, &LaterHelloLimit, &SendAckP50Limit, &SendAckP99Limit, &FirstSendAfterOutageLimit,
+		&SendAfterHealthyLimit, &PushP50Limit, &PresenceLimit, &DeadRegionLimit, &UnreachableLimit, &HealLimit}
 }
 
 // floorSlack is how much faster than the wire a measurement may look: the

@@ -18,14 +18,14 @@ import (
 // node dials carries both of its directions with the delay (so the
 // listening side needs no wrapper; its incoming streams come from peers'
 // DelayTransports). Use it in node.Options.WrapTransport, inside a
-// presence.Partition to cut gossip as well.
+// faultkit.Partition to cut gossip as well.
 type DelayTransport struct {
 	memberlist.NodeAwareTransport
 	topo   Topology
 	self   string
 	max    int
 	stats  Stats
-	noLink *link // streams are never cut here (presence.Partition cuts)
+	noLink *link // streams are never cut here (faultkit.Partition cuts)
 
 	mu     sync.Mutex
 	queues map[string]*packetQueue // by destination region
