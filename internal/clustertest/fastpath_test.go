@@ -119,7 +119,7 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 				Recipients: []store.Recipient{{MemberID: mesh.Members[1].MemberID, LeaseConn: tc.conn, LeaseNode: tc.node}},
 			}
 			prefix := relay.EnvelopePrefix(time.Now())
-			suffix, ok := relay.EnvelopeSuffix(prefix, &relay.Envelope{
+			pending, ok := relay.NewPending(relay.NodeChannel(b.Replica().Self()), prefix, &relay.Envelope{
 				Node: tc.node, Presence: tc.presence, Conn: tc.conn, MeshID: mesh.MeshID, MemberID: mesh.Members[1].MemberID,
 				Priority: 1, SenderMemberID: msg.SenderMemberID, SenderPubkey: msg.SenderPubkey, SenderName: msg.SenderName,
 				TargetSpec: msg.TargetSpec, Nonce: msg.Nonce, Ciphertext: msg.Ciphertext,
@@ -130,7 +130,7 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			res, err := b.Store().InsertMessages(ctx, time.Hour, "other#1", time.Hour, []store.NewMessage{msg}, nil, nil,
-				[]store.EnvelopeNotify{{Ord: 0, Channel: relay.NodeChannel(b.Replica().Self()), Prefix: prefix, Suffix: suffix}})
+				[]store.EnvelopeNotify{{Ord: 0, Pending: pending}})
 			if err != nil {
 				t.Fatal(err)
 			}

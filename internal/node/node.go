@@ -160,6 +160,9 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	}
 	n.cluster = presence.New(gopts, n.replica)
 	n.notifier = relay.NewNotifier(st.Notify, logger, func(k int) { m.RelaySent.Add(float64(k)) })
+	if err := n.notifier.Start(ctx); err != nil {
+		return nil, err
+	}
 
 	n.srv = server.New(server.Deps{
 		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Notifier: n.notifier,
@@ -461,7 +464,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		if err := n.srv.Shutdown(ctx); err != nil {
 			n.err = err
 		}
-		n.notifier.Close()
+		n.notifier.Stop(ctx)
 		n.cluster.Flush(time.Second)
 		_ = n.cluster.Leave(time.Second)
 		_ = n.cluster.Shutdown()
@@ -489,7 +492,7 @@ func (n *Node) Kill() {
 		}
 		_ = n.cluster.Shutdown()
 		n.srv.Abort()
-		n.notifier.Close()
+		n.notifier.Stop(context.Background())
 		n.cancel()
 		n.wg.Wait()
 		n.store.Close()
@@ -502,7 +505,7 @@ func (n *Node) abort() {
 		_ = n.cluster.Shutdown()
 	}
 	if n.notifier != nil {
-		n.notifier.Close()
+		n.notifier.Stop(context.Background())
 	}
 	if n.cancel != nil {
 		n.cancel()

@@ -270,7 +270,7 @@ func (c *committer) commit(batch []*sendItem) {
 			}
 			if envelopes && !claimed[rec.MemberID] {
 				if e, ok := c.envelope(it, rec.MemberID, prefix); ok {
-					envs = append(envs, store.EnvelopeNotify{Ord: i, Channel: e.channel, Prefix: prefix, Suffix: e.suffix})
+					envs = append(envs, store.EnvelopeNotify{Ord: i, Pending: e.pending})
 					it.msg.Recipients[j].LeaseConn, it.msg.Recipients[j].LeaseNode = e.conn, e.node
 					continue
 				}
@@ -380,7 +380,8 @@ func (s *Server) rowFailed(batch string, err error) string {
 
 // remoteRow is a row for the remote fast path.
 type remoteRow struct {
-	conn, node, channel, suffix string
+	conn, node string
+	pending    relay.Pending
 }
 
 // The remote fast path costs a notification per row, the claim path a
@@ -408,7 +409,7 @@ func (c *committer) envelope(it *sendItem, member, prefix string) (remoteRow, bo
 		return remoteRow{}, false
 	}
 	node := leaseNodeName(e.Owner, e.OwnerInc)
-	suffix, fits := relay.EnvelopeSuffix(prefix, &relay.Envelope{
+	pending, fits := relay.NewPending(relay.NodeChannel(e.Owner), prefix, &relay.Envelope{
 		Node: node, Presence: e.PresenceID, Conn: e.ConnID, MeshID: it.msg.MeshID, MemberID: member,
 		Priority: it.msg.Priority, SenderMemberID: it.msg.SenderMemberID, SenderPubkey: it.msg.SenderPubkey,
 		SenderName: it.msg.SenderName, TargetSpec: it.msg.TargetSpec, Nonce: it.msg.Nonce,
@@ -417,7 +418,7 @@ func (c *committer) envelope(it *sendItem, member, prefix string) (remoteRow, bo
 	if !fits {
 		return remoteRow{}, false
 	}
-	return remoteRow{conn: e.ConnID, node: node, channel: relay.NodeChannel(e.Owner), suffix: suffix}, true
+	return remoteRow{conn: e.ConnID, node: node, pending: pending}, true
 }
 
 func deliveryFromSend(r store.Inserted, it *sendItem, member, conn string) store.Delivery {

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/claudemesh/broker/internal/pgtest"
+	"github.com/claudemesh/broker/internal/relay"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -58,7 +59,7 @@ func TestInsertMessagesIsolatesBadRows(t *testing.T) {
 		batch = append(batch, m)
 	}
 	batch[20].Recipients = []store.Recipient{{MemberID: f.members[1].ID, LeaseConn: "c1", LeaseNode: "x#1"}}
-	envs := []store.EnvelopeNotify{{Ord: 20, Channel: "ch", Prefix: "E ", Suffix: "|env"}}
+	envs := []store.EnvelopeNotify{{Ord: 20, Pending: relay.Pending{Channel: "ch", Prefix: "E ", Suffix: "|env"}}}
 	res, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second, batch, []string{"ch"}, []string{"wake"}, envs)
 	if err != nil {
 		t.Fatalf("a batch with refused rows failed whole: %v", err)

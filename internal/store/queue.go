@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/claudemesh/broker/internal/relay"
 )
 
 // NewMessage is a send to commit: the envelope and its recipient members
@@ -37,14 +39,12 @@ type Recipient struct {
 	LeaseNode string // remote fast path: the lease's node incarnation
 }
 
-// EnvelopeNotify is an envelope notification for row Ord (index into the
-// batch's messages): Postgres notifies Prefix, the message id, a space,
-// the commit time in unix microseconds, then Suffix (relay.EnvelopePrefix).
+// EnvelopeNotify is the envelope notification of row Ord (index into the
+// batch's messages), which the insert statement completes and seals
+// (relay.Pending).
 type EnvelopeNotify struct {
-	Ord     int
-	Channel string
-	Prefix  string
-	Suffix  string
+	Ord int
+	relay.Pending
 }
 
 // Inserted is the outcome of one NewMessage.
@@ -103,6 +103,13 @@ func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode
 	return out, nil
 }
 
+// The envelope payload as the insert statement renders it (relay owns the
+// format).
+var (
+	envelopeHead    = relay.EnvelopeHeadSQL("e.prefix", "ins.id", "ins.created_at")
+	envelopePayload = relay.EnvelopePayloadSQL("h.head", "e.suffix", "e.digest", "$24::bytea", "$25::bytea")
+)
+
 // envelopesIn returns the envelopes of rows [lo, hi), numbered from lo.
 func envelopesIn(envs []EnvelopeNotify, lo, hi int) []EnvelopeNotify {
 	var out []EnvelopeNotify
@@ -140,12 +147,13 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 		eChan    = make([]string, len(envs))
 		ePrefix  = make([]string, len(envs))
 		eSuffix  = make([]string, len(envs))
+		eDigest  = make([]string, len(envs))
 	)
 	if channels == nil {
 		channels, payloads = []string{}, []string{}
 	}
 	for i, e := range envs {
-		eOrd[i], eChan[i], ePrefix[i], eSuffix[i] = int32(e.Ord), e.Channel, e.Prefix, e.Suffix
+		eOrd[i], eChan[i], ePrefix[i], eSuffix[i], eDigest[i] = int32(e.Ord), e.Channel, e.Prefix, e.Suffix, e.Digest
 	}
 	for i, m := range msgs {
 		ord[i] = int32(i)
@@ -191,18 +199,15 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 			-- node must see a row it may push directly before any wake-up
 			-- that makes it claim the same member's later rows. pg_notify is
 			-- volatile, so Postgres calls it after the sort.
-			-- An envelope is sealed here, where its id and commit time are
-			-- known (relay.EnvelopeKey): HMAC-SHA256 from the key's pads
-			-- ($24 inner, $25 outer) over the head and the suffix's digest.
+			-- An envelope is completed and sealed here, where its id and
+			-- commit time are known (relay.EnvelopePayloadSQL), with the
+			-- key's HMAC pads ($24 inner, $25 outer).
 			SELECT pg_notify(x.c, x.p) FROM (
-				SELECT e.seq, e.c, CASE WHEN $24::bytea IS NULL THEN h.head
-				       ELSE h.head || ' ' || encode(sha256($25::bytea || sha256($24::bytea || convert_to(h.head || ' ' || e.digest, 'UTF8'))), 'hex')
-				       END || e.suffix AS p
+				SELECT e.seq, e.c, `+envelopePayload+` AS p
 				FROM unnest($19::int4[], $20::text[], $21::text[], $22::text[], $26::text[]) WITH ORDINALITY AS e(ord, c, prefix, suffix, digest, seq)
 				JOIN input i ON i.ord = e.ord
 				JOIN ins ON ins.id = i.id
-				CROSS JOIN LATERAL (SELECT e.prefix || ins.id::text || ' ' ||
-				       (extract(epoch FROM ins.created_at) * 1000000)::bigint::text AS head) h
+				CROSS JOIN LATERAL (SELECT `+envelopeHead+` AS head) h
 				UNION ALL
 				SELECT 1000000000 + n.seq, n.c, n.p FROM unnest($17::text[], $18::text[]) WITH ORDINALITY AS n(c, p, seq)
 			) x ORDER BY x.seq
@@ -219,7 +224,7 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 		FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`,
 		ord, meshID, sender, spub, sname, target, prio, nonce, cipher, cmid, ttl,
 		dOrd, dMember, dConn, dNode, lease, channels, payloads, eOrd, eChan, ePrefix, eSuffix, dTries,
-		s.envInner, s.envOuter, s.envelopeDigests(envs))
+		s.envInner, s.envOuter, eDigest)
 	if err != nil {
 		return fmt.Errorf("insert messages: %w", err)
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/claudemesh/broker/internal/pgtest"
+	"github.com/claudemesh/broker/internal/relay"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -301,7 +302,7 @@ func TestRemoteLeaseEnvelopes(t *testing.T) {
 		return m
 	}
 	batch := []store.NewMessage{msg(f, 0, 1, 1, ""), remote(msg(f, 0, 1, 1, "")), remote(msg(f, 0, 1, 1, "k"))}
-	envs := []store.EnvelopeNotify{{Ord: 1, Channel: "ch", Prefix: "A ", Suffix: "|one"}, {Ord: 2, Channel: "ch", Prefix: "B ", Suffix: "|two"}}
+	envs := []store.EnvelopeNotify{{Ord: 1, Pending: relay.Pending{Channel: "ch", Prefix: "A ", Suffix: "|one"}}, {Ord: 2, Pending: relay.Pending{Channel: "ch", Prefix: "B ", Suffix: "|two"}}}
 	res, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second, batch, []string{"ch"}, []string{"wake"}, envs)
 	if err != nil {
 		t.Fatal(err)
@@ -326,7 +327,7 @@ func TestRemoteLeaseEnvelopes(t *testing.T) {
 	// A duplicate client_message_id inserts nothing and notifies nothing.
 	again, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second,
 		[]store.NewMessage{remote(msg(f, 0, 1, 1, "k"))}, nil, nil,
-		[]store.EnvelopeNotify{{Ord: 0, Channel: "ch", Prefix: "C ", Suffix: ""}})
+		[]store.EnvelopeNotify{{Ord: 0, Pending: relay.Pending{Channel: "ch", Prefix: "C ", Suffix: ""}}})
 	if err != nil || !again[0].Duplicate {
 		t.Fatalf("duplicate: %+v %v", again, err)
 	}
