@@ -9,10 +9,10 @@ import (
 
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/relay"
-	"github.com/claudemesh/broker/internal/store"
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
@@ -113,10 +113,10 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 		{"earlier incarnation", b.Replica().Self() + "#0", "p", "c"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			msg := store.NewMessage{
+			msg := delivery.NewMessage{
 				MeshID: mesh.MeshID, SenderMemberID: mesh.Members[0].MemberID, SenderPubkey: mesh.Members[0].Pubkey(),
 				SenderName: "p0", TargetSpec: mesh.Members[1].Pubkey(), Priority: 1, Nonce: "bg==", Ciphertext: tc.name,
-				Recipients: []store.Recipient{{MemberID: mesh.Members[1].MemberID, LeaseConn: tc.conn, LeaseNode: tc.node}},
+				Recipients: []delivery.NewRecipient{{MemberID: mesh.Members[1].MemberID, LeaseConn: tc.conn, LeaseNode: tc.node}},
 			}
 			prefix := relay.EnvelopePrefix(time.Now())
 			pending, ok := relay.NewPending(relay.NodeChannel(b.Replica().Self()), prefix, &relay.Envelope{
@@ -129,8 +129,7 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			res, err := b.Store().InsertMessages(ctx, time.Hour, "other#1", time.Hour, []store.NewMessage{msg}, nil, nil,
-				[]store.EnvelopeNotify{{Ord: 0, Pending: pending}})
+			res, err := b.Store().InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "other#1", Lease: time.Hour, Messages: []delivery.NewMessage{msg}, Envelopes: []delivery.EnvelopeNotify{{Ord: 0, Pending: pending}}})
 			if err != nil {
 				t.Fatal(err)
 			}

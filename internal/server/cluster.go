@@ -7,6 +7,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/relay"
@@ -182,7 +183,7 @@ func (s *Server) NodeEvent(ev presence.NodeEvent) {
 	if ev.Up {
 		return
 	}
-	pattern := store.EscapeLike(leaseNodeName(ev.Name, ev.Incarnation))
+	pattern := delivery.EscapeLike(leaseNodeName(ev.Name, ev.Incarnation))
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -222,12 +223,12 @@ func (s *Server) RelayWake(sentAt time.Time, w relay.Wake) {
 // marked for a claim, which takes such rows in order; a session that is
 // gone gives the row back at once.
 func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
-	key := store.DeliveryKey{MessageID: e.MessageID, MemberID: e.MemberID}
+	key := delivery.Key{MessageID: e.MessageID, MemberID: e.MemberID}
 	if e.Node != s.leaseNode {
 		if strings.HasPrefix(e.Node, leaseNodePrefix(s.node)) {
 			// Leased to an earlier incarnation of this node, whose
 			// sessions are gone.
-			s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []store.DeliveryKey{key})
+			s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []delivery.Key{key})
 		}
 		return
 	}
@@ -246,7 +247,7 @@ func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
 	}
 	ss := s.sessionByPresence(e.Presence)
 	if ss == nil || ss.id != e.Conn || ss.isClosing() || ss.sendOnly {
-		s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []store.DeliveryKey{key})
+		s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []delivery.Key{key})
 		return
 	}
 	if !s.engine.direct(ss, e.MessageID, int(e.Priority)) {
@@ -254,7 +255,7 @@ func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
 		return
 	}
 	s.m.Claims.WithLabelValues("relayed").Inc()
-	ss.pushReserved(store.Delivery{
+	ss.pushReserved(delivery.Delivery{
 		MessageID: e.MessageID, MemberID: e.MemberID, Conn: e.Conn, MeshID: e.MeshID,
 		SenderMemberID: e.SenderMemberID, SenderPubkey: e.SenderPubkey, SenderName: e.SenderName,
 		TargetSpec: e.TargetSpec, Priority: e.Priority, Nonce: e.Nonce, Ciphertext: e.Ciphertext,

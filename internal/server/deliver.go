@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/store"
 )
@@ -77,13 +78,13 @@ type engine struct {
 	// envelope, or a claim that read the row before its delivery mark
 	// committed) must not push it again. Entries are dropped after
 	// takenTTL, far longer than an envelope's delay or a claim's timeout.
-	taken map[store.DeliveryKey]time.Time
+	taken map[delivery.Key]time.Time
 }
 
 const takenTTL = 2 * time.Minute
 
 func newEngine(s *Server) *engine {
-	return &engine{s: s, signal: make(chan struct{}, 1), members: map[string]*localMember{}, taken: map[store.DeliveryKey]time.Time{}}
+	return &engine{s: s, signal: make(chan struct{}, 1), members: map[string]*localMember{}, taken: map[delivery.Key]time.Time{}}
 }
 
 func (e *engine) kick() {
@@ -223,7 +224,7 @@ func (e *engine) fastPath(member string, priority int, taken map[*session]int) *
 
 // take records that a remote fast-path row is being handled, and reports
 // false when it already was.
-func (e *engine) take(k store.DeliveryKey, now time.Time) bool {
+func (e *engine) take(k delivery.Key, now time.Time) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if _, done := e.taken[k]; done {
@@ -234,7 +235,7 @@ func (e *engine) take(k store.DeliveryKey, now time.Time) bool {
 }
 
 // wasTaken reports whether a remote fast-path row was handled already.
-func (e *engine) wasTaken(k store.DeliveryKey) bool {
+func (e *engine) wasTaken(k delivery.Key) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	_, ok := e.taken[k]
@@ -278,7 +279,7 @@ func (e *engine) direct(ss *session, messageID int64, priority int) bool {
 		if _, dup := ss.inflight[messageID]; dup {
 			return false
 		}
-		k := store.DeliveryKey{MessageID: messageID, MemberID: ss.memberID}
+		k := delivery.Key{MessageID: messageID, MemberID: ss.memberID}
 		if _, done := e.taken[k]; done {
 			return false
 		}
@@ -331,14 +332,14 @@ type claimTarget struct {
 	// held are rows claimed after one the session's queue refused: they go
 	// back to the queue unpushed, so as not to overtake it.
 	refused bool
-	held    []store.DeliveryKey
+	held    []delivery.Key
 }
 
 // claimRound claims for every dirty member in one statement per chunk.
 func (e *engine) claimRound(ctx context.Context) {
 	s := e.s
 	targets := map[string]*claimTarget{}
-	var reqs []store.ClaimRequest
+	var reqs []delivery.ClaimRequest
 	e.mu.Lock()
 	for id, lm := range e.members {
 		if lm.dirty == 0 || lm.inflight || lm.releasing > 0 {
@@ -356,7 +357,7 @@ func (e *engine) claimRound(ctx context.Context) {
 			continue
 		}
 		targets[id] = &claimTarget{ss: ss, reason: lm.dirty, limit: int32(limit)}
-		reqs = append(reqs, store.ClaimRequest{MemberID: id, Conn: ss.id, MaxPriority: int16(ss.maxPrio.Load()), Limit: int32(limit)})
+		reqs = append(reqs, delivery.ClaimRequest{MemberID: id, Conn: ss.id, MaxPriority: int16(ss.maxPrio.Load()), Limit: int32(limit)})
 		lm.dirty, lm.inflight = 0, true
 	}
 	e.mu.Unlock()
@@ -368,7 +369,7 @@ func (e *engine) claimRound(ctx context.Context) {
 	for i := 0; i < len(reqs); i += chunk {
 		part := reqs[i:min(i+chunk, len(reqs))]
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		rows, err := s.store.Claim(cctx, s.leaseNode, s.cfg.LeaseDuration, part)
+		rows, err := s.store.Claim(cctx, &delivery.ClaimParams{Node: s.leaseNode, Lease: s.cfg.LeaseDuration, Requests: part})
 		cancel()
 		if err != nil {
 			if ctx.Err() == nil {
@@ -389,7 +390,7 @@ func (e *engine) claimRound(ctx context.Context) {
 			t := targets[d.MemberID]
 			t.got++
 			if d.PrevConn != "" && d.Attempts == 1 &&
-				!e.take(store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID}, now) {
+				!e.take(delivery.Key{MessageID: d.MessageID, MemberID: d.MemberID}, now) {
 				// Straight from a remote fast-path lease, and its envelope
 				// already pushed it. Its lease now names t.ss; the session
 				// holding it acks it by key, or, closing without an ack,
@@ -405,7 +406,7 @@ func (e *engine) claimRound(ctx context.Context) {
 				s.m.Recovered.WithLabelValues(via).Inc()
 			}
 			if t.refused {
-				t.held = append(t.held, store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID})
+				t.held = append(t.held, delivery.Key{MessageID: d.MessageID, MemberID: d.MemberID})
 				continue
 			}
 			t.refused = !t.ss.pushEnvelope(d, d.CreatedAt)
@@ -451,12 +452,12 @@ func (e *engine) claimRound(ctx context.Context) {
 // that cannot be queued goes back to the queue: it is claimed again, in
 // order, once the writer has made room. A full queue alone does not make
 // a slow consumer: one that stops reading is closed by the write timeout.
-func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
+func (ss *session) pushEnvelope(d delivery.Delivery, committed time.Time) bool {
 	s := ss.s
 	ss.mu.Lock()
 	if ss.closing || ss.inflight == nil {
 		ss.mu.Unlock()
-		s.releaseLeases(d.Conn, d.MeshID, d.MemberID, []store.DeliveryKey{{MessageID: d.MessageID, MemberID: d.MemberID}})
+		s.releaseLeases(d.Conn, d.MeshID, d.MemberID, []delivery.Key{{MessageID: d.MessageID, MemberID: d.MemberID}})
 		return false
 	}
 	if _, dup := ss.inflight[d.MessageID]; dup {
@@ -472,7 +473,7 @@ func (ss *session) pushEnvelope(d store.Delivery, committed time.Time) bool {
 }
 
 // pushReserved queues a row already entered in the session's inflight set.
-func (ss *session) pushReserved(d store.Delivery, committed time.Time) bool {
+func (ss *session) pushReserved(d delivery.Delivery, committed time.Time) bool {
 	s := ss.s
 	if s.acks.unmarkedHas(d.MessageID, d.MemberID) {
 		// Acked (or written without client_ack) and about to be marked
@@ -491,7 +492,7 @@ func (ss *session) pushReserved(d store.Delivery, committed time.Time) bool {
 		TargetSpec: d.TargetSpec, ClientMessageID: d.ClientMessageID,
 	}
 	data := protocol.AppendPush(make([]byte, 0, 400+len(d.Nonce)+len(d.Ciphertext)+len(d.SenderName)), &fields)
-	meta := &pushMeta{key: store.DeliveryKey{MessageID: d.MessageID, MemberID: d.MemberID},
+	meta := &pushMeta{key: delivery.Key{MessageID: d.MessageID, MemberID: d.MemberID},
 		committed: committed, priority: protocol.PriorityName(int(d.Priority))}
 	if ss.q.pushUpTo(frame{data: data, push: meta}, ss.q.max-ss.reserve, ss.pushByteLimit()) {
 		ss.kickWriter()
@@ -505,7 +506,7 @@ func (ss *session) pushReserved(d store.Delivery, committed time.Time) bool {
 	// Until the row is claimed again no newer one may take the fast path;
 	// the writer asks for a claim once it has made room.
 	ss.starved.Store(true)
-	s.releaseLeases(d.Conn, d.MeshID, d.MemberID, []store.DeliveryKey{meta.key})
+	s.releaseLeases(d.Conn, d.MeshID, d.MemberID, []delivery.Key{meta.key})
 	return false
 }
 
@@ -513,7 +514,7 @@ func (ss *session) pushReserved(d store.Delivery, committed time.Time) bool {
 // and on other nodes.
 // Until the release has committed the member takes no claim and no fast
 // path (engine.beginRelease), so nothing newer overtakes the released rows.
-func (s *Server) releaseLeases(conn, mesh, member string, keys []store.DeliveryKey) {
+func (s *Server) releaseLeases(conn, mesh, member string, keys []delivery.Key) {
 	s.engine.beginRelease(member)
 	s.wg.Add(1)
 	go func() {
@@ -521,7 +522,7 @@ func (s *Server) releaseLeases(conn, mesh, member string, keys []store.DeliveryK
 		defer s.engine.endRelease(member)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if _, err := s.store.ReleaseLeases(ctx, conn, keys); err != nil {
+		if _, err := s.store.ReleaseLeases(ctx, &delivery.ReleaseParams{Conn: conn, Keys: keys}); err != nil {
 			// The leases run out by themselves; the sweep then redelivers.
 			s.logger.Warn("release leases failed; they will expire", "err", err, "rows", len(keys))
 			var re *store.RowsError
@@ -540,7 +541,7 @@ func (s *Server) releaseLeases(conn, mesh, member string, keys []store.DeliveryK
 func (s *Server) releaseNodeLeases(ctx context.Context, pattern, keep string) {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	refs, err := s.store.ReleaseNodeLeases(cctx, pattern, keep)
+	refs, err := s.store.ReleaseNodeLeases(cctx, &delivery.ReleaseNodeParams{Pattern: pattern, Keep: keep})
 	if err != nil {
 		if ctx.Err() == nil {
 			s.logger.Warn("release node leases failed; they will expire", "pattern", pattern, "err", err)
@@ -569,12 +570,12 @@ type acker struct {
 	pending []ackItem
 	// unmarked holds every key queued or being written, until its mark has
 	// committed: claims skip them.
-	unmarked map[store.DeliveryKey]int
+	unmarked map[delivery.Key]int
 	signal   chan struct{}
 }
 
 type ackItem struct {
-	key  store.DeliveryKey
+	key  delivery.Key
 	mesh string
 }
 
@@ -582,18 +583,18 @@ type ackItem struct {
 const maxPendingAcks = 1 << 20
 
 func newAcker(s *Server) *acker {
-	return &acker{s: s, signal: make(chan struct{}, 1), unmarked: map[store.DeliveryKey]int{}}
+	return &acker{s: s, signal: make(chan struct{}, 1), unmarked: map[delivery.Key]int{}}
 }
 
 // unmarkedHas reports whether a row is acked but not yet marked delivered.
 func (a *acker) unmarkedHas(messageID int64, member string) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.unmarked[store.DeliveryKey{MessageID: messageID, MemberID: member}] > 0
+	return a.unmarked[delivery.Key{MessageID: messageID, MemberID: member}] > 0
 }
 
 // add queues rows of one mesh to mark delivered.
-func (a *acker) add(mesh string, keys ...store.DeliveryKey) {
+func (a *acker) add(mesh string, keys ...delivery.Key) {
 	a.mu.Lock()
 	if len(a.pending)+len(keys) <= maxPendingAcks {
 		for _, k := range keys {
@@ -649,14 +650,14 @@ func (a *acker) flush(ctx context.Context) bool {
 	}
 	a.mu.Unlock()
 	s := a.s
-	keys := make([]store.DeliveryKey, n)
+	keys := make([]delivery.Key, n)
 	meshOf := make(map[string]string, n) // member → mesh
 	for i, it := range batch {
 		keys[i] = it.key
 		meshOf[it.key.MemberID] = it.mesh
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	done, err := s.store.MarkDelivered(cctx, keys)
+	done, err := s.store.MarkDelivered(cctx, &delivery.MarkParams{Keys: keys})
 	cancel()
 	var re *store.RowsError
 	if errors.As(err, &re) {

@@ -10,6 +10,7 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/claudemesh/broker/internal/auth"
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/store"
@@ -243,7 +244,7 @@ func (ss *session) handleClientAck(data []byte, reqID string) {
 	// carries the session's member id. The mark is queued before the push
 	// is forgotten: a claim in between must find the row in one set or the
 	// other, never in neither.
-	ss.s.acks.add(ss.meshID, store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
+	ss.s.acks.add(ss.meshID, delivery.Key{MessageID: id, MemberID: ss.memberID})
 	ss.mu.Lock()
 	if ss.inflight != nil {
 		delete(ss.inflight, id)

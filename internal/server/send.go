@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/relay"
 	"github.com/claudemesh/broker/internal/store"
@@ -21,7 +22,7 @@ type sendItem struct {
 	ss    *session
 	reqID string
 	id    string // the client's correlation id
-	msg   store.NewMessage
+	msg   delivery.NewMessage
 	prio  string
 	fast  []*session // per recipient: the local session it goes to directly, or nil
 }
@@ -60,13 +61,13 @@ func (ss *session) handleSend(data []byte, reqID string) {
 	}
 	item := &sendItem{
 		ss: ss, reqID: reqID, id: m.ID, prio: protocol.PriorityName(rank),
-		msg: store.NewMessage{
+		msg: delivery.NewMessage{
 			MeshID: ss.meshID, SenderMemberID: ss.memberID, SenderPubkey: ss.pubkey, SenderName: ss.displayName,
 			TargetSpec: m.TargetSpec, Priority: int16(rank), Nonce: m.Nonce, Ciphertext: m.Ciphertext,
 			ClientMessageID: m.ClientMessageID,
 		},
 	}
-	item.msg.Recipients = make([]store.Recipient, len(recipients))
+	item.msg.Recipients = make([]delivery.NewRecipient, len(recipients))
 	for i, r := range recipients {
 		item.msg.Recipients[i].MemberID = r
 	}
@@ -236,7 +237,7 @@ func (c *committer) run(in chan *sendItem) {
 // envelopes, wakes local and remote recipients and acks the senders.
 func (c *committer) commit(batch []*sendItem) {
 	s := c.s
-	msgs := make([]store.NewMessage, len(batch))
+	msgs := make([]delivery.NewMessage, len(batch))
 	taken := map[*session]int{} // queue room promised to this batch's direct pushes
 	for i, it := range batch {
 		// Local fast path: a recipient with an eligible, caught-up session
@@ -260,7 +261,7 @@ func (c *committer) commit(batch []*sendItem) {
 	now := time.Now()
 	prefix := relay.EnvelopePrefix(now)
 	envelopes := len(batch) <= maxEnvelopeBatch
-	var envs []store.EnvelopeNotify
+	var envs []delivery.EnvelopeNotify
 	remote := map[string][]string{} // mesh → members to wake elsewhere
 	claimed := map[string]bool{}    // members with a row of this batch on the claim path
 	for i, it := range batch {
@@ -270,7 +271,7 @@ func (c *committer) commit(batch []*sendItem) {
 			}
 			if envelopes && !claimed[rec.MemberID] {
 				if e, ok := c.envelope(it, rec.MemberID, prefix); ok {
-					envs = append(envs, store.EnvelopeNotify{Ord: i, Pending: e.pending})
+					envs = append(envs, delivery.EnvelopeNotify{Ord: i, Pending: e.pending})
 					it.msg.Recipients[j].LeaseConn, it.msg.Recipients[j].LeaseNode = e.conn, e.node
 					continue
 				}
@@ -291,7 +292,7 @@ func (c *committer) commit(batch []*sendItem) {
 		// Shutting down: still commit what was accepted.
 		ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
 	}
-	res, err := s.store.InsertMessages(ctx, s.cfg.MessageTTL, s.leaseNode, s.cfg.LeaseDuration, msgs, channels, payloads, envs)
+	res, err := s.store.InsertMessages(ctx, &delivery.InsertParams{TTL: s.cfg.MessageTTL, LeaseNode: s.leaseNode, Lease: s.cfg.LeaseDuration, Messages: msgs, WakeChannels: channels, WakePayloads: payloads, Envelopes: envs})
 	cancel()
 	s.m.CommitDuration.Observe(time.Since(start).Seconds())
 	s.m.CommitBatchSize.Observe(float64(len(batch)))
@@ -312,7 +313,7 @@ func (c *committer) commit(batch []*sendItem) {
 	// A session whose queue refused a direct push gets none of this
 	// batch's later rows either (they would overtake the refused one):
 	// they go back to the queue with it.
-	refused := map[*session][]store.DeliveryKey{}
+	refused := map[*session][]delivery.Key{}
 	for i, it := range batch {
 		r := res[i]
 		if r.Err != nil {
@@ -328,7 +329,7 @@ func (c *committer) commit(batch []*sendItem) {
 		for j, rec := range it.msg.Recipients {
 			if f := it.fast[j]; f != nil {
 				if later, ok := refused[f]; ok {
-					refused[f] = append(later, store.DeliveryKey{MessageID: r.ID, MemberID: rec.MemberID})
+					refused[f] = append(later, delivery.Key{MessageID: r.ID, MemberID: rec.MemberID})
 				} else if !f.pushEnvelope(deliveryFromSend(r, it, rec.MemberID, f.id), committed) {
 					refused[f] = nil
 				}
@@ -421,8 +422,8 @@ func (c *committer) envelope(it *sendItem, member, prefix string) (remoteRow, bo
 	return remoteRow{conn: e.ConnID, node: node, pending: pending}, true
 }
 
-func deliveryFromSend(r store.Inserted, it *sendItem, member, conn string) store.Delivery {
-	return store.Delivery{
+func deliveryFromSend(r delivery.Inserted, it *sendItem, member, conn string) delivery.Delivery {
+	return delivery.Delivery{
 		MessageID: r.ID, MemberID: member, Conn: conn, Attempts: 1,
 		MeshID: it.msg.MeshID, SenderMemberID: it.msg.SenderMemberID, SenderPubkey: it.msg.SenderPubkey,
 		SenderName: it.msg.SenderName, TargetSpec: it.msg.TargetSpec, Priority: it.msg.Priority,

@@ -19,6 +19,7 @@ import (
 
 	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/store"
@@ -161,7 +162,7 @@ func (s *Server) Start() {
 	s.commit.start()
 	// Leases held by an earlier incarnation of this node are void.
 	s.goLoop(func(ctx context.Context) {
-		s.releaseNodeLeases(ctx, store.EscapeLike(leaseNodePrefix(s.node))+"%", s.leaseNode)
+		s.releaseNodeLeases(ctx, delivery.EscapeLike(leaseNodePrefix(s.node))+"%", s.leaseNode)
 	})
 }
 

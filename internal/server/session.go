@@ -15,6 +15,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/store"
 )
@@ -39,7 +40,7 @@ type frame struct {
 
 // pushMeta tracks a pushed envelope until it is marked delivered.
 type pushMeta struct {
-	key       store.DeliveryKey
+	key       delivery.Key
 	committed time.Time
 	priority  string
 }
@@ -389,7 +390,7 @@ func (ss *session) sendError(code, message, reqID string) {
 // owns every write to the socket while it runs, and performs the close.
 func (ss *session) writeLoop() {
 	var buf []frame
-	var delivered []store.DeliveryKey
+	var delivered []delivery.Key
 	for {
 		ss.mu.Lock()
 		closing, flush := ss.closing, ss.flushFirst
@@ -517,9 +518,9 @@ func (ss *session) teardown() {
 	// Leased but undelivered envelopes go back to the queue at once, so
 	// another session of the member can take them.
 	ss.mu.Lock()
-	keys := make([]store.DeliveryKey, 0, len(ss.inflight))
+	keys := make([]delivery.Key, 0, len(ss.inflight))
 	for id := range ss.inflight {
-		keys = append(keys, store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
+		keys = append(keys, delivery.Key{MessageID: id, MemberID: ss.memberID})
 	}
 	ss.inflight = nil
 	ss.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/store"
 )
@@ -118,7 +119,7 @@ func (s *Server) sweepStatuses() {
 func (s *Server) expireMessages(ctx context.Context) {
 	for ctx.Err() == nil {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		rows, err := s.store.ExpireDue(cctx, 5000)
+		rows, err := s.store.ExpireDue(cctx, &delivery.ExpireParams{Limit: 5000})
 		cancel()
 		if err != nil || len(rows) == 0 {
 			return

@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/relay"
 	"github.com/claudemesh/broker/internal/store"
@@ -70,8 +71,7 @@ func TestRelayKeySealsEnvelopes(t *testing.T) {
 	if !ok {
 		t.Fatal("envelope does not fit")
 	}
-	res, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second, []store.NewMessage{m}, nil, nil,
-		[]store.EnvelopeNotify{{Ord: 0, Pending: pending}})
+	res, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "self#1", Lease: 30 * time.Second, Messages: []delivery.NewMessage{m}, Envelopes: []delivery.EnvelopeNotify{{Ord: 0, Pending: pending}}})
 	if err != nil {
 		t.Fatal(err)
 	}
