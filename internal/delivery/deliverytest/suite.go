@@ -321,7 +321,9 @@ func nodeLeases(t *testing.T, h *Harness) {
 	if err != nil || len(refs) != 1 || refs[0] != (delivery.MemberRef{MeshID: mesh, MemberID: m[1]}) {
 		t.Fatalf("released %+v %v, want only %s's", refs, err, m[1])
 	}
-	req := func(i int) delivery.ClaimRequest { return delivery.ClaimRequest{MemberID: m[i], Conn: "new", MaxPriority: 2} }
+	req := func(i int) delivery.ClaimRequest {
+		return delivery.ClaimRequest{MemberID: m[i], Conn: "new", MaxPriority: 2}
+	}
 	if rows := claim(t, q, "other#1", req(1), req(2), req(3)); len(rows) != 1 || rows[0].MemberID != m[1] {
 		t.Fatalf("claimable after the release: %+v", rows)
 	}
