@@ -146,7 +146,7 @@ func (s *Server) setStatus(presenceID, status, source string) (presence.Entry, b
 		s.engine.wake([]string{e.MemberID}, reasonStatus)
 	}
 	if changed {
-		s.audit.add(store.AuditEvent{MeshID: e.MeshID, Type: store.EventStatusChanged, Actor: e.MemberID,
+		s.audit.Add(store.AuditEvent{MeshID: e.MeshID, Type: store.EventStatusChanged, Actor: e.MemberID,
 			Target: presenceID, Metadata: map[string]any{"status": e.Status, "source": e.StatusSource}})
 	}
 	return e, changed
@@ -268,7 +268,7 @@ func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
 // (a revocation announced meanwhile would otherwise wait for their TTL).
 func (s *Server) RelayListening() {
 	s.m.RelayReconnects.Inc()
-	s.members.invalidateAll()
+	s.members.InvalidateAll()
 	s.engine.wakeAll(reasonBacklog)
 }
 
@@ -282,7 +282,7 @@ func (s *Server) MemberChanged(payload string) {
 		s.m.RelayRejected.WithLabelValues("malformed").Inc()
 		return
 	}
-	s.members.invalidate(mesh)
+	s.members.Invalidate(mesh)
 	if !hasMember {
 		return
 	}

@@ -710,8 +710,7 @@ func (a *acker) flush(ctx context.Context) bool {
 		byMember[d.MemberID] = append(byMember[d.MemberID], d.MessageID)
 	}
 	for member, ids := range byMember {
-		s.audit.add(store.AuditEvent{MeshID: meshOf[member], Type: store.EventMessageDelivered, Actor: member,
-			Metadata: map[string]any{"message_ids": ids, "count": len(ids)}})
+		s.audit.MessagesDelivered(meshOf[member], member, ids)
 	}
 	return true
 }

@@ -108,7 +108,7 @@ func (s *Server) RequireMetricsToken(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		bearer, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok || !secretEqual(strings.TrimSpace(bearer), token) {
-			if !s.helloRate.allow("metrics/" + s.clientAddr(r).Key()) {
+			if !s.helloRate.Allow("metrics/" + s.clientAddr(r).Key()) {
 				http.Error(w, "too many attempts", http.StatusTooManyRequests)
 				return
 			}

@@ -80,7 +80,7 @@ func (ss *session) handleHello(data []byte) {
 	}
 	// Per-address limit before any cryptography, so a flood of bad hellos
 	// cannot burn the CPU.
-	if !s.helloRate.allow(ss.addrKey) {
+	if !s.helloRate.Allow(ss.addrKey) {
 		ss.reject(protocol.ReasonRateLimited, "hello rate")
 		return
 	}
@@ -97,7 +97,7 @@ func (ss *session) handleHello(data []byte) {
 	ctx, cancel := context.WithTimeout(ss.ctx, 10*time.Second)
 	defer cancel()
 	pubkey := toLowerHex(h.Pubkey)
-	member, err := s.members.byPubkey(ctx, h.MeshID, pubkey)
+	member, err := s.members.ByPubkey(ctx, h.MeshID, pubkey)
 	if errors.Is(err, store.ErrNotFound) {
 		ss.reject(protocol.ReasonUnauthorized, "not a member")
 		return
@@ -217,7 +217,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	}
 	ss.log().Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
 		"reattached", reattached, "client_ack", ss.clientAck)
-	s.audit.add(store.AuditEvent{MeshID: h.MeshID, Type: store.EventPeerConnected, Actor: member.ID,
+	s.audit.Add(store.AuditEvent{MeshID: h.MeshID, Type: store.EventPeerConnected, Actor: member.ID,
 		Target: entry.PresenceID, Metadata: map[string]any{"session_id": h.SessionID, "node": s.node,
 			"reattached": reattached, "remote": ss.remote}})
 }

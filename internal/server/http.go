@@ -117,7 +117,7 @@ func (s *Server) hook(w http.ResponseWriter, r *http.Request, addr clientaddr.Ad
 	}
 	// One budget per client address bounds what any hook costs before it
 	// is known to be a member's: a signature check, a replica scan.
-	if !s.helloRate.allow("hook/" + addr.Key()) {
+	if !s.helloRate.Allow("hook/" + addr.Key()) {
 		s.m.HookRateLimited.Inc()
 		writeJSON(w, http.StatusTooManyRequests, HookResponse{Error: "rate limited"})
 		return
@@ -147,7 +147,7 @@ func (s *Server) hook(w http.ResponseWriter, r *http.Request, addr clientaddr.Ad
 	if ok {
 		about = target.PresenceID
 	}
-	if !s.hookRate.allow(who + "/" + about) {
+	if !s.hookRate.Allow(who + "/" + about) {
 		s.m.HookRateLimited.Inc()
 		s.logger.Warn("hook rate limited", "remote", addr.String(), "cwd", h.Cwd, "pid", pid)
 		writeJSON(w, http.StatusTooManyRequests, HookResponse{Error: "rate limited"})
@@ -190,7 +190,7 @@ func (s *Server) verifyHook(r *http.Request, body []byte) (meshID, pubkey string
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
-	_, err = s.members.byPubkey(ctx, meshID, pubkey)
+	_, err = s.members.ByPubkey(ctx, meshID, pubkey)
 	if errors.Is(err, store.ErrNotFound) {
 		return "", "", http.StatusUnauthorized, errors.New("signer is not a member of the mesh")
 	}
@@ -297,7 +297,7 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 		joinError(w, http.StatusBadRequest, "malformed", "display_name must be 1..128 characters")
 		return
 	}
-	if !s.helloRate.allow("join/" + addr.Key()) {
+	if !s.helloRate.Allow("join/" + addr.Key()) {
 		joinError(w, http.StatusTooManyRequests, "rate_limited", "too many joins from this address")
 		return
 	}
@@ -376,11 +376,11 @@ func (s *Server) serveJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !already {
-		s.audit.add(store.AuditEvent{MeshID: m.MeshID, Type: store.EventInviteUsed, Actor: m.ID, Target: row.ID})
-		s.audit.add(store.AuditEvent{MeshID: m.MeshID, Type: store.EventMemberJoined, Actor: m.ID,
+		s.audit.Add(store.AuditEvent{MeshID: m.MeshID, Type: store.EventInviteUsed, Actor: m.ID, Target: row.ID})
+		s.audit.Add(store.AuditEvent{MeshID: m.MeshID, Type: store.EventMemberJoined, Actor: m.ID,
 			Metadata: map[string]any{"display_name": m.DisplayName, "role": m.Role, "remote": addr.String(),
 				"proven": req.Signature != ""}})
-		s.members.invalidate(m.MeshID)
+		s.members.Invalidate(m.MeshID)
 	}
 	s.logger.Info("join", "remote", addr.String(), "mesh_id", m.MeshID, "member_id", m.ID, "already_member", already, "proven", req.Signature != "")
 	writeJSON(w, http.StatusOK, JoinResponse{OK: true, MemberID: m.ID, MeshID: m.MeshID, MeshSlug: mesh.Slug,

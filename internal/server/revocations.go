@@ -2,8 +2,17 @@ package server
 
 import (
 	"context"
+	"sync"
 	"time"
 )
+
+// revocations holds members named by revocation notices, waiting for the
+// database to confirm; at most one checker runs (running).
+type revocations struct {
+	mu      sync.Mutex
+	pending map[string]struct{}
+	running bool
+}
 
 // checkRevocation confirms a revocation notice before acting on it. Any
 // database role can NOTIFY on the member channel, and a close 1008
@@ -16,15 +25,15 @@ func (s *Server) checkRevocation(member string) {
 	if s.ctx.Err() != nil || !s.engine.hasLocal(member) {
 		return
 	}
-	c := s.members
-	c.revMu.Lock()
-	if c.revoking == nil {
-		c.revoking = map[string]struct{}{}
+	c := &s.revoking
+	c.mu.Lock()
+	if c.pending == nil {
+		c.pending = map[string]struct{}{}
 	}
-	c.revoking[member] = struct{}{}
-	start := !c.revRunning
-	c.revRunning = true
-	c.revMu.Unlock()
+	c.pending[member] = struct{}{}
+	start := !c.running
+	c.running = true
+	c.mu.Unlock()
 	if start {
 		s.wg.Add(1)
 		go s.revocationLoop()
@@ -35,17 +44,17 @@ func (s *Server) checkRevocation(member string) {
 // until none is left.
 func (s *Server) revocationLoop() {
 	defer s.wg.Done()
-	c := s.members
+	c := &s.revoking
 	for {
-		c.revMu.Lock()
-		pending := c.revoking
-		c.revoking = nil
+		c.mu.Lock()
+		pending := c.pending
+		c.pending = nil
 		if len(pending) == 0 || s.ctx.Err() != nil {
-			c.revRunning = false
-			c.revMu.Unlock()
+			c.running = false
+			c.mu.Unlock()
 			return
 		}
-		c.revMu.Unlock()
+		c.mu.Unlock()
 		ids := make([]string, 0, len(pending))
 		for id := range pending {
 			ids = append(ids, id)

@@ -113,7 +113,7 @@ func (s *Server) resolveTargets(ss *session, spec string) ([]string, string) {
 	defer cancel()
 	switch kind {
 	case protocol.TargetPubkey:
-		m, err := s.members.byPubkey(ctx, ss.meshID, arg)
+		m, err := s.members.ByPubkey(ctx, ss.meshID, arg)
 		if errors.Is(err, store.ErrNotFound) {
 			return nil, protocol.CodeUnknownRecipient
 		}
@@ -122,7 +122,7 @@ func (s *Server) resolveTargets(ss *session, spec string) ([]string, string) {
 		}
 		return []string{m.ID}, ""
 	case protocol.TargetBroadcast:
-		all, err := s.members.all(ctx, ss.meshID)
+		all, err := s.members.All(ctx, ss.meshID)
 		if err != nil {
 			return nil, protocol.CodeUnavailable
 		}
@@ -341,10 +341,8 @@ func (c *committer) commit(batch []*sendItem) {
 		}
 		it.answer(protocol.Ack{Type: protocol.TypeAck, ReqID: it.reqID, ID: it.id,
 			MessageID: strconv.FormatInt(r.ID, 10), Queued: true})
-		s.audit.add(store.AuditEvent{MeshID: it.msg.MeshID, Type: store.EventMessageQueued, Actor: it.msg.SenderMemberID,
-			Target: it.msg.TargetSpec, CreatedAt: committed, Metadata: map[string]any{
-				"message_id": r.ID, "priority": it.prio, "size": len(it.msg.Ciphertext) + len(it.msg.Nonce),
-				"recipients": len(it.msg.Recipients)}})
+		s.audit.MessageQueued(it.msg.MeshID, it.msg.SenderMemberID, it.msg.TargetSpec, committed, r.ID, it.prio,
+			len(it.msg.Ciphertext)+len(it.msg.Nonce), len(it.msg.Recipients))
 	}
 	for ss, keys := range refused {
 		if len(keys) > 0 {

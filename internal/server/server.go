@@ -17,11 +17,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/claudemesh/broker/internal/audit"
 	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/delivery"
+	"github.com/claudemesh/broker/internal/members"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
+	"github.com/claudemesh/broker/internal/ratelimit"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -70,14 +73,15 @@ type Server struct {
 	leaseNode string // name#incarnation, written on every lease
 	started   time.Time
 
-	members   *memberCache
+	members   *members.Cache
+	revoking  revocations
 	engine    *engine
 	commit    *committer
 	hellos    *helloBatcher
 	acks      *acker
-	audit     *auditor
-	hookRate  *keyedLimiter
-	helloRate *keyedLimiter
+	audit     *audit.Writer
+	hookRate  *ratelimit.Keyed
+	helloRate *ratelimit.Keyed
 	addrs     *clientaddr.Resolver
 
 	clock       func() time.Time
@@ -132,14 +136,14 @@ func New(d Deps) *Server {
 	if s.clock == nil {
 		s.clock = time.Now
 	}
-	s.members = newMemberCache(d.Store, s.m.MemberCacheEvicted.Inc)
+	s.members = members.New(d.Store, s.m.MemberCacheEvicted.Inc)
 	s.engine = newEngine(s)
 	s.commit = newCommitter(s, 2)
 	s.hellos = newHelloBatcher(s, 2)
 	s.acks = newAcker(s)
-	s.audit = newAuditor(s)
-	s.hookRate = newKeyedLimiter(float64(d.Config.HookRateLimitPerMin)/60, d.Config.HookRateLimitPerMin, s.m.LimiterEvicted.Inc)
-	s.helloRate = newKeyedLimiter(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
+	s.audit = audit.New(d.Store, s.m, s.logger)
+	s.hookRate = ratelimit.New(float64(d.Config.HookRateLimitPerMin)/60, d.Config.HookRateLimitPerMin, s.m.LimiterEvicted.Inc)
+	s.helloRate = ratelimit.New(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
 	s.addrs = newResolver(d.Config, d.Logger)
 	s.dbHealthy.Store(true)
 	s.m.DBHealthy.Set(1)
@@ -155,7 +159,7 @@ func (s *Server) Start() {
 	_ = s.syncClock(s.ctx)
 	s.goLoop(s.engine.run)
 	s.goLoop(s.acks.run)
-	s.goLoop(s.audit.run)
+	_ = s.audit.Start(s.ctx)
 	s.goLoop(s.healthLoop)
 	s.goLoop(s.sweepLoop)
 	s.goLoop(s.presenceLoop)
@@ -244,7 +248,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.hellos.stop()
 		s.commit.stop()
 		s.acks.flushNow(ctx)
-		s.audit.flushNow(ctx)
+		s.audit.Stop(ctx)
 		s.cancel()
 		done := make(chan struct{})
 		go func() { s.wg.Wait(); close(done) }()
@@ -286,6 +290,7 @@ func (s *Server) Abort() {
 		s.cancel()
 		s.hellos.stop()
 		s.commit.stop()
+		s.audit.Abort()
 		s.wg.Wait()
 		close(s.closed)
 	})

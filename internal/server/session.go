@@ -318,7 +318,7 @@ func (ss *session) reject(reason, detail string) {
 	if reason == protocol.ReasonRateLimited {
 		return // a flood: counted above, not written row by row
 	}
-	ss.s.audit.helloRejected(ss.meshID, ss.pubkey, reason, detail, ss.remote)
+	ss.s.audit.HelloRejected(ss.meshID, ss.pubkey, reason, detail, ss.remote)
 }
 
 // queue marshals v and queues it; a full queue closes the session as a
@@ -532,6 +532,6 @@ func (ss *session) teardown() {
 	ss.mu.Unlock()
 	ss.log().Info("ws close", "mesh_id", ss.meshID, "member", ss.displayName, "presence_id", ss.presenceID,
 		"code", int(code), "reason", reason, "grace", graced)
-	s.audit.add(store.AuditEvent{MeshID: ss.meshID, Type: store.EventPeerDisconnected, Actor: ss.memberID,
+	s.audit.Add(store.AuditEvent{MeshID: ss.meshID, Type: store.EventPeerDisconnected, Actor: ss.memberID,
 		Target: ss.presenceID, Metadata: map[string]any{"code": int(code), "reason": reason, "node": s.node}})
 }

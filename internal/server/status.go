@@ -192,7 +192,7 @@ func (s *Server) statusAuthorized(w http.ResponseWriter, r *http.Request, page b
 }
 
 func (s *Server) statusDenied(w http.ResponseWriter, r *http.Request, page bool, problem string) {
-	if !s.helloRate.allow("status/" + s.clientAddr(r).Key()) {
+	if !s.helloRate.Allow("status/" + s.clientAddr(r).Key()) {
 		http.Error(w, "too many attempts", http.StatusTooManyRequests)
 		return
 	}

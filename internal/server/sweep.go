@@ -8,7 +8,6 @@ import (
 
 	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/store"
 )
 
 // presenceLoop runs every second (more often with short ping intervals):
@@ -95,9 +94,9 @@ func (s *Server) sweepLoop(ctx context.Context) {
 				s.logger.Warn("audit purge failed", "err", err)
 			}
 			cancel()
-			s.hookRate.gc(5 * time.Minute)
-			s.helloRate.gc(5 * time.Minute)
-			s.members.gc()
+			s.hookRate.GC(5 * time.Minute)
+			s.helloRate.GC(5 * time.Minute)
+			s.members.GC()
 		}
 	}
 }
@@ -126,8 +125,7 @@ func (s *Server) expireMessages(ctx context.Context) {
 		}
 		s.m.MessagesExpired.Add(float64(len(rows)))
 		for _, r := range rows {
-			s.audit.add(store.AuditEvent{MeshID: r.MeshID, Type: store.EventMessageExpired, Actor: r.MemberID,
-				Metadata: map[string]any{"message_id": r.MessageID}})
+			s.audit.MessageExpired(r.MeshID, r.MemberID, r.MessageID)
 		}
 		if len(rows) < 5000 {
 			return
