@@ -21,8 +21,10 @@ import (
 	"github.com/pires/go-proxyproto"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/claudemesh/broker/internal/audit"
 	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/relay"
@@ -55,6 +57,8 @@ type Node struct {
 	replica  *presence.Replica
 	cluster  *presence.Cluster
 	notifier *relay.Notifier
+	audit    *audit.Writer
+	engine   *delivery.Engine
 	srv      *server.Server
 	http     *http.Server
 	metrics  *http.Server // only with METRICS_ADDR
@@ -164,10 +168,23 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		return nil, err
 	}
 
+	n.audit = audit.New(st, m, logger)
+	if err := n.audit.Start(ctx); err != nil {
+		return nil, err
+	}
+	n.engine = delivery.New(delivery.Config{
+		Node: cfg.NodeName, Incarnation: inc, LeaseDuration: cfg.LeaseDuration, MessageTTL: cfg.MessageTTL,
+		SweepInterval: cfg.SweepInterval, DisableRemoteFastPath: cfg.DisableRemoteFastPath,
+		// The cluster's clock, which the server measures against Postgres.
+		Now: func() time.Time { return n.srv.Now() },
+	}, delivery.Deps{Queue: st, Directory: n.replica, Notifier: n.notifier, Auditor: n.audit, Metrics: m, Logger: logger})
 	n.srv = server.New(server.Deps{
-		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Notifier: n.notifier,
-		Metrics: m, Gatherer: reg, Logger: logger, Incarnation: inc, Clock: o.Clock,
+		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Engine: n.engine, Audit: n.audit,
+		Metrics: m, Gatherer: reg, Logger: logger, Clock: o.Clock,
 	})
+	if err := n.engine.Start(ctx); err != nil {
+		return nil, err
+	}
 	n.replica.SetObservers(n.srv.PresenceChanged, n.cluster.Replicate)
 	n.cluster.SetHandlers(n.srv.HandleCommand, n.srv.NodeEvent)
 	if err := n.cluster.Start(); err != nil {
@@ -186,7 +203,7 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		cc.ConnectTimeout = 5 * time.Second
 		return pgx.ConnectConfig(ctx, cc)
 	}, store.MemberChannel, relay.NodeChannel(n.replica.Self()), envKey, relay.Handlers{
-		Wake: n.srv.RelayWake, Envelope: n.srv.RelayEnvelope, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
+		Wake: n.engine.RelayWake, Envelope: n.engine.RelayEnvelope, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
 		Rejected: func(reason string) { m.RelayRejected.WithLabelValues(reason).Inc() },
 	}, logger.With("component", "relay"))
 	n.goRun(func() { _ = listener.Run(runCtx) })
@@ -464,6 +481,8 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		if err := n.srv.Shutdown(ctx); err != nil {
 			n.err = err
 		}
+		n.engine.Stop(ctx)
+		n.audit.Stop(ctx)
 		n.notifier.Stop(ctx)
 		n.cluster.Flush(time.Second)
 		_ = n.cluster.Leave(time.Second)
@@ -492,6 +511,8 @@ func (n *Node) Kill() {
 		}
 		_ = n.cluster.Shutdown()
 		n.srv.Abort()
+		n.engine.Abort()
+		n.audit.Abort()
 		n.notifier.Stop(context.Background())
 		n.cancel()
 		n.wg.Wait()
@@ -503,6 +524,12 @@ func (n *Node) Kill() {
 func (n *Node) abort() {
 	if n.cluster != nil {
 		_ = n.cluster.Shutdown()
+	}
+	if n.engine != nil {
+		n.engine.Abort()
+	}
+	if n.audit != nil {
+		n.audit.Abort()
 	}
 	if n.notifier != nil {
 		n.notifier.Stop(context.Background())

@@ -132,7 +132,10 @@ func (ss *session) handleHello(data []byte) {
 	}
 	res, err := s.hellos.accept(ctx, check)
 	if err != nil {
-		if s.rowFailed("hello", err); store.IsDataError(err) {
+		if store.IsDataError(err) {
+			// Edge validation should have caught what Postgres refuses.
+			s.m.BatchRowsFailed.WithLabelValues("hello").Inc()
+			s.logger.Warn("row refused by Postgres; the rest of its batch was written", "batch", "hello", "err", err)
 			ss.reject(protocol.ReasonMalformed, "refused by Postgres")
 			return
 		}
@@ -212,9 +215,8 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	}
 	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
 		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
-	if !ss.sendOnly {
-		s.engine.attach(ss) // a send-only session is never a delivery target
-	}
+	s.engine.Attach(ss) // a send-only session is never a delivery target
+
 	ss.log().Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
 		"reattached", reattached, "client_ack", ss.clientAck)
 	s.audit.Add(store.AuditEvent{MeshID: h.MeshID, Type: store.EventPeerConnected, Actor: member.ID,
@@ -244,12 +246,8 @@ func (ss *session) handleClientAck(data []byte, reqID string) {
 	// carries the session's member id. The mark is queued before the push
 	// is forgotten: a claim in between must find the row in one set or the
 	// other, never in neither.
-	ss.s.acks.add(ss.meshID, delivery.Key{MessageID: id, MemberID: ss.memberID})
-	ss.mu.Lock()
-	if ss.inflight != nil {
-		delete(ss.inflight, id)
-	}
-	ss.mu.Unlock()
+	ss.s.engine.Delivered(ss.meshID, delivery.Key{MessageID: id, MemberID: ss.memberID})
+	ss.Unreserve(id)
 }
 
 func (ss *session) handleSetStatus(data []byte, reqID string) {

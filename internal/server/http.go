@@ -13,6 +13,7 @@ import (
 
 	"github.com/claudemesh/broker/internal/auth"
 	"github.com/claudemesh/broker/internal/clientaddr"
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/store"
@@ -450,7 +451,7 @@ func (s *Server) healthLoop(ctx context.Context) {
 			s.m.DBHealthy.Set(1)
 			s.logger.Info("db healthy")
 			// Work that failed while Postgres was away may be waiting.
-			s.engine.wakeAll(reasonSweep)
+			s.engine.WakeAll(delivery.ReasonSweep)
 		case err != nil && was:
 			s.dbHealthy.Store(false)
 			s.m.DBHealthy.Set(0)

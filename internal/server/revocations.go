@@ -22,7 +22,7 @@ type revocations struct {
 // one checker drains, one query per round, however many notices came. The
 // periodic checkRevoked stays the safety net for notices never received.
 func (s *Server) checkRevocation(member string) {
-	if s.ctx.Err() != nil || !s.engine.hasLocal(member) {
+	if s.ctx.Err() != nil || !s.engine.HasLocal(member) {
 		return
 	}
 	c := &s.revoking

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -38,22 +37,17 @@ type Cluster interface {
 	Members() []presence.NodeInfo
 }
 
-// Notifier wakes other nodes after a commit (relay.Notifier).
-type Notifier interface {
-	Notify(meshID string, members []string)
-}
-
 // Deps are a server's collaborators.
 type Deps struct {
-	Config      *config.Config
-	Store       *store.Store
-	Replica     *presence.Replica
-	Cluster     Cluster
-	Notifier    Notifier
-	Metrics     *metrics.Metrics
-	Gatherer    prometheus.Gatherer
-	Logger      *slog.Logger
-	Incarnation int64
+	Config   *config.Config
+	Store    *store.Store
+	Replica  *presence.Replica
+	Cluster  Cluster
+	Engine   *delivery.Engine
+	Audit    *audit.Writer
+	Metrics  *metrics.Metrics
+	Gatherer prometheus.Gatherer
+	Logger   *slog.Logger
 	// Clock is the node's wall clock; nil means time.Now. Tests skew it.
 	Clock func() time.Time
 }
@@ -64,21 +58,17 @@ type Server struct {
 	store    *store.Store
 	replica  *presence.Replica
 	cluster  Cluster
-	notifier Notifier
 	m        *metrics.Metrics
 	gatherer prometheus.Gatherer
 	logger   *slog.Logger
 
-	node      string // this node's name
-	leaseNode string // name#incarnation, written on every lease
-	started   time.Time
+	node    string // this node's name
+	started time.Time
 
 	members   *members.Cache
 	revoking  revocations
-	engine    *engine
-	commit    *committer
+	engine    *delivery.Engine
 	hellos    *helloBatcher
-	acks      *acker
 	audit     *audit.Writer
 	hookRate  *ratelimit.Keyed
 	helloRate *ratelimit.Keyed
@@ -105,23 +95,13 @@ type Server struct {
 }
 
 // New creates a server. Call Start before serving.
-// leaseNodeName is what a lease records as its node: the node's name and
-// incarnation, so that a restarted node's leases can be told from its
-// predecessor's.
-func leaseNodeName(node string, incarnation int64) string {
-	return leaseNodePrefix(node) + strconv.FormatInt(incarnation, 10)
-}
-
-// leaseNodePrefix starts the lease node names of every incarnation of node.
-func leaseNodePrefix(node string) string { return node + "#" }
-
 func New(d Deps) *Server {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
-		cfg: d.Config, store: d.Store, replica: d.Replica, cluster: d.Cluster, notifier: d.Notifier,
+		cfg: d.Config, store: d.Store, replica: d.Replica, cluster: d.Cluster,
 		m: d.Metrics, gatherer: d.Gatherer, logger: d.Logger,
+		engine: d.Engine, audit: d.Audit,
 		node:       d.Replica.Self(),
-		leaseNode:  leaseNodeName(d.Replica.Self(), d.Incarnation),
 		started:    time.Now(),
 		sessions:   map[*session]struct{}{},
 		byPresence: map[string]*session{},
@@ -137,11 +117,7 @@ func New(d Deps) *Server {
 		s.clock = time.Now
 	}
 	s.members = members.New(d.Store, s.m.MemberCacheEvicted.Inc)
-	s.engine = newEngine(s)
-	s.commit = newCommitter(s, 2)
 	s.hellos = newHelloBatcher(s, 2)
-	s.acks = newAcker(s)
-	s.audit = audit.New(d.Store, s.m, s.logger)
 	s.hookRate = ratelimit.New(float64(d.Config.HookRateLimitPerMin)/60, d.Config.HookRateLimitPerMin, s.m.LimiterEvicted.Inc)
 	s.helloRate = ratelimit.New(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
 	s.addrs = newResolver(d.Config, d.Logger)
@@ -150,24 +126,16 @@ func New(d Deps) *Server {
 	return s
 }
 
-// Start launches the background loops: delivery, acks, audit, sweeps and
-// the Postgres health check.
+// Start launches the background loops: sweeps, pings and the Postgres
+// health check.
 func (s *Server) Start() {
 	// Judge hello and hook timestamps by Postgres' clock from the first
 	// request on: a node whose clock is off would otherwise accept stale
 	// hellos (or refuse fresh ones) until the health loop's first tick.
 	_ = s.syncClock(s.ctx)
-	s.goLoop(s.engine.run)
-	s.goLoop(s.acks.run)
-	_ = s.audit.Start(s.ctx)
 	s.goLoop(s.healthLoop)
 	s.goLoop(s.sweepLoop)
 	s.goLoop(s.presenceLoop)
-	s.commit.start()
-	// Leases held by an earlier incarnation of this node are void.
-	s.goLoop(func(ctx context.Context) {
-		s.releaseNodeLeases(ctx, delivery.EscapeLike(leaseNodePrefix(s.node))+"%", s.leaseNode)
-	})
 }
 
 func (s *Server) goLoop(fn func(ctx context.Context)) {
@@ -208,6 +176,9 @@ func (s *Server) now() time.Time {
 	return s.clock().Add(time.Duration(s.clockOffset.Load()))
 }
 
+// Now is the cluster's time (the delivery engine judges envelopes by it).
+func (s *Server) Now() time.Time { return s.now() }
+
 // MetricsHandler serves the Prometheus exposition; with METRICS_TOKEN it
 // takes only "Authorization: Bearer <METRICS_TOKEN>".
 func (s *Server) MetricsHandler() http.Handler {
@@ -239,16 +210,13 @@ func (s *Server) Drain(ctx context.Context) {
 	}
 }
 
-// Shutdown drains sessions, flushes pending acks and audit events and
-// stops the background loops. It is idempotent.
+// Shutdown drains sessions and stops the background loops. It is
+// idempotent.
 func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.once.Do(func() {
 		s.Drain(ctx)
 		s.hellos.stop()
-		s.commit.stop()
-		s.acks.flushNow(ctx)
-		s.audit.Stop(ctx)
 		s.cancel()
 		done := make(chan struct{})
 		go func() { s.wg.Wait(); close(done) }()
@@ -289,8 +257,6 @@ func (s *Server) Abort() {
 		}
 		s.cancel()
 		s.hellos.stop()
-		s.commit.stop()
-		s.audit.Abort()
 		s.wg.Wait()
 		close(s.closed)
 	})

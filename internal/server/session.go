@@ -36,6 +36,9 @@ type frame struct {
 	data []byte
 	push *pushMeta // set for envelope pushes
 	slot bool      // the ack of a send: frees its send slot once written
+	// written, when set, is closed once the frame is written or dropped
+	// (the ack a same-node push waits for).
+	written chan struct{}
 }
 
 // pushMeta tracks a pushed envelope until it is marked delivered.
@@ -43,6 +46,22 @@ type pushMeta struct {
 	key       delivery.Key
 	committed time.Time
 	priority  string
+	// after: the push goes on the wire once the sender's ack is written,
+	// or at afterBy if that ack is held up (a sender that stops reading
+	// must not stall its recipients).
+	after   <-chan struct{}
+	afterBy time.Time
+}
+
+// ackWait bounds how long a push waits for its sender's ack to be written.
+const ackWait = 50 * time.Millisecond
+
+// dropped releases what waits on a frame that will never be written.
+func (f *frame) dropped() {
+	if f.written != nil {
+		close(f.written)
+		f.written = nil
+	}
 }
 
 // frameQueue is a session's bounded outgoing queue, in frames and in
@@ -57,6 +76,9 @@ type frameQueue struct {
 	// behind a client that stopped reading.
 	bytes    int
 	maxBytes int
+	// n and nbytes mirror len(items) and bytes for lock-free reads (the
+	// delivery engine reads them under its own lock).
+	n, nbytes atomic.Int64
 }
 
 func (q *frameQueue) push(f frame) bool { return q.pushUpTo(f, q.max, q.maxBytes) }
@@ -71,6 +93,8 @@ func (q *frameQueue) pushUpTo(f frame, limit, byteLimit int) bool {
 	}
 	q.items = append(q.items, f)
 	q.bytes += len(f.data)
+	q.n.Store(int64(len(q.items)))
+	q.nbytes.Store(int64(q.bytes))
 	return true
 }
 
@@ -78,22 +102,15 @@ func (q *frameQueue) pushUpTo(f frame, limit, byteLimit int) bool {
 func (q *frameQueue) written(n int) {
 	q.mu.Lock()
 	q.bytes -= n
+	q.nbytes.Store(int64(q.bytes))
 	q.mu.Unlock()
 }
 
-// free is how many frames fit now.
-func (q *frameQueue) free() int {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.max - len(q.items)
-}
+// free is how many frames fit now (lock-free).
+func (q *frameQueue) free() int { return q.max - int(q.n.Load()) }
 
-// freeBytes is how many bytes fit now.
-func (q *frameQueue) freeBytes() int {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.maxBytes - q.bytes
-}
+// freeBytes is how many bytes fit now (lock-free).
+func (q *frameQueue) freeBytes() int { return q.maxBytes - int(q.nbytes.Load()) }
 
 func (q *frameQueue) take(buf []frame) []frame {
 	q.mu.Lock()
@@ -103,8 +120,23 @@ func (q *frameQueue) take(buf []frame) []frame {
 	if cap(q.items) > 256 {
 		q.items = nil // give a burst's memory back
 	}
+	q.n.Store(0)
 	q.mu.Unlock()
 	return buf
+}
+
+// drop empties the queue of a closed session, releasing what waits on its
+// frames.
+func (q *frameQueue) drop() {
+	q.mu.Lock()
+	items := q.items
+	q.items, q.bytes = nil, 0
+	q.n.Store(0)
+	q.nbytes.Store(0)
+	q.mu.Unlock()
+	for i := range items {
+		items[i].dropped()
+	}
 }
 
 func (q *frameQueue) empty() bool {
@@ -157,6 +189,7 @@ type session struct {
 	mu          sync.Mutex
 	inflight    map[int64]struct{} // leased to this connection, not yet marked delivered
 	closing     bool
+	closed      atomic.Bool // mirrors closing, for lock-free reads
 	flushFirst  bool
 	closeCode   websocket.StatusCode
 	closeReason string
@@ -270,11 +303,7 @@ func (ss *session) noteReadError(err error) {
 	ss.setClose(websocket.StatusNormalClosure, "", false)
 }
 
-func (ss *session) isClosing() bool {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	return ss.closing
-}
+func (ss *session) isClosing() bool { return ss.closed.Load() }
 
 // setClose records why the session closes (first call wins) and wakes the
 // write loop. With flush, frames already queued are written first.
@@ -285,6 +314,7 @@ func (ss *session) setClose(code websocket.StatusCode, reason string, flush bool
 		return
 	}
 	ss.closing, ss.flushFirst, ss.closeCode, ss.closeReason = true, flush, code, reason
+	ss.closed.Store(true)
 	ss.mu.Unlock()
 	ss.kickWriter()
 }
@@ -355,6 +385,83 @@ func (ss *session) deliveryRoom() int {
 // pushByteLimit is the queue bytes envelope pushes may fill.
 func (ss *session) pushByteLimit() int { return ss.q.maxBytes - config.ReplyReserveBytes }
 
+// The session as the delivery engine's Recipient. The reads are
+// lock-free (the engine calls them under its lock); Reserve, Unreserve
+// and Push take the session's.
+var (
+	_ delivery.Recipient = (*session)(nil)
+	_ delivery.Sender    = (*session)(nil)
+)
+
+// ConnID is the connection id leases name.
+func (ss *session) ConnID() string { return ss.id }
+
+// MeshID is the session's mesh (set by the hello, read-only after).
+func (ss *session) MeshID() string { return ss.meshID }
+
+// MemberID is the session's member (set by the hello, read-only after).
+func (ss *session) MemberID() string { return ss.memberID }
+
+// SendOnly reports the send_only capability.
+func (ss *session) SendOnly() bool { return ss.sendOnly }
+
+// MaxPriority is the least urgent priority its status accepts now.
+func (ss *session) MaxPriority() int { return int(ss.maxPrio.Load()) }
+
+// Room is how many more envelope pushes the queue takes now.
+func (ss *session) Room() int { return ss.deliveryRoom() }
+
+// Closing reports whether the session is closing.
+func (ss *session) Closing() bool { return ss.isClosing() }
+
+// Starved notes that a claim was skipped for want of room: the writer
+// kicks the engine once it has made some.
+func (ss *session) Starved() { ss.starved.Store(true) }
+
+// Reserve enters a row in the session's in-flight set.
+func (ss *session) Reserve(messageID int64) delivery.Reservation {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.closing || ss.inflight == nil {
+		return delivery.Gone
+	}
+	if _, dup := ss.inflight[messageID]; dup {
+		return delivery.AlreadyHeld
+	}
+	ss.inflight[messageID] = struct{}{}
+	return delivery.Reserved
+}
+
+// Unreserve takes a row out of the in-flight set.
+func (ss *session) Unreserve(messageID int64) {
+	ss.mu.Lock()
+	if ss.inflight != nil {
+		delete(ss.inflight, messageID)
+	}
+	ss.mu.Unlock()
+}
+
+// Push queues a reserved row's push, within the room pushes may use.
+func (ss *session) Push(p *delivery.Push) bool {
+	d := &p.Delivery
+	fields := protocol.PushFields{
+		MessageID: d.MessageID, MeshID: d.MeshID, SenderPubkey: d.SenderPubkey,
+		Priority: protocol.PriorityName(int(d.Priority)), Nonce: d.Nonce, Ciphertext: d.Ciphertext,
+		CreatedAt: d.CreatedAt, SenderMemberID: d.SenderMemberID, SenderName: d.SenderName,
+		TargetSpec: d.TargetSpec, ClientMessageID: d.ClientMessageID,
+	}
+	data := protocol.AppendPush(make([]byte, 0, 400+len(d.Nonce)+len(d.Ciphertext)+len(d.SenderName)), &fields)
+	meta := &pushMeta{key: d.Key(), committed: p.Committed, priority: fields.Priority, after: p.After}
+	if p.After != nil {
+		meta.afterBy = time.Now().Add(ackWait)
+	}
+	if !ss.q.pushUpTo(frame{data: data, push: meta}, ss.q.max-ss.reserve, ss.pushByteLimit()) {
+		return false
+	}
+	ss.kickWriter()
+	return true
+}
+
 // releaseSlot frees a send slot (its ack was written, or never will be).
 func (ss *session) releaseSlot() {
 	select {
@@ -398,16 +505,23 @@ func (ss *session) writeLoop() {
 		if !closing || flush {
 			buf = ss.q.take(buf)
 			if ss.starved.Swap(false) {
-				ss.s.engine.kick() // room again: claim what waits
+				ss.s.engine.Kick() // room again: claim what waits
 			}
 			delivered = delivered[:0]
 			for i := range buf {
+				if p := buf[i].push; p != nil && p.after != nil {
+					ss.waitAck(p)
+				}
 				if err := ss.write(buf[i].data); err != nil {
+					for j := i; j < len(buf); j++ {
+						buf[j].dropped()
+					}
 					ss.writeFailed(err)
 					ss.finishClose()
 					return
 				}
 				ss.q.written(len(buf[i].data))
+				buf[i].dropped() // written: what waits on it may go
 				if buf[i].slot {
 					ss.releaseSlot()
 				}
@@ -421,7 +535,7 @@ func (ss *session) writeLoop() {
 			}
 			if len(delivered) > 0 {
 				// Without client_ack a written push counts as delivery.
-				ss.s.acks.add(ss.meshID, delivered...)
+				ss.s.engine.Delivered(ss.meshID, delivered...)
 				ss.mu.Lock()
 				for _, k := range delivered {
 					delete(ss.inflight, k.MessageID)
@@ -445,6 +559,27 @@ func (ss *session) writeLoop() {
 	}
 }
 
+// waitAck holds a push until its sender's ack is on the wire, at most
+// until the push's bound.
+func (ss *session) waitAck(p *pushMeta) {
+	select {
+	case <-p.after:
+		return
+	default:
+	}
+	wait := time.Until(p.afterBy)
+	if wait <= 0 {
+		return
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-p.after:
+	case <-t.C:
+	case <-ss.ctx.Done():
+	}
+}
+
 func (ss *session) write(data []byte) error {
 	ctx, cancel := context.WithTimeout(ss.ctx, writeTimeout)
 	defer cancel()
@@ -460,6 +595,7 @@ func (ss *session) writeFailed(err error) {
 		ss.mu.Lock()
 		if !ss.closing || ss.closeReason == "" {
 			ss.closing, ss.flushFirst = true, false
+			ss.closed.Store(true)
 			ss.closeCode, ss.closeReason = websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer
 		}
 		ss.mu.Unlock()
@@ -480,6 +616,7 @@ func (ss *session) pushed(p *pushMeta) {
 // no other write loop starts.
 func (ss *session) finishClose() {
 	defer close(ss.done)
+	defer ss.q.drop()
 	ss.mu.Lock()
 	code, reason := ss.closeCode, ss.closeReason
 	ss.mu.Unlock()
@@ -511,7 +648,7 @@ func (ss *session) teardown() {
 	if !ss.authed.Load() {
 		return
 	}
-	s.engine.detach(ss)
+	s.engine.Detach(ss)
 	s.m.ConnectionsActive.Dec()
 	entry, graced := s.replica.Disconnect(ss.presenceID, ss.id)
 	_ = entry
@@ -525,7 +662,7 @@ func (ss *session) teardown() {
 	ss.inflight = nil
 	ss.mu.Unlock()
 	if len(keys) > 0 {
-		s.releaseLeases(ss.id, ss.meshID, ss.memberID, keys)
+		s.engine.Release(ss.id, ss.meshID, ss.memberID, keys)
 	}
 	ss.mu.Lock()
 	code, reason := ss.closeCode, ss.closeReason

@@ -6,7 +6,6 @@ import (
 
 	"github.com/coder/websocket"
 
-	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
 )
 
@@ -59,13 +58,11 @@ func (s *Server) pingSessions() {
 func (s *Server) sweepLoop(ctx context.Context) {
 	statusTick := time.NewTicker(5 * time.Second)
 	revokeTick := time.NewTicker(s.cfg.RevokeCheck)
-	expireTick := time.NewTicker(5 * time.Second)
 	depthTick := time.NewTicker(10 * time.Second)
 	purgeTick := time.NewTicker(time.Minute)
 	defer func() {
 		statusTick.Stop()
 		revokeTick.Stop()
-		expireTick.Stop()
 		depthTick.Stop()
 		purgeTick.Stop()
 	}()
@@ -77,8 +74,6 @@ func (s *Server) sweepLoop(ctx context.Context) {
 			s.sweepStatuses()
 		case <-revokeTick.C:
 			s.checkRevoked(ctx)
-		case <-expireTick.C:
-			s.expireMessages(ctx)
 		case <-depthTick.C:
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			if n, err := s.store.QueueDepth(cctx); err == nil {
@@ -110,25 +105,6 @@ func (s *Server) sweepStatuses() {
 		if e.IsLive() && e.Status == protocol.StatusWorking && e.StatusUpdatedAt < cut {
 			s.setStatus(e.PresenceID, protocol.StatusIdle, protocol.SourceJSONL)
 			s.m.StatusFlips.Inc()
-		}
-	}
-}
-
-// expireMessages marks rows past MESSAGE_TTL expired.
-func (s *Server) expireMessages(ctx context.Context) {
-	for ctx.Err() == nil {
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		rows, err := s.store.ExpireDue(cctx, &delivery.ExpireParams{Limit: 5000})
-		cancel()
-		if err != nil || len(rows) == 0 {
-			return
-		}
-		s.m.MessagesExpired.Add(float64(len(rows)))
-		for _, r := range rows {
-			s.audit.MessageExpired(r.MeshID, r.MemberID, r.MessageID)
-		}
-		if len(rows) < 5000 {
-			return
 		}
 	}
 }
