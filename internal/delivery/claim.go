@@ -283,6 +283,7 @@ type claimTarget struct {
 func (e *Engine) claimRound(ctx context.Context) {
 	targets, reqs := e.claimTargets()
 	if len(reqs) == 0 {
+		e.TestSignals.ClaimRound.Signal(ClaimRound{})
 		return
 	}
 	rows, failed := e.claimAndPush(ctx, targets, reqs)

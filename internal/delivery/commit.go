@@ -5,6 +5,7 @@ import (
 	"errors"
 	"hash/fnv"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -36,6 +37,10 @@ type committer struct {
 	e       *Engine
 	shards  []chan *Send
 	abandon atomic.Bool // stop without committing what is queued (a crash)
+	// mu orders submits against the end of Stop: once closed, no send
+	// enters a shard nobody reads.
+	mu     sync.RWMutex
+	closed bool
 }
 
 // Batch bounds.
@@ -62,17 +67,50 @@ func (c *committer) Start(ctx context.Context) error {
 	return nil
 }
 
-// Stop commits what is queued and stops the shards.
-func (c *committer) Stop(ctx context.Context) { c.Base.Stop(ctx) }
+// Stop commits what is queued and stops the shards; a send that arrives
+// meanwhile is refused as unavailable.
+func (c *committer) Stop(ctx context.Context) {
+	c.Base.Stop(ctx)
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	if c.abandon.Load() {
+		return
+	}
+	for _, ch := range c.shards {
+		for {
+			select {
+			case s := <-ch:
+				c.reject(s, protocol.CodeUnavailable)
+				continue
+			default:
+			}
+			break
+		}
+	}
+}
 
 // submit queues a send; it blocks when the shard is full, which
 // back-pressures the sender's read loop.
 func (c *committer) submit(s *Send) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	stopping := c.Stopping()
+	select {
+	case <-stopping:
+		c.reject(s, protocol.CodeUnavailable)
+		return
+	default:
+	}
+	if c.closed {
+		c.reject(s, protocol.CodeUnavailable)
+		return
+	}
 	h := fnv.New32a()
 	h.Write([]byte(s.Message.SenderMemberID))
 	select {
 	case c.shards[h.Sum32()%uint32(len(c.shards))] <- s:
-	case <-c.Stopping():
+	case <-stopping:
 		c.reject(s, protocol.CodeUnavailable)
 	case <-s.From.Done():
 	}
