@@ -52,7 +52,7 @@ func (b *burst) run(n int) {
 	b.t.Helper()
 	want := b.Offered() + n
 	timeout := time.Duration(float64(n)/b.rate*float64(time.Second))*3 + 10*time.Second
-	waitFor(b.t, timeout, fmt.Sprintf("%d messages offered", n), func() bool { return b.Offered() >= want })
+	testkit.Eventually(b.t, timeout, fmt.Sprintf("%d messages offered", n), func() bool { return b.Offered() >= want })
 }
 
 // procMesh creates a mesh of n members in db.

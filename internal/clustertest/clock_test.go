@@ -24,7 +24,7 @@ func skewedClock(d time.Duration) func() time.Time {
 // or "" when it is accepted.
 func helloCode(t *testing.T, url string, id client.Identity, ts time.Time) string {
 	t.Helper()
-	c := dial(t, url)
+	c := testkit.Dial(t, url)
 	defer c.CloseNow()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -105,7 +105,7 @@ func TestClockSkewUnderBurst(t *testing.T) {
 		}
 		leased := time.Now()
 		// dnd takes only "now": the lapsed lease cannot come back here.
-		write(t, first, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusDND})
+		testkit.Write(t, first, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusDND})
 		second := testkit.Connect(t, right.URL(), rcv, client.HelloOptions{SessionID: fmt.Sprintf("lease-b%d", i),
 			Capabilities: []string{protocol.CapClientAck}})
 		p := testkit.ExpectPush(t, second, lease+10*time.Second)
@@ -117,7 +117,7 @@ func TestClockSkewUnderBurst(t *testing.T) {
 			t.Errorf("node with clock %+v: message redelivered %s after its lease began, want about %s", skews[i], after, lease)
 		}
 		redelivery = append(redelivery, after)
-		write(t, second, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
+		testkit.Write(t, second, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
 		first.Close()
 		second.Close()
 	}

@@ -52,7 +52,7 @@ func TestRemoteFastPath(t *testing.T) {
 					t.Fatalf("push %d: got %s (%q), want %s: out of order or wrong row", i, p.MessageID, p.Ciphertext, ids[i])
 				}
 				if i < acked {
-					write(t, rcpt, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
+					testkit.Write(t, rcpt, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
 				}
 			}
 			relayed := b.Counter("broker_delivery_claims_total", "reason", "relayed")
@@ -81,7 +81,7 @@ func TestRemoteFastPath(t *testing.T) {
 				if p.MessageID != ids[i] {
 					t.Fatalf("redelivery %d: got %s, want %s", i, p.MessageID, ids[i])
 				}
-				write(t, again, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
+				testkit.Write(t, again, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
 			}
 			if extra := drain(t, again, 500*time.Millisecond); len(extra) != 0 {
 				t.Fatalf("%d rows delivered twice, first %s", len(extra), extra[0].MessageID)

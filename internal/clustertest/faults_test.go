@@ -13,6 +13,7 @@ import (
 	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/testkit"
 )
 
 // Every node is restarted in turn during a burst: SIGTERM (drain, exit
@@ -70,7 +71,7 @@ func TestPostgresStoppedUnderBurst(t *testing.T) {
 	if err := pg.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "every node reports Postgres down", func() bool {
+	testkit.Eventually(t, 10*time.Second, "every node reports Postgres down", func() bool {
 		for _, n := range nodes {
 			if h, err := getHealth(n.HTTPURL()); err != nil || h.Status != "degraded" {
 				return false

@@ -11,6 +11,7 @@ import (
 	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/testkit"
 )
 
 // A node is killed with SIGKILL in the middle of a burst. Its peers
@@ -26,7 +27,7 @@ func TestNodeKilledMidBurst(t *testing.T) {
 	killedAt := b.Mark("SIGKILL " + nodes[0].name)
 	signalNode(t, nodes[0], syscall.SIGKILL)
 	<-nodes[0].exited
-	waitFor(t, 30*time.Second, "survivors see 2 nodes", func() bool {
+	testkit.Eventually(t, 30*time.Second, "survivors see 2 nodes", func() bool {
 		h1, e1 := getHealth(nodes[1].HTTPURL())
 		h2, e2 := getHealth(nodes[2].HTTPURL())
 		return e1 == nil && e2 == nil && h1.ClusterSize == 2 && h2.ClusterSize == 2
@@ -109,7 +110,7 @@ func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 	// Each watcher sees the three node-1 peers join (not counting the
 	// other watcher's join): the replicas agree.
 	onNode1 := append(append([]*faultkit.Peer{}, movers...), control)
-	waitFor(t, 10*time.Second, "joins seen by every watcher", func() bool {
+	testkit.Eventually(t, 10*time.Second, "joins seen by every watcher", func() bool {
 		for _, w := range watchers {
 			events := w.Events()
 			for _, p := range onNode1 {
@@ -136,7 +137,7 @@ func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 		t.Fatal("node did not exit within 10 s of SIGTERM")
 	}
 	exitAfter := time.Since(stopAt)
-	waitFor(t, 10*time.Second, "movers reattached", func() bool {
+	testkit.Eventually(t, 10*time.Second, "movers reattached", func() bool {
 		for _, p := range movers {
 			if !p.Connected() || p.Connects() < 2 {
 				return false
@@ -154,7 +155,7 @@ func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 		}
 		return false
 	}
-	waitFor(t, 20*time.Second, "control peer_left on every watcher", func() bool {
+	testkit.Eventually(t, 20*time.Second, "control peer_left on every watcher", func() bool {
 		return controlLeft(watchers[0]) && controlLeft(watchers[1])
 	})
 	for _, w := range watchers {

@@ -168,18 +168,6 @@ func getHealth(base string) (healthBody, error) {
 	return h, jsonDecode(resp, &h)
 }
 
-// waitFor polls cond (bounded) for state that converges asynchronously.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func signalNode(t *testing.T, p *procNode, sig syscall.Signal) {
 	t.Helper()
 	if err := p.cmd.Process.Signal(sig); err != nil {

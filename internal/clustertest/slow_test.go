@@ -2,17 +2,10 @@ package clustertest_test
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
-
-	"github.com/coder/websocket"
 
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/config"
@@ -43,35 +36,6 @@ func slowState(t *testing.T, n *testkit.Node, id client.Identity) string {
 		n.Counter("broker_connections_active"), closes)
 }
 
-// dialSilent connects id with client_ack, completes the hello and never
-// reads again. Its socket's receive buffer is small, so that what the
-// broker can still write into it is bounded by the broker's send buffer.
-func dialSilent(t *testing.T, url string, id client.Identity) {
-	t.Helper()
-	d := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		err := rc.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		})
-		return errors.Join(err, serr)
-	}}
-	hc := &http.Client{Transport: &http.Transport{DialContext: d.DialContext}}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	ws, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{HTTPClient: hc})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ws.CloseNow() })
-	h, _ := json.Marshal(client.NewHello(id, client.HelloOptions{SessionID: "slow", Capabilities: []string{protocol.CapClientAck}}))
-	if err := ws.Write(ctx, websocket.MessageText, h); err != nil {
-		t.Fatal(err)
-	}
-	if _, data, err := ws.Read(ctx); err != nil || !strings.Contains(string(data), protocol.TypeHelloAck) {
-		t.Fatalf("silent peer's hello: %s %v", data, err)
-	}
-}
-
 // A session that stops reading is flooded with large messages while a
 // burst runs between other peers of the same node. The broker closes it
 // as a slow consumer (1008 slow_consumer) within its write timeout, keeps
@@ -85,7 +49,7 @@ func TestSlowConsumerUnderBurst(t *testing.T) {
 	b := startBurstOn(t, []string{n.URL()}, mesh)
 	b.run(burstLoad.Before)
 
-	dialSilent(t, n.URL(), slow)
+	testkit.DialSilent(t, n.URL(), slow, client.HelloOptions{SessionID: "slow", Capabilities: []string{protocol.CapClientAck}}, 4096)
 	f := testkit.Connect(t, n.URL(), flooder, client.HelloOptions{})
 	// 8 MB: more than the broker's socket send buffer (at most 4 MB here),
 	// the stuck peer's small receive buffer and the session queue hold.
@@ -143,7 +107,7 @@ func TestSlowConsumerUnderBurst(t *testing.T) {
 	for len(got) < count {
 		p := testkit.ExpectPush(t, next, 30*time.Second)
 		got[p.MessageID]++
-		write(t, next, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
+		testkit.Write(t, next, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
 		if !acked[p.MessageID] {
 			t.Fatalf("next session got %s, which the flooder never sent", p.MessageID)
 		}

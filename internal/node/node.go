@@ -25,6 +25,7 @@ import (
 	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/delivery"
+	"github.com/claudemesh/broker/internal/httpapi"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/relay"
@@ -60,6 +61,7 @@ type Node struct {
 	audit    *audit.Writer
 	engine   *delivery.Engine
 	srv      *server.Server
+	api      *httpapi.API
 	http     *http.Server
 	metrics  *http.Server // only with METRICS_ADDR
 	hooks    *http.Server // only with HOOK_LOCAL_ADDR
@@ -180,8 +182,15 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	}, delivery.Deps{Queue: st, Directory: n.replica, Notifier: n.notifier, Auditor: n.audit, Metrics: m, Logger: logger})
 	n.srv = server.New(server.Deps{
 		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Engine: n.engine, Audit: n.audit,
-		Metrics: m, Gatherer: reg, Logger: logger, Clock: o.Clock,
+		Metrics: m, Logger: logger, Clock: o.Clock,
 	})
+	n.api = httpapi.New(httpapi.Deps{
+		Config: cfg, Node: n.srv, Replica: n.replica, Cluster: n.cluster, Store: st, Members: n.srv.Members(),
+		Audit: n.audit, HelloRate: n.srv.HelloRate(), Addrs: n.srv.Addrs(), Metrics: m, Gatherer: reg, Logger: logger,
+	})
+	if err := n.api.Start(ctx); err != nil {
+		return nil, err
+	}
 	if err := n.engine.Start(ctx); err != nil {
 		return nil, err
 	}
@@ -208,7 +217,7 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	}, logger.With("component", "relay"))
 	n.goRun(func() { _ = listener.Run(runCtx) })
 
-	n.http = httpServer(n.srv.Handler(), logger)
+	n.http = httpServer(n.api.Handler(http.HandlerFunc(n.srv.ServeWS)), logger)
 	n.goRun(func() {
 		if err := n.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logger.Error("http server stopped", "err", err)
@@ -220,16 +229,16 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 			return nil, fmt.Errorf("METRICS_ADDR %s: %w", cfg.MetricsAddr, err)
 		}
 		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", n.srv.MetricsHandler())
+		mux.Handle("GET /metrics", n.api.MetricsHandler())
 		if cfg.PProf {
 			// Go's profiler exposes memory contents and can stall the
 			// node: only on the private listener, only when asked for,
 			// behind METRICS_TOKEN when there is one.
-			mux.Handle("/debug/pprof/", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Index)))
-			mux.Handle("/debug/pprof/cmdline", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Cmdline)))
-			mux.Handle("/debug/pprof/profile", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Profile)))
-			mux.Handle("/debug/pprof/symbol", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Symbol)))
-			mux.Handle("/debug/pprof/trace", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Trace)))
+			mux.Handle("/debug/pprof/", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Index)))
+			mux.Handle("/debug/pprof/cmdline", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Cmdline)))
+			mux.Handle("/debug/pprof/profile", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Profile)))
+			mux.Handle("/debug/pprof/symbol", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Symbol)))
+			mux.Handle("/debug/pprof/trace", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Trace)))
 		}
 		n.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: maxHeaderBytes}
 		n.metricsAddr = mln.Addr().String()
@@ -244,14 +253,14 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 			_ = hln.Close()
 			return nil, fmt.Errorf("HOOK_LOCAL_ADDR %s listens on %s, which is not loopback", cfg.HookLocalAddr, hln.Addr())
 		}
-		n.hooks = httpServer(n.srv.LocalHookHandler(), logger)
+		n.hooks = httpServer(n.api.LocalHookHandler(), logger)
 		n.hookAddr = hln.Addr().String()
 		n.goRun(func() { _ = n.hooks.Serve(hln) })
 	}
 	n.goRun(func() { n.discovery(runCtx) })
 	ok = true
 	logger.Info("broker listening", "addr", ln.Addr().String(), "ws_path", "/ws", "gossip", n.cluster.LocalAddr(),
-		"version", server.Version, "git_sha", cfg.GitSHA, "ttl_seconds", cfg.StatusTTLSeconds,
+		"version", httpapi.Version, "git_sha", cfg.GitSHA, "ttl_seconds", cfg.StatusTTLSeconds,
 		"hook_fresh_seconds", cfg.HookFreshSeconds, "max_connections_per_mesh", cfg.MaxConnsPerMesh,
 		"max_message_bytes", cfg.MaxMessageBytes, "hook_rate_limit_per_min", cfg.HookRateLimitPerMin,
 		"cluster_profile", cfg.ClusterProfile, "trusted_proxies", cfg.TrustedProxies, "client_ip_header", cfg.ClientIPHeader,
@@ -482,6 +491,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 			n.err = err
 		}
 		n.engine.Stop(ctx)
+		n.api.Stop(ctx)
 		n.audit.Stop(ctx)
 		n.notifier.Stop(ctx)
 		n.cluster.Flush(time.Second)
@@ -512,6 +522,7 @@ func (n *Node) Kill() {
 		_ = n.cluster.Shutdown()
 		n.srv.Abort()
 		n.engine.Abort()
+		n.api.Stop(context.Background())
 		n.audit.Abort()
 		n.notifier.Stop(context.Background())
 		n.cancel()
@@ -527,6 +538,9 @@ func (n *Node) abort() {
 	}
 	if n.engine != nil {
 		n.engine.Abort()
+	}
+	if n.api != nil {
+		n.api.Stop(context.Background())
 	}
 	if n.audit != nil {
 		n.audit.Abort()

@@ -8,13 +8,9 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/claudemesh/broker/internal/audit"
 	"github.com/claudemesh/broker/internal/clientaddr"
@@ -39,28 +35,26 @@ type Cluster interface {
 
 // Deps are a server's collaborators.
 type Deps struct {
-	Config   *config.Config
-	Store    *store.Store
-	Replica  *presence.Replica
-	Cluster  Cluster
-	Engine   *delivery.Engine
-	Audit    *audit.Writer
-	Metrics  *metrics.Metrics
-	Gatherer prometheus.Gatherer
-	Logger   *slog.Logger
+	Config  *config.Config
+	Store   *store.Store
+	Replica *presence.Replica
+	Cluster Cluster
+	Engine  *delivery.Engine
+	Audit   *audit.Writer
+	Metrics *metrics.Metrics
+	Logger  *slog.Logger
 	// Clock is the node's wall clock; nil means time.Now. Tests skew it.
 	Clock func() time.Time
 }
 
 // Server is one broker node's HTTP and WebSocket front and delivery engine.
 type Server struct {
-	cfg      *config.Config
-	store    *store.Store
-	replica  *presence.Replica
-	cluster  Cluster
-	m        *metrics.Metrics
-	gatherer prometheus.Gatherer
-	logger   *slog.Logger
+	cfg     *config.Config
+	store   *store.Store
+	replica *presence.Replica
+	cluster Cluster
+	m       *metrics.Metrics
+	logger  *slog.Logger
 
 	node    string // this node's name
 	started time.Time
@@ -70,7 +64,6 @@ type Server struct {
 	engine    *delivery.Engine
 	hellos    *helloBatcher
 	audit     *audit.Writer
-	hookRate  *ratelimit.Keyed
 	helloRate *ratelimit.Keyed
 	addrs     *clientaddr.Resolver
 
@@ -99,7 +92,7 @@ func New(d Deps) *Server {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
 		cfg: d.Config, store: d.Store, replica: d.Replica, cluster: d.Cluster,
-		m: d.Metrics, gatherer: d.Gatherer, logger: d.Logger,
+		m: d.Metrics, logger: d.Logger,
 		engine: d.Engine, audit: d.Audit,
 		node:       d.Replica.Self(),
 		started:    time.Now(),
@@ -118,7 +111,6 @@ func New(d Deps) *Server {
 	}
 	s.members = members.New(d.Store, s.m.MemberCacheEvicted.Inc)
 	s.hellos = newHelloBatcher(s, 2)
-	s.hookRate = ratelimit.New(float64(d.Config.HookRateLimitPerMin)/60, d.Config.HookRateLimitPerMin, s.m.LimiterEvicted.Inc)
 	s.helloRate = ratelimit.New(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
 	s.addrs = newResolver(d.Config, d.Logger)
 	s.dbHealthy.Store(true)
@@ -146,29 +138,6 @@ func (s *Server) goLoop(fn func(ctx context.Context)) {
 	}()
 }
 
-// Handler returns the node's HTTP routes.
-func (s *Server) Handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /ws", s.serveWS)
-	mux.HandleFunc("POST /hook/set-status", s.serveHook)
-	mux.HandleFunc("POST /join", s.serveJoin)
-	mux.HandleFunc("GET /health", s.serveHealth)
-	if s.cfg.MetricsAddr == "" {
-		mux.Handle("GET /metrics", s.MetricsHandler())
-	}
-	s.statusRoutes(mux)
-	return s.bounded(mux)
-}
-
-// LocalHookHandler serves HOOK_LOCAL_ADDR: POST /hook/set-status, where
-// unsigned hooks are accepted. It must only ever be served on a loopback
-// listener (node checks both the bind address and each peer).
-func (s *Server) LocalHookHandler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /hook/set-status", s.serveLocalHook)
-	return s.bounded(mux)
-}
-
 // now is the cluster's time: this node's clock corrected by its measured
 // offset from Postgres, so a node whose clock is off neither accepts stale
 // hellos nor rejects fresh ones.
@@ -179,14 +148,41 @@ func (s *Server) now() time.Time {
 // Now is the cluster's time (the delivery engine judges envelopes by it).
 func (s *Server) Now() time.Time { return s.now() }
 
-// MetricsHandler serves the Prometheus exposition; with METRICS_TOKEN it
-// takes only "Authorization: Bearer <METRICS_TOKEN>".
-func (s *Server) MetricsHandler() http.Handler {
-	return s.RequireMetricsToken(promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{}))
+// Name is this node's name.
+func (s *Server) Name() string { return s.node }
+
+// Started is when the server was made.
+func (s *Server) Started() time.Time { return s.started }
+
+// Sessions counts the authenticated sessions here.
+func (s *Server) Sessions() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.byPresence)
 }
 
-// Node is this node's name.
-func (s *Server) Node() string { return s.node }
+// DBHealthy reports whether Postgres answered the last health check.
+func (s *Server) DBHealthy() bool { return s.dbHealthy.Load() }
+
+// SetStatus applies a status to a session this node owns (a hook).
+func (s *Server) SetStatus(presenceID, status, source string) {
+	s.setStatus(presenceID, status, source)
+}
+
+// AcceptSignature records a signature against replay, cluster-wide.
+func (s *Server) AcceptSignature(ctx context.Context, c store.HelloCheck) (store.HelloResult, error) {
+	return s.hellos.accept(ctx, c)
+}
+
+// HelloRate is the per-address budget of hellos, which the HTTP routes
+// share.
+func (s *Server) HelloRate() *ratelimit.Keyed { return s.helloRate }
+
+// Members is the member cache the HTTP routes share.
+func (s *Server) Members() *members.Cache { return s.members }
+
+// Addrs resolves a request's client address.
+func (s *Server) Addrs() *clientaddr.Resolver { return s.addrs }
 
 // Drain stops accepting hellos, closes every session with 1001 after
 // flushing its queued frames, and waits for them (bounded by ctx).

@@ -223,7 +223,8 @@ func (ss *session) log() *slog.Logger {
 	return ss.s.logger.With("conn", ss.id, "remote", ss.remote)
 }
 
-func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
+// ServeWS serves GET /ws: it upgrades the connection and runs its session.
+func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
 		http.Error(w, "node is shutting down", http.StatusServiceUnavailable)
 		return

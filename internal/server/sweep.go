@@ -89,7 +89,6 @@ func (s *Server) sweepLoop(ctx context.Context) {
 				s.logger.Warn("audit purge failed", "err", err)
 			}
 			cancel()
-			s.hookRate.GC(5 * time.Minute)
 			s.helloRate.GC(5 * time.Minute)
 			s.members.GC()
 		}

@@ -7,7 +7,6 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -20,7 +19,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/coder/websocket"
 	"github.com/hashicorp/memberlist"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -261,31 +259,6 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-// DialSilent connects and completes a hello, then never reads again: the
-// connection cannot answer pings (a frozen peer).
-func DialSilent(t testing.TB, url string, id client.Identity) *websocket.Conn {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	ws, _, err := websocket.Dial(ctx, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ws.CloseNow() })
-	h, _ := json.Marshal(client.NewHello(id, client.HelloOptions{}))
-	if err := ws.Write(ctx, websocket.MessageText, h); err != nil {
-		t.Fatal(err)
-	}
-	_, data, err := ws.Read(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if env, _ := protocol.DecodeEnvelope(data); env.Type != protocol.TypeHelloAck {
-		t.Fatalf("want hello_ack, got %s", data)
-	}
-	return ws
 }
 
 // StartCluster starts n nodes on one database, each gossiping on its own
