@@ -199,7 +199,9 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	if err := n.cluster.Start(); err != nil {
 		return nil, err
 	}
-	n.srv.Start()
+	if err := n.srv.Start(ctx); err != nil {
+		return nil, err
+	}
 
 	runCtx, cancel := context.WithCancel(context.Background())
 	n.cancel = cancel
@@ -531,37 +533,41 @@ func (n *Node) Kill() {
 	})
 }
 
-// abort releases what a failed Start acquired.
+// abort releases what a failed Start acquired, in the order Shutdown
+// stops it: whatever had started (the server's loops, the engine, the
+// listeners) stops before the pool closes under it. Stopping a part that
+// never started does nothing.
 func (n *Node) abort() {
-	if n.cluster != nil {
-		_ = n.cluster.Shutdown()
-	}
-	if n.engine != nil {
-		n.engine.Abort()
-	}
-	if n.api != nil {
-		n.api.Stop(context.Background())
-	}
-	if n.audit != nil {
-		n.audit.Abort()
-	}
-	if n.notifier != nil {
-		n.notifier.Stop(context.Background())
-	}
-	if n.cancel != nil {
-		n.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	for _, srv := range []*http.Server{n.http, n.metrics, n.hooks} {
+		if srv != nil {
+			_ = srv.Close()
+		}
 	}
 	if n.ln != nil {
 		_ = n.ln.Close()
 	}
-	if n.http != nil {
-		_ = n.http.Close()
+	if n.srv != nil {
+		n.srv.Stop(ctx)
 	}
-	if n.metrics != nil {
-		_ = n.metrics.Close()
+	if n.engine != nil {
+		n.engine.Stop(ctx)
 	}
-	if n.hooks != nil {
-		_ = n.hooks.Close()
+	if n.api != nil {
+		n.api.Stop(ctx)
+	}
+	if n.audit != nil {
+		n.audit.Stop(ctx)
+	}
+	if n.notifier != nil {
+		n.notifier.Stop(ctx)
+	}
+	if n.cluster != nil {
+		_ = n.cluster.Shutdown()
+	}
+	if n.cancel != nil {
+		n.cancel()
 	}
 	n.wg.Wait()
 	n.store.Close()

@@ -182,11 +182,11 @@ func (s *Server) NodeEvent(ev presence.NodeEvent) {
 	if ev.Up {
 		return
 	}
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
+	// Refused once the server stops: a gossip event arriving during a
+	// shutdown has nothing left to release.
+	s.loops.Go(func(ctx context.Context) {
 		select {
-		case <-s.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-time.After(deathConfirm):
 		}
@@ -196,8 +196,8 @@ func (s *Server) NodeEvent(ev presence.NodeEvent) {
 				return
 			}
 		}
-		s.engine.ReleaseNode(s.ctx, ev.Name, ev.Incarnation)
-	}()
+		s.engine.ReleaseNode(ctx, ev.Name, ev.Incarnation)
+	})
 }
 
 // RelayListening runs after every (re)LISTEN: member lists are reloaded (a

@@ -89,7 +89,7 @@ func (ss *session) handleHello(data []byte) {
 		ss.reject(protocol.ReasonMalformed, err.Error())
 		return
 	}
-	ss.meshID, ss.pubkey = h.MeshID, h.Pubkey
+	ss.claim(h.MeshID, h.Pubkey)
 	if reason := auth.VerifyHello(h, s.now()); reason != "" {
 		ss.reject(reason, "")
 		return
@@ -162,8 +162,12 @@ func toLowerHex(s string) string {
 // register makes the session live: it creates (or takes over) the presence
 // entry, acks the hello and starts delivery.
 func (ss *session) register(h *protocol.Hello, member store.Member, prev presence.Entry, hasPrev bool, pending string) {
+	if !ss.helloDecided.CompareAndSwap(false, true) {
+		return // timed out meanwhile
+	}
 	s := ss.s
 	now := s.now()
+	ss.meshID = h.MeshID
 	ss.memberID, ss.displayName, ss.sessionID, ss.pubkey = member.ID, member.DisplayName, h.SessionID, member.Pubkey
 	ss.clientAck = h.HasCapability(protocol.CapClientAck)
 	ss.sysEvents = h.HasCapability(protocol.CapSystemEvents)

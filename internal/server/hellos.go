@@ -2,20 +2,19 @@ package server
 
 import (
 	"context"
-	"sync"
 	"time"
 
+	"github.com/claudemesh/broker/internal/startstop"
 	"github.com/claudemesh/broker/internal/store"
 )
 
 // helloBatcher records accepted hello signatures in batches: a flood of
 // connects costs one statement (and one commit) per batch, not per hello.
 type helloBatcher struct {
-	s    *Server
-	in   chan *helloReq
-	quit chan struct{}
-	wg   sync.WaitGroup
-	once sync.Once
+	startstop.Base
+	s       *Server
+	in      chan *helloReq
+	workers int
 }
 
 type helloReq struct {
@@ -32,13 +31,22 @@ type helloAnswer struct {
 const maxHelloBatch = 1000
 
 func newHelloBatcher(s *Server, workers int) *helloBatcher {
-	b := &helloBatcher{s: s, in: make(chan *helloReq, 4096), quit: make(chan struct{})}
-	for i := 0; i < workers; i++ {
-		b.wg.Add(1)
-		go b.run()
-	}
-	return b
+	return &helloBatcher{s: s, in: make(chan *helloReq, 4096), workers: workers}
 }
+
+// Start runs the workers.
+func (b *helloBatcher) Start(ctx context.Context) error {
+	if _, ok := b.StartInit(ctx); !ok {
+		return nil
+	}
+	for range b.workers {
+		b.Go(b.run)
+	}
+	return nil
+}
+
+// Stop stops the workers; hellos waiting for a batch fail.
+func (b *helloBatcher) Stop(ctx context.Context) { b.Base.Stop(ctx) }
 
 // accept records one hello's signature; it waits for the batch it joins.
 func (b *helloBatcher) accept(ctx context.Context, c store.HelloCheck) (store.HelloResult, error) {
@@ -47,7 +55,7 @@ func (b *helloBatcher) accept(ctx context.Context, c store.HelloCheck) (store.He
 	case b.in <- req:
 	case <-ctx.Done():
 		return store.HelloResult{}, ctx.Err()
-	case <-b.quit:
+	case <-b.Stopping():
 		return store.HelloResult{}, context.Canceled
 	}
 	select {
@@ -55,20 +63,16 @@ func (b *helloBatcher) accept(ctx context.Context, c store.HelloCheck) (store.He
 		return a.res, a.err
 	case <-ctx.Done():
 		return store.HelloResult{}, ctx.Err()
+	case <-b.Stopped():
+		return store.HelloResult{}, context.Canceled
 	}
 }
 
-func (b *helloBatcher) stop() {
-	b.once.Do(func() { close(b.quit) })
-	b.wg.Wait()
-}
-
-func (b *helloBatcher) run() {
-	defer b.wg.Done()
+func (b *helloBatcher) run(ctx context.Context) {
 	batch := make([]*helloReq, 0, maxHelloBatch)
 	for {
 		select {
-		case <-b.quit:
+		case <-ctx.Done():
 			return
 		case first := <-b.in:
 			batch = append(batch[:0], first)

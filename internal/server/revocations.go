@@ -22,7 +22,7 @@ type revocations struct {
 // one checker drains, one query per round, however many notices came. The
 // periodic checkRevoked stays the safety net for notices never received.
 func (s *Server) checkRevocation(member string) {
-	if s.ctx.Err() != nil || !s.engine.HasLocal(member) {
+	if s.loops.Context().Err() != nil || !s.engine.HasLocal(member) {
 		return
 	}
 	c := &s.revoking
@@ -34,22 +34,22 @@ func (s *Server) checkRevocation(member string) {
 	start := !c.running
 	c.running = true
 	c.mu.Unlock()
-	if start {
-		s.wg.Add(1)
-		go s.revocationLoop()
+	if start && !s.loops.Go(s.revocationLoop) {
+		c.mu.Lock()
+		c.running = false
+		c.mu.Unlock()
 	}
 }
 
 // revocationLoop checks pending revocation notices against the database
 // until none is left.
-func (s *Server) revocationLoop() {
-	defer s.wg.Done()
+func (s *Server) revocationLoop(ctx context.Context) {
 	c := &s.revoking
 	for {
 		c.mu.Lock()
 		pending := c.pending
 		c.pending = nil
-		if len(pending) == 0 || s.ctx.Err() != nil {
+		if len(pending) == 0 || ctx.Err() != nil {
 			c.running = false
 			c.mu.Unlock()
 			return
@@ -59,8 +59,8 @@ func (s *Server) revocationLoop() {
 		for id := range pending {
 			ids = append(ids, id)
 		}
-		ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
-		revoked, err := s.store.RevokedAmong(ctx, ids)
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		revoked, err := s.store.RevokedAmong(cctx, ids)
 		cancel()
 		if err != nil {
 			// The periodic check closes them once Postgres answers.

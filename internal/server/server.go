@@ -20,6 +20,7 @@ import (
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/ratelimit"
+	"github.com/claudemesh/broker/internal/startstop"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -80,16 +81,20 @@ type Server struct {
 	perAddr    map[string]int                   // open WebSockets by client address key
 	pending    map[string]int                   // of those, the ones without a hello yet
 
-	ctx    context.Context // cancelled by Shutdown
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	closed chan struct{}
-	once   sync.Once
+	// loops runs the background loops and the work cluster callbacks
+	// start (death confirmations, revocation checks); conns runs the
+	// sessions, their writers and their pings. Each refuses new goroutines
+	// once stopping, so a callback that arrives during a shutdown does not
+	// race its wait.
+	loops startstop.Base
+	conns startstop.Base
+	once  sync.Once
 }
+
+var _ startstop.Service = (*Server)(nil)
 
 // New creates a server. Call Start before serving.
 func New(d Deps) *Server {
-	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
 		cfg: d.Config, store: d.Store, replica: d.Replica, cluster: d.Cluster,
 		m: d.Metrics, logger: d.Logger,
@@ -102,8 +107,6 @@ func New(d Deps) *Server {
 		listeners:  map[string]map[*session]struct{}{},
 		perAddr:    map[string]int{},
 		pending:    map[string]int{},
-		ctx:        ctx, cancel: cancel,
-		closed: make(chan struct{}),
 	}
 	s.clock = d.Clock
 	if s.clock == nil {
@@ -118,24 +121,25 @@ func New(d Deps) *Server {
 	return s
 }
 
-// Start launches the background loops: sweeps, pings and the Postgres
-// health check.
-func (s *Server) Start() {
+// Start launches the background loops (sweeps, pings, the Postgres health
+// check) and the hello batcher, and opens the server to sessions.
+func (s *Server) Start(ctx context.Context) error {
+	run, ok := s.loops.StartInit(ctx)
+	if !ok {
+		return nil
+	}
+	s.conns.StartInit(run)
+	if err := s.hellos.Start(run); err != nil {
+		return err
+	}
 	// Judge hello and hook timestamps by Postgres' clock from the first
 	// request on: a node whose clock is off would otherwise accept stale
 	// hellos (or refuse fresh ones) until the health loop's first tick.
-	_ = s.syncClock(s.ctx)
-	s.goLoop(s.healthLoop)
-	s.goLoop(s.sweepLoop)
-	s.goLoop(s.presenceLoop)
-}
-
-func (s *Server) goLoop(fn func(ctx context.Context)) {
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		fn(s.ctx)
-	}()
+	_ = s.syncClock(run)
+	s.loops.Go(s.healthLoop)
+	s.loops.Go(s.sweepLoop)
+	s.loops.Go(s.presenceLoop)
+	return nil
 }
 
 // now is the cluster's time: this node's clock corrected by its measured
@@ -145,8 +149,12 @@ func (s *Server) now() time.Time {
 	return s.clock().Add(time.Duration(s.clockOffset.Load()))
 }
 
-// Now is the cluster's time (the delivery engine judges envelopes by it).
+// Now is the cluster's time (the delivery engine and the HTTP routes judge
+// timestamps by it).
 func (s *Server) Now() time.Time { return s.now() }
+
+// Stop is Shutdown without its error.
+func (s *Server) Stop(ctx context.Context) { _ = s.Shutdown(ctx) }
 
 // Name is this node's name.
 func (s *Server) Name() string { return s.node }
@@ -185,43 +193,34 @@ func (s *Server) Members() *members.Cache { return s.members }
 func (s *Server) Addrs() *clientaddr.Resolver { return s.addrs }
 
 // Drain stops accepting hellos, closes every session with 1001 after
-// flushing its queued frames, and waits for them (bounded by ctx).
+// flushing its queued frames, and waits for their teardown (leases given
+// back, disconnects audited), bounded by ctx: then the rest are cut.
 func (s *Server) Drain(ctx context.Context) {
 	s.draining.Store(true)
-	s.mu.RLock()
-	all := make([]*session, 0, len(s.sessions))
-	for ss := range s.sessions {
-		all = append(all, ss)
-	}
-	s.mu.RUnlock()
+	all := s.localSessions()
 	for _, ss := range all {
 		ss.closeAfterFlush(1001, "shutdown")
 	}
 	for _, ss := range all {
 		select {
-		case <-ss.done:
+		case <-ss.torn:
 		case <-ctx.Done():
 			ss.closeNow(1001, "shutdown")
 		}
 	}
 }
 
-// Shutdown drains sessions and stops the background loops. It is
-// idempotent.
+// Shutdown drains sessions and stops the background loops, bounded by ctx.
+// It is idempotent.
 func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.once.Do(func() {
 		s.Drain(ctx)
-		s.hellos.stop()
-		s.cancel()
-		done := make(chan struct{})
-		go func() { s.wg.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-ctx.Done():
-			err = errors.New("shutdown: background loops did not stop in time")
+		s.hellos.Stop(ctx)
+		s.loops.Stop(ctx)
+		if !s.conns.Stop(ctx) || !s.loops.Stop(ctx) {
+			err = errors.New("shutdown: sessions or background loops did not stop in time")
 		}
-		close(s.closed)
 	})
 	return err
 }
@@ -251,9 +250,10 @@ func (s *Server) Abort() {
 		for _, ss := range s.localSessions() {
 			_ = ss.conn.CloseNow()
 		}
-		s.cancel()
-		s.hellos.stop()
-		s.wg.Wait()
-		close(s.closed)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s.loops.Stop(ctx)
+		s.hellos.Stop(ctx)
+		s.conns.Stop(ctx)
 	})
 }

@@ -157,6 +157,10 @@ type session struct {
 
 	addrKey string // what per-address limits count it by (clientaddr.Key)
 
+	// What a hello claimed, before it is verified (reject audits it).
+	// Guarded by mu: the hello timeout reads them from its own goroutine.
+	claimedMesh, claimedPubkey string
+
 	// Set by the hello before authed is stored; read-only afterwards.
 	meshID, memberID, pubkey, displayName, presenceID, sessionID string
 	clientAck, sysEvents                                         bool
@@ -171,6 +175,11 @@ type session struct {
 	q       frameQueue
 	writing atomic.Bool   // a write loop is running (started on demand)
 	done    chan struct{} // closed once the socket is closed
+	torn    chan struct{} // closed once teardown has run (leases given back, audited)
+
+	// helloDecided is set by the first of: the hello accepted (register),
+	// the hello rejected, the hello timeout. The others then do nothing.
+	helloDecided atomic.Bool
 
 	sendLimit *rate.Limiter
 	// peersLimit paces list_peers; nil until the first one (peers.go).
@@ -196,13 +205,14 @@ type session struct {
 }
 
 func (s *Server) newSession(conn *websocket.Conn, remote, addrKey string) *session {
-	ctx, cancel := context.WithCancel(s.ctx)
+	ctx, cancel := context.WithCancel(s.conns.Context())
 	id := strings.ToLower(s.node) + "/" + store.NewID()
 	slots := min(maxSendsInFlight, max(1, s.cfg.SendQueueLen/4))
 	ss := &session{
 		s: s, conn: conn, id: id, remote: remote, addrKey: addrKey, ctx: ctx, cancel: cancel,
 		q:         frameQueue{max: s.cfg.SendQueueLen, maxBytes: s.cfg.SendQueueBytes},
 		done:      make(chan struct{}),
+		torn:      make(chan struct{}),
 		inflight:  map[int64]struct{}{},
 		sendSlots: make(chan struct{}, slots),
 		reserve:   slots + min(maxReplyRoom, s.cfg.SendQueueLen/4),
@@ -256,20 +266,27 @@ func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.sessions[ss] = struct{}{}
 	s.mu.Unlock()
-	// The connection is hijacked: serve it on a goroutine of our own and
-	// let the HTTP handler (and its deep stack) return.
-	go func() {
+	// The connection is hijacked: serve it on a goroutine of our own (that
+	// Shutdown waits for) and let the HTTP handler (and its deep stack)
+	// return.
+	started := s.conns.Go(func(context.Context) {
+		defer close(ss.torn)
 		defer func() { s.releaseConn(key, ss.authed.Load()) }()
-		helloTimer := time.AfterFunc(s.cfg.HelloTimeout, func() {
-			if !ss.authed.Load() {
-				ss.reject(protocol.ReasonHelloTimeout, "")
-			}
-		})
+		// The first of the timeout and the hello decides (helloDecided).
+		helloTimer := time.AfterFunc(s.cfg.HelloTimeout, func() { ss.reject(protocol.ReasonHelloTimeout, "") })
 		ss.readLoop()
 		helloTimer.Stop()
-		helloTimer = nil
 		ss.teardown()
-	}()
+	})
+	if !started {
+		// Shutting down between the check above and here.
+		s.mu.Lock()
+		delete(s.sessions, ss)
+		s.mu.Unlock()
+		s.releaseConn(key, false)
+		close(ss.torn)
+		_ = conn.Close(websocket.StatusGoingAway, "shutdown")
+	}
 }
 
 // readLoop reads frames until the connection ends, handling each in order.
@@ -331,9 +348,21 @@ func (ss *session) closeNow(code websocket.StatusCode, reason string) {
 	ss.cancel()
 }
 
+// claim records what a hello claims, before it is verified.
+func (ss *session) claim(mesh, pubkey string) {
+	ss.mu.Lock()
+	ss.claimedMesh, ss.claimedPubkey = mesh, pubkey
+	ss.mu.Unlock()
+}
+
 // reject answers a failed hello: an error frame, close 1008 with the
-// reason, and the rejection counter.
+// reason, and the rejection counter. Only the first decision about a hello
+// counts (helloDecided): a hello that timed out is not also rejected or
+// accepted.
 func (ss *session) reject(reason, detail string) {
+	if !ss.helloDecided.CompareAndSwap(false, true) {
+		return
+	}
 	ss.s.m.ConnectionsRejected.WithLabelValues(reason).Inc()
 	msg := "hello rejected: " + reason
 	ss.log().Info("ws hello rejected", "reason", reason, "detail", detail)
@@ -349,7 +378,10 @@ func (ss *session) reject(reason, detail string) {
 	if reason == protocol.ReasonRateLimited {
 		return // a flood: counted above, not written row by row
 	}
-	ss.s.audit.HelloRejected(ss.meshID, ss.pubkey, reason, detail, ss.remote)
+	ss.mu.Lock()
+	mesh, pubkey := ss.claimedMesh, ss.claimedPubkey
+	ss.mu.Unlock()
+	ss.s.audit.HelloRejected(mesh, pubkey, reason, detail, ss.remote)
 }
 
 // queue marshals v and queues it; a full queue closes the session as a
@@ -474,8 +506,8 @@ func (ss *session) releaseSlot() {
 // kickWriter starts the write loop unless one is running. An idle session
 // has no writer goroutine, which keeps idle connections cheap.
 func (ss *session) kickWriter() {
-	if ss.writing.CompareAndSwap(false, true) {
-		go ss.writeLoop()
+	if ss.writing.CompareAndSwap(false, true) && !ss.s.conns.Go(func(context.Context) { ss.writeLoop() }) {
+		ss.writing.Store(false) // the server has stopped: nothing is written any more
 	}
 }
 
@@ -668,8 +700,8 @@ func (ss *session) teardown() {
 	ss.mu.Lock()
 	code, reason := ss.closeCode, ss.closeReason
 	ss.mu.Unlock()
-	ss.log().Info("ws close", "mesh_id", ss.meshID, "member", ss.displayName, "presence_id", ss.presenceID,
-		"code", int(code), "reason", reason, "grace", graced)
+	// ss.log() names the mesh and the presence already.
+	ss.log().Info("ws close", "member", ss.displayName, "code", int(code), "reason", reason, "grace", graced)
 	s.audit.Add(store.AuditEvent{MeshID: ss.meshID, Type: store.EventPeerDisconnected, Actor: ss.memberID,
 		Target: ss.presenceID, Metadata: map[string]any{"code": int(code), "reason": reason, "node": s.node}})
 }

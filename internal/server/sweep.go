@@ -44,13 +44,13 @@ func (s *Server) pingSessions() {
 			continue
 		}
 		ss.nextPing.Store(now.Add(s.cfg.PingInterval).UnixNano())
-		go func() {
+		s.conns.Go(func(context.Context) {
 			ctx, cancel := context.WithTimeout(ss.ctx, s.cfg.PongTimeout)
 			defer cancel()
 			if ss.conn.Ping(ctx) == nil {
 				ss.lastPong.Store(time.Now().UnixNano())
 			}
-		}()
+		})
 	}
 }
 

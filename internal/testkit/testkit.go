@@ -9,10 +9,8 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -71,14 +69,6 @@ type Node struct {
 	Config   *config.Config
 }
 
-// Logger returns a logger for tests: silent unless BROKER_TEST_LOG=1.
-func Logger() *slog.Logger {
-	if os.Getenv("BROKER_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
 // StartNode starts an in-process node on 127.0.0.1 with a free port; it is
 // shut down when the test ends.
 func StartNode(t testing.TB, dbURL string, o Options) *Node {
@@ -99,7 +89,7 @@ func StartNode(t testing.TB, dbURL string, o Options) *Node {
 	reg := prometheus.NewRegistry()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport, Clock: o.Clock})
+	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(t), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport, Clock: o.Clock})
 	if err != nil {
 		t.Fatalf("start node: %v", err)
 	}
