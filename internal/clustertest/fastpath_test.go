@@ -145,7 +145,7 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 // channel: a notification sent before would only be found by a re-scan.
 func listening(t *testing.T, n *testkit.Node) {
 	t.Helper()
-	testkit.Eventually(t, 10*time.Second, "relay listener subscribed", func() bool {
-		return n.Counter("broker_relay_listens_total") >= 1
-	})
+	if _, ok := n.Engine().TestSignals.Listening.Wait(10 * time.Second); !ok {
+		t.Fatal("relay listener never subscribed")
+	}
 }

@@ -48,6 +48,10 @@ type Options struct {
 	// Clock is the node's wall clock; nil means time.Now. Tests skew it to
 	// check that the node corrects for its offset from Postgres' clock.
 	Clock func() time.Time
+	// TestSignals turns the delivery engine's test signals on before the
+	// node starts, so a test can wait for events of the start-up (the
+	// relay's first LISTEN) too.
+	TestSignals bool
 }
 
 // Node is a running broker node.
@@ -180,6 +184,14 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		// The cluster's clock, which the server measures against Postgres.
 		Now: func() time.Time { return n.srv.Now() },
 	}, delivery.Deps{Queue: st, Directory: n.replica, Notifier: n.notifier, Auditor: n.audit, Metrics: m, Logger: logger})
+	if o.TestSignals {
+		ts := &n.engine.TestSignals
+		ts.ClaimRound.Init()
+		ts.Committed.Init()
+		ts.Listening.Init()
+		ts.Marked.Init()
+		ts.Expired.Init()
+	}
 	n.srv = server.New(server.Deps{
 		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Engine: n.engine, Audit: n.audit,
 		Metrics: m, Logger: logger, Clock: o.Clock,
@@ -473,6 +485,12 @@ func (n *Node) Cluster() *presence.Cluster { return n.cluster }
 
 // Replica exposes the presence replica.
 func (n *Node) Replica() *presence.Replica { return n.replica }
+
+// Engine exposes the delivery engine (tests wait on its TestSignals).
+func (n *Node) Engine() *delivery.Engine { return n.engine }
+
+// Server exposes the WebSocket front (tests wait on its TestSignals).
+func (n *Node) Server() *server.Server { return n.srv }
 
 // Store exposes the node's store.
 func (n *Node) Store() *store.Store { return n.store }

@@ -322,7 +322,12 @@ func TestMessageExpiry(t *testing.T) {
 	testkit.Eventually(t, 15*time.Second, "expiry", func() bool {
 		return messageStatus(t, sender, ack.MessageID).Recipients[0].State == protocol.StateExpired
 	})
-	testkit.Eventually(t, 10*time.Second, "expired counter", func() bool { return n.Counter("broker_messages_expired_total") >= 1 })
+	if _, ok := n.Engine().TestSignals.Expired.Wait(15 * time.Second); !ok {
+		t.Fatal("no expiry pass expired the row")
+	}
+	if got := n.Counter("broker_messages_expired_total"); got != 1 {
+		t.Fatalf("broker_messages_expired_total = %v, want 1", got)
+	}
 	rcv := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{})
 	noPush(t, rcv, 700*time.Millisecond)
 	id, _ := strconv.ParseInt(ack.MessageID, 10, 64)

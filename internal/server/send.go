@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strconv"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -71,7 +72,11 @@ func (ss *session) handleSend(data []byte, reqID string) {
 func (ss *session) Answer(ack protocol.Ack) <-chan struct{} {
 	written := make(chan struct{})
 	data, err := json.Marshal(ack)
-	if err != nil || !ss.queueRaw(frame{data: data, slot: true, written: written}) {
+	f := frame{data: data, slot: true, written: written}
+	if ss.s.TestSignals.Frame.On() {
+		f.ackOf, _ = strconv.ParseInt(ack.MessageID, 10, 64)
+	}
+	if err != nil || !ss.queueRaw(f) {
 		ss.releaseSlot()
 		close(written)
 	}

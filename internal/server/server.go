@@ -89,6 +89,9 @@ type Server struct {
 	loops startstop.Base
 	conns startstop.Base
 	once  sync.Once
+
+	// TestSignals are off unless a test turns them on.
+	TestSignals TestSignals
 }
 
 var _ startstop.Service = (*Server)(nil)

@@ -18,6 +18,7 @@ import (
 	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/store"
+	"github.com/claudemesh/broker/internal/testsignal"
 )
 
 // maxSendsInFlight bounds a session's sends awaiting their ack (a quarter
@@ -39,6 +40,29 @@ type frame struct {
 	// written, when set, is closed once the frame is written or dropped
 	// (the ack a same-node push waits for).
 	written chan struct{}
+	ackOf   int64 // the message an ack is of, for tests (TestSignals.Frame)
+}
+
+// FrameEvent is a push about to be written, or an ack just written, on a
+// session (TestSignals.Frame): their Seq order is the order on the wire.
+type FrameEvent struct {
+	Conn      string
+	Kind      string // "push" (before its write) or "ack" (after its write)
+	MessageID int64
+	Seq       int64
+}
+
+// TestSignals are the front's events a test may wait for (testsignal).
+type TestSignals struct {
+	Frame testsignal.Signal[FrameEvent]
+}
+
+var frameSeq atomic.Int64
+
+func (ss *session) signalFrame(kind string, id int64) {
+	if sig := &ss.s.TestSignals.Frame; sig.On() {
+		sig.Signal(FrameEvent{Conn: ss.id, Kind: kind, MessageID: id, Seq: frameSeq.Add(1)})
+	}
 }
 
 // pushMeta tracks a pushed envelope until it is marked delivered.
@@ -53,8 +77,11 @@ type pushMeta struct {
 	afterBy time.Time
 }
 
-// ackWait bounds how long a push waits for its sender's ack to be written.
-const ackWait = 50 * time.Millisecond
+// ackWait bounds how long a push waits for its sender's ack to be written:
+// an ack is written as soon as its session's writer runs, unless the
+// sender's socket is full (a sender that stopped reading), which must not
+// stall its recipients for longer.
+const ackWait = 500 * time.Millisecond
 
 // dropped releases what waits on a frame that will never be written.
 func (f *frame) dropped() {
@@ -542,8 +569,11 @@ func (ss *session) writeLoop() {
 			}
 			delivered = delivered[:0]
 			for i := range buf {
-				if p := buf[i].push; p != nil && p.after != nil {
-					ss.waitAck(p)
+				if p := buf[i].push; p != nil {
+					if p.after != nil {
+						ss.waitAck(p)
+					}
+					ss.signalFrame("push", p.key.MessageID)
 				}
 				if err := ss.write(buf[i].data); err != nil {
 					for j := i; j < len(buf); j++ {
@@ -554,6 +584,9 @@ func (ss *session) writeLoop() {
 					return
 				}
 				ss.q.written(len(buf[i].data))
+				if buf[i].slot {
+					ss.signalFrame("ack", buf[i].ackOf)
+				}
 				buf[i].dropped() // written: what waits on it may go
 				if buf[i].slot {
 					ss.releaseSlot()

@@ -89,7 +89,8 @@ func StartNode(t testing.TB, dbURL string, o Options) *Node {
 	reg := prometheus.NewRegistry()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(t), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport, Clock: o.Clock})
+	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(t), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport, Clock: o.Clock,
+		TestSignals: true})
 	if err != nil {
 		t.Fatalf("start node: %v", err)
 	}

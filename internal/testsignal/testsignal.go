@@ -44,6 +44,10 @@ func (s *Signal[T]) Signal(v T) {
 	}
 }
 
+// On reports whether a test asked for the signal (to skip preparing a
+// value nobody reads).
+func (s *Signal[T]) On() bool { return s.ch.Load() != nil }
+
 // C is the channel of values (nil before Init).
 func (s *Signal[T]) C() <-chan T {
 	if p := s.ch.Load(); p != nil {
