@@ -24,6 +24,7 @@ import (
 	"github.com/claudemesh/broker/internal/audit"
 	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/dbclock"
 	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/httpapi"
 	"github.com/claudemesh/broker/internal/metrics"
@@ -62,6 +63,7 @@ type Node struct {
 	replica  *presence.Replica
 	cluster  *presence.Cluster
 	notifier *relay.Notifier
+	clock    *dbclock.Clock
 	audit    *audit.Writer
 	engine   *delivery.Engine
 	srv      *server.Server
@@ -174,6 +176,7 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		return nil, err
 	}
 
+	n.clock = dbclock.New(st, o.Clock, m, logger.With("component", "dbclock"))
 	n.audit = audit.New(st, m, logger)
 	if err := n.audit.Start(ctx); err != nil {
 		return nil, err
@@ -181,8 +184,7 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	n.engine = delivery.New(delivery.Config{
 		Node: cfg.NodeName, Incarnation: inc, LeaseDuration: cfg.LeaseDuration, MessageTTL: cfg.MessageTTL,
 		SweepInterval: cfg.SweepInterval, DisableRemoteFastPath: cfg.DisableRemoteFastPath,
-		// The cluster's clock, which the server measures against Postgres.
-		Now: func() time.Time { return n.srv.Now() },
+		Now: n.clock.Now, // the cluster's clock, measured against Postgres
 	}, delivery.Deps{Queue: st, Directory: n.replica, Notifier: n.notifier, Auditor: n.audit, Metrics: m, Logger: logger})
 	if o.TestSignals {
 		ts := &n.engine.TestSignals
@@ -194,13 +196,18 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	}
 	n.srv = server.New(server.Deps{
 		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Engine: n.engine, Audit: n.audit,
-		Metrics: m, Logger: logger, Clock: o.Clock,
+		Metrics: m, Logger: logger, Clock: n.clock,
 	})
 	n.api = httpapi.New(httpapi.Deps{
 		Config: cfg, Node: n.srv, Replica: n.replica, Cluster: n.cluster, Store: st, Members: n.srv.Members(),
 		Audit: n.audit, HelloRate: n.srv.HelloRate(), Addrs: n.srv.Addrs(), Metrics: m, Gatherer: reg, Logger: logger,
 	})
 	if err := n.api.Start(ctx); err != nil {
+		return nil, err
+	}
+	// Work that failed while Postgres was away may be waiting.
+	n.clock.OnHealthy = func() { n.engine.WakeAll(delivery.ReasonSweep) }
+	if err := n.clock.Start(ctx); err != nil {
 		return nil, err
 	}
 	if err := n.engine.Start(ctx); err != nil {
@@ -512,6 +519,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		}
 		n.engine.Stop(ctx)
 		n.api.Stop(ctx)
+		n.clock.Stop(ctx)
 		n.audit.Stop(ctx)
 		n.notifier.Stop(ctx)
 		n.cluster.Flush(time.Second)
@@ -543,6 +551,7 @@ func (n *Node) Kill() {
 		n.srv.Abort()
 		n.engine.Abort()
 		n.api.Stop(context.Background())
+		n.clock.Stop(context.Background())
 		n.audit.Abort()
 		n.notifier.Stop(context.Background())
 		n.cancel()
@@ -574,6 +583,9 @@ func (n *Node) abort() {
 	}
 	if n.api != nil {
 		n.api.Stop(ctx)
+	}
+	if n.clock != nil {
+		n.clock.Stop(ctx)
 	}
 	if n.audit != nil {
 		n.audit.Stop(ctx)

@@ -16,13 +16,6 @@ import (
 	"github.com/claudemesh/broker/internal/store"
 )
 
-// pendingHookTTL is how long a hook that arrived before its session is kept.
-const pendingHookTTL = 10 * time.Second
-
-// helloSeenFor keeps accepted signatures past the ±60 s window on either
-// side, with margin for clock differences between nodes.
-const helloSeenFor = 3 * time.Minute
-
 // handleFrame dispatches one text frame, strictly in arrival order.
 func (ss *session) handleFrame(data []byte) {
 	env, err := protocol.DecodeEnvelope(data)
@@ -130,7 +123,7 @@ func (ss *session) handleHello(data []byte) {
 		// so an empty one takes none.
 		check.PID, check.Cwd = 0, ""
 	}
-	res, err := s.hellos.accept(ctx, check)
+	res, err := s.hellos.Accept(ctx, check)
 	if err != nil {
 		if store.IsDataError(err) {
 			// Edge validation should have caught what Postgres refuses.

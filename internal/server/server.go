@@ -15,11 +15,13 @@ import (
 	"github.com/claudemesh/broker/internal/audit"
 	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/dbclock"
 	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/members"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/ratelimit"
+	"github.com/claudemesh/broker/internal/replay"
 	"github.com/claudemesh/broker/internal/startstop"
 	"github.com/claudemesh/broker/internal/store"
 )
@@ -44,8 +46,8 @@ type Deps struct {
 	Audit   *audit.Writer
 	Metrics *metrics.Metrics
 	Logger  *slog.Logger
-	// Clock is the node's wall clock; nil means time.Now. Tests skew it.
-	Clock func() time.Time
+	// Clock is the node's view of Postgres' clock and health.
+	Clock *dbclock.Clock
 }
 
 // Server is one broker node's HTTP and WebSocket front and delivery engine.
@@ -63,15 +65,13 @@ type Server struct {
 	members   *members.Cache
 	revoking  revocations
 	engine    *delivery.Engine
-	hellos    *helloBatcher
+	hellos    *replay.Batcher
 	audit     *audit.Writer
 	helloRate *ratelimit.Keyed
 	addrs     *clientaddr.Resolver
 
-	clock       func() time.Time
-	clockOffset atomic.Int64 // Postgres clock minus ours, in ns
-	dbHealthy   atomic.Bool
-	draining    atomic.Bool
+	clock    *dbclock.Clock
+	draining atomic.Bool
 
 	mu         sync.RWMutex
 	sessions   map[*session]struct{}
@@ -101,7 +101,7 @@ func New(d Deps) *Server {
 	s := &Server{
 		cfg: d.Config, store: d.Store, replica: d.Replica, cluster: d.Cluster,
 		m: d.Metrics, logger: d.Logger,
-		engine: d.Engine, audit: d.Audit,
+		engine: d.Engine, audit: d.Audit, clock: d.Clock,
 		node:       d.Replica.Self(),
 		started:    time.Now(),
 		sessions:   map[*session]struct{}{},
@@ -111,16 +111,10 @@ func New(d Deps) *Server {
 		perAddr:    map[string]int{},
 		pending:    map[string]int{},
 	}
-	s.clock = d.Clock
-	if s.clock == nil {
-		s.clock = time.Now
-	}
 	s.members = members.New(d.Store, s.m.MemberCacheEvicted.Inc)
-	s.hellos = newHelloBatcher(s, 2)
+	s.hellos = replay.New(d.Store, 2)
 	s.helloRate = ratelimit.New(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
 	s.addrs = newResolver(d.Config, d.Logger)
-	s.dbHealthy.Store(true)
-	s.m.DBHealthy.Set(1)
 	return s
 }
 
@@ -135,26 +129,16 @@ func (s *Server) Start(ctx context.Context) error {
 	if err := s.hellos.Start(run); err != nil {
 		return err
 	}
-	// Judge hello and hook timestamps by Postgres' clock from the first
-	// request on: a node whose clock is off would otherwise accept stale
-	// hellos (or refuse fresh ones) until the health loop's first tick.
-	_ = s.syncClock(run)
-	s.loops.Go(s.healthLoop)
 	s.loops.Go(s.sweepLoop)
 	s.loops.Go(s.presenceLoop)
 	return nil
 }
 
-// now is the cluster's time: this node's clock corrected by its measured
-// offset from Postgres, so a node whose clock is off neither accepts stale
-// hellos nor rejects fresh ones.
-func (s *Server) now() time.Time {
-	return s.clock().Add(time.Duration(s.clockOffset.Load()))
-}
+// now is the cluster's time (dbclock).
+func (s *Server) now() time.Time { return s.clock.Now() }
 
-// Now is the cluster's time (the delivery engine and the HTTP routes judge
-// timestamps by it).
-func (s *Server) Now() time.Time { return s.now() }
+// Now is the cluster's time, for the HTTP routes.
+func (s *Server) Now() time.Time { return s.clock.Now() }
 
 // Stop is Shutdown without its error.
 func (s *Server) Stop(ctx context.Context) { _ = s.Shutdown(ctx) }
@@ -173,7 +157,7 @@ func (s *Server) Sessions() int {
 }
 
 // DBHealthy reports whether Postgres answered the last health check.
-func (s *Server) DBHealthy() bool { return s.dbHealthy.Load() }
+func (s *Server) DBHealthy() bool { return s.clock.Healthy() }
 
 // SetStatus applies a status to a session this node owns (a hook).
 func (s *Server) SetStatus(presenceID, status, source string) {
@@ -182,7 +166,7 @@ func (s *Server) SetStatus(presenceID, status, source string) {
 
 // AcceptSignature records a signature against replay, cluster-wide.
 func (s *Server) AcceptSignature(ctx context.Context, c store.HelloCheck) (store.HelloResult, error) {
-	return s.hellos.accept(ctx, c)
+	return s.hellos.Accept(ctx, c)
 }
 
 // HelloRate is the per-address budget of hellos, which the HTTP routes

@@ -1,4 +1,9 @@
-package server
+// Package replay records accepted hello and hook signatures cluster-wide,
+// so that none is accepted twice on any node, and takes the pending hook
+// statuses of fresh hellos. A flood of connects costs one statement (and
+// one commit) per batch, not per hello. The WebSocket front (hellos) and
+// the HTTP routes (signed hooks) share one batcher.
+package replay
 
 import (
 	"context"
@@ -8,14 +13,20 @@ import (
 	"github.com/claudemesh/broker/internal/store"
 )
 
-// helloBatcher records accepted hello signatures in batches: a flood of
-// connects costs one statement (and one commit) per batch, not per hello.
-type helloBatcher struct {
+// Batcher records signatures in batches.
+type Batcher struct {
 	startstop.Base
-	s       *Server
+	store   Store
 	in      chan *helloReq
 	workers int
 }
+
+// Store writes the batches (store.Store).
+type Store interface {
+	AcceptHellos(ctx context.Context, keep, pendingTTL time.Duration, checks []store.HelloCheck) ([]store.HelloResult, error)
+}
+
+var _ startstop.Service = (*Batcher)(nil)
 
 type helloReq struct {
 	check store.HelloCheck
@@ -27,15 +38,23 @@ type helloAnswer struct {
 	err error
 }
 
+// pendingHookTTL is how long a hook that arrived before its session is kept.
+const pendingHookTTL = 10 * time.Second
+
+// helloSeenFor keeps accepted signatures past the ±60 s window on either
+// side, with margin for clock differences between nodes.
+const helloSeenFor = 3 * time.Minute
+
 // maxHelloBatch bounds one statement.
 const maxHelloBatch = 1000
 
-func newHelloBatcher(s *Server, workers int) *helloBatcher {
-	return &helloBatcher{s: s, in: make(chan *helloReq, 4096), workers: workers}
+// New makes a batcher with workers concurrent batches; Start runs it.
+func New(st Store, workers int) *Batcher {
+	return &Batcher{store: st, in: make(chan *helloReq, 4096), workers: workers}
 }
 
 // Start runs the workers.
-func (b *helloBatcher) Start(ctx context.Context) error {
+func (b *Batcher) Start(ctx context.Context) error {
 	if _, ok := b.StartInit(ctx); !ok {
 		return nil
 	}
@@ -46,10 +65,11 @@ func (b *helloBatcher) Start(ctx context.Context) error {
 }
 
 // Stop stops the workers; hellos waiting for a batch fail.
-func (b *helloBatcher) Stop(ctx context.Context) { b.Base.Stop(ctx) }
+func (b *Batcher) Stop(ctx context.Context) { b.Base.Stop(ctx) }
 
-// accept records one hello's signature; it waits for the batch it joins.
-func (b *helloBatcher) accept(ctx context.Context, c store.HelloCheck) (store.HelloResult, error) {
+// Accept records one signature; it waits for the batch it joins. Fresh
+// is false when the signature was accepted before.
+func (b *Batcher) Accept(ctx context.Context, c store.HelloCheck) (store.HelloResult, error) {
 	req := &helloReq{check: c, done: make(chan helloAnswer, 1)}
 	select {
 	case b.in <- req:
@@ -68,7 +88,7 @@ func (b *helloBatcher) accept(ctx context.Context, c store.HelloCheck) (store.He
 	}
 }
 
-func (b *helloBatcher) run(ctx context.Context) {
+func (b *Batcher) run(ctx context.Context) {
 	batch := make([]*helloReq, 0, maxHelloBatch)
 	for {
 		select {
@@ -90,7 +110,7 @@ func (b *helloBatcher) run(ctx context.Context) {
 	}
 }
 
-func (b *helloBatcher) flush(batch []*helloReq) {
+func (b *Batcher) flush(batch []*helloReq) {
 	// The same signature twice in one batch: the later ones are replays.
 	seen := make(map[string]bool, len(batch))
 	checks := make([]store.HelloCheck, 0, len(batch))
@@ -106,7 +126,7 @@ func (b *helloBatcher) flush(batch []*helloReq) {
 		send = append(send, r)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	res, err := b.s.store.AcceptHellos(ctx, helloSeenFor, pendingHookTTL, checks)
+	res, err := b.store.AcceptHellos(ctx, helloSeenFor, pendingHookTTL, checks)
 	cancel()
 	for i, r := range send {
 		if err != nil {
