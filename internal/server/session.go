@@ -17,6 +17,7 @@ import (
 	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/server/outbox"
 	"github.com/claudemesh/broker/internal/store"
 	"github.com/claudemesh/broker/internal/testsignal"
 )
@@ -91,86 +92,11 @@ func (f *frame) dropped() {
 	}
 }
 
-// frameQueue is a session's bounded outgoing queue, in frames and in
-// bytes. It grows on demand, so an idle session costs no buffer.
-type frameQueue struct {
-	mu    sync.Mutex
-	items []frame
-	max   int
-	// bytes counts the data of queued frames and of frames the writer has
-	// taken but not yet written: what this session holds for its client.
-	// A frame count alone would let 1,024 one-megabyte peers_lists pile up
-	// behind a client that stopped reading.
-	bytes    int
-	maxBytes int
-	// n and nbytes mirror len(items) and bytes for lock-free reads (the
-	// delivery engine reads them under its own lock).
-	n, nbytes atomic.Int64
-}
+// Len is the frame's size in the queue's byte budget.
+func (f frame) Len() int { return len(f.data) }
 
-func (q *frameQueue) push(f frame) bool { return q.pushUpTo(f, q.max, q.maxBytes) }
-
-// pushUpTo queues f unless the queue already holds limit frames or f would
-// take it past byteLimit bytes.
-func (q *frameQueue) pushUpTo(f frame, limit, byteLimit int) bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if len(q.items) >= min(limit, q.max) || q.bytes+len(f.data) > min(byteLimit, q.maxBytes) {
-		return false
-	}
-	q.items = append(q.items, f)
-	q.bytes += len(f.data)
-	q.n.Store(int64(len(q.items)))
-	q.nbytes.Store(int64(q.bytes))
-	return true
-}
-
-// written returns the bytes of a frame the writer has finished with.
-func (q *frameQueue) written(n int) {
-	q.mu.Lock()
-	q.bytes -= n
-	q.nbytes.Store(int64(q.bytes))
-	q.mu.Unlock()
-}
-
-// free is how many frames fit now (lock-free).
-func (q *frameQueue) free() int { return q.max - int(q.n.Load()) }
-
-// freeBytes is how many bytes fit now (lock-free).
-func (q *frameQueue) freeBytes() int { return q.maxBytes - int(q.nbytes.Load()) }
-
-func (q *frameQueue) take(buf []frame) []frame {
-	q.mu.Lock()
-	buf = append(buf[:0], q.items...)
-	clear(q.items)
-	q.items = q.items[:0]
-	if cap(q.items) > 256 {
-		q.items = nil // give a burst's memory back
-	}
-	q.n.Store(0)
-	q.mu.Unlock()
-	return buf
-}
-
-// drop empties the queue of a closed session, releasing what waits on its
-// frames.
-func (q *frameQueue) drop() {
-	q.mu.Lock()
-	items := q.items
-	q.items, q.bytes = nil, 0
-	q.n.Store(0)
-	q.nbytes.Store(0)
-	q.mu.Unlock()
-	for i := range items {
-		items[i].dropped()
-	}
-}
-
-func (q *frameQueue) empty() bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return len(q.items) == 0
-}
+// Dropped releases what waits on a frame the queue drops unwritten.
+func (f frame) Dropped() { f.dropped() }
 
 // session is one WebSocket connection. The read loop (serveWS's goroutine)
 // owns frame handling; the write loop owns all writes to the socket.
@@ -199,7 +125,7 @@ type session struct {
 	lastPong atomic.Int64 // unix nanos
 	nextPing atomic.Int64
 
-	q       frameQueue
+	q       *outbox.Queue[frame]
 	writing atomic.Bool   // a write loop is running (started on demand)
 	done    chan struct{} // closed once the socket is closed
 	torn    chan struct{} // closed once teardown has run (leases given back, audited)
@@ -237,7 +163,7 @@ func (s *Server) newSession(conn *websocket.Conn, remote, addrKey string) *sessi
 	slots := min(maxSendsInFlight, max(1, s.cfg.SendQueueLen/4))
 	ss := &session{
 		s: s, conn: conn, id: id, remote: remote, addrKey: addrKey, ctx: ctx, cancel: cancel,
-		q:         frameQueue{max: s.cfg.SendQueueLen, maxBytes: s.cfg.SendQueueBytes},
+		q:         outbox.New[frame](s.cfg.SendQueueLen, s.cfg.SendQueueBytes),
 		done:      make(chan struct{}),
 		torn:      make(chan struct{}),
 		inflight:  map[int64]struct{}{},
@@ -423,7 +349,7 @@ func (ss *session) queue(v any) bool {
 }
 
 func (ss *session) queueRaw(f frame) bool {
-	if ss.q.push(f) {
+	if ss.q.Push(f) {
 		ss.kickWriter()
 		return true
 	}
@@ -436,14 +362,14 @@ func (ss *session) queueRaw(f frame) bool {
 // no room left for a maximal one, so claims wait for the writer instead
 // of claiming rows the queue would refuse.
 func (ss *session) deliveryRoom() int {
-	if ss.q.freeBytes()-config.ReplyReserveBytes < ss.s.cfg.MaxMessageBytes {
+	if ss.q.FreeBytes()-config.ReplyReserveBytes < ss.s.cfg.MaxMessageBytes {
 		return 0
 	}
-	return ss.q.free() - ss.reserve
+	return ss.q.Free() - ss.reserve
 }
 
 // pushByteLimit is the queue bytes envelope pushes may fill.
-func (ss *session) pushByteLimit() int { return ss.q.maxBytes - config.ReplyReserveBytes }
+func (ss *session) pushByteLimit() int { return ss.q.MaxBytes() - config.ReplyReserveBytes }
 
 // The session as the delivery engine's Recipient. The reads are
 // lock-free (the engine calls them under its lock); Reserve, Unreserve
@@ -515,7 +441,7 @@ func (ss *session) Push(p *delivery.Push) bool {
 	if p.After != nil {
 		meta.afterBy = time.Now().Add(ackWait)
 	}
-	if !ss.q.pushUpTo(frame{data: data, push: meta}, ss.q.max-ss.reserve, ss.pushByteLimit()) {
+	if !ss.q.PushUpTo(frame{data: data, push: meta}, ss.q.Max()-ss.reserve, ss.pushByteLimit()) {
 		return false
 	}
 	ss.kickWriter()
@@ -545,7 +471,7 @@ func (ss *session) slow() {
 		return
 	}
 	ss.s.m.SlowConsumers.Inc()
-	ss.log().Warn("slow consumer: closing", "queued_bytes", ss.q.maxBytes-ss.q.freeBytes())
+	ss.log().Warn("slow consumer: closing", "queued_bytes", ss.q.MaxBytes()-ss.q.FreeBytes())
 	ss.closeNow(websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer)
 }
 
@@ -563,7 +489,7 @@ func (ss *session) writeLoop() {
 		closing, flush := ss.closing, ss.flushFirst
 		ss.mu.Unlock()
 		if !closing || flush {
-			buf = ss.q.take(buf)
+			buf = ss.q.Take(buf)
 			if ss.starved.Swap(false) {
 				ss.s.engine.Kick() // room again: claim what waits
 			}
@@ -583,7 +509,7 @@ func (ss *session) writeLoop() {
 					ss.finishClose()
 					return
 				}
-				ss.q.written(len(buf[i].data))
+				ss.q.Written(len(buf[i].data))
 				if buf[i].slot {
 					ss.signalFrame("ack", buf[i].ackOf)
 				}
@@ -609,17 +535,17 @@ func (ss *session) writeLoop() {
 				ss.mu.Unlock()
 			}
 		}
-		if closing && (!flush || ss.q.empty()) {
+		if closing && (!flush || ss.q.Empty()) {
 			ss.finishClose()
 			return
 		}
-		if !ss.q.empty() {
+		if !ss.q.Empty() {
 			continue
 		}
 		// Going idle. A producer that queued after the check above either
 		// sees writing=false and starts a new loop, or we see its frame.
 		ss.writing.Store(false)
-		if (ss.q.empty() && !ss.isClosing()) || !ss.writing.CompareAndSwap(false, true) {
+		if (ss.q.Empty() && !ss.isClosing()) || !ss.writing.CompareAndSwap(false, true) {
 			return
 		}
 	}
@@ -682,7 +608,7 @@ func (ss *session) pushed(p *pushMeta) {
 // no other write loop starts.
 func (ss *session) finishClose() {
 	defer close(ss.done)
-	defer ss.q.drop()
+	defer ss.q.Drop()
 	ss.mu.Lock()
 	code, reason := ss.closeCode, ss.closeReason
 	ss.mu.Unlock()
