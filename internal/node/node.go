@@ -63,6 +63,7 @@ type Node struct {
 	replica  *presence.Replica
 	cluster  *presence.Cluster
 	notifier *relay.Notifier
+	listener *relay.Listener
 	clock    *dbclock.Clock
 	audit    *audit.Writer
 	engine   *delivery.Engine
@@ -236,7 +237,10 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		Wake: n.engine.RelayWake, Envelope: n.engine.RelayEnvelope, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
 		Rejected: func(reason string) { m.RelayRejected.WithLabelValues(reason).Inc() },
 	}, logger.With("component", "relay"))
-	n.goRun(func() { _ = listener.Run(runCtx) })
+	n.listener = listener
+	if err := listener.Start(ctx); err != nil {
+		return nil, err
+	}
 
 	n.http = httpServer(n.api.Handler(http.HandlerFunc(n.srv.ServeWS)), logger)
 	n.goRun(func() {
@@ -525,6 +529,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		n.cluster.Flush(time.Second)
 		_ = n.cluster.Leave(time.Second)
 		_ = n.cluster.Shutdown()
+		n.listener.Stop(ctx)
 		n.cancel()
 		n.wg.Wait()
 		cctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -554,6 +559,7 @@ func (n *Node) Kill() {
 		n.clock.Stop(context.Background())
 		n.audit.Abort()
 		n.notifier.Stop(context.Background())
+		n.listener.Stop(context.Background())
 		n.cancel()
 		n.wg.Wait()
 		n.store.Close()
@@ -595,6 +601,9 @@ func (n *Node) abort() {
 	}
 	if n.cluster != nil {
 		_ = n.cluster.Shutdown()
+	}
+	if n.listener != nil {
+		n.listener.Stop(ctx)
 	}
 	if n.cancel != nil {
 		n.cancel()

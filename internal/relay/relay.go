@@ -342,9 +342,12 @@ type Handlers struct {
 
 // Listener is the node's single LISTEN connection.
 type Listener struct {
+	startstop.Base
 	l      *pgxlisten.Listener
 	logger *slog.Logger
 }
+
+var _ startstop.Service = (*Listener)(nil)
 
 // NewListener prepares a listener on the mesh channels, memberChannel and
 // nodeChannel (this node's envelopes, checked with key). connect must
@@ -445,11 +448,18 @@ func (h handler) HandleBacklog(ctx context.Context, channel string, c *pgx.Conn)
 	return h.backlog(ctx, channel, c)
 }
 
-// Run listens until ctx ends, reconnecting after a second on failure.
-func (l *Listener) Run(ctx context.Context) error {
-	err := l.l.Listen(ctx)
-	if ctx.Err() != nil {
+// Start listens until Stop, reconnecting after a second on failure.
+func (l *Listener) Start(ctx context.Context) error {
+	if _, ok := l.StartInit(ctx); !ok {
 		return nil
 	}
-	return err
+	l.Go(func(ctx context.Context) {
+		if err := l.l.Listen(ctx); err != nil && ctx.Err() == nil {
+			l.logger.Error("relay listener stopped", "err", err)
+		}
+	})
+	return nil
 }
+
+// Stop closes the connection.
+func (l *Listener) Stop(ctx context.Context) { l.Base.Stop(ctx) }
