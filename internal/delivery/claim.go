@@ -429,6 +429,15 @@ func (e *Engine) deliverReserved(r Recipient, d Delivery, committed time.Time, a
 		r.Unreserve(d.MessageID)
 		return true
 	}
+	if int(d.Priority) > r.MaxPriority() {
+		// The session's status changed since the row was picked for it (a
+		// claim or fast path planned while it was idle; now working or
+		// dnd): the row waits for a status that takes it, and the rows
+		// after it go back with it, in order.
+		r.Unreserve(d.MessageID)
+		e.Release(d.Conn, d.MeshID, d.MemberID, []Key{d.Key()})
+		return false
+	}
 	if r.Push(&Push{Delivery: d, Committed: committed, After: after}) {
 		return true
 	}

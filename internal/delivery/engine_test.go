@@ -275,12 +275,16 @@ func TestLeaseExpiryAndRelease(t *testing.T) {
 	a := v.node("A")
 	a.e.TestSignals.ClaimRound.Init()
 	s := a.session(v, "sender", "A/s")
+	helloClaimed(t, a)
 	r1 := a.session(v, "rcpt", "A/r1", func(s *session) { s.clientAck = true })
+	helloClaimed(t, a) // caught up: m1 takes the fast path, no claim round runs
 	a.send(s, 1, "m1", "rcpt")
 	assertOrder(t, r1.waitPushes(t, 1), []string{"m1"})
 	a.e.Detach(r1) // dies: no release
 	r2 := a.session(v, "rcpt", "A/r2", func(s *session) { s.clientAck = true })
-	a.e.TestSignals.ClaimRound.Clear()
+	if round, ok := a.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(c delivery.ClaimRound) bool { return c.Members > 0 }); !ok || round.Rows != 0 {
+		t.Fatalf("r2's hello claimed a row under a live lease: %+v", round)
+	}
 	a.e.WakeAll(delivery.ReasonSweep)
 	if round, ok := a.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(c delivery.ClaimRound) bool { return c.Members > 0 }); !ok || round.Rows != 0 {
 		t.Fatalf("claimed a row under a live lease: %+v", round)
@@ -312,6 +316,31 @@ func TestHoldsByStatus(t *testing.T) {
 	r.maxPrio.Store(int32(protocol.MaxPriorityRank(protocol.StatusIdle)))
 	a.e.Wake(delivery.ReasonStatus, "rcpt")
 	assertOrder(t, r.waitPushes(t, 3), []string{"now", "low", "next"})
+}
+
+// A claim planned while the session accepted every priority, whose rows
+// come back after it turned working, does not push what working holds.
+func TestHoldsByStatusAfterClaimPlanned(t *testing.T) {
+	v := newEnv(t)
+	g := newGated(v.q)
+	v.queue = g
+	a := v.node("A")
+	a.e.TestSignals.ClaimRound.Init()
+	open := gate(&g.claimGate)
+	r := a.session(v, "rcpt", "A/r") // idle: its hello claim asks for every priority, and is held
+	wait(t, g.claimed, "the hello claim")
+	v.insert("sender", 1, "rcpt", "next0")
+	r.maxPrio.Store(int32(protocol.MaxPriorityRank(protocol.StatusWorking)))
+	open()
+	if _, ok := a.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(c delivery.ClaimRound) bool { return c.Rows > 0 }); !ok {
+		t.Fatal("the held claim did not lease the row")
+	}
+	if got := bodies(r.pushes()); len(got) != 0 {
+		t.Fatalf("pushed %v to a working session", got)
+	}
+	r.maxPrio.Store(int32(protocol.MaxPriorityRank(protocol.StatusIdle)))
+	a.e.Wake(delivery.ReasonStatus, "rcpt")
+	assertOrder(t, r.waitPushes(t, 1), []string{"next0"})
 }
 
 // A send-only session is never handed a message: its member's rows wait
