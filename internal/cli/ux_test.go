@@ -426,7 +426,7 @@ func TestPeerTextSanitized(t *testing.T) {
 	evilName := "bob\x1b]0;owned\x07\u202e\nalice"
 	evil := mesh.AddMember(t, f.node.Store(), evilName)
 	ec, err := client.New(client.Options{Identity: evil, URLs: []string{f.node.URL()}, Cwd: "/tmp/\x1b[2Jx", Hostname: "h\x1b[31m",
-		Groups: []string{"ops\u202e"}, Logger: testkit.Logger()})
+		Groups: []string{"ops\u202e"}, Logger: testkit.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

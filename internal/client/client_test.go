@@ -94,7 +94,7 @@ func newClient(t *testing.T, o client.Options) *client.Client {
 	if o.Backoff.Min == 0 {
 		o.Backoff = client.Backoff{Min: 20 * time.Millisecond, Max: 200 * time.Millisecond}
 	}
-	o.Logger = testkit.Logger()
+	o.Logger = testkit.Logger(t)
 	c, err := client.New(o)
 	if err != nil {
 		t.Fatal(err)

@@ -58,7 +58,7 @@ func TestReconnectSoonAfterHealthAnswers(t *testing.T) {
 	n := testkit.StartNode(t, db, testkit.Options{})
 	mesh := testkit.NewMesh(t, n.Store(), 1)
 	g, wsURL := startGate(t, n)
-	c, err := client.New(client.Options{Identity: mesh.Members[0], URLs: []string{wsURL}, Logger: testkit.Logger(),
+	c, err := client.New(client.Options{Identity: mesh.Members[0], URLs: []string{wsURL}, Logger: testkit.Logger(t),
 		Backoff: client.Backoff{Min: 20 * time.Second, Max: 30 * time.Second}})
 	if err != nil {
 		t.Fatal(err)
@@ -106,7 +106,7 @@ func TestRetryAfterHonoured(t *testing.T) {
 	}
 	upgrades.Store(0)
 	id := client.Identity{MeshID: "m", MemberID: "u", Priv: ed25519.NewKeyFromSeed(make([]byte, 32))}
-	c, err := client.New(client.Options{Identity: id, URLs: []string{wsURL}, Logger: testkit.Logger(),
+	c, err := client.New(client.Options{Identity: id, URLs: []string{wsURL}, Logger: testkit.Logger(t),
 		Backoff: client.Backoff{Min: 20 * time.Second, Max: 30 * time.Second}})
 	if err != nil {
 		t.Fatal(err)
@@ -144,7 +144,7 @@ func TestRefusalIsNotRetriedEarly(t *testing.T) {
 	n := testkit.StartNode(t, db, testkit.Options{Configure: func(c *config.Config) { c.MaxConnsPerMesh = 1 }})
 	mesh := testkit.NewMesh(t, n.Store(), 2)
 	testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
-	c, err := client.New(client.Options{Identity: mesh.Members[1], URLs: []string{n.URL()}, Logger: testkit.Logger(),
+	c, err := client.New(client.Options{Identity: mesh.Members[1], URLs: []string{n.URL()}, Logger: testkit.Logger(t),
 		Backoff: client.Backoff{Min: 20 * time.Second, Max: 30 * time.Second}})
 	if err != nil {
 		t.Fatal(err)

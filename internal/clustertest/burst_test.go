@@ -30,16 +30,6 @@ type burst struct {
 	rate float64
 }
 
-// startBurst starts burstLoad's peers on the nodes (peer i on node i%n).
-func startBurst(t *testing.T, nodes []*procNode, mesh *testkit.Mesh) *burst {
-	t.Helper()
-	urls := make([]string, len(nodes))
-	for i, n := range nodes {
-		urls[i] = n.URL()
-	}
-	return startBurstOn(t, urls, mesh)
-}
-
 func startBurstOn(t *testing.T, urls []string, mesh *testkit.Mesh) *burst {
 	t.Helper()
 	b := faultkit.Start(t, faultkit.Options{URLs: urls, Members: mesh.Members[:burstLoad.Peers],
@@ -52,7 +42,7 @@ func (b *burst) run(n int) {
 	b.t.Helper()
 	want := b.Offered() + n
 	timeout := time.Duration(float64(n)/b.rate*float64(time.Second))*3 + 10*time.Second
-	waitFor(b.t, timeout, fmt.Sprintf("%d messages offered", n), func() bool { return b.Offered() >= want })
+	testkit.Eventually(b.t, timeout, fmt.Sprintf("%d messages offered", n), func() bool { return b.Offered() >= want })
 }
 
 // procMesh creates a mesh of n members in db.

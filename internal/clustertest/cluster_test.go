@@ -21,22 +21,13 @@ import (
 
 func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 
-func write(t testing.TB, c *client.Conn, v any) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := c.WriteJSON(ctx, v); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func sendAck(t testing.TB, c *client.Conn, s protocol.Send) protocol.Ack {
 	t.Helper()
 	s.Type = protocol.TypeSend
 	if s.Nonce == "" {
 		s.Nonce = "bg=="
 	}
-	write(t, c, s)
+	testkit.Write(t, c, s)
 	var ack protocol.Ack
 	if err := testkit.Expect(t, c, protocol.TypeAck, 10*time.Second).Decode(&ack); err != nil {
 		t.Fatal(err)
@@ -112,7 +103,7 @@ func TestCrossNodeDelivery(t *testing.T) {
 
 func peerSet(t testing.TB, c *client.Conn) string {
 	t.Helper()
-	write(t, c, protocol.ListPeers{Type: protocol.TypeListPeers})
+	testkit.Write(t, c, protocol.ListPeers{Type: protocol.TypeListPeers})
 	var pl protocol.PeersList
 	if err := testkit.Expect(t, c, protocol.TypePeersList, 5*time.Second).Decode(&pl); err != nil {
 		t.Fatal(err)
@@ -172,7 +163,7 @@ func TestHookForwardedToOwner(t *testing.T) {
 	mesh := testkit.NewMesh(t, nodes[0].Store(), 2)
 	rcv := testkit.Connect(t, nodes[0].URL(), mesh.Members[1], client.HelloOptions{PID: 31337, Cwd: "/proj/x"})
 	sender := testkit.Connect(t, nodes[1].URL(), mesh.Members[0], client.HelloOptions{})
-	write(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
+	testkit.Write(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
 	testkit.Eventually(t, 3*time.Second, "working replicated to C", func() bool {
 		for _, e := range nodes[2].Replica().Live(mesh.MeshID) {
 			if e.MemberID == mesh.Members[1].MemberID {
@@ -213,7 +204,7 @@ func TestCrossNodeLatency(t *testing.T) {
 	for i := 0; i < count; i++ {
 		<-tick.C
 		start := time.Now()
-		write(t, sender, protocol.Send{Type: protocol.TypeSend, TargetSpec: mesh.Members[1].Pubkey(), Nonce: "n", Ciphertext: fmt.Sprint(i)})
+		testkit.Write(t, sender, protocol.Send{Type: protocol.TypeSend, TargetSpec: mesh.Members[1].Pubkey(), Nonce: "n", Ciphertext: fmt.Sprint(i)})
 		p := testkit.ExpectPush(t, rcv, 5*time.Second)
 		if p.Ciphertext != fmt.Sprint(i) {
 			t.Fatalf("got %q, want %d", p.Ciphertext, i)

@@ -13,7 +13,6 @@ import (
 	"github.com/claudemesh/broker/internal/config"
 	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/node"
-	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/testkit"
 )
@@ -32,37 +31,43 @@ func nodeURLs(nodes []*testkit.Node) []string {
 // The relay listener's backend is terminated in the middle of a burst:
 // nothing is lost; what the lost notifications would have announced arrives
 // through the backlog re-scan or the sweep, and is counted.
-func TestListenerTerminatedMidBurst(t *testing.T) {
-	db := pgtest.NewDB(t)
-	nodes := testkit.StartCluster(t, db, 2, testkit.Options{Configure: shortLease})
-	mesh := testkit.NewMesh(t, nodes[0].Store(), burstLoad.Peers)
-	b := startBurstOn(t, nodeURLs(nodes), mesh)
-	b.run(burstLoad.Before)
-
-	listens := nodes[1].Counter("broker_relay_listens_total")
-	recovered := nodes[1].Counter("broker_relay_recovered_total")
-	at := b.Mark("terminate the relay listener of " + nodes[1].Name())
-	var killed int
-	err := nodes[0].Store().Pool().QueryRow(context.Background(),
-		`SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1`,
-		node.RelayApplicationName(nodes[1].Name())).Scan(&killed)
-	if err != nil || killed != 1 {
-		t.Fatalf("terminate listener: %v (%d backends)", err, killed)
-	}
-	testkit.Eventually(t, 10*time.Second, "listener reconnects", func() bool {
-		return nodes[1].Counter("broker_relay_listens_total") > listens
-	})
-	relisten := time.Since(at)
-	recovery := b.WaitRecovered(t, at, 30*time.Second)
-	b.run(burstLoad.After)
-	r := b.Settle(60 * time.Second)
-	r.Check(t)
-	rescued := nodes[1].Counter("broker_relay_recovered_total") - recovered
-	if rescued == 0 {
-		t.Fatal("no message was recovered by a re-scan: the kill did not lose a notification")
-	}
-	logResult(t, "relay listener terminated", r, "recovery %s; listening again after %s; %v messages arrived through backlog/sweep rather than a notification",
-		recovery.Round(time.Millisecond), relisten.Round(time.Millisecond), rescued)
+var listenerTerminated = faultScenario{
+	name: "listener_terminated", label: "relay listener terminated", start: shortLeaseCluster(2), settle: 60 * time.Second,
+	fault: func(t *testing.T, c *faultCluster) faultOutcome {
+		nodes := c.nodes
+		relistened := &nodes[1].Engine().TestSignals.Listening
+		relistened.Clear()
+		listens := nodes[1].Counter("broker_relay_listens_total")
+		recovered := nodes[1].Counter("broker_relay_recovered_total")
+		at := c.b.Mark("terminate the relay listener of " + nodes[1].Name())
+		var killed int
+		err := nodes[0].Store().Pool().QueryRow(context.Background(),
+			`SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1`,
+			node.RelayApplicationName(nodes[1].Name())).Scan(&killed)
+		if err != nil || killed != 1 {
+			t.Fatalf("terminate listener: %v (%d backends)", err, killed)
+		}
+		if _, ok := relistened.Wait(10 * time.Second); !ok {
+			t.Fatal("the listener did not listen again")
+		}
+		if got := nodes[1].Counter("broker_relay_listens_total"); got <= listens {
+			t.Fatalf("broker_relay_listens_total %v, was %v: the relisten was not counted", got, listens)
+		}
+		relisten := time.Since(at)
+		var rescued float64
+		return faultOutcome{from: at,
+			result: func(recovery time.Duration) string {
+				return fmt.Sprintf("recovery %s; listening again after %s; %v messages arrived through backlog/sweep rather than a notification",
+					roundMs(recovery), roundMs(relisten), rescued)
+			},
+			check: func(faultkit.Report) {
+				rescued = nodes[1].Counter("broker_relay_recovered_total") - recovered
+				if rescued == 0 {
+					t.Fatal("no message was recovered by a re-scan: the kill did not lose a notification")
+				}
+			},
+		}
+	},
 }
 
 // One node's gossip is cut from the two others during a burst, long
@@ -70,76 +75,78 @@ func TestListenerTerminatedMidBurst(t *testing.T) {
 // keep flowing through Postgres throughout; a session that connects on the
 // isolated node meanwhile is invisible to the others until the heal, and
 // presence converges afterwards.
-func TestGossipPartition(t *testing.T) {
-	db := pgtest.NewDB(t)
-	parts := make([]*faultkit.Partition, 3)
-	var nodes []*testkit.Node
-	ips := []string{"127.0.0.21", "127.0.0.22", "127.0.0.23"}
-	for i, ip := range ips {
-		o := testkit.Options{
-			Configure: func(c *config.Config) { c.Host, c.ClusterBind = ip, ip+":0"; shortLease(c) },
-			WrapTransport: func(tr memberlist.NodeAwareTransport) memberlist.NodeAwareTransport {
-				parts[i] = faultkit.NewPartition(tr)
-				return parts[i]
-			},
-		}
-		if i > 0 {
-			o.Join = nodes[:1]
-		}
-		nodes = append(nodes, testkit.StartNode(t, db, o))
-	}
-	members := func(want ...int) func() bool {
-		return func() bool {
-			for i, n := range nodes {
-				if n.Cluster().NumMembers() != want[i] {
-					return false
-				}
+var gossipPartition = faultScenario{
+	name: "gossip_partition", label: "gossip partition (1 node isolated) and heal", members: 1, settle: 60 * time.Second,
+	start: func(t *testing.T, c *faultCluster) {
+		c.parts = make([]*faultkit.Partition, 3)
+		for i, ip := range partitionIPs {
+			o := testkit.Options{
+				Configure: func(cfg *config.Config) { cfg.Host, cfg.ClusterBind = ip, ip+":0"; shortLease(cfg) },
+				WrapTransport: func(tr memberlist.NodeAwareTransport) memberlist.NodeAwareTransport {
+					c.parts[i] = faultkit.NewPartition(tr)
+					return c.parts[i]
+				},
 			}
-			return true
+			if i > 0 {
+				o.Join = c.nodes[:1]
+			}
+			c.nodes = append(c.nodes, testkit.StartNode(t, c.db, o))
 		}
-	}
-	testkit.Eventually(t, 10*time.Second, "3-node cluster", members(3, 3, 3))
-	mesh := testkit.NewMesh(t, nodes[0].Store(), burstLoad.Peers+1)
-	b := startBurstOn(t, nodeURLs(nodes), mesh)
-	b.run(burstLoad.Before)
-
-	at := b.Mark("isolate " + nodes[2].Name())
-	parts[0].Block(ips[2])
-	parts[1].Block(ips[2])
-	parts[2].Block(ips[0], ips[1])
-	testkit.Eventually(t, 15*time.Second, "each side declares the other dead", members(2, 2, 1))
-	split := time.Since(at)
-	// A session connecting on the isolated node is not gossiped across.
-	late := mesh.Members[burstLoad.Peers]
-	testkit.Connect(t, nodes[2].URL(), late, client.HelloOptions{SessionID: "late"})
-	lateSeen := func(n *testkit.Node) bool {
-		return slices.ContainsFunc(n.Replica().Live(mesh.MeshID), func(e presence.Entry) bool { return e.MemberID == late.MemberID })
-	}
-	recovery := b.WaitRecovered(t, at, 30*time.Second)
-	b.run(burstLoad.Before)
-	if lateSeen(nodes[0]) || lateSeen(nodes[1]) {
-		t.Fatal("a session on the isolated node was gossiped across the partition")
-	}
-
-	healAt := b.Mark("heal")
-	for _, p := range parts {
-		p.Heal()
-	}
-	testkit.Eventually(t, 30*time.Second, "cluster whole and presence converged", func() bool {
-		if !members(3, 3, 3)() {
-			return false
+		testkit.Eventually(t, 10*time.Second, "3-node cluster", membersAre(c.nodes, 3, 3, 3))
+	},
+	fault: func(t *testing.T, c *faultCluster) faultOutcome {
+		nodes, parts, mesh, ips := c.nodes, c.parts, c.mesh, partitionIPs
+		at := c.b.Mark("isolate " + nodes[2].Name())
+		parts[0].Block(ips[2])
+		parts[1].Block(ips[2])
+		parts[2].Block(ips[0], ips[1])
+		testkit.Eventually(t, 15*time.Second, "each side declares the other dead", membersAre(nodes, 2, 2, 1))
+		split := time.Since(at)
+		// A session connecting on the isolated node is not gossiped across.
+		late := mesh.Members[burstLoad.Peers]
+		testkit.Connect(t, nodes[2].URL(), late, client.HelloOptions{SessionID: "late"})
+		lateSeen := func(n *testkit.Node) bool {
+			return slices.ContainsFunc(n.Replica().Live(mesh.MeshID), func(e presence.Entry) bool { return e.MemberID == late.MemberID })
 		}
-		want := presenceIDs(nodes[0], mesh.MeshID)
-		return len(want) == burstLoad.Peers+1 && slices.Equal(presenceIDs(nodes[1], mesh.MeshID), want) &&
-			slices.Equal(presenceIDs(nodes[2], mesh.MeshID), want)
-	})
-	healed := time.Since(healAt)
-	b.run(burstLoad.After)
-	r := b.Settle(60 * time.Second)
-	r.Check(t)
-	logResult(t, "gossip partition (1 node isolated) and heal", r,
-		"recovery %s (messages never stopped); split declared after %s; heal → membership and presence converged in %s",
-		recovery.Round(time.Millisecond), split.Round(time.Millisecond), healed.Round(time.Millisecond))
+		recovery := c.b.WaitRecovered(t, at, 30*time.Second)
+		c.b.run(burstLoad.Before)
+		if lateSeen(nodes[0]) || lateSeen(nodes[1]) {
+			t.Fatal("a session on the isolated node was gossiped across the partition")
+		}
+
+		healAt := c.b.Mark("heal")
+		for _, p := range parts {
+			p.Heal()
+		}
+		testkit.Eventually(t, 30*time.Second, "cluster whole and presence converged", func() bool {
+			if !membersAre(nodes, 3, 3, 3)() {
+				return false
+			}
+			want := presenceIDs(nodes[0], mesh.MeshID)
+			return len(want) == burstLoad.Peers+1 && slices.Equal(presenceIDs(nodes[1], mesh.MeshID), want) &&
+				slices.Equal(presenceIDs(nodes[2], mesh.MeshID), want)
+		})
+		healed := time.Since(healAt)
+		return faultOutcome{result: func(time.Duration) string {
+			return fmt.Sprintf("recovery %s (messages never stopped); split declared after %s; heal → membership and presence converged in %s",
+				roundMs(recovery), roundMs(split), roundMs(healed))
+		}}
+	},
+}
+
+var partitionIPs = []string{"127.0.0.21", "127.0.0.22", "127.0.0.23"}
+
+// membersAre reports whether each node sees the given number of cluster
+// members.
+func membersAre(nodes []*testkit.Node, want ...int) func() bool {
+	return func() bool {
+		for i, n := range nodes {
+			if n.Cluster().NumMembers() != want[i] {
+				return false
+			}
+		}
+		return true
+	}
 }
 
 // presenceIDs lists the live sessions of a mesh in a node's replica.

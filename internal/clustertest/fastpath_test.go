@@ -9,10 +9,10 @@ import (
 
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/relay"
-	"github.com/claudemesh/broker/internal/store"
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
@@ -52,7 +52,7 @@ func TestRemoteFastPath(t *testing.T) {
 					t.Fatalf("push %d: got %s (%q), want %s: out of order or wrong row", i, p.MessageID, p.Ciphertext, ids[i])
 				}
 				if i < acked {
-					write(t, rcpt, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
+					testkit.Write(t, rcpt, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
 				}
 			}
 			relayed := b.Counter("broker_delivery_claims_total", "reason", "relayed")
@@ -81,7 +81,7 @@ func TestRemoteFastPath(t *testing.T) {
 				if p.MessageID != ids[i] {
 					t.Fatalf("redelivery %d: got %s, want %s", i, p.MessageID, ids[i])
 				}
-				write(t, again, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
+				testkit.Write(t, again, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
 			}
 			if extra := drain(t, again, 500*time.Millisecond); len(extra) != 0 {
 				t.Fatalf("%d rows delivered twice, first %s", len(extra), extra[0].MessageID)
@@ -113,13 +113,13 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 		{"earlier incarnation", b.Replica().Self() + "#0", "p", "c"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			msg := store.NewMessage{
+			msg := delivery.NewMessage{
 				MeshID: mesh.MeshID, SenderMemberID: mesh.Members[0].MemberID, SenderPubkey: mesh.Members[0].Pubkey(),
 				SenderName: "p0", TargetSpec: mesh.Members[1].Pubkey(), Priority: 1, Nonce: "bg==", Ciphertext: tc.name,
-				Recipients: []store.Recipient{{MemberID: mesh.Members[1].MemberID, LeaseConn: tc.conn, LeaseNode: tc.node}},
+				Recipients: []delivery.NewRecipient{{MemberID: mesh.Members[1].MemberID, LeaseConn: tc.conn, LeaseNode: tc.node}},
 			}
 			prefix := relay.EnvelopePrefix(time.Now())
-			suffix, ok := relay.EnvelopeSuffix(prefix, &relay.Envelope{
+			pending, ok := relay.NewPending(relay.NodeChannel(b.Replica().Self()), prefix, &relay.Envelope{
 				Node: tc.node, Presence: tc.presence, Conn: tc.conn, MeshID: mesh.MeshID, MemberID: mesh.Members[1].MemberID,
 				Priority: 1, SenderMemberID: msg.SenderMemberID, SenderPubkey: msg.SenderPubkey, SenderName: msg.SenderName,
 				TargetSpec: msg.TargetSpec, Nonce: msg.Nonce, Ciphertext: msg.Ciphertext,
@@ -129,8 +129,7 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			res, err := b.Store().InsertMessages(ctx, time.Hour, "other#1", time.Hour, []store.NewMessage{msg}, nil, nil,
-				[]store.EnvelopeNotify{{Ord: 0, Channel: relay.NodeChannel(b.Replica().Self()), Prefix: prefix, Suffix: suffix}})
+			res, err := b.Store().InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "other#1", Lease: time.Hour, Messages: []delivery.NewMessage{msg}, Envelopes: []delivery.EnvelopeNotify{{Ord: 0, Pending: pending}}})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -146,7 +145,7 @@ func TestRemoteFastPathStaleLease(t *testing.T) {
 // channel: a notification sent before would only be found by a re-scan.
 func listening(t *testing.T, n *testkit.Node) {
 	t.Helper()
-	testkit.Eventually(t, 10*time.Second, "relay listener subscribed", func() bool {
-		return n.Counter("broker_relay_listens_total") >= 1
-	})
+	if _, ok := n.Engine().TestSignals.Listening.Wait(10 * time.Second); !ok {
+		t.Fatal("relay listener never subscribed")
+	}
 }

@@ -11,73 +11,62 @@ import (
 	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/testkit"
 )
 
 // A node is killed with SIGKILL in the middle of a burst. Its peers
 // reconnect to the other nodes; every acked message is delivered, and no
 // member's application sees a message twice.
-func TestNodeKilledMidBurst(t *testing.T) {
-	db := pgtest.NewDB(t)
-	nodes := startProcNodes(t, db, 3, "LEASE_DURATION=5s")
-	mesh := procMesh(t, db, burstLoad.Peers)
-	b := startBurst(t, nodes, mesh)
-	b.run(burstLoad.Before)
+var nodeKilled = faultScenario{
+	name: "node_killed", label: "SIGKILL of 1 of 3 nodes", procs: 3, env: []string{"LEASE_DURATION=5s"},
+	fault: func(t *testing.T, c *faultCluster) faultOutcome {
+		nodes := c.procs
+		killedAt := c.b.Mark("SIGKILL " + nodes[0].name)
+		signalNode(t, nodes[0], syscall.SIGKILL)
+		<-nodes[0].exited
+		testkit.Eventually(t, 30*time.Second, "survivors see 2 nodes", func() bool {
+			h1, e1 := getHealth(nodes[1].HTTPURL())
+			h2, e2 := getHealth(nodes[2].HTTPURL())
+			return e1 == nil && e2 == nil && h1.ClusterSize == 2 && h2.ClusterSize == 2
+		})
+		noticed := time.Since(killedAt)
+		return faultOutcome{from: killedAt, result: recoveryIn(" (kill → survivors notice %s)", roundMs(noticed)),
+			check: func(faultkit.Report) { everyThirdReconnected(t, c.b, "killed") }}
+	},
+}
 
-	killedAt := b.Mark("SIGKILL " + nodes[0].name)
-	signalNode(t, nodes[0], syscall.SIGKILL)
-	<-nodes[0].exited
-	waitFor(t, 30*time.Second, "survivors see 2 nodes", func() bool {
-		h1, e1 := getHealth(nodes[1].HTTPURL())
-		h2, e2 := getHealth(nodes[2].HTTPURL())
-		return e1 == nil && e2 == nil && h1.ClusterSize == 2 && h2.ClusterSize == 2
-	})
-	noticed := time.Since(killedAt)
-	recovery := b.WaitRecovered(t, killedAt, 30*time.Second)
-	b.run(burstLoad.After)
-	r := b.Settle(90 * time.Second)
-	r.Check(t)
-	// The peers that were on the killed node (every third) moved.
+// everyThirdReconnected checks that the peers that were on the first node
+// (every third) moved.
+func everyThirdReconnected(t *testing.T, b *burst, how string) {
+	t.Helper()
 	for i, p := range b.Peers() {
 		if i%3 == 0 && p.Connects() < 2 {
-			t.Errorf("peer %d was on the killed node and never reconnected", i)
+			t.Errorf("peer %d was on the %s node and never reconnected", i, how)
 		}
 	}
-	logResult(t, "SIGKILL of 1 of 3 nodes", r, "recovery %s (kill → survivors notice %s)",
-		recovery.Round(time.Millisecond), noticed.Round(time.Millisecond))
 }
 
 // A node is stopped with SIGTERM in the middle of a burst: it drains
 // (sessions closed with 1001 after their queued frames) and exits 0; its
 // peers reconnect elsewhere and nothing acked is lost or duplicated.
-func TestNodeTerminatedMidBurst(t *testing.T) {
-	db := pgtest.NewDB(t)
-	nodes := startProcNodes(t, db, 3, "LEASE_DURATION=5s")
-	mesh := procMesh(t, db, burstLoad.Peers)
-	b := startBurst(t, nodes, mesh)
-	b.run(burstLoad.Before)
-
-	stopAt := b.Mark("SIGTERM " + nodes[0].name)
-	signalNode(t, nodes[0], syscall.SIGTERM)
-	select {
-	case <-nodes[0].exited:
-		if code := exitCode(nodes[0].err); code != 0 {
-			t.Fatalf("SIGTERM exit code %d", code)
+var nodeTerminated = faultScenario{
+	name: "node_terminated", label: "SIGTERM of 1 of 3 nodes", procs: 3, env: []string{"LEASE_DURATION=5s"},
+	fault: func(t *testing.T, c *faultCluster) faultOutcome {
+		nodes := c.procs
+		stopAt := c.b.Mark("SIGTERM " + nodes[0].name)
+		signalNode(t, nodes[0], syscall.SIGTERM)
+		select {
+		case <-nodes[0].exited:
+			if code := exitCode(nodes[0].err); code != 0 {
+				t.Fatalf("SIGTERM exit code %d", code)
+			}
+		case <-time.After(12 * time.Second):
+			t.Fatal("node did not exit within 12 s of SIGTERM")
 		}
-	case <-time.After(12 * time.Second):
-		t.Fatal("node did not exit within 12 s of SIGTERM")
-	}
-	exited := time.Since(stopAt)
-	recovery := b.WaitRecovered(t, stopAt, 30*time.Second)
-	b.run(burstLoad.After)
-	r := b.Settle(90 * time.Second)
-	r.Check(t)
-	for i, p := range b.Peers() {
-		if i%3 == 0 && p.Connects() < 2 {
-			t.Errorf("peer %d was on the stopped node and never reconnected", i)
-		}
-	}
-	logResult(t, "SIGTERM of 1 of 3 nodes", r, "recovery %s (SIGTERM → exit 0 in %s)",
-		recovery.Round(time.Millisecond), exited.Round(time.Millisecond))
+		exited := time.Since(stopAt)
+		return faultOutcome{from: stopAt, result: recoveryIn(" (SIGTERM → exit 0 in %s)", roundMs(exited)),
+			check: func(faultkit.Report) { everyThirdReconnected(t, c.b, "stopped") }}
+	},
 }
 
 // A node stopped with SIGTERM drains: its sessions close with 1001 and
@@ -109,7 +98,7 @@ func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 	// Each watcher sees the three node-1 peers join (not counting the
 	// other watcher's join): the replicas agree.
 	onNode1 := append(append([]*faultkit.Peer{}, movers...), control)
-	waitFor(t, 10*time.Second, "joins seen by every watcher", func() bool {
+	testkit.Eventually(t, 10*time.Second, "joins seen by every watcher", func() bool {
 		for _, w := range watchers {
 			events := w.Events()
 			for _, p := range onNode1 {
@@ -136,7 +125,7 @@ func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 		t.Fatal("node did not exit within 10 s of SIGTERM")
 	}
 	exitAfter := time.Since(stopAt)
-	waitFor(t, 10*time.Second, "movers reattached", func() bool {
+	testkit.Eventually(t, 10*time.Second, "movers reattached", func() bool {
 		for _, p := range movers {
 			if !p.Connected() || p.Connects() < 2 {
 				return false
@@ -154,7 +143,7 @@ func TestGracefulShutdownNoPeerLeft(t *testing.T) {
 		}
 		return false
 	}
-	waitFor(t, 20*time.Second, "control peer_left on every watcher", func() bool {
+	testkit.Eventually(t, 20*time.Second, "control peer_left on every watcher", func() bool {
 		return controlLeft(watchers[0]) && controlLeft(watchers[1])
 	})
 	for _, w := range watchers {

@@ -1,6 +1,7 @@
 package clustertest_test
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -13,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/claudemesh/broker/internal/testkit"
 )
 
 var (
@@ -119,6 +122,7 @@ func startProcNodes(t *testing.T, db string, n int, extraEnv ...string) []*procN
 		t.Cleanup(func() {
 			_ = p.cmd.Process.Kill()
 			<-p.exited
+			checkLogKeys(t, p.name, p.logPath)
 			if t.Failed() {
 				b, _ := os.ReadFile(p.logPath)
 				if len(b) > 4000 {
@@ -168,18 +172,6 @@ func getHealth(base string) (healthBody, error) {
 	return h, jsonDecode(resp, &h)
 }
 
-// waitFor polls cond (bounded) for state that converges asynchronously.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func signalNode(t *testing.T, p *procNode, sig syscall.Signal) {
 	t.Helper()
 	if err := p.cmd.Process.Signal(sig); err != nil {
@@ -196,4 +188,23 @@ func exitCode(err error) int {
 		return -1
 	}
 	return 0
+}
+
+// checkLogKeys fails t on a line of a node's log that repeats a key (the
+// broker logs one JSON object a line; other lines are a crash's output).
+func checkLogKeys(t *testing.T, name, path string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Errorf("%s log: %v", name, err)
+		return
+	}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if !bytes.HasPrefix(line, []byte("{")) {
+			continue
+		}
+		if key, err := testkit.DuplicateKey(line); err != nil || key != "" {
+			t.Errorf("%s log line repeats the key %q (%v): %s", name, key, err, line)
+		}
+	}
 }

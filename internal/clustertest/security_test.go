@@ -122,7 +122,7 @@ func TestJoinAfterEphemeralChurn(t *testing.T) {
 		if c.Cluster().NumMembers() != 3 {
 			return false
 		}
-		write(t, cc, protocol.ListPeers{Type: protocol.TypeListPeers})
+		testkit.Write(t, cc, protocol.ListPeers{Type: protocol.TypeListPeers})
 		var pl protocol.PeersList
 		if err := testkit.Expect(t, cc, protocol.TypePeersList, 5*time.Second).Decode(&pl); err != nil {
 			t.Fatal(err)
@@ -233,8 +233,8 @@ func TestRogueGossipNodeWithoutTheKey(t *testing.T) {
 		return a.Counter("broker_gossip_refused_total") >= 3
 	})
 	// Honest gossip still flows, both ways.
-	write(t, peer, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: "honest"})
-	write(t, victim, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
+	testkit.Write(t, peer, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: "honest"})
+	testkit.Write(t, victim, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
 	testkit.Eventually(t, 5*time.Second, "honest changes replicated", func() bool {
 		var summary, status bool
 		for _, e := range a.Replica().Live(mesh.MeshID) {
@@ -294,7 +294,7 @@ func TestGossipNodeSpeaksOnlyForItself(t *testing.T) {
 		return b.Counter("broker_gossip_entries_dropped_total", "reason", "not_owner") >= 1 &&
 			b.Counter("broker_gossip_commands_dropped_total") >= 1
 	})
-	write(t, peer, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: "honest"})
+	testkit.Write(t, peer, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: "honest"})
 	testkit.Eventually(t, 5*time.Second, "honest change replicated", func() bool {
 		for _, e := range a.Replica().Live(mesh.MeshID) {
 			if e.MemberID == mesh.Members[1].MemberID && e.Summary == "honest" {
@@ -453,7 +453,7 @@ func TestServeRefusesOpenGossipWithoutSecret(t *testing.T) {
 		_ = cmd.Process.Kill()
 		<-exited
 	})
-	waitFor(t, 30*time.Second, "the insecure lab node healthy", func() bool {
+	testkit.Eventually(t, 30*time.Second, "the insecure lab node healthy", func() bool {
 		h, err := getHealth(fmt.Sprintf("http://127.0.0.1:%d", port))
 		return err == nil && h.Status == "ok"
 	})

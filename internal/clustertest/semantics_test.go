@@ -15,41 +15,10 @@ import (
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
-func dial(t *testing.T, url string) *client.Conn {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := client.Dial(ctx, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.CloseNow() })
-	return c
-}
-
-func expectClose(t *testing.T, c *client.Conn, code int, reason string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for {
-		_, err := c.Next(ctx)
-		var ce *client.CloseError
-		if errors.As(err, &ce) {
-			if ce.Code != code || ce.Reason != reason {
-				t.Fatalf("closed %d %q, want %d %q", ce.Code, ce.Reason, code, reason)
-			}
-			return
-		}
-		if err != nil {
-			t.Fatalf("want close %d %q: %v", code, reason, err)
-		}
-	}
-}
-
 func helloError(t *testing.T, url string, h protocol.Hello) string {
 	t.Helper()
-	c := dial(t, url)
-	write(t, c, h)
+	c := testkit.Dial(t, url)
+	testkit.Write(t, c, h)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_, err := c.WaitHelloAck(ctx)
@@ -75,8 +44,8 @@ func TestClusterWideSemantics(t *testing.T) {
 
 	t.Run("replay on another node", func(t *testing.T) {
 		h := client.NewHello(d, client.HelloOptions{SessionID: "replay"})
-		first := dial(t, nodes[0].URL())
-		write(t, first, h)
+		first := testkit.Dial(t, nodes[0].URL())
+		testkit.Write(t, first, h)
 		testkit.Expect(t, first, protocol.TypeHelloAck, 5*time.Second)
 		first.Close()
 		if code := helloError(t, nodes[1].URL(), h); code != protocol.ReasonReplayed {
@@ -95,7 +64,7 @@ func TestClusterWideSemantics(t *testing.T) {
 	var s2 *client.Conn
 	t.Run("session replaced across nodes", func(t *testing.T) {
 		s2 = testkit.Connect(parent, nodes[1].URL(), a, client.HelloOptions{SessionID: "a-1"})
-		expectClose(t, s1, 1000, protocol.CloseReasonReplaced)
+		testkit.ExpectClose(t, s1, 1000, protocol.CloseReasonReplaced)
 		for _, n := range nodes {
 			testkit.Eventually(t, 3*time.Second, "one session of a, on node 2", func() bool {
 				live := n.Replica().Live(mesh.MeshID)
@@ -132,13 +101,13 @@ func TestClusterWideSemantics(t *testing.T) {
 	t.Run("message_status from any node", func(t *testing.T) {
 		sender := s2
 		ack := sendAck(t, sender, protocol.Send{TargetSpec: d.Pubkey(), Ciphertext: "eA=="}) // d is offline
-		write(t, watcher, protocol.MessageStatus{Type: protocol.TypeMessageStatus, MessageID: ack.MessageID})
+		testkit.Write(t, watcher, protocol.MessageStatus{Type: protocol.TypeMessageStatus, MessageID: ack.MessageID})
 		var res protocol.MessageStatusResult
 		testkit.Expect(t, watcher, protocol.TypeMessageStatusR, 5*time.Second).Decode(&res)
 		if res.Error != protocol.CodeNotFound {
 			t.Fatalf("a third member may not inspect a message between others: %+v", res)
 		}
-		write(t, sender, protocol.MessageStatus{Type: protocol.TypeMessageStatus, MessageID: ack.MessageID})
+		testkit.Write(t, sender, protocol.MessageStatus{Type: protocol.TypeMessageStatus, MessageID: ack.MessageID})
 		testkit.Expect(t, sender, protocol.TypeMessageStatusR, 5*time.Second).Decode(&res)
 		if len(res.Recipients) != 1 || res.Recipients[0].State != protocol.StateQueued || res.Recipients[0].MemberID != d.MemberID {
 			t.Fatalf("status %+v", res)
@@ -149,7 +118,7 @@ func TestClusterWideSemantics(t *testing.T) {
 		if _, err := admin.RevokeMember(context.Background(), nodes[0].Store(), mesh.MeshID, c.Pubkey()); err != nil {
 			t.Fatal(err)
 		}
-		expectClose(t, watcher, 1008, protocol.ReasonUnauthorized)
+		testkit.ExpectClose(t, watcher, 1008, protocol.ReasonUnauthorized)
 	})
 }
 

@@ -77,7 +77,7 @@ func TestDevClusterMirrorsCompose(t *testing.T) {
 	defer cancel()
 	c, err := devcluster.Start(ctx, devcluster.Options{
 		Nodes: 3, DataDir: t.TempDir(), BasePort: ports, GossipPort: ports + 3, LBPort: ports + 6, HookPort: ports + 7,
-		ShowKeys: true, Base: base, Logger: testkit.Logger(), Out: &out,
+		ShowKeys: true, Base: base, Logger: testkit.Logger(t), Out: &out,
 	})
 	if err != nil {
 		t.Fatal(err)

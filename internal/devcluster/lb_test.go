@@ -24,7 +24,7 @@ func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 func startLB(t *testing.T, interval time.Duration, backends ...devcluster.Backend) *devcluster.LB {
 	t.Helper()
 	lb, err := devcluster.StartLB(devcluster.LBOptions{
-		Addr: "127.0.0.1:0", Backends: backends, CheckInterval: interval, Logger: testkit.Logger(),
+		Addr: "127.0.0.1:0", Backends: backends, CheckInterval: interval, Logger: testkit.Logger(t),
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -137,7 +137,7 @@ func TestBannerJoinLinesSurviveRestart(t *testing.T) {
 		defer cancel()
 		c, err := devcluster.Start(ctx, devcluster.Options{
 			Nodes: 2, DataDir: data, BasePort: ports, GossipPort: ports + 2, LBPort: lbPort,
-			Base: base, Logger: testkit.Logger(), Out: &out,
+			Base: base, Logger: testkit.Logger(t), Out: &out,
 		})
 		if err != nil {
 			t.Fatalf("start: %v\n%s", err, out.String())
@@ -254,7 +254,7 @@ func TestOldDemoMeshReplaced(t *testing.T) {
 	ports := freePorts(t, 2)
 	var out bytes.Buffer
 	c, err := devcluster.Start(ctx, devcluster.Options{Nodes: 1, DataDir: data, BasePort: ports, GossipPort: ports + 1,
-		Base: base, Logger: testkit.Logger(), Out: &out})
+		Base: base, Logger: testkit.Logger(t), Out: &out})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -39,7 +39,7 @@ func pushingPeer(t *testing.T, n *testkit.Node, mesh *testkit.Mesh, i int, o mcp
 		Identity: &profile.Identity{Pubkey: id.Pubkey(), SecretKey: hex.EncodeToString(id.Priv)},
 		Mesh: &profile.Mesh{MeshID: mesh.MeshID, Slug: m.Slug, Name: m.Name, MemberID: id.MemberID, DisplayName: mesh.Names[i],
 			BrokerURLs: []string{n.URL()}, RootKey: m.RootKey, Pubkey: id.Pubkey()},
-		Store: st, Cwd: "/work/" + mesh.Names[i], Persistent: true, Logger: testkit.Logger(),
+		Store: st, Cwd: "/work/" + mesh.Names[i], Persistent: true, Logger: testkit.Logger(t),
 		OnMessage: func(msg client.Message) {
 			if s := srv.Load(); s != nil {
 				s.Push(msg)
@@ -135,7 +135,7 @@ func TestChannelNotifications(t *testing.T) {
 	})
 
 	// A name and a text full of escapes arrive sanitized.
-	ec, err := client.New(client.Options{Identity: evil, URLs: []string{n.URL()}, Logger: testkit.Logger()})
+	ec, err := client.New(client.Options{Identity: evil, URLs: []string{n.URL()}, Logger: testkit.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

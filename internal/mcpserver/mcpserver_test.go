@@ -41,7 +41,7 @@ func startPeer(t *testing.T, n *testkit.Node, mesh *testkit.Mesh, i int) *peer.S
 		Identity: &profile.Identity{Pubkey: id.Pubkey(), SecretKey: hex.EncodeToString(id.Priv)},
 		Mesh: &profile.Mesh{MeshID: mesh.MeshID, Slug: m.Slug, Name: m.Name, MemberID: id.MemberID, DisplayName: mesh.Names[i],
 			BrokerURLs: []string{n.URL()}, RootKey: m.RootKey, Pubkey: id.Pubkey()},
-		Store: st, Cwd: "/work/" + mesh.Names[i], Persistent: true, Logger: testkit.Logger(), ConnectGrace: 300 * time.Millisecond,
+		Store: st, Cwd: "/work/" + mesh.Names[i], Persistent: true, Logger: testkit.Logger(t), ConnectGrace: 300 * time.Millisecond,
 		Backoff: client.Backoff{Min: 20 * time.Millisecond, Max: 200 * time.Millisecond},
 	})
 	if err != nil {

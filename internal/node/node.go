@@ -21,8 +21,12 @@ import (
 	"github.com/pires/go-proxyproto"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/claudemesh/broker/internal/audit"
 	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/dbclock"
+	"github.com/claudemesh/broker/internal/delivery"
+	"github.com/claudemesh/broker/internal/httpapi"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/relay"
@@ -48,6 +52,10 @@ type Options struct {
 	// DBTracer, when set, traces the store's connections (tests watch
 	// which connections are opened and statements prepared).
 	DBTracer pgx.QueryTracer
+	// TestSignals turns the delivery engine's test signals on before the
+	// node starts, so a test can wait for events of the start-up (the
+	// relay's first LISTEN) too.
+	TestSignals bool
 }
 
 // Node is a running broker node.
@@ -58,7 +66,12 @@ type Node struct {
 	replica  *presence.Replica
 	cluster  *presence.Cluster
 	notifier *relay.Notifier
+	listener *relay.Listener
+	clock    *dbclock.Clock
+	audit    *audit.Writer
+	engine   *delivery.Engine
 	srv      *server.Server
+	api      *httpapi.API
 	http     *http.Server
 	metrics  *http.Server // only with METRICS_ADDR
 	hooks    *http.Server // only with HOOK_LOCAL_ADDR
@@ -172,17 +185,56 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 	}
 	n.cluster = presence.New(gopts, n.replica)
 	n.notifier = relay.NewNotifier(st.Notify, logger, func(k int) { m.RelaySent.Add(float64(k)) })
+	if err := n.notifier.Start(ctx); err != nil {
+		return nil, err
+	}
 
+	n.clock = dbclock.New(st, o.Clock, m, logger.With("component", "dbclock"))
+	n.audit = audit.New(st, m, logger)
+	if err := n.audit.Start(ctx); err != nil {
+		return nil, err
+	}
+	n.engine = delivery.New(delivery.Config{
+		Node: cfg.NodeName, Incarnation: inc, LeaseDuration: cfg.LeaseDuration, MessageTTL: cfg.MessageTTL,
+		SweepInterval: cfg.SweepInterval, DisableRemoteFastPath: cfg.DisableRemoteFastPath,
+		Now: n.clock.Now, // the cluster's clock, measured against Postgres
+	}, delivery.Deps{Queue: st, Directory: n.replica, Notifier: n.notifier, Auditor: n.audit, Metrics: m, Logger: logger})
+	if o.TestSignals {
+		ts := &n.engine.TestSignals
+		ts.ClaimRound.Init()
+		ts.Committed.Init()
+		ts.Listening.Init()
+		ts.Marked.Init()
+		ts.Expired.Init()
+	}
 	n.srv = server.New(server.Deps{
-		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Notifier: n.notifier,
-		Metrics: m, Gatherer: reg, Logger: logger, Incarnation: inc, Clock: o.Clock,
+		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Engine: n.engine, Audit: n.audit,
+		Metrics: m, Logger: logger, Clock: n.clock,
 	})
+	n.api = httpapi.New(httpapi.Deps{
+		Config: cfg, Node: n.srv, Replica: n.replica, Cluster: n.cluster, Store: st, Members: n.srv.Members(),
+		Audit: n.audit, HelloRate: n.srv.HelloRate(), Addrs: n.srv.Addrs(), Metrics: m, Gatherer: reg, Logger: logger,
+	})
+	if err := n.api.Start(ctx); err != nil {
+		return nil, err
+	}
+	// Work that failed while Postgres was away may be waiting.
+	n.clock.OnHealthy = func() { n.engine.WakeAll(delivery.ReasonSweep) }
+	n.clock.Warm = st.Warm
+	if err := n.clock.Start(ctx); err != nil {
+		return nil, err
+	}
+	if err := n.engine.Start(ctx); err != nil {
+		return nil, err
+	}
 	n.replica.SetObservers(n.srv.PresenceChanged, n.cluster.Replicate)
 	n.cluster.SetHandlers(n.srv.HandleCommand, n.srv.NodeEvent)
 	if err := n.cluster.Start(); err != nil {
 		return nil, err
 	}
-	n.srv.Start()
+	if err := n.srv.Start(ctx); err != nil {
+		return nil, err
+	}
 
 	runCtx, cancel := context.WithCancel(context.Background())
 	n.cancel = cancel
@@ -195,12 +247,15 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		cc.ConnectTimeout = 5 * time.Second
 		return pgx.ConnectConfig(ctx, cc)
 	}, store.MemberChannel, relay.NodeChannel(n.replica.Self()), envKey, relay.Handlers{
-		Wake: n.srv.RelayWake, Envelope: n.srv.RelayEnvelope, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
+		Wake: n.engine.RelayWake, Envelope: n.engine.RelayEnvelope, MemberChange: n.srv.MemberChanged, Listening: n.srv.RelayListening,
 		Rejected: func(reason string) { m.RelayRejected.WithLabelValues(reason).Inc() },
 	}, logger.With("component", "relay"))
-	n.goRun(func() { _ = listener.Run(runCtx) })
+	n.listener = listener
+	if err := listener.Start(ctx); err != nil {
+		return nil, err
+	}
 
-	n.http = httpServer(n.srv.Handler(), logger)
+	n.http = httpServer(n.api.Handler(http.HandlerFunc(n.srv.ServeWS)), logger)
 	n.goRun(func() {
 		if err := n.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logger.Error("http server stopped", "err", err)
@@ -212,16 +267,16 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 			return nil, fmt.Errorf("METRICS_ADDR %s: %w", cfg.MetricsAddr, err)
 		}
 		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", n.srv.MetricsHandler())
+		mux.Handle("GET /metrics", n.api.MetricsHandler())
 		if cfg.PProf {
 			// Go's profiler exposes memory contents and can stall the
 			// node: only on the private listener, only when asked for,
 			// behind METRICS_TOKEN when there is one.
-			mux.Handle("/debug/pprof/", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Index)))
-			mux.Handle("/debug/pprof/cmdline", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Cmdline)))
-			mux.Handle("/debug/pprof/profile", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Profile)))
-			mux.Handle("/debug/pprof/symbol", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Symbol)))
-			mux.Handle("/debug/pprof/trace", n.srv.RequireMetricsToken(http.HandlerFunc(pprof.Trace)))
+			mux.Handle("/debug/pprof/", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Index)))
+			mux.Handle("/debug/pprof/cmdline", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Cmdline)))
+			mux.Handle("/debug/pprof/profile", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Profile)))
+			mux.Handle("/debug/pprof/symbol", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Symbol)))
+			mux.Handle("/debug/pprof/trace", n.api.RequireMetricsToken(http.HandlerFunc(pprof.Trace)))
 		}
 		n.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: maxHeaderBytes}
 		n.metricsAddr = mln.Addr().String()
@@ -236,14 +291,14 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 			_ = hln.Close()
 			return nil, fmt.Errorf("HOOK_LOCAL_ADDR %s listens on %s, which is not loopback", cfg.HookLocalAddr, hln.Addr())
 		}
-		n.hooks = httpServer(n.srv.LocalHookHandler(), logger)
+		n.hooks = httpServer(n.api.LocalHookHandler(), logger)
 		n.hookAddr = hln.Addr().String()
 		n.goRun(func() { _ = n.hooks.Serve(hln) })
 	}
 	n.goRun(func() { n.discovery(runCtx) })
 	ok = true
 	logger.Info("broker listening", "addr", ln.Addr().String(), "ws_path", "/ws", "gossip", n.cluster.LocalAddr(),
-		"version", server.Version, "git_sha", cfg.GitSHA, "ttl_seconds", cfg.StatusTTLSeconds,
+		"version", httpapi.Version, "git_sha", cfg.GitSHA, "ttl_seconds", cfg.StatusTTLSeconds,
 		"hook_fresh_seconds", cfg.HookFreshSeconds, "max_connections_per_mesh", cfg.MaxConnsPerMesh,
 		"max_message_bytes", cfg.MaxMessageBytes, "hook_rate_limit_per_min", cfg.HookRateLimitPerMin,
 		"cluster_profile", cfg.ClusterProfile, "trusted_proxies", cfg.TrustedProxies, "client_ip_header", cfg.ClientIPHeader,
@@ -458,6 +513,12 @@ func (n *Node) Cluster() *presence.Cluster { return n.cluster }
 // Replica exposes the presence replica.
 func (n *Node) Replica() *presence.Replica { return n.replica }
 
+// Engine exposes the delivery engine (tests wait on its TestSignals).
+func (n *Node) Engine() *delivery.Engine { return n.engine }
+
+// Server exposes the WebSocket front (tests wait on its TestSignals).
+func (n *Node) Server() *server.Server { return n.srv }
+
 // Store exposes the node's store.
 func (n *Node) Store() *store.Store { return n.store }
 
@@ -476,10 +537,15 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		if err := n.srv.Shutdown(ctx); err != nil {
 			n.err = err
 		}
-		n.notifier.Close()
+		n.engine.Stop(ctx)
+		n.api.Stop(ctx)
+		n.clock.Stop(ctx)
+		n.audit.Stop(ctx)
+		n.notifier.Stop(ctx)
 		n.cluster.Flush(time.Second)
 		_ = n.cluster.Leave(time.Second)
 		_ = n.cluster.Shutdown()
+		n.listener.Stop(ctx)
 		n.cancel()
 		n.wg.Wait()
 		cctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -504,35 +570,59 @@ func (n *Node) Kill() {
 		}
 		_ = n.cluster.Shutdown()
 		n.srv.Abort()
-		n.notifier.Close()
+		n.engine.Abort()
+		n.api.Stop(context.Background())
+		n.clock.Stop(context.Background())
+		n.audit.Abort()
+		n.notifier.Stop(context.Background())
+		n.listener.Stop(context.Background())
 		n.cancel()
 		n.wg.Wait()
 		n.store.Close()
 	})
 }
 
-// abort releases what a failed Start acquired.
+// abort releases what a failed Start acquired, in the order Shutdown
+// stops it: whatever had started (the server's loops, the engine, the
+// listeners) stops before the pool closes under it. Stopping a part that
+// never started does nothing.
 func (n *Node) abort() {
-	if n.cluster != nil {
-		_ = n.cluster.Shutdown()
-	}
-	if n.notifier != nil {
-		n.notifier.Close()
-	}
-	if n.cancel != nil {
-		n.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	for _, srv := range []*http.Server{n.http, n.metrics, n.hooks} {
+		if srv != nil {
+			_ = srv.Close()
+		}
 	}
 	if n.ln != nil {
 		_ = n.ln.Close()
 	}
-	if n.http != nil {
-		_ = n.http.Close()
+	if n.srv != nil {
+		n.srv.Stop(ctx)
 	}
-	if n.metrics != nil {
-		_ = n.metrics.Close()
+	if n.engine != nil {
+		n.engine.Stop(ctx)
 	}
-	if n.hooks != nil {
-		_ = n.hooks.Close()
+	if n.api != nil {
+		n.api.Stop(ctx)
+	}
+	if n.clock != nil {
+		n.clock.Stop(ctx)
+	}
+	if n.audit != nil {
+		n.audit.Stop(ctx)
+	}
+	if n.notifier != nil {
+		n.notifier.Stop(ctx)
+	}
+	if n.cluster != nil {
+		_ = n.cluster.Shutdown()
+	}
+	if n.listener != nil {
+		n.listener.Stop(ctx)
+	}
+	if n.cancel != nil {
+		n.cancel()
 	}
 	n.wg.Wait()
 	n.store.Close()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -20,8 +19,6 @@ import (
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/testkit"
 )
-
-func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 
 // requestWatch is a tracer on a node's pools that records what the
 // statements run for the watched peers waited for: a connection opened

@@ -53,7 +53,7 @@ func (e *env) config(t *testing.T, i int, cwd string) peer.Config {
 		Identity: &profile.Identity{Pubkey: id.Pubkey(), SecretKey: hex.EncodeToString(id.Priv)},
 		Mesh: &profile.Mesh{MeshID: e.mesh.MeshID, Slug: m.Slug, Name: m.Name, MemberID: id.MemberID,
 			DisplayName: e.mesh.Names[i], BrokerURLs: []string{e.n.URL()}, RootKey: m.RootKey, Pubkey: id.Pubkey()},
-		Store: st, Cwd: cwd, Persistent: true, Logger: testkit.Logger(),
+		Store: st, Cwd: cwd, Persistent: true, Logger: testkit.Logger(t),
 		Backoff: client.Backoff{Min: 20 * time.Millisecond, Max: 200 * time.Millisecond},
 	}
 }

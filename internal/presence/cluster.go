@@ -871,7 +871,7 @@ func (w *logWriter) Write(p []byte) (int, error) {
 			w.onRefused()
 		}
 	}
-	w.logger.Log(context.Background(), level, "memberlist", "msg", line)
+	w.logger.Log(context.Background(), level, "memberlist", "line", line) // not "msg": slog's own key
 	return len(p), nil
 }
 

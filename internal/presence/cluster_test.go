@@ -51,7 +51,7 @@ func startGossip(t *testing.T, name, ip string, o gopts) *gnode {
 	n.r = presence.NewReplica(name, inc, time.Minute)
 	n.c = presence.New(presence.Options{
 		Name: name, Incarnation: inc, BindAddr: ip, Profile: o.profile, Secret: o.secret,
-		Logger:    testkit.Logger(),
+		Logger:    testkit.Logger(t),
 		OnRefused: func() { n.refused.Add(1) },
 		OnDropped: func(string) { n.dropped.Add(1) },
 		WrapTransport: func(tr memberlist.NodeAwareTransport) memberlist.NodeAwareTransport {

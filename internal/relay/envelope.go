@@ -48,15 +48,24 @@ const envelopeVersion = "e2"
 // between prefix and suffix: the message id, the commit time and the seal.
 const envelopeIDRoom = 48 + 1 + sha256.Size*2
 
-// EnvelopePrefix and EnvelopeSuffix are the two halves of an envelope
-// payload. The statement that inserts the row notifies
+// The payload of an envelope is made in two halves around what only the
+// statement inserting its row knows:
 //
-//	head || ' ' || seal || suffix
-//	head = prefix || <message id> || ' ' || <created_at in unix microseconds>
-//	seal = hex(HMAC-SHA256(key, head || ' ' || hex(SHA-256(suffix))))
+//	payload = head || ' ' || seal || suffix
+//	head    = prefix || <message id> || ' ' || <created_at in unix microseconds>
+//	prefix  = "e2 " || <sent at in unix microseconds> || ' '
+//	seal    = hex(HMAC-SHA256(key, head || ' ' || digest))
+//	digest  = hex(SHA-256(suffix)), suffix = "\n" || <the fields as JSON>
 //
-// so the payload carries what only the insert knows, sealed (see
-// EnvelopeKey) by a key other database roles do not have.
+// The sender renders the prefix and suffix (Pending); Postgres completes
+// head and seal in the insert statement (EnvelopeHeadSQL,
+// EnvelopePayloadSQL) from the key's HMAC pads (EnvelopeKey.Pads), in the
+// same round trip; CompleteEnvelope is the same computation in Go, for a
+// queue that is not Postgres. The seal covers only the ASCII head and the
+// suffix's digest, so it does not depend on the database's encoding.
+// DecodeEnvelope reads it back. This file is the format's only home.
+
+// EnvelopePrefix is the head's first part: the version and the send time.
 func EnvelopePrefix(sentAt time.Time) string {
 	return envelopeVersion + " " + strconv.FormatInt(sentAt.UnixMicro(), 10) + " "
 }
@@ -72,6 +81,63 @@ func EnvelopeSuffix(prefix string, e *Envelope) (suffix string, ok bool) {
 	}
 	suffix = "\n" + strings.TrimSuffix(buf.String(), "\n")
 	return suffix, len(prefix)+envelopeIDRoom+len(suffix) <= MaxPayload
+}
+
+// Pending is an envelope whose head and seal are added as its row commits.
+type Pending struct {
+	Channel string // the recipient node's channel (NodeChannel)
+	Prefix  string // EnvelopePrefix
+	Suffix  string // EnvelopeSuffix
+	Digest  string // hex SHA-256 of Suffix: what the seal covers of it
+}
+
+// NewPending renders e for the channel of its lease's node. ok is false
+// when it would not fit in a notification.
+func NewPending(channel, prefix string, e *Envelope) (Pending, bool) {
+	suffix, ok := EnvelopeSuffix(prefix, e)
+	if !ok {
+		return Pending{}, false
+	}
+	return Pending{Channel: channel, Prefix: prefix, Suffix: suffix, Digest: digest(suffix)}, true
+}
+
+func digest(suffix string) string {
+	d := sha256.Sum256([]byte(suffix))
+	return hex.EncodeToString(d[:])
+}
+
+// head is the payload's first line up to the seal.
+func head(prefix string, messageID int64, createdAt time.Time) string {
+	return prefix + strconv.FormatInt(messageID, 10) + " " + strconv.FormatInt(createdAt.UnixMicro(), 10)
+}
+
+// CompleteEnvelope is the payload Postgres notifies for p once its row
+// committed with messageID at createdAt: what EnvelopePayloadSQL computes,
+// in Go. Without a key the envelope goes out unsealed (and nodes refuse
+// it), as the statement does without pads.
+func CompleteEnvelope(p Pending, messageID int64, createdAt time.Time, key *EnvelopeKey) string {
+	h := head(p.Prefix, messageID, createdAt)
+	if key == nil {
+		return h + p.Suffix
+	}
+	return h + " " + hex.EncodeToString(key.sealDigest(h, p.Digest)) + p.Suffix
+}
+
+// EnvelopeHeadSQL is the SQL expression of the head, given SQL expressions
+// for the prefix (text), the message id (int8) and its created_at
+// (timestamptz).
+func EnvelopeHeadSQL(prefix, messageID, createdAt string) string {
+	return prefix + " || " + messageID + "::text || ' ' || (extract(epoch FROM " + createdAt + ") * 1000000)::bigint::text"
+}
+
+// EnvelopePayloadSQL is the SQL expression of the payload, given SQL
+// expressions for the head (EnvelopeHeadSQL), the suffix and digest (text)
+// and the HMAC pads (bytea; NULL pads leave the envelope unsealed):
+// HMAC-SHA256 is sha256(outer || sha256(inner || message)), which needs
+// only Postgres' built-in sha256().
+func EnvelopePayloadSQL(head, suffix, digest, inner, outer string) string {
+	return "CASE WHEN " + inner + " IS NULL THEN " + head + " ELSE " + head + " || ' ' || encode(sha256(" + outer +
+		" || sha256(" + inner + " || convert_to(" + head + " || ' ' || " + digest + ", 'UTF8'))), 'hex') END || " + suffix
 }
 
 // EnvelopeKey seals and checks envelope notifications. Any role that can
@@ -130,12 +196,13 @@ func (k *EnvelopeKey) Seal(head, suffix string) string {
 	return hex.EncodeToString(k.seal(head, suffix))
 }
 
-func (k *EnvelopeKey) seal(head, suffix string) []byte {
-	digest := sha256.Sum256([]byte(suffix))
+func (k *EnvelopeKey) seal(head, suffix string) []byte { return k.sealDigest(head, digest(suffix)) }
+
+func (k *EnvelopeKey) sealDigest(head, digest string) []byte {
 	m := hmac.New(sha256.New, k.key)
 	m.Write([]byte(head))
 	m.Write([]byte{' '})
-	m.Write([]byte(hex.EncodeToString(digest[:])))
+	m.Write([]byte(digest))
 	return m.Sum(nil)
 }
 

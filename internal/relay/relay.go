@@ -26,6 +26,7 @@ import (
 	"github.com/jackc/pgxlisten"
 
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/startstop"
 )
 
 // Channels is the number of mesh channels. Every node must agree on it.
@@ -165,26 +166,46 @@ func validID(s string) bool { return s != "" && protocol.CheckText(s, maxIDLen) 
 
 // Notifications turns mesh → member wake-ups into NOTIFY channels and
 // payloads (parallel slices), for a statement that notifies as it commits.
+// Duplicate members are sent once; a nil member list wakes the whole mesh.
 func Notifications(sentAt time.Time, meshes map[string][]string) (channels, payloads []string) {
 	if len(meshes) == 0 {
 		return nil, nil
 	}
-	byChannel := map[string][]Wake{}
+	wakes := make([]Wake, 0, len(meshes))
 	for mesh, members := range meshes {
-		set := make(map[string]struct{}, len(members))
-		w := Wake{MeshID: mesh}
+		w := Wake{MeshID: mesh, All: members == nil}
+		seen := make(map[string]struct{}, len(members))
 		for _, m := range members {
-			if _, dup := set[m]; !dup {
-				set[m] = struct{}{}
+			if _, dup := seen[m]; !dup {
+				seen[m] = struct{}{}
 				w.Members = append(w.Members, m)
 			}
 		}
+		wakes = append(wakes, w)
+	}
+	return batch(sentAt, wakes)
+}
+
+// batch groups wakes by channel and renders each channel's payloads: the
+// one encoder of wake-up notifications, for the statement that commits a
+// send batch and for the Notifier alike. Members are sorted and channels
+// come out in order, so equal inputs make equal notifications.
+func batch(sentAt time.Time, wakes []Wake) (channels, payloads []string) {
+	byChannel := map[string][]Wake{}
+	for _, w := range wakes {
 		sort.Strings(w.Members)
-		ch := ChannelFor(mesh)
+		ch := ChannelFor(w.MeshID)
 		byChannel[ch] = append(byChannel[ch], w)
 	}
-	for ch, wakes := range byChannel {
-		for _, p := range Encode(sentAt, wakes) {
+	names := make([]string, 0, len(byChannel))
+	for ch := range byChannel {
+		names = append(names, ch)
+	}
+	sort.Strings(names)
+	for _, ch := range names {
+		ws := byChannel[ch]
+		sort.Slice(ws, func(i, j int) bool { return ws[i].MeshID < ws[j].MeshID })
+		for _, p := range Encode(sentAt, ws) {
 			channels = append(channels, ch)
 			payloads = append(payloads, p)
 		}
@@ -198,8 +219,10 @@ type NotifyFunc func(ctx context.Context, channels, payloads []string) error
 // Notifier coalesces wake-ups and sends them after the caller's commit.
 // While one NOTIFY is in flight, new wake-ups accumulate and go out
 // together in the next one: one notifying transaction per batch, whatever
-// the number of meshes and members.
+// the number of meshes and members. Wake-ups queued before Start go out
+// once it runs; Stop sends what is queued.
 type Notifier struct {
+	startstop.Base
 	send   NotifyFunc
 	logger *slog.Logger
 	onSent func(n int)
@@ -207,20 +230,30 @@ type Notifier struct {
 	mu      sync.Mutex
 	pending map[string]map[string]struct{} // mesh → members; nil set means all
 	wake    chan struct{}
-	done    chan struct{}
-	stopped chan struct{}
 }
 
-// NewNotifier starts a notifier. onSent (optional) counts payloads sent.
+var _ startstop.Service = (*Notifier)(nil)
+
+// NewNotifier makes a notifier; onSent (optional) counts payloads sent.
 func NewNotifier(send NotifyFunc, logger *slog.Logger, onSent func(int)) *Notifier {
-	n := &Notifier{
+	return &Notifier{
 		send: send, logger: logger, onSent: onSent,
 		pending: map[string]map[string]struct{}{},
-		wake:    make(chan struct{}, 1), done: make(chan struct{}), stopped: make(chan struct{}),
+		wake:    make(chan struct{}, 1),
 	}
-	go n.loop()
-	return n
 }
+
+// Start runs the sending loop.
+func (n *Notifier) Start(ctx context.Context) error {
+	if _, ok := n.StartInit(ctx); !ok {
+		return nil
+	}
+	n.Go(n.loop)
+	return nil
+}
+
+// Stop sends what is queued and stops the loop.
+func (n *Notifier) Stop(ctx context.Context) { n.Base.Stop(ctx) }
 
 // Notify queues a wake-up for members of a mesh; nil members wakes every
 // session of the mesh.
@@ -248,12 +281,11 @@ func (n *Notifier) Notify(meshID string, members []string) {
 	}
 }
 
-func (n *Notifier) loop() {
-	defer close(n.stopped)
+func (n *Notifier) loop(ctx context.Context) {
 	for {
 		select {
 		case <-n.wake:
-		case <-n.done:
+		case <-ctx.Done():
 			n.flush() // last call: send what is queued
 			return
 		}
@@ -269,24 +301,15 @@ func (n *Notifier) flush() {
 	if len(pending) == 0 {
 		return
 	}
-	byChannel := map[string][]Wake{}
+	wakes := make([]Wake, 0, len(pending))
 	for mesh, set := range pending {
 		w := Wake{MeshID: mesh, All: set == nil}
 		for m := range set {
 			w.Members = append(w.Members, m)
 		}
-		sort.Strings(w.Members)
-		ch := ChannelFor(mesh)
-		byChannel[ch] = append(byChannel[ch], w)
+		wakes = append(wakes, w)
 	}
-	now := time.Now()
-	var channels, payloads []string
-	for ch, wakes := range byChannel {
-		for _, p := range Encode(now, wakes) {
-			channels = append(channels, ch)
-			payloads = append(payloads, p)
-		}
-	}
+	channels, payloads := batch(time.Now(), wakes)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := n.send(ctx, channels, payloads); err != nil {
@@ -297,16 +320,6 @@ func (n *Notifier) flush() {
 	if n.onSent != nil {
 		n.onSent(len(payloads))
 	}
-}
-
-// Close sends what is queued and stops the notifier.
-func (n *Notifier) Close() {
-	select {
-	case <-n.done:
-	default:
-		close(n.done)
-	}
-	<-n.stopped
 }
 
 // Handlers receive what the listener hears. They must not block for long.
@@ -329,9 +342,12 @@ type Handlers struct {
 
 // Listener is the node's single LISTEN connection.
 type Listener struct {
+	startstop.Base
 	l      *pgxlisten.Listener
 	logger *slog.Logger
 }
+
+var _ startstop.Service = (*Listener)(nil)
 
 // NewListener prepares a listener on the mesh channels, memberChannel and
 // nodeChannel (this node's envelopes, checked with key). connect must
@@ -432,11 +448,18 @@ func (h handler) HandleBacklog(ctx context.Context, channel string, c *pgx.Conn)
 	return h.backlog(ctx, channel, c)
 }
 
-// Run listens until ctx ends, reconnecting after a second on failure.
-func (l *Listener) Run(ctx context.Context) error {
-	err := l.l.Listen(ctx)
-	if ctx.Err() != nil {
+// Start listens until Stop, reconnecting after a second on failure.
+func (l *Listener) Start(ctx context.Context) error {
+	if _, ok := l.StartInit(ctx); !ok {
 		return nil
 	}
-	return err
+	l.Go(func(ctx context.Context) {
+		if err := l.l.Listen(ctx); err != nil && ctx.Err() == nil {
+			l.logger.Error("relay listener stopped", "err", err)
+		}
+	})
+	return nil
 }
+
+// Stop closes the connection.
+func (l *Listener) Stop(ctx context.Context) { l.Base.Stop(ctx) }

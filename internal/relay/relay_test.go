@@ -2,10 +2,12 @@ package relay_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
@@ -257,5 +259,66 @@ func TestNodeChannel(t *testing.T) {
 		if c == a {
 			t.Fatalf("a node channel collides with mesh channel %s", c)
 		}
+	}
+}
+
+// The Notifier and Notifications share one encoder: the same wake-ups make
+// the same notifications (but for the send time).
+func TestNotifierBatchesAsNotifications(t *testing.T) {
+	var got []string
+	sent := make(chan struct{}, 8)
+	n := relay.NewNotifier(func(_ context.Context, channels, payloads []string) error {
+		for i := range channels {
+			got = append(got, channels[i]+"|"+stripTime(payloads[i]))
+		}
+		sent <- struct{}{}
+		return nil
+	}, slog.New(slog.DiscardHandler), nil)
+	// Queued before Start: sent once it runs.
+	n.Notify("m1", []string{"b", "a"})
+	n.Notify("m1", []string{"b"})
+	n.Notify("m2", nil)
+	n.Notify("m3", []string{"z"})
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sent:
+	case <-time.After(5 * time.Second):
+		t.Fatal("nothing sent")
+	}
+	n.Stop(context.Background())
+	ch, pl := relay.Notifications(time.Now(), map[string][]string{"m1": {"a", "b"}, "m2": nil, "m3": {"z"}})
+	var want []string
+	for i := range ch {
+		want = append(want, ch[i]+"|"+stripTime(pl[i]))
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("Notifier sent\n%s\nNotifications makes\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+func stripTime(payload string) string {
+	_, rest, _ := strings.Cut(payload, "\n")
+	return rest
+}
+
+// An envelope completed in Go (the twin of the insert statement's SQL)
+// decodes, sealed, with its id and commit time.
+func TestCompleteEnvelope(t *testing.T) {
+	key, _ := relay.NewEnvelopeKey(bytes.Repeat([]byte{7}, 32))
+	sent := time.UnixMicro(1764480000000001)
+	p, ok := relay.NewPending("cm_node_x", relay.EnvelopePrefix(sent), &relay.Envelope{Node: "n#1", Presence: "p", Conn: "c",
+		MeshID: "m", MemberID: "r", Priority: 1, SenderName: "Zoë <&>", Ciphertext: "x"})
+	if !ok {
+		t.Fatal("does not fit")
+	}
+	created := time.UnixMicro(1764480000000777)
+	at, e, err := relay.DecodeEnvelope(relay.CompleteEnvelope(p, 42, created, key), key)
+	if err != nil || !at.Equal(sent) || e.MessageID != 42 || !e.CreatedAt.Equal(created) || e.SenderName != "Zoë <&>" {
+		t.Fatalf("decoded %v %+v %v", at, e, err)
+	}
+	if _, _, err := relay.DecodeEnvelope(relay.CompleteEnvelope(p, 42, created, nil), key); err == nil {
+		t.Fatal("an unsealed envelope decoded")
 	}
 }

@@ -53,17 +53,17 @@ func TestCrossMeshIsolation(t *testing.T) {
 	// b1 stays offline: B's messages to it wait in the queue.
 
 	t.Run("send to another mesh's member", func(t *testing.T) {
-		if ack := send(t, ca0, protocol.Send{TargetSpec: b0.Pubkey(), Ciphertext: "eA=="}); ack.Queued || ack.Error != protocol.CodeUnknownRecipient {
+		if ack := testkit.Send(t, ca0, protocol.Send{TargetSpec: b0.Pubkey(), Ciphertext: "eA=="}); ack.Queued || ack.Error != protocol.CodeUnknownRecipient {
 			t.Fatalf("ack %+v, want unknown_recipient", ack)
 		}
 	})
 	t.Run("send to another mesh's group", func(t *testing.T) {
-		if ack := send(t, ca0, protocol.Send{TargetSpec: "@ops", Ciphertext: "eA=="}); ack.Queued || ack.Error != protocol.CodeNoRecipients {
+		if ack := testkit.Send(t, ca0, protocol.Send{TargetSpec: "@ops", Ciphertext: "eA=="}); ack.Queued || ack.Error != protocol.CodeNoRecipients {
 			t.Fatalf("ack %+v, want no_recipients", ack)
 		}
 	})
 	t.Run("broadcast stays in the mesh", func(t *testing.T) {
-		ack := send(t, ca0, protocol.Send{TargetSpec: "*", Ciphertext: "YWxs"})
+		ack := testkit.Send(t, ca0, protocol.Send{TargetSpec: "*", Ciphertext: "YWxs"})
 		if !ack.Queued {
 			t.Fatalf("broadcast: %+v", ack)
 		}
@@ -86,19 +86,19 @@ func TestCrossMeshIsolation(t *testing.T) {
 	})
 
 	// A message of mesh B, queued for b1 (offline).
-	ackB := send(t, cb0, protocol.Send{TargetSpec: b1.Pubkey(), Ciphertext: "Yi1zZWNyZXQ="})
+	ackB := testkit.Send(t, cb0, protocol.Send{TargetSpec: b1.Pubkey(), Ciphertext: "Yi1zZWNyZXQ="})
 	if !ackB.Queued {
 		t.Fatalf("B's send: %+v", ackB)
 	}
 	t.Run("client_ack of another mesh's message", func(t *testing.T) {
 		// a0 acks B's message, then one of its own: once its own shows
 		// delivered, the batch holding the bogus ack was applied too.
-		own := send(t, ca1, protocol.Send{TargetSpec: a0.Pubkey(), Ciphertext: "b3du"})
+		own := testkit.Send(t, ca1, protocol.Send{TargetSpec: a0.Pubkey(), Ciphertext: "b3du"})
 		if p := testkit.ExpectPush(t, ca0, 5*time.Second); p.MessageID != own.MessageID {
 			t.Fatalf("a0 got %+v", p)
 		}
-		sendRaw(t, ca0, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: ackB.MessageID})
-		sendRaw(t, ca0, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: own.MessageID})
+		testkit.Write(t, ca0, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: ackB.MessageID})
+		testkit.Write(t, ca0, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: own.MessageID})
 		testkit.Eventually(t, 5*time.Second, "a0's own ack applied", func() bool {
 			res := messageStatus(t, ca1, own.MessageID)
 			return len(res.Recipients) == 1 && res.Recipients[0].State == protocol.StateDelivered
@@ -118,8 +118,8 @@ func TestCrossMeshIsolation(t *testing.T) {
 		// A's key, signing for mesh B with its own member id and with a B
 		// member's id: the signature verifies, the membership does not.
 		for _, memberID := range []string{a0.MemberID, b0.MemberID} {
-			c := dial(t, n.URL())
-			sendRaw(t, c, client.NewHello(client.Identity{MeshID: meshB.MeshID, MemberID: memberID, Priv: a0.Priv}, client.HelloOptions{}))
+			c := testkit.Dial(t, n.URL())
+			testkit.Write(t, c, client.NewHello(client.Identity{MeshID: meshB.MeshID, MemberID: memberID, Priv: a0.Priv}, client.HelloOptions{}))
 			expectRejection(t, c, protocol.ReasonUnauthorized)
 		}
 	})
@@ -129,16 +129,16 @@ func TestCrossMeshIsolation(t *testing.T) {
 		// Signed as a member of A: it cannot resolve to B's session.
 		h := http.Header{"X-Forwarded-For": {"203.0.113.7"}}
 		auth.SignHook(h, a0.Priv, meshA.MeshID, body, time.Now())
-		if code, out := post(t, url, body, h); code != http.StatusOK || out["presence_id"] != nil {
+		if code, out := testkit.PostJSON(t, url, body, h); code != http.StatusOK || out["presence_id"] != nil {
 			t.Fatalf("A's hook for B's (pid, cwd): %d %v, want accepted as pending for A only", code, out)
 		}
 		// Claiming mesh B with A's key: not a member there.
 		h = http.Header{"X-Forwarded-For": {"203.0.113.7"}}
 		auth.SignHook(h, a0.Priv, meshB.MeshID, body, time.Now())
-		if code, _ := post(t, url, body, h); code != http.StatusUnauthorized {
+		if code, _ := testkit.PostJSON(t, url, body, h); code != http.StatusUnauthorized {
 			t.Fatalf("A's key signing for mesh B: %d, want 401", code)
 		}
-		if s := liveStatus(n, b0.MemberID); s != protocol.StatusIdle {
+		if s := testkit.LiveStatus(n, b0.MemberID); s != protocol.StatusIdle {
 			t.Fatalf("B's session is %q after A's hooks", s)
 		}
 		// The pending status A left for (pid, cwd) does not apply to B's
@@ -168,7 +168,7 @@ func TestRevokedMemberSignatures(t *testing.T) {
 	hookAs := func() int {
 		h := http.Header{"X-Forwarded-For": {"203.0.113.8"}}
 		auth.SignHook(h, gone.Priv, mesh.MeshID, body, time.Now())
-		code, _ := post(t, n.HTTPURL()+"/hook/set-status", body, h)
+		code, _ := testkit.PostJSON(t, n.HTTPURL()+"/hook/set-status", body, h)
 		return code
 	}
 	if code := hookAs(); code != http.StatusOK {
@@ -179,8 +179,8 @@ func TestRevokedMemberSignatures(t *testing.T) {
 	}
 	// The node learns of the revocation through the member channel.
 	testkit.Eventually(t, 5*time.Second, "revoked member's hook refused", func() bool { return hookAs() == http.StatusUnauthorized })
-	c := dial(t, n.URL())
-	sendRaw(t, c, client.NewHello(gone, client.HelloOptions{}))
+	c := testkit.Dial(t, n.URL())
+	testkit.Write(t, c, client.NewHello(gone, client.HelloOptions{}))
 	expectRejection(t, c, protocol.ReasonUnauthorized)
 }
 
@@ -202,11 +202,11 @@ func TestJoinRefusesWeakKeys(t *testing.T) {
 		strings.Repeat("0", 64),        // order 4
 		"01" + strings.Repeat("0", 62), // the identity
 	} {
-		if code, r := joinWith(t, n.HTTPURL(), inv.Token, weak, "weak"); code != http.StatusBadRequest || r.Error != "malformed" {
+		if code, r := testkit.JoinWith(t, n.HTTPURL(), inv.Token, weak, "weak"); code != http.StatusBadRequest || r.Error != "malformed" {
 			t.Errorf("join with key %s: %d %+v, want 400 malformed", weak, code, r)
 		}
 	}
-	if code, r := joinReq(t, n.HTTPURL(), inv.Token, "strong"); code != http.StatusOK {
+	if code, r := testkit.Join(t, n.HTTPURL(), inv.Token, "strong"); code != http.StatusOK {
 		t.Fatalf("join with a real key: %d %+v", code, r)
 	}
 }
@@ -389,7 +389,7 @@ func TestHookFlood(t *testing.T) {
 
 	codes := map[int]int{}
 	for i := 0; i < 100; i++ {
-		code, _ := post(t, n.HookURL(), []byte(`{"cwd":"/flood","pid":77,"status":"working"}`), nil)
+		code, _ := testkit.PostJSON(t, n.HookURL(), []byte(`{"cwd":"/flood","pid":77,"status":"working"}`), nil)
 		codes[code]++
 	}
 	// The bucket holds a minute's worth; a few more may refill meanwhile.
@@ -405,7 +405,7 @@ func TestHookFlood(t *testing.T) {
 		h := http.Header{"X-Forwarded-For": {"203.0.113.9"}}
 		auth.SignHook(h, forger, mesh.MeshID, body, time.Now())
 		h.Set(auth.HeaderPubkey, mesh.Members[0].Pubkey()) // claims to be a member; the signature is not theirs
-		code, _ := post(t, url, body, h)
+		code, _ := testkit.PostJSON(t, url, body, h)
 		signed[code]++
 	}
 	elapsed := time.Since(start)
@@ -429,7 +429,7 @@ func TestOversizedInputs(t *testing.T) {
 	c := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
 	expectError := func(frame []byte, code string) {
 		t.Helper()
-		sendRaw(t, c, frame)
+		testkit.Write(t, c, frame)
 		var e protocol.ErrorFrame
 		if err := testkit.Expect(t, c, protocol.TypeError, 5*time.Second).Decode(&e); err != nil || e.Code != code {
 			t.Fatalf("%.60s…: %+v, want error %s", frame, e, code)
@@ -440,7 +440,7 @@ func TestOversizedInputs(t *testing.T) {
 		expectError([]byte(`{"type":"set_summary","summary":"`+strings.Repeat("x", protocol.MaxSummaryLen+1)+`"}`), protocol.CodeTooLarge)
 		// The limit is in bytes: 200 four-byte characters are too many.
 		expectError([]byte(`{"type":"set_summary","summary":"`+strings.Repeat("🚀", 200)+`"}`), protocol.CodeTooLarge)
-		sendRaw(t, c, []byte(`{"type":"set_summary","summary":"`+strings.Repeat("y", protocol.MaxSummaryLen)+`"}`))
+		testkit.Write(t, c, []byte(`{"type":"set_summary","summary":"`+strings.Repeat("y", protocol.MaxSummaryLen)+`"}`))
 		peers := listPeers(t, c)
 		if len(peers) != 1 || peers[0].Summary != strings.Repeat("y", protocol.MaxSummaryLen) {
 			t.Fatalf("512-byte summary not kept: %+v", peers)
@@ -448,7 +448,7 @@ func TestOversizedInputs(t *testing.T) {
 	})
 	t.Run("groups", func(t *testing.T) {
 		for i := 0; i < protocol.MaxGroups; i++ {
-			sendRaw(t, c, protocol.GroupOp{Type: protocol.TypeJoinGroup, Name: fmt.Sprintf("g%d", i)})
+			testkit.Write(t, c, protocol.GroupOp{Type: protocol.TypeJoinGroup, Name: fmt.Sprintf("g%d", i)})
 		}
 		expectError([]byte(`{"type":"join_group","name":"one-too-many"}`), protocol.CodeTooLarge)
 		expectError([]byte(`{"type":"join_group","name":"`+strings.Repeat("n", protocol.MaxGroupNameLen+1)+`"}`), protocol.CodeMalformed)
@@ -462,51 +462,31 @@ func TestOversizedInputs(t *testing.T) {
 			h.Groups = append(h.Groups, protocol.Group{Name: fmt.Sprint(i)})
 		}
 		// Over MAX_MESSAGE_BYTES (64 KiB) the frame itself is refused.
-		d := dial(t, n.URL())
-		sendRaw(t, d, h)
-		expectClose(t, d, websocket.StatusMessageTooBig)
+		d := testkit.Dial(t, n.URL())
+		testkit.Write(t, d, h)
+		testkit.ExpectCloseCode(t, d, int(websocket.StatusMessageTooBig))
 		// Under a larger frame limit the hello is malformed (at most 64).
 		big := testkit.StartNode(t, db, testkit.Options{Configure: func(c *config.Config) { c.MaxMessageBytes = 1 << 20 }})
-		d = dial(t, big.URL())
-		sendRaw(t, d, h)
+		d = testkit.Dial(t, big.URL())
+		testkit.Write(t, d, h)
 		expectRejection(t, d, protocol.ReasonMalformed)
 	})
 	t.Run("cwd", func(t *testing.T) {
-		d := dial(t, n.URL())
-		sendRaw(t, d, client.NewHello(mesh.Members[1], client.HelloOptions{Cwd: "/" + strings.Repeat("d", protocol.MaxCwdLen)}))
+		d := testkit.Dial(t, n.URL())
+		testkit.Write(t, d, client.NewHello(mesh.Members[1], client.HelloOptions{Cwd: "/" + strings.Repeat("d", protocol.MaxCwdLen)}))
 		expectRejection(t, d, protocol.ReasonMalformed)
 		ok := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{Cwd: "/" + strings.Repeat("d", protocol.MaxCwdLen-1)})
 		ok.Close()
-		hook(t, n.HookURL(), `{"cwd":"/`+strings.Repeat("d", protocol.MaxCwdLen)+`","status":"idle"}`, http.StatusBadRequest)
+		testkit.Hook(t, n.HookURL(), `{"cwd":"/`+strings.Repeat("d", protocol.MaxCwdLen)+`","status":"idle"}`, http.StatusBadRequest)
 	})
 	t.Run("frame over the limit before the hello", func(t *testing.T) {
-		d := dial(t, n.URL())
-		sendRaw(t, d, []byte(`{"type":"hello","cwd":"`+strings.Repeat("x", 70000)+`"}`))
-		expectClose(t, d, websocket.StatusMessageTooBig)
+		d := testkit.Dial(t, n.URL())
+		testkit.Write(t, d, []byte(`{"type":"hello","cwd":"`+strings.Repeat("x", 70000)+`"}`))
+		testkit.ExpectCloseCode(t, d, int(websocket.StatusMessageTooBig))
 	})
 	// After all that the first connection still works.
-	sendRaw(t, c, protocol.ListPeers{Type: protocol.TypeListPeers})
+	testkit.Write(t, c, protocol.ListPeers{Type: protocol.TypeListPeers})
 	testkit.Expect(t, c, protocol.TypePeersList, 5*time.Second)
-}
-
-// expectClose reads until the connection closes with code.
-func expectClose(t *testing.T, c *client.Conn, code websocket.StatusCode) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for {
-		_, err := c.Next(ctx)
-		var ce *client.CloseError
-		if errors.As(err, &ce) {
-			if ce.Code != int(code) {
-				t.Fatalf("closed %d %q, want %d", ce.Code, ce.Reason, code)
-			}
-			return
-		}
-		if err != nil {
-			t.Fatalf("want close %d: %v", code, err)
-		}
-	}
 }
 
 // Unicode edge cases travel unchanged wherever the broker keeps text
@@ -528,12 +508,12 @@ func TestUnicodeEdgeCases(t *testing.T) {
 	summary := weird + " \\ \" quotes"
 	// A NUL is refused (Postgres and terminals cannot take it); the
 	// summary is kept as it was.
-	sendRaw(t, c, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: weird + " \u0000 nul"})
+	testkit.Write(t, c, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: weird + " \u0000 nul"})
 	var nulErr protocol.ErrorFrame
 	if err := testkit.Expect(t, c, protocol.TypeError, 5*time.Second).Decode(&nulErr); err != nil || nulErr.Code != protocol.CodeMalformed {
 		t.Fatalf("summary with NUL: %+v", nulErr)
 	}
-	sendRaw(t, c, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: summary})
+	testkit.Write(t, c, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: summary})
 	testkit.Eventually(t, 5*time.Second, "summary applied", func() bool {
 		for _, p := range listPeers(t, s) {
 			if p.MemberID == named.MemberID {
@@ -551,13 +531,13 @@ func TestUnicodeEdgeCases(t *testing.T) {
 		}
 	}
 	// A unicode group name works as a target.
-	ack := send(t, s, protocol.Send{TargetSpec: "@équipe-🚀", Ciphertext: "8J+agA=="})
+	ack := testkit.Send(t, s, protocol.Send{TargetSpec: "@équipe-🚀", Ciphertext: "8J+agA=="})
 	if p := testkit.ExpectPush(t, c, 5*time.Second); !ack.Queued || p.MessageID != ack.MessageID || p.SenderName != "p0" {
 		t.Fatalf("group send: %+v, push %+v", ack, p)
 	}
 	// Invalid UTF-8 inside JSON strings (raw bytes 0xff, a lone surrogate
 	// escape).
-	sendRaw(t, c, []byte("{\"type\":\"set_summary\",\"summary\":\"a\xffb\\ud800c\"}"))
+	testkit.Write(t, c, []byte("{\"type\":\"set_summary\",\"summary\":\"a\xffb\\ud800c\"}"))
 	testkit.Eventually(t, 5*time.Second, "replaced summary", func() bool {
 		for _, p := range listPeers(t, s) {
 			if p.MemberID == named.MemberID {
@@ -566,7 +546,7 @@ func TestUnicodeEdgeCases(t *testing.T) {
 		}
 		return false
 	})
-	sendRaw(t, c, []byte("{\"type\":\"join_group\",\"name\":\"bad\xffname\"}"))
+	testkit.Write(t, c, []byte("{\"type\":\"join_group\",\"name\":\"bad\xffname\"}"))
 	var e protocol.ErrorFrame
 	if err := testkit.Expect(t, c, protocol.TypeError, 5*time.Second).Decode(&e); err != nil || e.Code != protocol.CodeMalformed {
 		t.Fatalf("group name with invalid UTF-8: %+v", e)
@@ -617,14 +597,14 @@ func TestMalformedFloodNoLeak(t *testing.T) {
 			}
 		}
 		cancel()
-		sendRaw(t, c, []byte(`{"type":"ping","_reqId":"alive"}`))
+		testkit.Write(t, c, []byte(`{"type":"ping","_reqId":"alive"}`))
 		testkit.Expect(t, c, protocol.TypePong, 5*time.Second)
 		c.Close()
 	}
 	// Before the hello: no_hello for each, then the hello still works.
-	c := dial(t, n.URL())
+	c := testkit.Dial(t, n.URL())
 	for i := 0; i < 200; i++ {
-		sendRaw(t, c, []byte(`{"type":"list_peers"}`))
+		testkit.Write(t, c, []byte(`{"type":"list_peers"}`))
 	}
 	for i := 0; i < 200; i++ {
 		var e protocol.ErrorFrame

@@ -55,7 +55,7 @@ var maximalSummary = fill("", `"<&>\`, protocol.MaxSummaryLen)
 func connectMaximal(t *testing.T, url string, id client.Identity, i int) *client.Conn {
 	t.Helper()
 	c := testkit.Connect(t, url, id, maximalHello(i))
-	sendRaw(t, c, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: maximalSummary})
+	testkit.Write(t, c, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: maximalSummary})
 	return c
 }
 
@@ -65,7 +65,7 @@ func exchange(t *testing.T, from, to *client.Conn, toID client.Identity, n int, 
 	t.Helper()
 	for i := range n {
 		body := fmt.Sprintf("%s-%d", tag, i)
-		ack := send(t, from, protocol.Send{TargetSpec: toID.Pubkey(), Ciphertext: body})
+		ack := testkit.Send(t, from, protocol.Send{TargetSpec: toID.Pubkey(), Ciphertext: body})
 		if !ack.Queued {
 			t.Fatalf("honest send %s: %+v", body, ack)
 		}
@@ -129,8 +129,8 @@ func TestPeersListOfFullMeshFitsOneMiB(t *testing.T) {
 			t.Fatal("the mesh does not fill")
 		}
 	}
-	over := dial(t, n.URL())
-	sendRaw(t, over, client.NewHello(fillers[len(fillers)-1], maximalHello(9999)))
+	over := testkit.Dial(t, n.URL())
+	testkit.Write(t, over, client.NewHello(fillers[len(fillers)-1], maximalHello(9999)))
 	expectRejection(t, over, protocol.ReasonCapacity) // the mesh is full
 	testkit.Eventually(t, 10*time.Second, "every summary set", func() bool {
 		k := 0
@@ -143,7 +143,7 @@ func TestPeersListOfFullMeshFitsOneMiB(t *testing.T) {
 	})
 
 	reader := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{Capabilities: []string{protocol.CapEphemeral}})
-	sendRaw(t, reader, protocol.ListPeers{Type: protocol.TypeListPeers, ReqID: "full"})
+	testkit.Write(t, reader, protocol.ListPeers{Type: protocol.TypeListPeers, ReqID: "full"})
 	f := testkit.Expect(t, reader, protocol.TypePeersList, 10*time.Second)
 	if len(f.Raw) > 1<<20 {
 		t.Fatalf("peers_list of %d bytes", len(f.Raw))
@@ -231,7 +231,7 @@ func TestListPeersFloodBoundedMemory(t *testing.T) {
 		t.Fatal("cannot read VmRSS from /proc/self/status")
 	}
 
-	flooder := testkit.DialSilent(t, n.URL(), mesh.Members[0])
+	flooder := testkit.DialSilent(t, n.URL(), mesh.Members[0], client.HelloOptions{}, 0)
 	var peak atomic.Int64
 	peak.Store(before)
 	stop := make(chan struct{})
@@ -313,8 +313,8 @@ func TestSessionsPerMemberCap(t *testing.T) {
 
 	rejected := func(o client.HelloOptions) {
 		t.Helper()
-		c := dial(t, n.URL())
-		sendRaw(t, c, client.NewHello(m0, o))
+		c := testkit.Dial(t, n.URL())
+		testkit.Write(t, c, client.NewHello(m0, o))
 		expectRejection(t, c, protocol.ReasonCapacity)
 	}
 	rejected(eph)

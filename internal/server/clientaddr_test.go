@@ -39,7 +39,7 @@ func behindProxy(t *testing.T, configure func(*config.Config)) (*testkit.Node, s
 			configure(c)
 		}
 	}})
-	lb, err := devcluster.StartLB(devcluster.LBOptions{Addr: "127.0.0.1:0", Logger: testkit.Logger(),
+	lb, err := devcluster.StartLB(devcluster.LBOptions{Addr: "127.0.0.1:0", Logger: testkit.Logger(t),
 		Backends: []devcluster.Backend{{Name: n.Name(), URL: n.HTTPURL()}}})
 	if err != nil {
 		t.Fatal(err)

@@ -7,9 +7,9 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/relay"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -142,10 +142,10 @@ func (s *Server) setStatus(presenceID, status, source string) (presence.Entry, b
 		return e, false
 	}
 	if after > before {
-		s.engine.wake([]string{e.MemberID}, reasonStatus)
+		s.engine.Wake(delivery.ReasonStatus, e.MemberID)
 	}
 	if changed {
-		s.audit.add(store.AuditEvent{MeshID: e.MeshID, Type: store.EventStatusChanged, Actor: e.MemberID,
+		s.audit.Add(store.AuditEvent{MeshID: e.MeshID, Type: store.EventStatusChanged, Actor: e.MemberID,
 			Target: presenceID, Metadata: map[string]any{"status": e.Status, "source": e.StatusSource}})
 	}
 	return e, changed
@@ -182,12 +182,11 @@ func (s *Server) NodeEvent(ev presence.NodeEvent) {
 	if ev.Up {
 		return
 	}
-	pattern := store.EscapeLike(leaseNodeName(ev.Name, ev.Incarnation))
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
+	// Refused once the server stops: a gossip event arriving during a
+	// shutdown has nothing left to release.
+	s.loops.Go(func(ctx context.Context) {
 		select {
-		case <-s.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-time.After(deathConfirm):
 		}
@@ -197,78 +196,17 @@ func (s *Server) NodeEvent(ev presence.NodeEvent) {
 				return
 			}
 		}
-		s.releaseNodeLeases(s.ctx, pattern, "")
-	}()
+		s.engine.ReleaseNode(ctx, ev.Name, ev.Incarnation)
+	})
 }
 
-// RelayWake handles one mesh of a relay notification.
-func (s *Server) RelayWake(sentAt time.Time, w relay.Wake) {
-	s.m.RelayReceived.Inc()
-	if lag := time.Since(sentAt); lag >= 0 {
-		s.m.RelayLag.Observe(lag.Seconds())
-	}
-	if w.All {
-		s.engine.wakeMesh(w.MeshID, reasonNotify)
-		return
-	}
-	s.engine.wake(w.Members, reasonNotify)
-}
-
-// RelayEnvelope handles a row carried whole by a notification (the remote
-// fast path). Only the node incarnation holding the lease acts on it: it
-// pushes the row to the leased session when the member is caught up (no
-// claim running or due, so the push cannot overtake an older row) and the
-// session's status and queue let it through. Otherwise the member is
-// marked for a claim, which takes such rows in order; a session that is
-// gone gives the row back at once.
-func (s *Server) RelayEnvelope(sentAt time.Time, e relay.Envelope) {
-	key := store.DeliveryKey{MessageID: e.MessageID, MemberID: e.MemberID}
-	if e.Node != s.leaseNode {
-		if strings.HasPrefix(e.Node, leaseNodePrefix(s.node)) {
-			// Leased to an earlier incarnation of this node, whose
-			// sessions are gone.
-			s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []store.DeliveryKey{key})
-		}
-		return
-	}
-	s.m.RelayReceived.Inc()
-	if lag := time.Since(sentAt); lag >= 0 {
-		s.m.RelayLag.Observe(lag.Seconds())
-	}
-	if s.engine.wasTaken(key) {
-		return // a claim got here first and pushed it
-	}
-	if s.now().Sub(e.CreatedAt) > min(s.cfg.LeaseDuration, takenTTL)/2 {
-		// Too late to trust the lease (or, replayed, to tell it from a row
-		// pushed already): let a claim decide.
-		s.engine.wake([]string{e.MemberID}, reasonNotify)
-		return
-	}
-	ss := s.sessionByPresence(e.Presence)
-	if ss == nil || ss.id != e.Conn || ss.isClosing() || ss.sendOnly {
-		s.releaseLeases(e.Conn, e.MeshID, e.MemberID, []store.DeliveryKey{key})
-		return
-	}
-	if !s.engine.direct(ss, e.MessageID, int(e.Priority)) {
-		s.engine.wake([]string{e.MemberID}, reasonNotify)
-		return
-	}
-	s.m.Claims.WithLabelValues("relayed").Inc()
-	ss.pushReserved(store.Delivery{
-		MessageID: e.MessageID, MemberID: e.MemberID, Conn: e.Conn, MeshID: e.MeshID,
-		SenderMemberID: e.SenderMemberID, SenderPubkey: e.SenderPubkey, SenderName: e.SenderName,
-		TargetSpec: e.TargetSpec, Priority: e.Priority, Nonce: e.Nonce, Ciphertext: e.Ciphertext,
-		ClientMessageID: e.ClientMessageID, CreatedAt: e.CreatedAt,
-	}, e.CreatedAt)
-}
-
-// RelayListening runs after every (re)LISTEN: anything notified while the
-// listener was away is found by a re-scan, and member lists are reloaded
-// (a revocation announced meanwhile would otherwise wait for their TTL).
+// RelayListening runs after every (re)LISTEN: member lists are reloaded (a
+// revocation announced meanwhile would otherwise wait for their TTL) and
+// the engine re-scans for anything notified while the listener was away.
 func (s *Server) RelayListening() {
 	s.m.RelayReconnects.Inc()
-	s.members.invalidateAll()
-	s.engine.wakeAll(reasonBacklog)
+	s.members.InvalidateAll()
+	s.engine.RelayListening()
 }
 
 // MemberChanged handles a membership change: "meshId", or
@@ -281,7 +219,7 @@ func (s *Server) MemberChanged(payload string) {
 		s.m.RelayRejected.WithLabelValues("malformed").Inc()
 		return
 	}
-	s.members.invalidate(mesh)
+	s.members.Invalidate(mesh)
 	if !hasMember {
 		return
 	}

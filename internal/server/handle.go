@@ -10,17 +10,11 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/claudemesh/broker/internal/auth"
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/store"
 )
-
-// pendingHookTTL is how long a hook that arrived before its session is kept.
-const pendingHookTTL = 10 * time.Second
-
-// helloSeenFor keeps accepted signatures past the ±60 s window on either
-// side, with margin for clock differences between nodes.
-const helloSeenFor = 3 * time.Minute
 
 // handleFrame dispatches one text frame, strictly in arrival order.
 func (ss *session) handleFrame(data []byte) {
@@ -79,7 +73,7 @@ func (ss *session) handleHello(data []byte) {
 	}
 	// Per-address limit before any cryptography, so a flood of bad hellos
 	// cannot burn the CPU.
-	if !s.helloRate.allow(ss.addrKey) {
+	if !s.helloRate.Allow(ss.addrKey) {
 		ss.reject(protocol.ReasonRateLimited, "hello rate")
 		return
 	}
@@ -88,7 +82,7 @@ func (ss *session) handleHello(data []byte) {
 		ss.reject(protocol.ReasonMalformed, err.Error())
 		return
 	}
-	ss.meshID, ss.pubkey = h.MeshID, h.Pubkey
+	ss.claim(h.MeshID, h.Pubkey)
 	if reason := auth.VerifyHello(h, s.now()); reason != "" {
 		ss.reject(reason, "")
 		return
@@ -96,7 +90,7 @@ func (ss *session) handleHello(data []byte) {
 	ctx, cancel := context.WithTimeout(ss.ctx, 10*time.Second)
 	defer cancel()
 	pubkey := toLowerHex(h.Pubkey)
-	member, err := s.members.byPubkey(ctx, h.MeshID, pubkey)
+	member, err := s.members.ByPubkey(ctx, h.MeshID, pubkey)
 	if errors.Is(err, store.ErrNotFound) {
 		ss.reject(protocol.ReasonUnauthorized, "not a member")
 		return
@@ -129,9 +123,12 @@ func (ss *session) handleHello(data []byte) {
 		// so an empty one takes none.
 		check.PID, check.Cwd = 0, ""
 	}
-	res, err := s.hellos.accept(ctx, check)
+	res, err := s.hellos.Accept(ctx, check)
 	if err != nil {
-		if s.rowFailed("hello", err); store.IsDataError(err) {
+		if store.IsDataError(err) {
+			// Edge validation should have caught what Postgres refuses.
+			s.m.BatchRowsFailed.WithLabelValues("hello").Inc()
+			s.logger.Warn("row refused by Postgres; the rest of its batch was written", "batch", "hello", "err", err)
 			ss.reject(protocol.ReasonMalformed, "refused by Postgres")
 			return
 		}
@@ -158,8 +155,12 @@ func toLowerHex(s string) string {
 // register makes the session live: it creates (or takes over) the presence
 // entry, acks the hello and starts delivery.
 func (ss *session) register(h *protocol.Hello, member store.Member, prev presence.Entry, hasPrev bool, pending string) {
+	if !ss.helloDecided.CompareAndSwap(false, true) {
+		return // timed out meanwhile
+	}
 	s := ss.s
 	now := s.now()
+	ss.meshID = h.MeshID
 	ss.memberID, ss.displayName, ss.sessionID, ss.pubkey = member.ID, member.DisplayName, h.SessionID, member.Pubkey
 	ss.clientAck = h.HasCapability(protocol.CapClientAck)
 	ss.sysEvents = h.HasCapability(protocol.CapSystemEvents)
@@ -211,12 +212,11 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	}
 	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
 		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
-	if !ss.sendOnly {
-		s.engine.attach(ss) // a send-only session is never a delivery target
-	}
+	s.engine.Attach(ss) // a send-only session is never a delivery target
+
 	ss.log().Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
 		"reattached", reattached, "client_ack", ss.clientAck)
-	s.audit.add(store.AuditEvent{MeshID: h.MeshID, Type: store.EventPeerConnected, Actor: member.ID,
+	s.audit.Add(store.AuditEvent{MeshID: h.MeshID, Type: store.EventPeerConnected, Actor: member.ID,
 		Target: entry.PresenceID, Metadata: map[string]any{"session_id": h.SessionID, "node": s.node,
 			"reattached": reattached, "remote": ss.remote}})
 }
@@ -243,12 +243,8 @@ func (ss *session) handleClientAck(data []byte, reqID string) {
 	// carries the session's member id. The mark is queued before the push
 	// is forgotten: a claim in between must find the row in one set or the
 	// other, never in neither.
-	ss.s.acks.add(ss.meshID, store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
-	ss.mu.Lock()
-	if ss.inflight != nil {
-		delete(ss.inflight, id)
-	}
-	ss.mu.Unlock()
+	ss.s.engine.Delivered(ss.meshID, delivery.Key{MessageID: id, MemberID: ss.memberID})
+	ss.Unreserve(id)
 }
 
 func (ss *session) handleSetStatus(data []byte, reqID string) {

@@ -18,18 +18,6 @@ import (
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
-func dial(t *testing.T, url string) *client.Conn {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := client.Dial(ctx, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.CloseNow() })
-	return c
-}
-
 // expectRejection reads the error frame and the close of a rejected hello.
 func expectRejection(t *testing.T, c *client.Conn, reason string) {
 	t.Helper()
@@ -50,21 +38,6 @@ func expectRejection(t *testing.T, c *client.Conn, reason string) {
 	}
 	if ce.Code != 1008 || ce.Reason != reason {
 		t.Fatalf("close = %d %q, want 1008 %q", ce.Code, ce.Reason, reason)
-	}
-}
-
-func sendRaw(t *testing.T, c *client.Conn, v any) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	var err error
-	if b, ok := v.([]byte); ok {
-		err = c.WriteRaw(ctx, b)
-	} else {
-		err = c.WriteJSON(ctx, v)
-	}
-	if err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -120,8 +93,8 @@ func TestHelloRejections(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			before := n.Counter("broker_connections_rejected_total", "reason", tc.reason)
-			c := dial(t, n.URL())
-			sendRaw(t, c, tc.frame)
+			c := testkit.Dial(t, n.URL())
+			testkit.Write(t, c, tc.frame)
 			expectRejection(t, c, tc.reason)
 			if got := n.Counter("broker_connections_rejected_total", "reason", tc.reason); got != before+1 {
 				t.Fatalf("counter %s = %v, want %v", tc.reason, got, before+1)
@@ -131,12 +104,12 @@ func TestHelloRejections(t *testing.T) {
 
 	t.Run("replayed", func(t *testing.T) {
 		h := client.NewHello(a, client.HelloOptions{SessionID: "s-replay"})
-		c1 := dial(t, n.URL())
-		sendRaw(t, c1, h)
+		c1 := testkit.Dial(t, n.URL())
+		testkit.Write(t, c1, h)
 		testkit.Expect(t, c1, protocol.TypeHelloAck, 5*time.Second)
 		c1.Close()
-		c2 := dial(t, n.URL())
-		sendRaw(t, c2, h) // the very same signed frame
+		c2 := testkit.Dial(t, n.URL())
+		testkit.Write(t, c2, h) // the very same signed frame
 		expectRejection(t, c2, protocol.ReasonReplayed)
 	})
 
@@ -145,13 +118,13 @@ func TestHelloRejections(t *testing.T) {
 		testkit.Eventually(t, 5*time.Second, "no live sessions", func() bool { return len(n.Replica().Live(mesh.MeshID)) == 0 })
 		testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{SessionID: "cap-1"})
 		testkit.Connect(t, n.URL(), mesh.Members[2], client.HelloOptions{SessionID: "cap-2"})
-		c := dial(t, n.URL())
-		sendRaw(t, c, client.NewHello(a, client.HelloOptions{SessionID: "cap-3"}))
+		c := testkit.Dial(t, n.URL())
+		testkit.Write(t, c, client.NewHello(a, client.HelloOptions{SessionID: "cap-3"}))
 		expectRejection(t, c, protocol.ReasonCapacity)
 	})
 
 	t.Run("hello_timeout", func(t *testing.T) {
-		c := dial(t, n.URL())
+		c := testkit.Dial(t, n.URL())
 		expectRejection(t, c, protocol.ReasonHelloTimeout)
 	})
 
@@ -160,8 +133,8 @@ func TestHelloRejections(t *testing.T) {
 		if _, err := admin.RevokeMember(context.Background(), n.Store(), mesh.MeshID, id.Pubkey()); err != nil {
 			t.Fatal(err)
 		}
-		c := dial(t, n.URL())
-		sendRaw(t, c, client.NewHello(id, client.HelloOptions{}))
+		c := testkit.Dial(t, n.URL())
+		testkit.Write(t, c, client.NewHello(id, client.HelloOptions{}))
 		expectRejection(t, c, protocol.ReasonUnauthorized)
 	})
 }
@@ -172,26 +145,26 @@ func TestFramesBeforeAndAfterHello(t *testing.T) {
 	db := pgtest.NewDB(t)
 	n := testkit.StartNode(t, db, testkit.Options{})
 	mesh := testkit.NewMesh(t, n.Store(), 1)
-	c := dial(t, n.URL())
-	sendRaw(t, c, []byte(`{"type":"send","_reqId":"r1","targetSpec":"*","ciphertext":"x"}`))
+	c := testkit.Dial(t, n.URL())
+	testkit.Write(t, c, []byte(`{"type":"send","_reqId":"r1","targetSpec":"*","ciphertext":"x"}`))
 	var e protocol.ErrorFrame
 	testkit.Expect(t, c, protocol.TypeError, 5*time.Second).Decode(&e)
 	if e.Code != protocol.CodeNoHello || e.ReqID != "r1" {
 		t.Fatalf("got %+v, want no_hello echoing _reqId", e)
 	}
-	sendRaw(t, c, client.NewHello(mesh.Members[0], client.HelloOptions{}))
+	testkit.Write(t, c, client.NewHello(mesh.Members[0], client.HelloOptions{}))
 	testkit.Expect(t, c, protocol.TypeHelloAck, 5*time.Second)
-	sendRaw(t, c, []byte(`{"type":"teleport","_reqId":"r2"}`))
+	testkit.Write(t, c, []byte(`{"type":"teleport","_reqId":"r2"}`))
 	testkit.Expect(t, c, protocol.TypeError, 5*time.Second).Decode(&e)
 	if e.Code != protocol.CodeUnknownType || e.ReqID != "r2" {
 		t.Fatalf("got %+v, want unknown_type", e)
 	}
-	sendRaw(t, c, []byte(`not json`))
+	testkit.Write(t, c, []byte(`not json`))
 	testkit.Expect(t, c, protocol.TypeError, 5*time.Second).Decode(&e)
 	if e.Code != protocol.CodeMalformed {
 		t.Fatalf("got %+v, want malformed", e)
 	}
-	sendRaw(t, c, []byte(`{"type":"ping","_reqId":"r3"}`))
+	testkit.Write(t, c, []byte(`{"type":"ping","_reqId":"r3"}`))
 	var pong protocol.Pong
 	testkit.Expect(t, c, protocol.TypePong, 5*time.Second).Decode(&pong)
 	if pong.ReqID != "r3" {
@@ -206,7 +179,7 @@ func TestFrameTooLarge(t *testing.T) {
 	mesh := testkit.NewMesh(t, n.Store(), 1)
 	c := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
 	big := `{"type":"send","targetSpec":"*","ciphertext":"` + strings.Repeat("A", 5000) + `"}`
-	sendRaw(t, c, []byte(big))
+	testkit.Write(t, c, []byte(big))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for {

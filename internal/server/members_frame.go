@@ -53,7 +53,7 @@ func (ss *session) handleListMembers(data []byte, reqID string) {
 	limit = min(limit, protocol.MaxMembersPage)
 	ctx, cancel := context.WithTimeout(ss.ctx, 5*time.Second)
 	defer cancel()
-	all, err := ss.s.members.all(ctx, ss.meshID)
+	all, err := ss.s.members.All(ctx, ss.meshID)
 	if err != nil {
 		ss.sendError(protocol.CodeUnavailable, "member list unavailable", reqID)
 		return

@@ -15,7 +15,7 @@ import (
 
 func listMembers(t *testing.T, c *client.Conn, after string, limit int) (protocol.MembersList, protocol.ErrorFrame) {
 	t.Helper()
-	sendRaw(t, c, protocol.ListMembers{Type: protocol.TypeListMembers, ReqID: "m", After: after, Limit: limit})
+	testkit.Write(t, c, protocol.ListMembers{Type: protocol.TypeListMembers, ReqID: "m", After: after, Limit: limit})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for {
@@ -123,10 +123,10 @@ func TestSendOnlyNeverReceives(t *testing.T) {
 	sender := testkit.Connect(t, n.URL(), alice, client.HelloOptions{})
 	listen := testkit.Connect(t, n.URL(), bob, client.HelloOptions{PID: 777, Cwd: "/work/bob", Capabilities: []string{protocol.CapClientAck}})
 	watcher := testkit.Connect(t, n.URL(), mesh.Members[2], client.HelloOptions{Capabilities: []string{protocol.CapSystemEvents}})
-	sendRaw(t, listen, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
-	testkit.Eventually(t, 5*time.Second, "bob working", func() bool { return liveStatus(n, bob.MemberID) == protocol.StatusWorking })
+	testkit.Write(t, listen, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
+	testkit.Eventually(t, 5*time.Second, "bob working", func() bool { return testkit.LiveStatus(n, bob.MemberID) == protocol.StatusWorking })
 
-	held := send(t, sender, protocol.Send{TargetSpec: bob.Pubkey(), Priority: "next", Ciphertext: "aGVsZA=="})
+	held := testkit.Send(t, sender, protocol.Send{TargetSpec: bob.Pubkey(), Priority: "next", Ciphertext: "aGVsZA=="})
 	for i := range 5 {
 		// Same pid and folder as the listening session, as a command run
 		// from inside Claude Code would have; the mesh's cap (3) is full.
@@ -135,7 +135,7 @@ func TestSendOnlyNeverReceives(t *testing.T) {
 		if peers := listPeers(t, cmd); len(peers) != 3 {
 			t.Fatalf("command %d sees %d peers, want the three visible sessions", i, len(peers))
 		}
-		ack := send(t, cmd, protocol.Send{TargetSpec: alice.Pubkey(), Ciphertext: "ZnJvbSBib2I="})
+		ack := testkit.Send(t, cmd, protocol.Send{TargetSpec: alice.Pubkey(), Ciphertext: "ZnJvbSBib2I="})
 		if p := testkit.ExpectPush(t, sender, 5*time.Second); p.MessageID != ack.MessageID {
 			t.Fatalf("alice got %+v, want bob's message %s", p, ack.MessageID)
 		}
@@ -169,7 +169,7 @@ func TestSendOnlyNeverReceives(t *testing.T) {
 		}
 	}
 
-	sendRaw(t, listen, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusIdle})
+	testkit.Write(t, listen, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusIdle})
 	if p := testkit.ExpectPush(t, listen, 5*time.Second); p.MessageID != held.MessageID {
 		t.Fatalf("listening session got %+v, want the held message %s", p, held.MessageID)
 	}
@@ -205,12 +205,12 @@ func TestSendOnlyAcrossNodes(t *testing.T) {
 	mesh := testkit.NewMesh(t, a.Store(), 2)
 	alice, bob := mesh.Members[0], mesh.Members[1]
 	listen := testkit.Connect(t, a.URL(), bob, client.HelloOptions{Capabilities: []string{protocol.CapClientAck}})
-	sendRaw(t, listen, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
+	testkit.Write(t, listen, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
 	sender := testkit.Connect(t, b.URL(), alice, client.HelloOptions{})
 	testkit.Eventually(t, 5*time.Second, "bob working on both nodes", func() bool {
-		return liveStatus(a, bob.MemberID) == protocol.StatusWorking && liveStatus(b, bob.MemberID) == protocol.StatusWorking
+		return testkit.LiveStatus(a, bob.MemberID) == protocol.StatusWorking && testkit.LiveStatus(b, bob.MemberID) == protocol.StatusWorking
 	})
-	held := send(t, sender, protocol.Send{TargetSpec: bob.Pubkey(), Priority: "next", Ciphertext: "bmV4dA=="})
+	held := testkit.Send(t, sender, protocol.Send{TargetSpec: bob.Pubkey(), Priority: "next", Ciphertext: "bmV4dA=="})
 	var cmds []*client.Conn
 	for range 3 {
 		cmd := testkit.Connect(t, b.URL(), bob, client.HelloOptions{Capabilities: []string{protocol.CapSendOnly, protocol.CapClientAck}})
@@ -221,7 +221,7 @@ func TestSendOnlyAcrossNodes(t *testing.T) {
 	}
 	// The listening session is still the member's only receiving session,
 	// so a "now" message takes the remote fast path to it.
-	urgent := send(t, sender, protocol.Send{TargetSpec: bob.Pubkey(), Priority: "now", Ciphertext: "bm93"})
+	urgent := testkit.Send(t, sender, protocol.Send{TargetSpec: bob.Pubkey(), Priority: "now", Ciphertext: "bm93"})
 	if p := testkit.ExpectPush(t, listen, 5*time.Second); p.MessageID != urgent.MessageID {
 		t.Fatalf("listening session got %+v, want the now message", p)
 	}
@@ -234,7 +234,7 @@ func TestSendOnlyAcrossNodes(t *testing.T) {
 	for _, cmd := range cmds {
 		cmd.Close()
 	}
-	sendRaw(t, listen, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusIdle})
+	testkit.Write(t, listen, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusIdle})
 	if p := testkit.ExpectPush(t, listen, 5*time.Second); p.MessageID != held.MessageID {
 		t.Fatalf("listening session got %+v, want the held message", p)
 	}

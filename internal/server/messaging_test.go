@@ -18,20 +18,6 @@ import (
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
-func send(t *testing.T, c *client.Conn, s protocol.Send) protocol.Ack {
-	t.Helper()
-	s.Type = protocol.TypeSend
-	if s.Nonce == "" {
-		s.Nonce = "bm9uY2U="
-	}
-	sendRaw(t, c, s)
-	var ack protocol.Ack
-	if err := testkit.Expect(t, c, protocol.TypeAck, 10*time.Second).Decode(&ack); err != nil {
-		t.Fatal(err)
-	}
-	return ack
-}
-
 // noPush asserts that no envelope arrives within d (a negative check: the
 // broker had every chance to deliver and did not).
 func noPush(t *testing.T, c *client.Conn, d time.Duration) {
@@ -65,7 +51,7 @@ func TestBroadcastExactlyOnce(t *testing.T) {
 	c1 := testkit.Connect(t, n.URL(), mesh.Members[2], client.HelloOptions{SessionID: "c-1"})
 	c2 := testkit.Connect(t, n.URL(), mesh.Members[2], client.HelloOptions{SessionID: "c-2"})
 
-	ack := send(t, sender, protocol.Send{ID: "b1", TargetSpec: "*", Ciphertext: "YnJvYWRjYXN0"})
+	ack := testkit.Send(t, sender, protocol.Send{ID: "b1", TargetSpec: "*", Ciphertext: "YnJvYWRjYXN0"})
 	if !ack.Queued || ack.ID != "b1" {
 		t.Fatalf("ack %+v", ack)
 	}
@@ -113,7 +99,7 @@ func TestClientAckRedelivery(t *testing.T) {
 	sender := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
 	acker := client.HelloOptions{SessionID: "r-1", Capabilities: []string{protocol.CapClientAck}}
 	r1 := testkit.Connect(t, n.URL(), mesh.Members[1], acker)
-	ack := send(t, sender, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "b25jZQ=="})
+	ack := testkit.Send(t, sender, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "b25jZQ=="})
 	p := testkit.ExpectPush(t, r1, 5*time.Second)
 	if p.MessageID != ack.MessageID {
 		t.Fatalf("got %+v", p)
@@ -125,7 +111,7 @@ func TestClientAckRedelivery(t *testing.T) {
 	if p2.MessageID != ack.MessageID {
 		t.Fatalf("redelivery got %+v", p2)
 	}
-	sendRaw(t, r2, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p2.MessageID})
+	testkit.Write(t, r2, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p2.MessageID})
 	status := messageStatus(t, sender, ack.MessageID)
 	testkit.Eventually(t, 5*time.Second, "delivered state", func() bool {
 		status = messageStatus(t, sender, ack.MessageID)
@@ -138,7 +124,7 @@ func TestClientAckRedelivery(t *testing.T) {
 
 func messageStatus(t *testing.T, c *client.Conn, id string) protocol.MessageStatusResult {
 	t.Helper()
-	sendRaw(t, c, protocol.MessageStatus{Type: protocol.TypeMessageStatus, MessageID: id})
+	testkit.Write(t, c, protocol.MessageStatus{Type: protocol.TypeMessageStatus, MessageID: id})
 	var res protocol.MessageStatusResult
 	if err := testkit.Expect(t, c, protocol.TypeMessageStatusR, 5*time.Second).Decode(&res); err != nil {
 		t.Fatal(err)
@@ -157,7 +143,7 @@ func TestPriorityGating(t *testing.T) {
 	rcv := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{PID: 4242, Cwd: "/work/proj"})
 	to := mesh.Members[1].Pubkey()
 
-	sendRaw(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
+	testkit.Write(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
 	testkit.Eventually(t, 5*time.Second, "status working", func() bool {
 		e := n.Replica().Live(mesh.MeshID)
 		for _, x := range e {
@@ -167,9 +153,9 @@ func TestPriorityGating(t *testing.T) {
 		}
 		return false
 	})
-	next := send(t, sender, protocol.Send{TargetSpec: to, Priority: "next", Ciphertext: "bmV4dA=="})
-	low := send(t, sender, protocol.Send{TargetSpec: to, Priority: "low", Ciphertext: "bG93"})
-	now := send(t, sender, protocol.Send{TargetSpec: to, Priority: "now", Ciphertext: "bm93"})
+	next := testkit.Send(t, sender, protocol.Send{TargetSpec: to, Priority: "next", Ciphertext: "bmV4dA=="})
+	low := testkit.Send(t, sender, protocol.Send{TargetSpec: to, Priority: "low", Ciphertext: "bG93"})
+	now := testkit.Send(t, sender, protocol.Send{TargetSpec: to, Priority: "now", Ciphertext: "bm93"})
 	if p := testkit.ExpectPush(t, rcv, 5*time.Second); p.MessageID != now.MessageID {
 		t.Fatalf("working session got %s first, want the now message %s", p.MessageID, now.MessageID)
 	}
@@ -179,7 +165,7 @@ func TestPriorityGating(t *testing.T) {
 	}
 
 	// A hook turns it idle: the held messages follow in send order.
-	hook(t, n.HookURL(), `{"cwd":"/work/proj","pid":4242,"status":"idle"}`, http.StatusOK)
+	testkit.Hook(t, n.HookURL(), `{"cwd":"/work/proj","pid":4242,"status":"idle"}`, http.StatusOK)
 	p1 := testkit.ExpectPush(t, rcv, 5*time.Second)
 	p2 := testkit.ExpectPush(t, rcv, 5*time.Second)
 	if p1.MessageID != next.MessageID || p2.MessageID != low.MessageID {
@@ -187,45 +173,18 @@ func TestPriorityGating(t *testing.T) {
 	}
 
 	// dnd: only now; a hook cannot clear it; set_status can.
-	sendRaw(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusDND})
-	testkit.Eventually(t, 5*time.Second, "status dnd", func() bool { return liveStatus(n, mesh.Members[1].MemberID) == protocol.StatusDND })
-	held := send(t, sender, protocol.Send{TargetSpec: to, Priority: "next", Ciphertext: "ZG5k"})
-	hook(t, n.HookURL(), `{"cwd":"/work/proj","pid":4242,"status":"idle"}`, http.StatusOK)
+	testkit.Write(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusDND})
+	testkit.Eventually(t, 5*time.Second, "status dnd", func() bool { return testkit.LiveStatus(n, mesh.Members[1].MemberID) == protocol.StatusDND })
+	held := testkit.Send(t, sender, protocol.Send{TargetSpec: to, Priority: "next", Ciphertext: "ZG5k"})
+	testkit.Hook(t, n.HookURL(), `{"cwd":"/work/proj","pid":4242,"status":"idle"}`, http.StatusOK)
 	noPush(t, rcv, 500*time.Millisecond)
-	if s := liveStatus(n, mesh.Members[1].MemberID); s != protocol.StatusDND {
+	if s := testkit.LiveStatus(n, mesh.Members[1].MemberID); s != protocol.StatusDND {
 		t.Fatalf("a hook changed dnd to %s", s)
 	}
-	sendRaw(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusIdle})
+	testkit.Write(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusIdle})
 	if p := testkit.ExpectPush(t, rcv, 5*time.Second); p.MessageID != held.MessageID {
 		t.Fatalf("got %s, want %s after set_status idle", p.MessageID, held.MessageID)
 	}
-}
-
-func liveStatus(n *testkit.Node, member string) string {
-	for _, m := range n.Replica().Meshes() {
-		for _, e := range n.Replica().Live(m) {
-			if e.MemberID == member {
-				return e.Status
-			}
-		}
-	}
-	return ""
-}
-
-// hook posts an unsigned hook to url (a node's HookURL).
-func hook(t *testing.T, url, body string, want int) map[string]any {
-	t.Helper()
-	resp, err := http.Post(url, "application/json", bytes.NewBufferString(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var out map[string]any
-	_ = jsonDecode(resp, &out)
-	if resp.StatusCode != want {
-		t.Fatalf("hook %s: status %d, want %d (%v)", body, resp.StatusCode, want, out)
-	}
-	return out
 }
 
 // client_message_id makes a retried send idempotent.
@@ -235,8 +194,8 @@ func TestIdempotentSend(t *testing.T) {
 	mesh := testkit.NewMesh(t, n.Store(), 2)
 	sender := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
 	rcv := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{})
-	first := send(t, sender, protocol.Send{ID: "1", TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "eA==", ClientMessageID: "k-1"})
-	second := send(t, sender, protocol.Send{ID: "2", TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "eA==", ClientMessageID: "k-1"})
+	first := testkit.Send(t, sender, protocol.Send{ID: "1", TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "eA==", ClientMessageID: "k-1"})
+	second := testkit.Send(t, sender, protocol.Send{ID: "2", TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "eA==", ClientMessageID: "k-1"})
 	if !second.Duplicate || second.MessageID != first.MessageID || !second.Queued {
 		t.Fatalf("retry ack %+v, want duplicate of %s", second, first.MessageID)
 	}
@@ -262,13 +221,13 @@ func TestPairOrdering(t *testing.T) {
 	// Half sent while the recipient is offline, half while it is online.
 	for i := 0; i < each/2; i++ {
 		for k, c := range []*client.Conn{s1, s2} {
-			sendRaw(t, c, protocol.Send{Type: protocol.TypeSend, TargetSpec: to, Nonce: "n", Ciphertext: fmt.Sprintf("%d-%d", k, i)})
+			testkit.Write(t, c, protocol.Send{Type: protocol.TypeSend, TargetSpec: to, Nonce: "n", Ciphertext: fmt.Sprintf("%d-%d", k, i)})
 		}
 	}
 	rcv := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{})
 	for i := each / 2; i < each; i++ {
 		for k, c := range []*client.Conn{s1, s2} {
-			sendRaw(t, c, protocol.Send{Type: protocol.TypeSend, TargetSpec: to, Nonce: "n", Ciphertext: fmt.Sprintf("%d-%d", k, i)})
+			testkit.Write(t, c, protocol.Send{Type: protocol.TypeSend, TargetSpec: to, Nonce: "n", Ciphertext: fmt.Sprintf("%d-%d", k, i)})
 		}
 	}
 	next := map[string]int{}
@@ -312,7 +271,7 @@ func TestSendRejections(t *testing.T) {
 	}
 	for _, tc := range cases {
 		before := n.Counter("broker_messages_rejected_total", "reason", tc.code)
-		ack := send(t, c, tc.s)
+		ack := testkit.Send(t, c, tc.s)
 		if ack.Queued || ack.Error != tc.code || ack.ID != tc.s.ID || ack.MessageID != "" {
 			t.Errorf("%s: ack %+v, want error %s", tc.s.TargetSpec, ack, tc.code)
 		}
@@ -332,14 +291,14 @@ func TestGroupTarget(t *testing.T) {
 	viaHello := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{Groups: []string{"backend"}})
 	viaJoin := testkit.Connect(t, n.URL(), mesh.Members[2], client.HelloOptions{})
 	leaver := testkit.Connect(t, n.URL(), mesh.Members[3], client.HelloOptions{Groups: []string{"backend"}})
-	sendRaw(t, viaJoin, protocol.GroupOp{Type: protocol.TypeJoinGroup, Name: "backend"})
-	sendRaw(t, leaver, protocol.GroupOp{Type: protocol.TypeLeaveGroup, Name: "backend"})
+	testkit.Write(t, viaJoin, protocol.GroupOp{Type: protocol.TypeJoinGroup, Name: "backend"})
+	testkit.Write(t, leaver, protocol.GroupOp{Type: protocol.TypeLeaveGroup, Name: "backend"})
 	want := []string{mesh.Members[1].MemberID, mesh.Members[2].MemberID}
 	slices.Sort(want)
 	testkit.Eventually(t, 5*time.Second, "group membership", func() bool {
 		return slices.Equal(n.Replica().GroupMembers(mesh.MeshID, "backend"), want)
 	})
-	ack := send(t, sender, protocol.Send{TargetSpec: "@backend", Ciphertext: "Z3JvdXA="})
+	ack := testkit.Send(t, sender, protocol.Send{TargetSpec: "@backend", Ciphertext: "Z3JvdXA="})
 	for _, c := range []*client.Conn{viaHello, viaJoin} {
 		if p := testkit.ExpectPush(t, c, 5*time.Second); p.MessageID != ack.MessageID {
 			t.Fatalf("got %+v", p)
@@ -359,11 +318,16 @@ func TestMessageExpiry(t *testing.T) {
 	n := testkit.StartNode(t, db, testkit.Options{Configure: func(c *config.Config) { c.MessageTTL = time.Second }})
 	mesh := testkit.NewMesh(t, n.Store(), 2)
 	sender := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
-	ack := send(t, sender, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "b2xk"})
+	ack := testkit.Send(t, sender, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "b2xk"})
 	testkit.Eventually(t, 15*time.Second, "expiry", func() bool {
 		return messageStatus(t, sender, ack.MessageID).Recipients[0].State == protocol.StateExpired
 	})
-	testkit.Eventually(t, 10*time.Second, "expired counter", func() bool { return n.Counter("broker_messages_expired_total") >= 1 })
+	if _, ok := n.Engine().TestSignals.Expired.Wait(15 * time.Second); !ok {
+		t.Fatal("no expiry pass expired the row")
+	}
+	if got := n.Counter("broker_messages_expired_total"); got != 1 {
+		t.Fatalf("broker_messages_expired_total = %v, want 1", got)
+	}
 	rcv := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{})
 	noPush(t, rcv, 700*time.Millisecond)
 	id, _ := strconv.ParseInt(ack.MessageID, 10, 64)

@@ -10,8 +10,8 @@ import (
 
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/faultkit"
+	"github.com/claudemesh/broker/internal/httpapi"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/server"
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
@@ -22,7 +22,7 @@ func health(t *testing.T, base string) int {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var h server.Health
+	var h httpapi.Health
 	_ = json.NewDecoder(resp.Body).Decode(&h)
 	if (resp.StatusCode == 503) != (h.DB == "down") {
 		t.Fatalf("health %d with db %q", resp.StatusCode, h.DB)
@@ -44,7 +44,7 @@ func TestPostgresOutage(t *testing.T) {
 	acked := map[string]bool{}
 	sendBoth := func(tag string) (ok, failed int) {
 		for _, to := range []client.Identity{mesh.Members[1], offline} {
-			ack := send(t, sender, protocol.Send{TargetSpec: to.Pubkey(), Priority: "now", Ciphertext: tag})
+			ack := testkit.Send(t, sender, protocol.Send{TargetSpec: to.Pubkey(), Priority: "now", Ciphertext: tag})
 			if ack.Queued {
 				acked[ack.MessageID+"/"+to.MemberID] = true
 				ok++
@@ -86,7 +86,7 @@ func TestPostgresOutage(t *testing.T) {
 		for _, to := range []client.Identity{mesh.Members[1], offline} {
 			var ack protocol.Ack
 			testkit.Eventually(t, 10*time.Second, "send after recovery", func() bool {
-				ack = send(t, sender, protocol.Send{TargetSpec: to.Pubkey(), Priority: "now", Ciphertext: "after-" + strconv.Itoa(i),
+				ack = testkit.Send(t, sender, protocol.Send{TargetSpec: to.Pubkey(), Priority: "now", Ciphertext: "after-" + strconv.Itoa(i),
 					ClientMessageID: "after-" + strconv.Itoa(i) + "-" + to.MemberID})
 				return ack.Queued
 			})
@@ -104,7 +104,7 @@ func TestPostgresOutage(t *testing.T) {
 		for i := 0; i < want/2; i++ {
 			p := testkit.ExpectPush(t, c.conn, 20*time.Second)
 			got[p.MessageID+"/"+c.id.MemberID]++
-			sendRaw(t, c.conn, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
+			testkit.Write(t, c.conn, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID})
 		}
 	}
 	for k := range acked {

@@ -17,7 +17,7 @@ import (
 
 func listPeers(t *testing.T, c *client.Conn) []protocol.Peer {
 	t.Helper()
-	sendRaw(t, c, protocol.ListPeers{Type: protocol.TypeListPeers, ReqID: "lp"})
+	testkit.Write(t, c, protocol.ListPeers{Type: protocol.TypeListPeers, ReqID: "lp"})
 	var pl protocol.PeersList
 	if err := testkit.Expect(t, c, protocol.TypePeersList, 5*time.Second).Decode(&pl); err != nil {
 		t.Fatal(err)
@@ -67,8 +67,8 @@ func TestPresenceAndSystemEvents(t *testing.T) {
 	if joined.MemberID != mesh.Members[1].MemberID || joined.SessionID != "sess-b" {
 		t.Fatalf("joined event %+v", joined)
 	}
-	sendRaw(t, peer, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: "fixing the build ✅"})
-	sendRaw(t, peer, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
+	testkit.Write(t, peer, protocol.SetSummary{Type: protocol.TypeSetSummary, Summary: "fixing the build ✅"})
+	testkit.Write(t, peer, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
 	st := expectEvent(t, watcher, protocol.EventPeerStatus)
 	if st.Status != protocol.StatusWorking || st.StatusSource != protocol.SourceManual {
 		t.Fatalf("status event %+v", st)
@@ -175,9 +175,9 @@ func TestStatusTTLSweep(t *testing.T) {
 	mesh := testkit.NewMesh(t, n.Store(), 2)
 	sender := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
 	rcv := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{})
-	sendRaw(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
-	testkit.Eventually(t, 5*time.Second, "working", func() bool { return liveStatus(n, mesh.Members[1].MemberID) == protocol.StatusWorking })
-	ack := send(t, sender, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "aGVsZA=="})
+	testkit.Write(t, rcv, protocol.SetStatus{Type: protocol.TypeSetStatus, Status: protocol.StatusWorking})
+	testkit.Eventually(t, 5*time.Second, "working", func() bool { return testkit.LiveStatus(n, mesh.Members[1].MemberID) == protocol.StatusWorking })
+	ack := testkit.Send(t, sender, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "aGVsZA=="})
 	if p := testkit.ExpectPush(t, rcv, 10*time.Second); p.MessageID != ack.MessageID {
 		t.Fatalf("got %+v", p)
 	}
@@ -197,7 +197,7 @@ func TestPendingHook(t *testing.T) {
 	db := pgtest.NewDB(t)
 	n := testkit.StartNode(t, db, testkit.Options{})
 	mesh := testkit.NewMesh(t, n.Store(), 1)
-	out := hook(t, n.HookURL(), `{"cwd":"/early","pid":99,"status":"working"}`, http.StatusOK)
+	out := testkit.Hook(t, n.HookURL(), `{"cwd":"/early","pid":99,"status":"working"}`, http.StatusOK)
 	if out["pending"] != true {
 		t.Fatalf("hook response %v, want pending", out)
 	}
@@ -218,7 +218,7 @@ func TestStaleSession(t *testing.T) {
 	mesh := testkit.NewMesh(t, n.Store(), 2)
 	alive := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
 	// A raw connection whose reader we never run cannot answer pings.
-	silent := testkit.DialSilent(t, n.URL(), mesh.Members[1])
+	silent := testkit.DialSilent(t, n.URL(), mesh.Members[1], client.HelloOptions{}, 0)
 	testkit.Eventually(t, 10*time.Second, "stale close", func() bool {
 		return n.Counter("broker_session_closes_total", "reason", protocol.CloseReasonStale) >= 1
 	})
@@ -239,7 +239,7 @@ func TestEphemeralSession(t *testing.T) {
 	if peers := listPeers(t, watcher); len(peers) != 1 {
 		t.Fatalf("list_peers shows %d sessions, want only the watcher", len(peers))
 	}
-	ack := send(t, watcher, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "aGk="})
+	ack := testkit.Send(t, watcher, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "aGk="})
 	if p := testkit.ExpectPush(t, eph, 5*time.Second); p.MessageID != ack.MessageID {
 		t.Fatalf("got %+v", p)
 	}
@@ -266,7 +266,7 @@ func TestReattachGroups(t *testing.T) {
 		return nil
 	}
 	c := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{SessionID: "g", Groups: []string{"a", "b"}})
-	sendRaw(t, c, protocol.GroupOp{Type: protocol.TypeJoinGroup, Name: "c"})
+	testkit.Write(t, c, protocol.GroupOp{Type: protocol.TypeJoinGroup, Name: "c"})
 	testkit.Eventually(t, 3*time.Second, "joined c", func() bool { return len(groups()) == 3 })
 	c.Close()
 	testkit.Eventually(t, 3*time.Second, "in grace", func() bool { return len(n.Replica().Live(mesh.MeshID)) == 0 })

@@ -2,8 +2,17 @@ package server
 
 import (
 	"context"
+	"sync"
 	"time"
 )
+
+// revocations holds members named by revocation notices, waiting for the
+// database to confirm; at most one checker runs (running).
+type revocations struct {
+	mu      sync.Mutex
+	pending map[string]struct{}
+	running bool
+}
 
 // checkRevocation confirms a revocation notice before acting on it. Any
 // database role can NOTIFY on the member channel, and a close 1008
@@ -13,45 +22,45 @@ import (
 // one checker drains, one query per round, however many notices came. The
 // periodic checkRevoked stays the safety net for notices never received.
 func (s *Server) checkRevocation(member string) {
-	if s.ctx.Err() != nil || !s.engine.hasLocal(member) {
+	if s.loops.Context().Err() != nil || !s.engine.HasLocal(member) {
 		return
 	}
-	c := s.members
-	c.revMu.Lock()
-	if c.revoking == nil {
-		c.revoking = map[string]struct{}{}
+	c := &s.revoking
+	c.mu.Lock()
+	if c.pending == nil {
+		c.pending = map[string]struct{}{}
 	}
-	c.revoking[member] = struct{}{}
-	start := !c.revRunning
-	c.revRunning = true
-	c.revMu.Unlock()
-	if start {
-		s.wg.Add(1)
-		go s.revocationLoop()
+	c.pending[member] = struct{}{}
+	start := !c.running
+	c.running = true
+	c.mu.Unlock()
+	if start && !s.loops.Go(s.revocationLoop) {
+		c.mu.Lock()
+		c.running = false
+		c.mu.Unlock()
 	}
 }
 
 // revocationLoop checks pending revocation notices against the database
 // until none is left.
-func (s *Server) revocationLoop() {
-	defer s.wg.Done()
-	c := s.members
+func (s *Server) revocationLoop(ctx context.Context) {
+	c := &s.revoking
 	for {
-		c.revMu.Lock()
-		pending := c.revoking
-		c.revoking = nil
-		if len(pending) == 0 || s.ctx.Err() != nil {
-			c.revRunning = false
-			c.revMu.Unlock()
+		c.mu.Lock()
+		pending := c.pending
+		c.pending = nil
+		if len(pending) == 0 || ctx.Err() != nil {
+			c.running = false
+			c.mu.Unlock()
 			return
 		}
-		c.revMu.Unlock()
+		c.mu.Unlock()
 		ids := make([]string, 0, len(pending))
 		for id := range pending {
 			ids = append(ids, id)
 		}
-		ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
-		revoked, err := s.store.RevokedAmong(ctx, ids)
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		revoked, err := s.store.RevokedAmong(cctx, ids)
 		cancel()
 		if err != nil {
 			// The periodic check closes them once Postgres answers.

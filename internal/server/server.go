@@ -8,19 +8,21 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net/http"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-
+	"github.com/claudemesh/broker/internal/audit"
 	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/dbclock"
+	"github.com/claudemesh/broker/internal/delivery"
+	"github.com/claudemesh/broker/internal/members"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
+	"github.com/claudemesh/broker/internal/ratelimit"
+	"github.com/claudemesh/broker/internal/replay"
+	"github.com/claudemesh/broker/internal/startstop"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -34,55 +36,42 @@ type Cluster interface {
 	Members() []presence.NodeInfo
 }
 
-// Notifier wakes other nodes after a commit (relay.Notifier).
-type Notifier interface {
-	Notify(meshID string, members []string)
-}
-
 // Deps are a server's collaborators.
 type Deps struct {
-	Config      *config.Config
-	Store       *store.Store
-	Replica     *presence.Replica
-	Cluster     Cluster
-	Notifier    Notifier
-	Metrics     *metrics.Metrics
-	Gatherer    prometheus.Gatherer
-	Logger      *slog.Logger
-	Incarnation int64
-	// Clock is the node's wall clock; nil means time.Now. Tests skew it.
-	Clock func() time.Time
+	Config  *config.Config
+	Store   *store.Store
+	Replica *presence.Replica
+	Cluster Cluster
+	Engine  *delivery.Engine
+	Audit   *audit.Writer
+	Metrics *metrics.Metrics
+	Logger  *slog.Logger
+	// Clock is the node's view of Postgres' clock and health.
+	Clock *dbclock.Clock
 }
 
 // Server is one broker node's HTTP and WebSocket front and delivery engine.
 type Server struct {
-	cfg      *config.Config
-	store    *store.Store
-	replica  *presence.Replica
-	cluster  Cluster
-	notifier Notifier
-	m        *metrics.Metrics
-	gatherer prometheus.Gatherer
-	logger   *slog.Logger
+	cfg     *config.Config
+	store   *store.Store
+	replica *presence.Replica
+	cluster Cluster
+	m       *metrics.Metrics
+	logger  *slog.Logger
 
-	node      string // this node's name
-	leaseNode string // name#incarnation, written on every lease
-	started   time.Time
+	node    string // this node's name
+	started time.Time
 
-	members   *memberCache
-	engine    *engine
-	commit    *committer
-	hellos    *helloBatcher
-	acks      *acker
-	audit     *auditor
-	hookRate  *keyedLimiter
-	helloRate *keyedLimiter
+	members   *members.Cache
+	revoking  revocations
+	engine    *delivery.Engine
+	hellos    *replay.Batcher
+	audit     *audit.Writer
+	helloRate *ratelimit.Keyed
 	addrs     *clientaddr.Resolver
 
-	clock       func() time.Time
-	clockOffset atomic.Int64 // Postgres clock minus ours, in ns
-	dbHealthy   atomic.Bool
-	draining    atomic.Bool
+	clock    *dbclock.Clock
+	draining atomic.Bool
 
 	mu         sync.RWMutex
 	sessions   map[*session]struct{}
@@ -92,31 +81,28 @@ type Server struct {
 	perAddr    map[string]int                   // open WebSockets by client address key
 	pending    map[string]int                   // of those, the ones without a hello yet
 
-	ctx    context.Context // cancelled by Shutdown
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	closed chan struct{}
-	once   sync.Once
+	// loops runs the background loops and the work cluster callbacks
+	// start (death confirmations, revocation checks); conns runs the
+	// sessions, their writers and their pings. Each refuses new goroutines
+	// once stopping, so a callback that arrives during a shutdown does not
+	// race its wait.
+	loops startstop.Base
+	conns startstop.Base
+	once  sync.Once
+
+	// TestSignals are off unless a test turns them on.
+	TestSignals TestSignals
 }
+
+var _ startstop.Service = (*Server)(nil)
 
 // New creates a server. Call Start before serving.
-// leaseNodeName is what a lease records as its node: the node's name and
-// incarnation, so that a restarted node's leases can be told from its
-// predecessor's.
-func leaseNodeName(node string, incarnation int64) string {
-	return leaseNodePrefix(node) + strconv.FormatInt(incarnation, 10)
-}
-
-// leaseNodePrefix starts the lease node names of every incarnation of node.
-func leaseNodePrefix(node string) string { return node + "#" }
-
 func New(d Deps) *Server {
-	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
-		cfg: d.Config, store: d.Store, replica: d.Replica, cluster: d.Cluster, notifier: d.Notifier,
-		m: d.Metrics, gatherer: d.Gatherer, logger: d.Logger,
+		cfg: d.Config, store: d.Store, replica: d.Replica, cluster: d.Cluster,
+		m: d.Metrics, logger: d.Logger,
+		engine: d.Engine, audit: d.Audit, clock: d.Clock,
 		node:       d.Replica.Self(),
-		leaseNode:  leaseNodeName(d.Replica.Self(), d.Incarnation),
 		started:    time.Now(),
 		sessions:   map[*session]struct{}{},
 		byPresence: map[string]*session{},
@@ -124,135 +110,104 @@ func New(d Deps) *Server {
 		listeners:  map[string]map[*session]struct{}{},
 		perAddr:    map[string]int{},
 		pending:    map[string]int{},
-		ctx:        ctx, cancel: cancel,
-		closed: make(chan struct{}),
 	}
-	s.clock = d.Clock
-	if s.clock == nil {
-		s.clock = time.Now
-	}
-	s.members = newMemberCache(d.Store, s.m.MemberCacheEvicted.Inc)
-	s.engine = newEngine(s)
-	s.commit = newCommitter(s, 2)
-	s.hellos = newHelloBatcher(s, 2)
-	s.acks = newAcker(s)
-	s.audit = newAuditor(s)
-	s.hookRate = newKeyedLimiter(float64(d.Config.HookRateLimitPerMin)/60, d.Config.HookRateLimitPerMin, s.m.LimiterEvicted.Inc)
-	s.helloRate = newKeyedLimiter(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
+	s.members = members.New(d.Store, s.m.MemberCacheEvicted.Inc)
+	s.hellos = replay.New(d.Store, 2)
+	s.helloRate = ratelimit.New(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
 	s.addrs = newResolver(d.Config, d.Logger)
-	s.dbHealthy.Store(true)
-	s.m.DBHealthy.Set(1)
 	return s
 }
 
-// Start launches the background loops: delivery, acks, audit, sweeps and
-// the Postgres health check.
-func (s *Server) Start() {
-	// Judge hello and hook timestamps by Postgres' clock from the first
-	// request on: a node whose clock is off would otherwise accept stale
-	// hellos (or refuse fresh ones) until the health loop's first tick.
-	_ = s.syncClock(s.ctx)
-	s.goLoop(s.engine.run)
-	s.goLoop(s.acks.run)
-	s.goLoop(s.audit.run)
-	s.goLoop(s.healthLoop)
-	s.goLoop(s.sweepLoop)
-	s.goLoop(s.presenceLoop)
-	s.commit.start()
-	// Leases held by an earlier incarnation of this node are void.
-	s.goLoop(func(ctx context.Context) {
-		s.releaseNodeLeases(ctx, store.EscapeLike(leaseNodePrefix(s.node))+"%", s.leaseNode)
-	})
-}
-
-func (s *Server) goLoop(fn func(ctx context.Context)) {
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		fn(s.ctx)
-	}()
-}
-
-// Handler returns the node's HTTP routes.
-func (s *Server) Handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /ws", s.serveWS)
-	mux.HandleFunc("POST /hook/set-status", s.serveHook)
-	mux.HandleFunc("POST /join", s.serveJoin)
-	mux.HandleFunc("GET /health", s.serveHealth)
-	if s.cfg.MetricsAddr == "" {
-		mux.Handle("GET /metrics", s.MetricsHandler())
+// Start launches the background loops (sweeps, pings, the Postgres health
+// check) and the hello batcher, and opens the server to sessions.
+func (s *Server) Start(ctx context.Context) error {
+	run, ok := s.loops.StartInit(ctx)
+	if !ok {
+		return nil
 	}
-	s.statusRoutes(mux)
-	return s.bounded(mux)
+	s.conns.StartInit(run)
+	if err := s.hellos.Start(run); err != nil {
+		return err
+	}
+	s.loops.Go(s.sweepLoop)
+	s.loops.Go(s.presenceLoop)
+	return nil
 }
 
-// LocalHookHandler serves HOOK_LOCAL_ADDR: POST /hook/set-status, where
-// unsigned hooks are accepted. It must only ever be served on a loopback
-// listener (node checks both the bind address and each peer).
-func (s *Server) LocalHookHandler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /hook/set-status", s.serveLocalHook)
-	return s.bounded(mux)
+// now is the cluster's time (dbclock).
+func (s *Server) now() time.Time { return s.clock.Now() }
+
+// Now is the cluster's time, for the HTTP routes.
+func (s *Server) Now() time.Time { return s.clock.Now() }
+
+// Stop is Shutdown without its error.
+func (s *Server) Stop(ctx context.Context) { _ = s.Shutdown(ctx) }
+
+// Name is this node's name.
+func (s *Server) Name() string { return s.node }
+
+// Started is when the server was made.
+func (s *Server) Started() time.Time { return s.started }
+
+// Sessions counts the authenticated sessions here.
+func (s *Server) Sessions() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.byPresence)
 }
 
-// now is the cluster's time: this node's clock corrected by its measured
-// offset from Postgres, so a node whose clock is off neither accepts stale
-// hellos nor rejects fresh ones.
-func (s *Server) now() time.Time {
-	return s.clock().Add(time.Duration(s.clockOffset.Load()))
+// DBHealthy reports whether Postgres answered the last health check.
+func (s *Server) DBHealthy() bool { return s.clock.Healthy() }
+
+// SetStatus applies a status to a session this node owns (a hook).
+func (s *Server) SetStatus(presenceID, status, source string) {
+	s.setStatus(presenceID, status, source)
 }
 
-// MetricsHandler serves the Prometheus exposition; with METRICS_TOKEN it
-// takes only "Authorization: Bearer <METRICS_TOKEN>".
-func (s *Server) MetricsHandler() http.Handler {
-	return s.RequireMetricsToken(promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{}))
+// AcceptSignature records a signature against replay, cluster-wide.
+func (s *Server) AcceptSignature(ctx context.Context, c store.HelloCheck) (store.HelloResult, error) {
+	return s.hellos.Accept(ctx, c)
 }
 
-// Node is this node's name.
-func (s *Server) Node() string { return s.node }
+// HelloRate is the per-address budget of hellos, which the HTTP routes
+// share.
+func (s *Server) HelloRate() *ratelimit.Keyed { return s.helloRate }
+
+// Members is the member cache the HTTP routes share.
+func (s *Server) Members() *members.Cache { return s.members }
+
+// Addrs resolves a request's client address.
+func (s *Server) Addrs() *clientaddr.Resolver { return s.addrs }
 
 // Drain stops accepting hellos, closes every session with 1001 after
-// flushing its queued frames, and waits for them (bounded by ctx).
+// flushing its queued frames, and waits for their teardown (leases given
+// back, disconnects audited), bounded by ctx: then the rest are cut.
 func (s *Server) Drain(ctx context.Context) {
 	s.draining.Store(true)
-	s.mu.RLock()
-	all := make([]*session, 0, len(s.sessions))
-	for ss := range s.sessions {
-		all = append(all, ss)
-	}
-	s.mu.RUnlock()
+	all := s.localSessions()
 	for _, ss := range all {
 		ss.closeAfterFlush(1001, "shutdown")
 	}
 	for _, ss := range all {
 		select {
-		case <-ss.done:
+		case <-ss.torn:
 		case <-ctx.Done():
 			ss.closeNow(1001, "shutdown")
 		}
 	}
 }
 
-// Shutdown drains sessions, flushes pending acks and audit events and
-// stops the background loops. It is idempotent.
+// Shutdown drains sessions and stops the background loops, bounded by ctx.
+// It is idempotent.
 func (s *Server) Shutdown(ctx context.Context) error {
 	var err error
 	s.once.Do(func() {
 		s.Drain(ctx)
-		s.hellos.stop()
-		s.commit.stop()
-		s.acks.flushNow(ctx)
-		s.audit.flushNow(ctx)
-		s.cancel()
-		done := make(chan struct{})
-		go func() { s.wg.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-ctx.Done():
-			err = errors.New("shutdown: background loops did not stop in time")
+		s.hellos.Stop(ctx)
+		s.loops.Stop(ctx)
+		if !s.conns.Stop(ctx) || !s.loops.Stop(ctx) {
+			err = errors.New("shutdown: sessions or background loops did not stop in time")
 		}
-		close(s.closed)
 	})
 	return err
 }
@@ -282,10 +237,10 @@ func (s *Server) Abort() {
 		for _, ss := range s.localSessions() {
 			_ = ss.conn.CloseNow()
 		}
-		s.cancel()
-		s.hellos.stop()
-		s.commit.stop()
-		s.wg.Wait()
-		close(s.closed)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s.loops.Stop(ctx)
+		s.hellos.Stop(ctx)
+		s.conns.Stop(ctx)
 	})
 }

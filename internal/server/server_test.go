@@ -3,7 +3,6 @@ package server_test
 import (
 	"context"
 	"encoding/json"
-	"net/http"
 	"os"
 	"testing"
 	"time"
@@ -69,7 +68,5 @@ func TestV01Client(t *testing.T) {
 		t.Fatal(err)
 	}
 }
-
-func jsonDecode(resp *http.Response, v any) error { return json.NewDecoder(resp.Body).Decode(v) }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

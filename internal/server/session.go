@@ -15,8 +15,11 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
+	"github.com/claudemesh/broker/internal/server/outbox"
 	"github.com/claudemesh/broker/internal/store"
+	"github.com/claudemesh/broker/internal/testsignal"
 )
 
 // maxSendsInFlight bounds a session's sends awaiting their ack (a quarter
@@ -35,82 +38,65 @@ type frame struct {
 	data []byte
 	push *pushMeta // set for envelope pushes
 	slot bool      // the ack of a send: frees its send slot once written
+	// written, when set, is closed once the frame is written or dropped
+	// (the ack a same-node push waits for).
+	written chan struct{}
+	ackOf   int64 // the message an ack is of, for tests (TestSignals.Frame)
+}
+
+// FrameEvent is a push about to be written, or an ack just written, on a
+// session (TestSignals.Frame): their Seq order is the order on the wire.
+type FrameEvent struct {
+	Conn      string
+	Kind      string // "push" (before its write) or "ack" (after its write)
+	MessageID int64
+	Seq       int64
+}
+
+// TestSignals are the front's events a test may wait for (testsignal).
+type TestSignals struct {
+	Frame testsignal.Signal[FrameEvent]
+}
+
+var frameSeq atomic.Int64
+
+func (ss *session) signalFrame(kind string, id int64) {
+	if sig := &ss.s.TestSignals.Frame; sig.On() {
+		sig.Signal(FrameEvent{Conn: ss.id, Kind: kind, MessageID: id, Seq: frameSeq.Add(1)})
+	}
 }
 
 // pushMeta tracks a pushed envelope until it is marked delivered.
 type pushMeta struct {
-	key       store.DeliveryKey
+	key       delivery.Key
 	committed time.Time
 	priority  string
+	// after: the push goes on the wire once the sender's ack is written,
+	// or at afterBy if that ack is held up (a sender that stops reading
+	// must not stall its recipients).
+	after   <-chan struct{}
+	afterBy time.Time
 }
 
-// frameQueue is a session's bounded outgoing queue, in frames and in
-// bytes. It grows on demand, so an idle session costs no buffer.
-type frameQueue struct {
-	mu    sync.Mutex
-	items []frame
-	max   int
-	// bytes counts the data of queued frames and of frames the writer has
-	// taken but not yet written: what this session holds for its client.
-	// A frame count alone would let 1,024 one-megabyte peers_lists pile up
-	// behind a client that stopped reading.
-	bytes    int
-	maxBytes int
-}
+// ackWait bounds how long a push waits for its sender's ack to be written:
+// an ack is written as soon as its session's writer runs, unless the
+// sender's socket is full (a sender that stopped reading), which must not
+// stall its recipients for longer.
+const ackWait = 500 * time.Millisecond
 
-func (q *frameQueue) push(f frame) bool { return q.pushUpTo(f, q.max, q.maxBytes) }
-
-// pushUpTo queues f unless the queue already holds limit frames or f would
-// take it past byteLimit bytes.
-func (q *frameQueue) pushUpTo(f frame, limit, byteLimit int) bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if len(q.items) >= min(limit, q.max) || q.bytes+len(f.data) > min(byteLimit, q.maxBytes) {
-		return false
+// dropped releases what waits on a frame that will never be written.
+func (f *frame) dropped() {
+	if f.written != nil {
+		close(f.written)
+		f.written = nil
 	}
-	q.items = append(q.items, f)
-	q.bytes += len(f.data)
-	return true
 }
 
-// written returns the bytes of a frame the writer has finished with.
-func (q *frameQueue) written(n int) {
-	q.mu.Lock()
-	q.bytes -= n
-	q.mu.Unlock()
-}
+// Len is the frame's size in the queue's byte budget.
+func (f frame) Len() int { return len(f.data) }
 
-// free is how many frames fit now.
-func (q *frameQueue) free() int {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.max - len(q.items)
-}
-
-// freeBytes is how many bytes fit now.
-func (q *frameQueue) freeBytes() int {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.maxBytes - q.bytes
-}
-
-func (q *frameQueue) take(buf []frame) []frame {
-	q.mu.Lock()
-	buf = append(buf[:0], q.items...)
-	clear(q.items)
-	q.items = q.items[:0]
-	if cap(q.items) > 256 {
-		q.items = nil // give a burst's memory back
-	}
-	q.mu.Unlock()
-	return buf
-}
-
-func (q *frameQueue) empty() bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return len(q.items) == 0
-}
+// Dropped releases what waits on a frame the queue drops unwritten.
+func (f frame) Dropped() { f.dropped() }
 
 // session is one WebSocket connection. The read loop (serveWS's goroutine)
 // owns frame handling; the write loop owns all writes to the socket.
@@ -124,6 +110,10 @@ type session struct {
 
 	addrKey string // what per-address limits count it by (clientaddr.Key)
 
+	// What a hello claimed, before it is verified (reject audits it).
+	// Guarded by mu: the hello timeout reads them from its own goroutine.
+	claimedMesh, claimedPubkey string
+
 	// Set by the hello before authed is stored; read-only afterwards.
 	meshID, memberID, pubkey, displayName, presenceID, sessionID string
 	clientAck, sysEvents                                         bool
@@ -135,9 +125,14 @@ type session struct {
 	lastPong atomic.Int64 // unix nanos
 	nextPing atomic.Int64
 
-	q       frameQueue
+	q       *outbox.Queue[frame]
 	writing atomic.Bool   // a write loop is running (started on demand)
 	done    chan struct{} // closed once the socket is closed
+	torn    chan struct{} // closed once teardown has run (leases given back, audited)
+
+	// helloDecided is set by the first of: the hello accepted (register),
+	// the hello rejected, the hello timeout. The others then do nothing.
+	helloDecided atomic.Bool
 
 	sendLimit *rate.Limiter
 	// peersLimit paces list_peers; nil until the first one (peers.go).
@@ -156,19 +151,21 @@ type session struct {
 	mu          sync.Mutex
 	inflight    map[int64]struct{} // leased to this connection, not yet marked delivered
 	closing     bool
+	closed      atomic.Bool // mirrors closing, for lock-free reads
 	flushFirst  bool
 	closeCode   websocket.StatusCode
 	closeReason string
 }
 
 func (s *Server) newSession(conn *websocket.Conn, remote, addrKey string) *session {
-	ctx, cancel := context.WithCancel(s.ctx)
+	ctx, cancel := context.WithCancel(s.conns.Context())
 	id := strings.ToLower(s.node) + "/" + store.NewID()
 	slots := min(maxSendsInFlight, max(1, s.cfg.SendQueueLen/4))
 	ss := &session{
 		s: s, conn: conn, id: id, remote: remote, addrKey: addrKey, ctx: ctx, cancel: cancel,
-		q:         frameQueue{max: s.cfg.SendQueueLen, maxBytes: s.cfg.SendQueueBytes},
+		q:         outbox.New[frame](s.cfg.SendQueueLen, s.cfg.SendQueueBytes),
 		done:      make(chan struct{}),
+		torn:      make(chan struct{}),
 		inflight:  map[int64]struct{}{},
 		sendSlots: make(chan struct{}, slots),
 		reserve:   slots + min(maxReplyRoom, s.cfg.SendQueueLen/4),
@@ -189,7 +186,8 @@ func (ss *session) log() *slog.Logger {
 	return ss.s.logger.With("conn", ss.id, "remote", ss.remote)
 }
 
-func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
+// ServeWS serves GET /ws: it upgrades the connection and runs its session.
+func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 	if s.draining.Load() {
 		http.Error(w, "node is shutting down", http.StatusServiceUnavailable)
 		return
@@ -221,20 +219,27 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.sessions[ss] = struct{}{}
 	s.mu.Unlock()
-	// The connection is hijacked: serve it on a goroutine of our own and
-	// let the HTTP handler (and its deep stack) return.
-	go func() {
+	// The connection is hijacked: serve it on a goroutine of our own (that
+	// Shutdown waits for) and let the HTTP handler (and its deep stack)
+	// return.
+	started := s.conns.Go(func(context.Context) {
+		defer close(ss.torn)
 		defer func() { s.releaseConn(key, ss.authed.Load()) }()
-		helloTimer := time.AfterFunc(s.cfg.HelloTimeout, func() {
-			if !ss.authed.Load() {
-				ss.reject(protocol.ReasonHelloTimeout, "")
-			}
-		})
+		// The first of the timeout and the hello decides (helloDecided).
+		helloTimer := time.AfterFunc(s.cfg.HelloTimeout, func() { ss.reject(protocol.ReasonHelloTimeout, "") })
 		ss.readLoop()
 		helloTimer.Stop()
-		helloTimer = nil
 		ss.teardown()
-	}()
+	})
+	if !started {
+		// Shutting down between the check above and here.
+		s.mu.Lock()
+		delete(s.sessions, ss)
+		s.mu.Unlock()
+		s.releaseConn(key, false)
+		close(ss.torn)
+		_ = conn.Close(websocket.StatusGoingAway, "shutdown")
+	}
 }
 
 // readLoop reads frames until the connection ends, handling each in order.
@@ -269,11 +274,7 @@ func (ss *session) noteReadError(err error) {
 	ss.setClose(websocket.StatusNormalClosure, "", false)
 }
 
-func (ss *session) isClosing() bool {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	return ss.closing
-}
+func (ss *session) isClosing() bool { return ss.closed.Load() }
 
 // setClose records why the session closes (first call wins) and wakes the
 // write loop. With flush, frames already queued are written first.
@@ -284,6 +285,7 @@ func (ss *session) setClose(code websocket.StatusCode, reason string, flush bool
 		return
 	}
 	ss.closing, ss.flushFirst, ss.closeCode, ss.closeReason = true, flush, code, reason
+	ss.closed.Store(true)
 	ss.mu.Unlock()
 	ss.kickWriter()
 }
@@ -299,9 +301,21 @@ func (ss *session) closeNow(code websocket.StatusCode, reason string) {
 	ss.cancel()
 }
 
+// claim records what a hello claims, before it is verified.
+func (ss *session) claim(mesh, pubkey string) {
+	ss.mu.Lock()
+	ss.claimedMesh, ss.claimedPubkey = mesh, pubkey
+	ss.mu.Unlock()
+}
+
 // reject answers a failed hello: an error frame, close 1008 with the
-// reason, and the rejection counter.
+// reason, and the rejection counter. Only the first decision about a hello
+// counts (helloDecided): a hello that timed out is not also rejected or
+// accepted.
 func (ss *session) reject(reason, detail string) {
+	if !ss.helloDecided.CompareAndSwap(false, true) {
+		return
+	}
 	ss.s.m.ConnectionsRejected.WithLabelValues(reason).Inc()
 	msg := "hello rejected: " + reason
 	ss.log().Info("ws hello rejected", "reason", reason, "detail", detail)
@@ -317,7 +331,10 @@ func (ss *session) reject(reason, detail string) {
 	if reason == protocol.ReasonRateLimited {
 		return // a flood: counted above, not written row by row
 	}
-	ss.s.audit.helloRejected(ss.meshID, ss.pubkey, reason, detail, ss.remote)
+	ss.mu.Lock()
+	mesh, pubkey := ss.claimedMesh, ss.claimedPubkey
+	ss.mu.Unlock()
+	ss.s.audit.HelloRejected(mesh, pubkey, reason, detail, ss.remote)
 }
 
 // queue marshals v and queues it; a full queue closes the session as a
@@ -332,7 +349,7 @@ func (ss *session) queue(v any) bool {
 }
 
 func (ss *session) queueRaw(f frame) bool {
-	if ss.q.push(f) {
+	if ss.q.Push(f) {
 		ss.kickWriter()
 		return true
 	}
@@ -345,14 +362,91 @@ func (ss *session) queueRaw(f frame) bool {
 // no room left for a maximal one, so claims wait for the writer instead
 // of claiming rows the queue would refuse.
 func (ss *session) deliveryRoom() int {
-	if ss.q.freeBytes()-config.ReplyReserveBytes < ss.s.cfg.MaxMessageBytes {
+	if ss.q.FreeBytes()-config.ReplyReserveBytes < ss.s.cfg.MaxMessageBytes {
 		return 0
 	}
-	return ss.q.free() - ss.reserve
+	return ss.q.Free() - ss.reserve
 }
 
 // pushByteLimit is the queue bytes envelope pushes may fill.
-func (ss *session) pushByteLimit() int { return ss.q.maxBytes - config.ReplyReserveBytes }
+func (ss *session) pushByteLimit() int { return ss.q.MaxBytes() - config.ReplyReserveBytes }
+
+// The session as the delivery engine's Recipient. The reads are
+// lock-free (the engine calls them under its lock); Reserve, Unreserve
+// and Push take the session's.
+var (
+	_ delivery.Recipient = (*session)(nil)
+	_ delivery.Sender    = (*session)(nil)
+)
+
+// ConnID is the connection id leases name.
+func (ss *session) ConnID() string { return ss.id }
+
+// MeshID is the session's mesh (set by the hello, read-only after).
+func (ss *session) MeshID() string { return ss.meshID }
+
+// MemberID is the session's member (set by the hello, read-only after).
+func (ss *session) MemberID() string { return ss.memberID }
+
+// SendOnly reports the send_only capability.
+func (ss *session) SendOnly() bool { return ss.sendOnly }
+
+// MaxPriority is the least urgent priority its status accepts now.
+func (ss *session) MaxPriority() int { return int(ss.maxPrio.Load()) }
+
+// Room is how many more envelope pushes the queue takes now.
+func (ss *session) Room() int { return ss.deliveryRoom() }
+
+// Closing reports whether the session is closing.
+func (ss *session) Closing() bool { return ss.isClosing() }
+
+// Starved notes that a claim was skipped for want of room: the writer
+// kicks the engine once it has made some.
+func (ss *session) Starved() { ss.starved.Store(true) }
+
+// Reserve enters a row in the session's in-flight set.
+func (ss *session) Reserve(messageID int64) delivery.Reservation {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.closing || ss.inflight == nil {
+		return delivery.Gone
+	}
+	if _, dup := ss.inflight[messageID]; dup {
+		return delivery.AlreadyHeld
+	}
+	ss.inflight[messageID] = struct{}{}
+	return delivery.Reserved
+}
+
+// Unreserve takes a row out of the in-flight set.
+func (ss *session) Unreserve(messageID int64) {
+	ss.mu.Lock()
+	if ss.inflight != nil {
+		delete(ss.inflight, messageID)
+	}
+	ss.mu.Unlock()
+}
+
+// Push queues a reserved row's push, within the room pushes may use.
+func (ss *session) Push(p *delivery.Push) bool {
+	d := &p.Delivery
+	fields := protocol.PushFields{
+		MessageID: d.MessageID, MeshID: d.MeshID, SenderPubkey: d.SenderPubkey,
+		Priority: protocol.PriorityName(int(d.Priority)), Nonce: d.Nonce, Ciphertext: d.Ciphertext,
+		CreatedAt: d.CreatedAt, SenderMemberID: d.SenderMemberID, SenderName: d.SenderName,
+		TargetSpec: d.TargetSpec, ClientMessageID: d.ClientMessageID,
+	}
+	data := protocol.AppendPush(make([]byte, 0, 400+len(d.Nonce)+len(d.Ciphertext)+len(d.SenderName)), &fields)
+	meta := &pushMeta{key: d.Key(), committed: p.Committed, priority: fields.Priority, after: p.After}
+	if p.After != nil {
+		meta.afterBy = time.Now().Add(ackWait)
+	}
+	if !ss.q.PushUpTo(frame{data: data, push: meta}, ss.q.Max()-ss.reserve, ss.pushByteLimit()) {
+		return false
+	}
+	ss.kickWriter()
+	return true
+}
 
 // releaseSlot frees a send slot (its ack was written, or never will be).
 func (ss *session) releaseSlot() {
@@ -365,8 +459,8 @@ func (ss *session) releaseSlot() {
 // kickWriter starts the write loop unless one is running. An idle session
 // has no writer goroutine, which keeps idle connections cheap.
 func (ss *session) kickWriter() {
-	if ss.writing.CompareAndSwap(false, true) {
-		go ss.writeLoop()
+	if ss.writing.CompareAndSwap(false, true) && !ss.s.conns.Go(func(context.Context) { ss.writeLoop() }) {
+		ss.writing.Store(false) // the server has stopped: nothing is written any more
 	}
 }
 
@@ -377,7 +471,7 @@ func (ss *session) slow() {
 		return
 	}
 	ss.s.m.SlowConsumers.Inc()
-	ss.log().Warn("slow consumer: closing", "queued_bytes", ss.q.maxBytes-ss.q.freeBytes())
+	ss.log().Warn("slow consumer: closing", "queued_bytes", ss.q.MaxBytes()-ss.q.FreeBytes())
 	ss.closeNow(websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer)
 }
 
@@ -389,24 +483,37 @@ func (ss *session) sendError(code, message, reqID string) {
 // owns every write to the socket while it runs, and performs the close.
 func (ss *session) writeLoop() {
 	var buf []frame
-	var delivered []store.DeliveryKey
+	var delivered []delivery.Key
 	for {
 		ss.mu.Lock()
 		closing, flush := ss.closing, ss.flushFirst
 		ss.mu.Unlock()
 		if !closing || flush {
-			buf = ss.q.take(buf)
+			buf = ss.q.Take(buf)
 			if ss.starved.Swap(false) {
-				ss.s.engine.kick() // room again: claim what waits
+				ss.s.engine.Kick() // room again: claim what waits
 			}
 			delivered = delivered[:0]
 			for i := range buf {
+				if p := buf[i].push; p != nil {
+					if p.after != nil {
+						ss.waitAck(p)
+					}
+					ss.signalFrame("push", p.key.MessageID)
+				}
 				if err := ss.write(buf[i].data); err != nil {
+					for j := i; j < len(buf); j++ {
+						buf[j].dropped()
+					}
 					ss.writeFailed(err)
 					ss.finishClose()
 					return
 				}
-				ss.q.written(len(buf[i].data))
+				ss.q.Written(len(buf[i].data))
+				if buf[i].slot {
+					ss.signalFrame("ack", buf[i].ackOf)
+				}
+				buf[i].dropped() // written: what waits on it may go
 				if buf[i].slot {
 					ss.releaseSlot()
 				}
@@ -420,7 +527,7 @@ func (ss *session) writeLoop() {
 			}
 			if len(delivered) > 0 {
 				// Without client_ack a written push counts as delivery.
-				ss.s.acks.add(ss.meshID, delivered...)
+				ss.s.engine.Delivered(ss.meshID, delivered...)
 				ss.mu.Lock()
 				for _, k := range delivered {
 					delete(ss.inflight, k.MessageID)
@@ -428,19 +535,40 @@ func (ss *session) writeLoop() {
 				ss.mu.Unlock()
 			}
 		}
-		if closing && (!flush || ss.q.empty()) {
+		if closing && (!flush || ss.q.Empty()) {
 			ss.finishClose()
 			return
 		}
-		if !ss.q.empty() {
+		if !ss.q.Empty() {
 			continue
 		}
 		// Going idle. A producer that queued after the check above either
 		// sees writing=false and starts a new loop, or we see its frame.
 		ss.writing.Store(false)
-		if (ss.q.empty() && !ss.isClosing()) || !ss.writing.CompareAndSwap(false, true) {
+		if (ss.q.Empty() && !ss.isClosing()) || !ss.writing.CompareAndSwap(false, true) {
 			return
 		}
+	}
+}
+
+// waitAck holds a push until its sender's ack is on the wire, at most
+// until the push's bound.
+func (ss *session) waitAck(p *pushMeta) {
+	select {
+	case <-p.after:
+		return
+	default:
+	}
+	wait := time.Until(p.afterBy)
+	if wait <= 0 {
+		return
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-p.after:
+	case <-t.C:
+	case <-ss.ctx.Done():
 	}
 }
 
@@ -459,6 +587,7 @@ func (ss *session) writeFailed(err error) {
 		ss.mu.Lock()
 		if !ss.closing || ss.closeReason == "" {
 			ss.closing, ss.flushFirst = true, false
+			ss.closed.Store(true)
 			ss.closeCode, ss.closeReason = websocket.StatusPolicyViolation, protocol.CloseReasonSlowConsumer
 		}
 		ss.mu.Unlock()
@@ -479,6 +608,7 @@ func (ss *session) pushed(p *pushMeta) {
 // no other write loop starts.
 func (ss *session) finishClose() {
 	defer close(ss.done)
+	defer ss.q.Drop()
 	ss.mu.Lock()
 	code, reason := ss.closeCode, ss.closeReason
 	ss.mu.Unlock()
@@ -510,27 +640,27 @@ func (ss *session) teardown() {
 	if !ss.authed.Load() {
 		return
 	}
-	s.engine.detach(ss)
+	s.engine.Detach(ss)
 	s.m.ConnectionsActive.Dec()
 	entry, graced := s.replica.Disconnect(ss.presenceID, ss.id)
 	_ = entry
 	// Leased but undelivered envelopes go back to the queue at once, so
 	// another session of the member can take them.
 	ss.mu.Lock()
-	keys := make([]store.DeliveryKey, 0, len(ss.inflight))
+	keys := make([]delivery.Key, 0, len(ss.inflight))
 	for id := range ss.inflight {
-		keys = append(keys, store.DeliveryKey{MessageID: id, MemberID: ss.memberID})
+		keys = append(keys, delivery.Key{MessageID: id, MemberID: ss.memberID})
 	}
 	ss.inflight = nil
 	ss.mu.Unlock()
 	if len(keys) > 0 {
-		s.releaseLeases(ss.id, ss.meshID, ss.memberID, keys)
+		s.engine.Release(ss.id, ss.meshID, ss.memberID, keys)
 	}
 	ss.mu.Lock()
 	code, reason := ss.closeCode, ss.closeReason
 	ss.mu.Unlock()
-	ss.log().Info("ws close", "mesh_id", ss.meshID, "member", ss.displayName, "presence_id", ss.presenceID,
-		"code", int(code), "reason", reason, "grace", graced)
-	s.audit.add(store.AuditEvent{MeshID: ss.meshID, Type: store.EventPeerDisconnected, Actor: ss.memberID,
+	// ss.log() names the mesh and the presence already.
+	ss.log().Info("ws close", "member", ss.displayName, "code", int(code), "reason", reason, "grace", graced)
+	s.audit.Add(store.AuditEvent{MeshID: ss.meshID, Type: store.EventPeerDisconnected, Actor: ss.memberID,
 		Target: ss.presenceID, Metadata: map[string]any{"code": int(code), "reason": reason, "node": s.node}})
 }

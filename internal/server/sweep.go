@@ -7,7 +7,6 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/store"
 )
 
 // presenceLoop runs every second (more often with short ping intervals):
@@ -45,13 +44,13 @@ func (s *Server) pingSessions() {
 			continue
 		}
 		ss.nextPing.Store(now.Add(s.cfg.PingInterval).UnixNano())
-		go func() {
+		s.conns.Go(func(context.Context) {
 			ctx, cancel := context.WithTimeout(ss.ctx, s.cfg.PongTimeout)
 			defer cancel()
 			if ss.conn.Ping(ctx) == nil {
 				ss.lastPong.Store(time.Now().UnixNano())
 			}
-		}()
+		})
 	}
 }
 
@@ -59,13 +58,11 @@ func (s *Server) pingSessions() {
 func (s *Server) sweepLoop(ctx context.Context) {
 	statusTick := time.NewTicker(5 * time.Second)
 	revokeTick := time.NewTicker(s.cfg.RevokeCheck)
-	expireTick := time.NewTicker(5 * time.Second)
 	depthTick := time.NewTicker(10 * time.Second)
 	purgeTick := time.NewTicker(time.Minute)
 	defer func() {
 		statusTick.Stop()
 		revokeTick.Stop()
-		expireTick.Stop()
 		depthTick.Stop()
 		purgeTick.Stop()
 	}()
@@ -77,8 +74,6 @@ func (s *Server) sweepLoop(ctx context.Context) {
 			s.sweepStatuses()
 		case <-revokeTick.C:
 			s.checkRevoked(ctx)
-		case <-expireTick.C:
-			s.expireMessages(ctx)
 		case <-depthTick.C:
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			if n, err := s.store.QueueDepth(cctx); err == nil {
@@ -94,9 +89,8 @@ func (s *Server) sweepLoop(ctx context.Context) {
 				s.logger.Warn("audit purge failed", "err", err)
 			}
 			cancel()
-			s.hookRate.gc(5 * time.Minute)
-			s.helloRate.gc(5 * time.Minute)
-			s.members.gc()
+			s.helloRate.GC(5 * time.Minute)
+			s.members.GC()
 		}
 	}
 }
@@ -110,26 +104,6 @@ func (s *Server) sweepStatuses() {
 		if e.IsLive() && e.Status == protocol.StatusWorking && e.StatusUpdatedAt < cut {
 			s.setStatus(e.PresenceID, protocol.StatusIdle, protocol.SourceJSONL)
 			s.m.StatusFlips.Inc()
-		}
-	}
-}
-
-// expireMessages marks rows past MESSAGE_TTL expired.
-func (s *Server) expireMessages(ctx context.Context) {
-	for ctx.Err() == nil {
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		rows, err := s.store.ExpireDue(cctx, 5000)
-		cancel()
-		if err != nil || len(rows) == 0 {
-			return
-		}
-		s.m.MessagesExpired.Add(float64(len(rows)))
-		for _, r := range rows {
-			s.audit.add(store.AuditEvent{MeshID: r.MeshID, Type: store.EventMessageExpired, Actor: r.MemberID,
-				Metadata: map[string]any{"message_id": r.MessageID}})
-		}
-		if len(rows) < 5000 {
-			return
 		}
 	}
 }

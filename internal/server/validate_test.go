@@ -320,8 +320,8 @@ func TestRejectedHelloAuditBounded(t *testing.T) {
 		if i == 7 {
 			h.MeshID = strings.Repeat("m", 3000)
 		}
-		d := dial(t, n.URL())
-		sendRaw(t, d, h)
+		d := testkit.Dial(t, n.URL())
+		testkit.Write(t, d, h)
 		wctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		_, err := d.WaitHelloAck(wctx)
 		cancel()
@@ -330,7 +330,7 @@ func TestRejectedHelloAuditBounded(t *testing.T) {
 			t.Fatalf("hello with a 60,000-character pubkey: %v", err)
 		}
 		reasons[he.Code]++
-		if ack := send(t, c, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "aGk="}); !ack.Queued {
+		if ack := testkit.Send(t, c, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Ciphertext: "aGk="}); !ack.Queued {
 			t.Fatalf("honest send during the attack: %+v", ack)
 		}
 	}
@@ -445,8 +445,8 @@ func TestHelloOrderKeptForRealisticKeys(t *testing.T) {
 		if c.signature != "" {
 			h.Signature = c.signature
 		}
-		d := dial(t, n.URL())
-		sendRaw(t, d, h)
+		d := testkit.Dial(t, n.URL())
+		testkit.Write(t, d, h)
 		t.Run(c.name, func(t *testing.T) { expectRejection(t, d, c.want) })
 	}
 	testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})

@@ -2,10 +2,11 @@ package store
 
 import (
 	"errors"
-	"fmt"
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/claudemesh/broker/internal/delivery"
 )
 
 // IsDataError reports whether err is Postgres refusing the values of a row
@@ -31,34 +32,33 @@ func IsBadValue(err error) bool {
 }
 
 // RowsError is returned by a batch write of which some rows were not
-// written while the others were. Check for it before IsUnavailable, which
-// would take it for an outage.
-type RowsError struct {
-	// Errs holds, per row of the batch, why it was not written (nil: it was).
-	Errs []error
-}
+// written while the others were (delivery.RowsError: the queue's
+// contract). Check for it before IsUnavailable, which would take it for an
+// outage. Its errors are classified (classify).
+type RowsError = delivery.RowsError
 
-func (e *RowsError) Error() string {
-	n, first := 0, error(nil)
-	for _, err := range e.Errs {
-		if err != nil {
-			if n++; first == nil {
-				first = err
-			}
-		}
-	}
-	return fmt.Sprintf("%d of %d rows not written: %v", n, len(e.Errs), first)
-}
+// classified is a Postgres error with the delivery kind it is, for
+// errors.Is, while errors.As still finds the Postgres error.
+type classified struct{ err, kind error }
 
-// Refused counts the rows Postgres refused on their own (data errors).
-func (e *RowsError) Refused() int {
-	n := 0
-	for _, err := range e.Errs {
-		if IsDataError(err) {
-			n++
-		}
+func (c *classified) Error() string   { return c.err.Error() }
+func (c *classified) Unwrap() []error { return []error{c.err, c.kind} }
+
+// classify wraps err with what it means to the delivery engine: the row's
+// values refused (delivery.ErrRefused, delivery.ErrBadValue), or Postgres
+// unreachable (delivery.ErrUnavailable).
+func classify(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case IsBadValue(err):
+		return &classified{err, delivery.ErrBadValue}
+	case IsDataError(err):
+		return &classified{err, delivery.ErrRefused}
+	case IsUnavailable(err):
+		return &classified{err, delivery.ErrUnavailable}
 	}
-	return n
+	return err
 }
 
 // isolate retries rows [lo, hi) of a batch whose statement failed with
@@ -74,6 +74,7 @@ func (e *RowsError) Refused() int {
 func isolate(lo, hi int, err error, write func(lo, hi int) error, fail func(i int, err error)) {
 	var stop error
 	failAll := func(lo, hi int, err error) {
+		err = classify(err)
 		for i := lo; i < hi; i++ {
 			fail(i, err)
 		}

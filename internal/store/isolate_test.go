@@ -9,7 +9,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/pgtest"
+	"github.com/claudemesh/broker/internal/relay"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -43,13 +45,13 @@ func TestInsertMessagesIsolatesBadRows(t *testing.T) {
 	}
 
 	const n = 40
-	bad := map[int]func(*store.NewMessage){
-		3:  func(m *store.NewMessage) { m.Ciphertext = nul },
-		17: func(m *store.NewMessage) { m.Nonce = badUTF8 },
-		18: func(m *store.NewMessage) { m.ClientMessageID = nul },
-		39: func(m *store.NewMessage) { m.Recipients[0].MemberID = nul },
+	bad := map[int]func(*delivery.NewMessage){
+		3:  func(m *delivery.NewMessage) { m.Ciphertext = nul },
+		17: func(m *delivery.NewMessage) { m.Nonce = badUTF8 },
+		18: func(m *delivery.NewMessage) { m.ClientMessageID = nul },
+		39: func(m *delivery.NewMessage) { m.Recipients[0].MemberID = nul },
 	}
-	var batch []store.NewMessage
+	var batch []delivery.NewMessage
 	for i := 0; i < n; i++ {
 		m := msg(f, 0, 1+i%2, 1, fmt.Sprint("k", i))
 		if poison, ok := bad[i]; ok {
@@ -57,9 +59,9 @@ func TestInsertMessagesIsolatesBadRows(t *testing.T) {
 		}
 		batch = append(batch, m)
 	}
-	batch[20].Recipients = []store.Recipient{{MemberID: f.members[1].ID, LeaseConn: "c1", LeaseNode: "x#1"}}
-	envs := []store.EnvelopeNotify{{Ord: 20, Channel: "ch", Prefix: "E ", Suffix: "|env"}}
-	res, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second, batch, []string{"ch"}, []string{"wake"}, envs)
+	batch[20].Recipients = []delivery.NewRecipient{{MemberID: f.members[1].ID, LeaseConn: "c1", LeaseNode: "x#1"}}
+	envs := []delivery.EnvelopeNotify{{Ord: 20, Pending: relay.Pending{Channel: "ch", Prefix: "E ", Suffix: "|env"}}}
+	res, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "self#1", Lease: 30 * time.Second, Messages: batch, WakeChannels: []string{"ch"}, WakePayloads: []string{"wake"}, Envelopes: envs})
 	if err != nil {
 		t.Fatalf("a batch with refused rows failed whole: %v", err)
 	}
@@ -94,7 +96,7 @@ func TestInsertMessagesIsolatesBadRows(t *testing.T) {
 	}
 	// The committed ones are idempotent as before: sent again, each is a
 	// duplicate of itself.
-	again, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second, batch[:5], nil, nil, nil)
+	again, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "self#1", Lease: 30 * time.Second, Messages: batch[:5]})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,23 +119,23 @@ func TestMarkDeliveredIsolatesBadKey(t *testing.T) {
 	s := open(t)
 	f := seed(t, s, 2)
 	ctx := context.Background()
-	var batch []store.NewMessage
+	var batch []delivery.NewMessage
 	for i := 0; i < 9; i++ {
 		batch = append(batch, msg(f, 0, 1, 1, ""))
 	}
-	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch, nil, nil, nil)
+	res, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "n#1", Lease: 30 * time.Second, Messages: batch})
 	if err != nil {
 		t.Fatal(err)
 	}
 	rec := f.members[1].ID
-	var keys []store.DeliveryKey
+	var keys []delivery.Key
 	for i, r := range res {
-		keys = append(keys, store.DeliveryKey{MessageID: r.ID, MemberID: rec})
+		keys = append(keys, delivery.Key{MessageID: r.ID, MemberID: rec})
 		if i == 4 {
-			keys = append(keys, store.DeliveryKey{MessageID: r.ID, MemberID: nul})
+			keys = append(keys, delivery.Key{MessageID: r.ID, MemberID: nul})
 		}
 	}
-	done, err := s.MarkDelivered(ctx, keys)
+	done, err := s.MarkDelivered(ctx, &delivery.MarkParams{Keys: keys})
 	var re *store.RowsError
 	if !errors.As(err, &re) || re.Refused() != 1 {
 		t.Fatalf("mark with a poisoned key: %v, want a RowsError with one refused key", err)
@@ -151,7 +153,7 @@ func TestMarkDeliveredIsolatesBadKey(t *testing.T) {
 		t.Fatalf("queue depth %d after marking every good row", depth)
 	}
 	// Releasing leases isolates the same way.
-	if _, err := s.ReleaseLeases(ctx, "c", []store.DeliveryKey{{MessageID: 1, MemberID: rec}, {MessageID: 1, MemberID: badUTF8}}); !errors.As(err, &re) || re.Errs[0] != nil || re.Errs[1] == nil {
+	if _, err := s.ReleaseLeases(ctx, &delivery.ReleaseParams{Conn: "c", Keys: []delivery.Key{{MessageID: 1, MemberID: rec}, {MessageID: 1, MemberID: badUTF8}}}); !errors.As(err, &re) || re.Errs[0] != nil || re.Errs[1] == nil {
 		t.Fatalf("release with a poisoned key: %v", err)
 	}
 }
@@ -227,16 +229,16 @@ func TestBatchUnavailableNotSplit(t *testing.T) {
 	f := seed(t, s, 2)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	batch := []store.NewMessage{msg(f, 0, 1, 1, ""), msg(f, 0, 1, 1, "")}
+	batch := []delivery.NewMessage{msg(f, 0, 1, 1, ""), msg(f, 0, 1, 1, "")}
 	batch[1].Ciphertext = nul
-	if _, err := s.InsertMessages(ctx, time.Hour, "n#1", time.Second, batch, nil, nil, nil); err == nil || store.IsDataError(err) || !store.IsUnavailable(err) {
+	if _, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "n#1", Lease: time.Second, Messages: batch}); err == nil || store.IsDataError(err) || !store.IsUnavailable(err) {
 		t.Fatalf("insert with a cancelled context: %v, want an unavailable error", err)
 	}
 	if err := s.InsertAudit(ctx, []store.AuditEvent{{Type: "a"}, {Type: "b", Actor: nul}}); err == nil || !store.IsUnavailable(err) {
 		t.Fatalf("audit with a cancelled context: %v", err)
 	}
 	var re *store.RowsError
-	if _, err := s.MarkDelivered(ctx, []store.DeliveryKey{{MessageID: 1, MemberID: nul}}); errors.As(err, &re) || !store.IsUnavailable(err) {
+	if _, err := s.MarkDelivered(ctx, &delivery.MarkParams{Keys: []delivery.Key{{MessageID: 1, MemberID: nul}}}); errors.As(err, &re) || !store.IsUnavailable(err) {
 		t.Fatalf("mark with a cancelled context: %v", err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/store"
 )
@@ -105,7 +106,7 @@ func hotPaths(t *testing.T, s *store.Store, f fixture, tag string) {
 	}
 	var ids []int64
 	for range 2 {
-		res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 1, "cm-"+tag)}, nil, nil, nil)
+		res, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "n#1", Lease: 30 * time.Second, Messages: []delivery.NewMessage{msg(f, 0, 1, 1, "cm-"+tag)}})
 		if err != nil || res[0].Err != nil {
 			t.Fatalf("send: %+v, %v", res, err)
 		}
@@ -114,17 +115,17 @@ func hotPaths(t *testing.T, s *store.Store, f fixture, tag string) {
 	if ids[0] != ids[1] {
 		t.Fatalf("the repeated send got id %d, the first %d", ids[1], ids[0])
 	}
-	if _, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 1, "")}, nil, nil, nil); err != nil {
+	if _, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "n#1", Lease: 30 * time.Second, Messages: []delivery.NewMessage{msg(f, 0, 1, 1, "")}}); err != nil {
 		t.Fatal(err)
 	}
-	rows, err := s.Claim(ctx, "n#1", 30*time.Second, []store.ClaimRequest{{MemberID: f.members[1].ID, Conn: "c-" + tag, MaxPriority: 2, Limit: 10}})
+	rows, err := s.Claim(ctx, &delivery.ClaimParams{Node: "n#1", Lease: 30 * time.Second, Requests: []delivery.ClaimRequest{{MemberID: f.members[1].ID, Conn: "c-" + tag, MaxPriority: 2, Limit: 10}}})
 	if err != nil || len(rows) < 2 {
 		t.Fatalf("claim: %d rows, %v", len(rows), err)
 	}
-	if _, err := s.MarkDelivered(ctx, []store.DeliveryKey{{MessageID: rows[0].MessageID, MemberID: rows[0].MemberID}}); err != nil {
+	if _, err := s.MarkDelivered(ctx, &delivery.MarkParams{Keys: []delivery.Key{{MessageID: rows[0].MessageID, MemberID: rows[0].MemberID}}}); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := s.ReleaseLeases(ctx, "c-"+tag, []store.DeliveryKey{{MessageID: rows[1].MessageID, MemberID: rows[1].MemberID}}); err != nil || n != 1 {
+	if n, err := s.ReleaseLeases(ctx, &delivery.ReleaseParams{Conn: "c-" + tag, Keys: []delivery.Key{{MessageID: rows[1].MessageID, MemberID: rows[1].MemberID}}}); err != nil || n != 1 {
 		t.Fatalf("release: %d, %v", n, err)
 	}
 	if err := s.Notify(ctx, []string{"cm_test"}, []string{tag}); err != nil {

@@ -4,110 +4,68 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/claudemesh/broker/internal/delivery"
+	"github.com/claudemesh/broker/internal/relay"
 )
 
-// NewMessage is a send to commit: the envelope and its recipient members
-// (already expanded from the target spec).
-type NewMessage struct {
-	MeshID          string
-	SenderMemberID  string
-	SenderPubkey    string
-	SenderName      string
-	TargetSpec      string
-	Priority        int16
-	Nonce           string
-	Ciphertext      string
-	ClientMessageID string // empty: no idempotency key
-	Recipients      []Recipient
-}
-
-// Recipient is one delivery row to write. A non-empty LeaseConn writes the
-// row already leased to that connection: on this node (the local fast
-// path, pushed right after the commit), or, with LeaseNode set, on that
-// node incarnation (the remote fast path: the row travels in an envelope
-// notification). A remote lease is written with attempts = 0, which lets
-// any claim of that node take the row while nobody has pushed it.
-type Recipient struct {
-	MemberID  string
-	LeaseConn string
-	LeaseNode string // remote fast path: the lease's node incarnation
-}
-
-// EnvelopeNotify is an envelope notification for row Ord (index into the
-// batch's messages): Postgres notifies Prefix, the message id, a space,
-// the commit time in unix microseconds, then Suffix (relay.EnvelopePrefix).
-type EnvelopeNotify struct {
-	Ord     int
-	Channel string
-	Prefix  string
-	Suffix  string
-}
-
-// Inserted is the outcome of one NewMessage.
-type Inserted struct {
-	ID        int64
-	CreatedAt time.Time
-	// Duplicate means the sender already sent this client_message_id: ID is
-	// the first message's id and nothing new was queued.
-	Duplicate bool
-	// Err is why this message alone was not committed: Postgres refused
-	// its values (IsDataError), or became unavailable while the batch was
-	// being split to find the refused rows. The batch's other messages
-	// were committed.
-	Err error
-}
-
-// duplicateMessageSQL finds the message a send repeats (InsertMessages).
-var duplicateMessageSQL = hotSync("find duplicate message", `SELECT id, created_at FROM message WHERE sender_member_id = $1 AND client_message_id = $2`)
+// The store is the delivery engine's queue on Postgres.
+var _ delivery.Queue = (*Store)(nil)
 
 // InsertMessages commits a batch of messages and their delivery rows in one
 // statement (one round trip, one transaction), with the batch's relay
 // notifications, which Postgres delivers only if the transaction commits.
 // Message ids are allocated in batch order, so two messages of one sender
-// in one batch keep their order. leaseNode and lease apply to recipients
-// with a LeaseConn. channels and payloads are the parallel NOTIFY
-// arguments.
+// in one batch keep their order.
 //
 // A batch that Postgres refuses because of some of its messages is split
 // until only those fail (their Inserted.Err is set); the others commit, in
 // batch order, with their envelope notifications, and the wake-ups follow
 // them. An error is returned only when nothing was committed for another
 // reason (Postgres unreachable).
-func (s *Store) InsertMessages(ctx context.Context, ttl time.Duration, leaseNode string, lease time.Duration, msgs []NewMessage, channels, payloads []string, envs []EnvelopeNotify) ([]Inserted, error) {
-	out := make([]Inserted, len(msgs))
-	err := s.insertMessages(ctx, ttl, leaseNode, lease, msgs, channels, payloads, envs, out)
+func (s *Store) InsertMessages(ctx context.Context, p *delivery.InsertParams) ([]delivery.Inserted, error) {
+	msgs := p.Messages
+	out := make([]delivery.Inserted, len(msgs))
+	err := s.insertMessages(ctx, p, msgs, p.WakeChannels, p.WakePayloads, p.Envelopes, out)
 	if err != nil && !IsDataError(err) {
-		return nil, err
+		return nil, classify(err)
 	}
 	if err != nil {
 		isolate(0, len(msgs), err, func(lo, hi int) error {
-			return s.insertMessages(ctx, ttl, leaseNode, lease, msgs[lo:hi], nil, nil, envelopesIn(envs, lo, hi), out[lo:hi])
-		}, func(i int, err error) { out[i] = Inserted{Err: err} })
+			return s.insertMessages(ctx, p, msgs[lo:hi], nil, nil, envelopesIn(p.Envelopes, lo, hi), out[lo:hi])
+		}, func(i int, err error) { out[i] = delivery.Inserted{Err: err} })
 		// The wake-ups belong to the batch, not to a row: they follow the
 		// rows that were written (a wake-up for a row that was not costs a
 		// claim that finds nothing; one lost is made good by the re-scan).
-		_ = s.Notify(ctx, channels, payloads)
+		_ = s.Notify(ctx, p.WakeChannels, p.WakePayloads)
 	}
 	for o := range out {
 		if !out[o].Duplicate || out[o].Err != nil {
 			continue
 		}
 		m := msgs[o]
-		err := s.pool.QueryRow(ctx, duplicateMessageSQL, m.SenderMemberID, m.ClientMessageID).Scan(&out[o].ID, &out[o].CreatedAt)
+		err := s.pool.QueryRow(ctx, duplicateMessageSQL,
+			m.SenderMemberID, m.ClientMessageID).Scan(&out[o].ID, &out[o].CreatedAt)
 		if err != nil {
-			out[o].Err = fmt.Errorf("find duplicate message: %w", err)
+			out[o].Err = classify(fmt.Errorf("find duplicate message: %w", err))
 		}
 	}
 	return out, nil
 }
 
+// The envelope payload as the insert statement renders it (relay owns the
+// format).
+var (
+	envelopeHead    = relay.EnvelopeHeadSQL("e.prefix", "ins.id", "ins.created_at")
+	envelopePayload = relay.EnvelopePayloadSQL("h.head", "e.suffix", "e.digest", "$24::bytea", "$25::bytea")
+)
+
 // envelopesIn returns the envelopes of rows [lo, hi), numbered from lo.
-func envelopesIn(envs []EnvelopeNotify, lo, hi int) []EnvelopeNotify {
-	var out []EnvelopeNotify
+func envelopesIn(envs []delivery.EnvelopeNotify, lo, hi int) []delivery.EnvelopeNotify {
+	var out []delivery.EnvelopeNotify
 	for _, e := range envs {
 		if e.Ord >= lo && e.Ord < hi {
 			e.Ord -= lo
@@ -117,58 +75,9 @@ func envelopesIn(envs []EnvelopeNotify, lo, hi int) []EnvelopeNotify {
 	return out
 }
 
-// insertMessagesSQL commits a batch of sends (InsertMessages).
-var insertMessagesSQL = hotSync("insert messages", `
-		WITH input AS (
-			SELECT nextval('message_id_seq') AS id, u.*
-			FROM (SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-			                           $7::int2[], $8::text[], $9::text[], $10::text[])
-			          AS t(ord, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
-			               priority, nonce, ciphertext, client_message_id)
-			      ORDER BY ord) u
-		), ins AS (
-			INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
-			                     priority, nonce, ciphertext, client_message_id, expires_at)
-			SELECT id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
-			       priority, nonce, ciphertext, client_message_id, now() + $11::interval
-			FROM input
-			ON CONFLICT (sender_member_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
-			RETURNING id, created_at, expires_at
-		), notified AS (
-			-- Envelopes first, in batch order, then the member wake-ups: a
-			-- node must see a row it may push directly before any wake-up
-			-- that makes it claim the same member's later rows. pg_notify is
-			-- volatile, so Postgres calls it after the sort.
-			-- An envelope is sealed here, where its id and commit time are
-			-- known (relay.EnvelopeKey): HMAC-SHA256 from the key's pads
-			-- ($24 inner, $25 outer) over the head and the suffix's digest.
-			SELECT pg_notify(x.c, x.p) FROM (
-				SELECT e.seq, e.c, CASE WHEN $24::bytea IS NULL THEN h.head
-				       ELSE h.head || ' ' || encode(sha256($25::bytea || sha256($24::bytea || convert_to(h.head || ' ' || e.digest, 'UTF8'))), 'hex')
-				       END || e.suffix AS p
-				FROM unnest($19::int4[], $20::text[], $21::text[], $22::text[], $26::text[]) WITH ORDINALITY AS e(ord, c, prefix, suffix, digest, seq)
-				JOIN input i ON i.ord = e.ord
-				JOIN ins ON ins.id = i.id
-				CROSS JOIN LATERAL (SELECT e.prefix || ins.id::text || ' ' ||
-				       (extract(epoch FROM ins.created_at) * 1000000)::bigint::text AS head) h
-				UNION ALL
-				SELECT 1000000000 + n.seq, n.c, n.p FROM unnest($17::text[], $18::text[]) WITH ORDINALITY AS n(c, p, seq)
-			) x ORDER BY x.seq
-		), dl AS (
-			INSERT INTO delivery (message_id, recipient_member_id, priority, expires_at,
-			                      lease_conn, lease_node, lease_expires_at, attempts)
-			SELECT ins.id, d.member, i.priority, ins.expires_at, d.conn, d.node,
-			       CASE WHEN d.conn IS NOT NULL THEN now() + $16::interval END, d.tries
-			FROM unnest($12::int4[], $13::text[], $14::text[], $15::text[], $23::int4[]) AS d(ord, member, conn, node, tries)
-			JOIN input i ON i.ord = d.ord
-			JOIN ins ON ins.id = i.id
-		)
-		SELECT i.ord, i.id, ins.created_at, (SELECT count(*) FROM notified)
-		FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`)
-
 // insertMessages runs InsertMessages' statement over msgs and fills out
 // (one Inserted per message; duplicates are only flagged).
-func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode string, lease time.Duration, msgs []NewMessage, channels, payloads []string, envs []EnvelopeNotify, out []Inserted) error {
+func (s *Store) insertMessages(ctx context.Context, p *delivery.InsertParams, msgs []delivery.NewMessage, channels, payloads []string, envs []delivery.EnvelopeNotify, out []delivery.Inserted) error {
 	n := len(msgs)
 	var (
 		ord      = make([]int32, n)
@@ -186,17 +95,18 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 		dConn    []*string
 		dNode    []*string
 		dTries   []int32
-		nodeName = leaseNode
+		nodeName = p.LeaseNode
 		eOrd     = make([]int32, len(envs))
 		eChan    = make([]string, len(envs))
 		ePrefix  = make([]string, len(envs))
 		eSuffix  = make([]string, len(envs))
+		eDigest  = make([]string, len(envs))
 	)
 	if channels == nil {
 		channels, payloads = []string{}, []string{}
 	}
 	for i, e := range envs {
-		eOrd[i], eChan[i], ePrefix[i], eSuffix[i] = int32(e.Ord), e.Channel, e.Prefix, e.Suffix
+		eOrd[i], eChan[i], ePrefix[i], eSuffix[i], eDigest[i] = int32(e.Ord), e.Channel, e.Prefix, e.Suffix, e.Digest
 	}
 	for i, m := range msgs {
 		ord[i] = int32(i)
@@ -222,9 +132,9 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 		}
 	}
 	rows, err := s.pool.Query(ctx, insertMessagesSQL,
-		ord, meshID, sender, spub, sname, target, prio, nonce, cipher, cmid, ttl,
-		dOrd, dMember, dConn, dNode, lease, channels, payloads, eOrd, eChan, ePrefix, eSuffix, dTries,
-		s.envInner, s.envOuter, s.envelopeDigests(envs))
+		ord, meshID, sender, spub, sname, target, prio, nonce, cipher, cmid, p.TTL,
+		dOrd, dMember, dConn, dNode, p.Lease, channels, payloads, eOrd, eChan, ePrefix, eSuffix, dTries,
+		s.envInner, s.envOuter, eDigest)
 	if err != nil {
 		return fmt.Errorf("insert messages: %w", err)
 	}
@@ -237,10 +147,10 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 			return fmt.Errorf("insert messages: %w", err)
 		}
 		if created == nil {
-			out[o] = Inserted{Duplicate: true}
+			out[o] = delivery.Inserted{Duplicate: true}
 			continue
 		}
-		out[o] = Inserted{ID: id, CreatedAt: *created}
+		out[o] = delivery.Inserted{ID: id, CreatedAt: *created}
 	}
 	if err := rows.Err(); err != nil {
 		return fmt.Errorf("insert messages: %w", err)
@@ -248,72 +158,13 @@ func (s *Store) insertMessages(ctx context.Context, ttl time.Duration, leaseNode
 	return nil
 }
 
-// ClaimRequest asks for up to Limit deliverable rows of MemberID, leased to
-// Conn, with priority rank at most MaxPriority.
-type ClaimRequest struct {
-	MemberID    string
-	Conn        string
-	MaxPriority int16
-	Limit       int32
-}
-
-// Delivery is a claimed row with its envelope.
-type Delivery struct {
-	MessageID int64
-	MemberID  string // recipient
-	Conn      string
-	Attempts  int32
-	// PrevConn is the connection that held the row's lease before this
-	// claim: a row leased by the remote fast path may already have been
-	// pushed to it.
-	PrevConn        string
-	MeshID          string
-	SenderMemberID  string
-	SenderPubkey    string
-	SenderName      string
-	TargetSpec      string
-	Priority        int16
-	Nonce           string
-	Ciphertext      string
-	ClientMessageID string
-	CreatedAt       time.Time
-}
-
-// claimSQL leases deliverable rows (Claim).
-var claimSQL = hotFast("claim", `
-		WITH picked AS (
-			SELECT x.message_id, x.recipient_member_id, r.conn, x.prev_conn
-			FROM unnest($1::text[], $2::text[], $3::int2[], $4::int4[]) AS r(member, conn, maxp, lim)
-			CROSS JOIN LATERAL (
-				SELECT d.message_id, d.recipient_member_id, d.lease_conn AS prev_conn FROM delivery d
-				WHERE d.recipient_member_id = r.member
-				  AND d.delivered_at IS NULL AND d.expired_at IS NULL
-				  AND d.priority <= r.maxp AND d.expires_at > now()
-				  AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now()
-				       OR (d.lease_node = $5 AND d.attempts = 0))
-				ORDER BY d.message_id
-				LIMIT r.lim
-				FOR UPDATE SKIP LOCKED
-			) x
-		), upd AS (
-			UPDATE delivery d
-			SET lease_conn = p.conn, lease_node = $5, lease_expires_at = now() + $6::interval, attempts = d.attempts + 1
-			FROM picked p
-			WHERE d.message_id = p.message_id AND d.recipient_member_id = p.recipient_member_id
-			RETURNING d.message_id, d.recipient_member_id, d.lease_conn, d.attempts, p.prev_conn
-		)
-		SELECT u.message_id, u.recipient_member_id, u.lease_conn, u.attempts, coalesce(u.prev_conn, ''),
-		       m.mesh_id, m.sender_member_id, m.sender_pubkey, m.sender_name, m.target_spec,
-		       m.priority, m.nonce, m.ciphertext, coalesce(m.client_message_id, ''), m.created_at
-		FROM upd u JOIN message m ON m.id = u.message_id
-		ORDER BY u.recipient_member_id, u.message_id`)
-
 // Claim leases deliverable rows for many members in one statement.
 // Concurrent claimers on any node get disjoint rows (FOR UPDATE SKIP
 // LOCKED); a row is deliverable when it is neither delivered nor expired
 // and its lease (if any) has run out by Postgres' clock. Rows come back
 // ordered by recipient, then message id.
-func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, reqs []ClaimRequest) ([]Delivery, error) {
+func (s *Store) Claim(ctx context.Context, p *delivery.ClaimParams) ([]delivery.Delivery, error) {
+	reqs := p.Requests
 	if len(reqs) == 0 {
 		return nil, nil
 	}
@@ -324,30 +175,25 @@ func (s *Store) Claim(ctx context.Context, node string, lease time.Duration, req
 	for i, r := range reqs {
 		members[i], conns[i], maxp[i], limits[i] = r.MemberID, r.Conn, r.MaxPriority, r.Limit
 	}
-	rows, err := s.fast.Query(ctx, claimSQL, members, conns, maxp, limits, node, lease)
+	rows, err := s.fast.Query(ctx, claimSQL,
+		members, conns, maxp, limits, p.Node, p.Lease)
 	if err != nil {
-		return nil, fmt.Errorf("claim deliveries: %w", err)
+		return nil, classify(fmt.Errorf("claim deliveries: %w", err))
 	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Delivery, error) {
-		var d Delivery
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (delivery.Delivery, error) {
+		var d delivery.Delivery
 		err := r.Scan(&d.MessageID, &d.MemberID, &d.Conn, &d.Attempts, &d.PrevConn, &d.MeshID, &d.SenderMemberID,
 			&d.SenderPubkey, &d.SenderName, &d.TargetSpec, &d.Priority, &d.Nonce, &d.Ciphertext,
 			&d.ClientMessageID, &d.CreatedAt)
 		return d, err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("claim deliveries: %w", err)
+		return nil, classify(fmt.Errorf("claim deliveries: %w", err))
 	}
 	return out, nil
 }
 
-// DeliveryKey names one delivery row.
-type DeliveryKey struct {
-	MessageID int64
-	MemberID  string
-}
-
-func splitKeys(keys []DeliveryKey) ([]int64, []string) {
+func splitKeys(keys []delivery.Key) ([]int64, []string) {
 	ids := make([]int64, len(keys))
 	members := make([]string, len(keys))
 	for i, k := range keys {
@@ -361,10 +207,11 @@ func splitKeys(keys []DeliveryKey) ([]int64, []string) {
 // were not already delivered. When Postgres refuses some keys the others
 // are still marked and the error is a *RowsError naming the keys that
 // were not; with any other error, done holds what was marked before it.
-func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) (done []DeliveryKey, err error) {
+func (s *Store) MarkDelivered(ctx context.Context, p *delivery.MarkParams) (done []delivery.Key, err error) {
+	keys := p.Keys
 	done, err = s.markDelivered(ctx, keys)
 	if err == nil || !IsDataError(err) {
-		return done, err
+		return done, classify(err)
 	}
 	re := &RowsError{Errs: make([]error, len(keys))}
 	isolate(0, len(keys), err, func(lo, hi int) error {
@@ -375,22 +222,14 @@ func (s *Store) MarkDelivered(ctx context.Context, keys []DeliveryKey) (done []D
 	return done, re
 }
 
-// markDeliveredSQL marks acked rows delivered (MarkDelivered).
-var markDeliveredSQL = hotFast("mark delivered", `
-		UPDATE delivery d SET delivered_at = now(), lease_expires_at = NULL
-		FROM unnest($1::int8[], $2::text[]) AS a(mid, member)
-		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
-		  AND d.delivered_at IS NULL AND d.expired_at IS NULL
-		RETURNING d.message_id, d.recipient_member_id`)
-
-func (s *Store) markDelivered(ctx context.Context, keys []DeliveryKey) ([]DeliveryKey, error) {
+func (s *Store) markDelivered(ctx context.Context, keys []delivery.Key) ([]delivery.Key, error) {
 	ids, members := splitKeys(keys)
 	rows, err := s.fast.Query(ctx, markDeliveredSQL, ids, members)
 	if err != nil {
 		return nil, fmt.Errorf("mark delivered: %w", err)
 	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (DeliveryKey, error) {
-		var k DeliveryKey
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (delivery.Key, error) {
+		var k delivery.Key
 		err := r.Scan(&k.MessageID, &k.MemberID)
 		return k, err
 	})
@@ -404,10 +243,11 @@ func (s *Store) markDelivered(ctx context.Context, keys []DeliveryKey) ([]Delive
 // another session of the member can claim them at once. Keys Postgres
 // refuses are left to their leases' expiry (a *RowsError); the others are
 // released.
-func (s *Store) ReleaseLeases(ctx context.Context, conn string, keys []DeliveryKey) (int64, error) {
+func (s *Store) ReleaseLeases(ctx context.Context, p *delivery.ReleaseParams) (int64, error) {
+	conn, keys := p.Conn, p.Keys
 	n, err := s.releaseLeases(ctx, conn, keys)
 	if err == nil || !IsDataError(err) {
-		return n, err
+		return n, classify(err)
 	}
 	re := &RowsError{Errs: make([]error, len(keys))}
 	isolate(0, len(keys), err, func(lo, hi int) error {
@@ -418,14 +258,7 @@ func (s *Store) ReleaseLeases(ctx context.Context, conn string, keys []DeliveryK
 	return n, re
 }
 
-// releaseLeasesSQL gives back leases (ReleaseLeases).
-var releaseLeasesSQL = hotFast("release leases", `
-		UPDATE delivery d SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
-		FROM unnest($2::int8[], $3::text[]) AS a(mid, member)
-		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
-		  AND d.lease_conn = $1 AND d.delivered_at IS NULL`)
-
-func (s *Store) releaseLeases(ctx context.Context, conn string, keys []DeliveryKey) (int64, error) {
+func (s *Store) releaseLeases(ctx context.Context, conn string, keys []delivery.Key) (int64, error) {
 	ids, members := splitKeys(keys)
 	tag, err := s.fast.Exec(ctx, releaseLeasesSQL, conn, ids, members)
 	if err != nil {
@@ -434,16 +267,10 @@ func (s *Store) releaseLeases(ctx context.Context, conn string, keys []DeliveryK
 	return tag.RowsAffected(), nil
 }
 
-// MemberRef names a member and its mesh.
-type MemberRef struct {
-	MeshID   string
-	MemberID string
-}
-
 // ReleaseNodeLeases releases every live lease held by node incarnations
 // matching the LIKE pattern, except the one named keep. It returns the
 // members whose rows became claimable.
-func (s *Store) ReleaseNodeLeases(ctx context.Context, pattern, keep string) ([]MemberRef, error) {
+func (s *Store) ReleaseNodeLeases(ctx context.Context, p *delivery.ReleaseNodeParams) ([]delivery.MemberRef, error) {
 	rows, err := s.fast.Query(ctx, `
 		WITH rel AS (
 			UPDATE delivery SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
@@ -451,35 +278,23 @@ func (s *Store) ReleaseNodeLeases(ctx context.Context, pattern, keep string) ([]
 			  AND lease_node LIKE $1 AND lease_node <> $2
 			RETURNING recipient_member_id
 		)
-		SELECT DISTINCT m.mesh_id, m.id FROM rel JOIN member m ON m.id = rel.recipient_member_id`, pattern, keep)
+		SELECT DISTINCT m.mesh_id, m.id FROM rel JOIN member m ON m.id = rel.recipient_member_id`, p.Pattern, p.Keep)
 	if err != nil {
-		return nil, fmt.Errorf("release node leases: %w", err)
+		return nil, classify(fmt.Errorf("release node leases: %w", err))
 	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (MemberRef, error) {
-		var m MemberRef
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (delivery.MemberRef, error) {
+		var m delivery.MemberRef
 		err := r.Scan(&m.MeshID, &m.MemberID)
 		return m, err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("release node leases: %w", err)
+		return nil, classify(fmt.Errorf("release node leases: %w", err))
 	}
 	return out, nil
 }
 
-// EscapeLike escapes LIKE wildcards in s.
-func EscapeLike(s string) string {
-	r := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`)
-	return r.Replace(s)
-}
-
-// Expired is a delivery row that ran out of time undelivered.
-type Expired struct {
-	DeliveryKey
-	MeshID string
-}
-
-// ExpireDue marks up to limit undelivered rows past their expiry.
-func (s *Store) ExpireDue(ctx context.Context, limit int) ([]Expired, error) {
+// ExpireDue marks up to p.Limit undelivered rows past their expiry.
+func (s *Store) ExpireDue(ctx context.Context, p *delivery.ExpireParams) ([]delivery.Expired, error) {
 	rows, err := s.fast.Query(ctx, `
 		WITH due AS (
 			SELECT message_id, recipient_member_id FROM delivery
@@ -490,17 +305,17 @@ func (s *Store) ExpireDue(ctx context.Context, limit int) ([]Expired, error) {
 			FROM due WHERE d.message_id = due.message_id AND d.recipient_member_id = due.recipient_member_id
 			RETURNING d.message_id, d.recipient_member_id
 		)
-		SELECT u.message_id, u.recipient_member_id, m.mesh_id FROM upd u JOIN message m ON m.id = u.message_id`, limit)
+		SELECT u.message_id, u.recipient_member_id, m.mesh_id FROM upd u JOIN message m ON m.id = u.message_id`, p.Limit)
 	if err != nil {
-		return nil, fmt.Errorf("expire deliveries: %w", err)
+		return nil, classify(fmt.Errorf("expire deliveries: %w", err))
 	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Expired, error) {
-		var e Expired
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (delivery.Expired, error) {
+		var e delivery.Expired
 		err := r.Scan(&e.MessageID, &e.MemberID, &e.MeshID)
 		return e, err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("expire deliveries: %w", err)
+		return nil, classify(fmt.Errorf("expire deliveries: %w", err))
 	}
 	return out, nil
 }
@@ -591,17 +406,107 @@ func (s *Store) MessageStatus(ctx context.Context, meshID string, id int64) (Mes
 	return info, nil
 }
 
-// notifySQL sends wake-ups (Notify).
-var notifySQL = hotFast("notify", `SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)`)
-
 // Notify sends notifications in one statement (one notifying transaction).
 func (s *Store) Notify(ctx context.Context, channels, payloads []string) error {
 	if len(channels) == 0 {
 		return nil
 	}
-	_, err := s.fast.Exec(ctx, notifySQL, channels, payloads)
+	_, err := s.fast.Exec(ctx, `SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)`, channels, payloads)
 	if err != nil {
 		return fmt.Errorf("notify: %w", err)
 	}
 	return nil
 }
+
+// duplicateMessageSQL finds the message a send repeats (InsertMessages).
+var duplicateMessageSQL = hotSync("find duplicate message", `SELECT id, created_at FROM message WHERE sender_member_id = $1 AND client_message_id = $2`)
+
+// insertMessagesSQL commits a batch of sends (InsertMessages).
+var insertMessagesSQL = hotSync("insert messages", `
+		WITH input AS (
+			SELECT nextval('message_id_seq') AS id, u.*
+			FROM (SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+			                           $7::int2[], $8::text[], $9::text[], $10::text[])
+			          AS t(ord, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
+			               priority, nonce, ciphertext, client_message_id)
+			      ORDER BY ord) u
+		), ins AS (
+			INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
+			                     priority, nonce, ciphertext, client_message_id, expires_at)
+			SELECT id, mesh_id, sender_member_id, sender_pubkey, sender_name, target_spec,
+			       priority, nonce, ciphertext, client_message_id, now() + $11::interval
+			FROM input
+			ON CONFLICT (sender_member_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+			RETURNING id, created_at, expires_at
+		), notified AS (
+			-- Envelopes first, in batch order, then the member wake-ups: a
+			-- node must see a row it may push directly before any wake-up
+			-- that makes it claim the same member's later rows. pg_notify is
+			-- volatile, so Postgres calls it after the sort.
+			-- An envelope is completed and sealed here, where its id and
+			-- commit time are known (relay.EnvelopePayloadSQL), with the
+			-- key's HMAC pads ($24 inner, $25 outer).
+			SELECT pg_notify(x.c, x.p) FROM (
+				SELECT e.seq, e.c, `+envelopePayload+` AS p
+				FROM unnest($19::int4[], $20::text[], $21::text[], $22::text[], $26::text[]) WITH ORDINALITY AS e(ord, c, prefix, suffix, digest, seq)
+				JOIN input i ON i.ord = e.ord
+				JOIN ins ON ins.id = i.id
+				CROSS JOIN LATERAL (SELECT `+envelopeHead+` AS head) h
+				UNION ALL
+				SELECT 1000000000 + n.seq, n.c, n.p FROM unnest($17::text[], $18::text[]) WITH ORDINALITY AS n(c, p, seq)
+			) x ORDER BY x.seq
+		), dl AS (
+			INSERT INTO delivery (message_id, recipient_member_id, priority, expires_at,
+			                      lease_conn, lease_node, lease_expires_at, attempts)
+			SELECT ins.id, d.member, i.priority, ins.expires_at, d.conn, d.node,
+			       CASE WHEN d.conn IS NOT NULL THEN now() + $16::interval END, d.tries
+			FROM unnest($12::int4[], $13::text[], $14::text[], $15::text[], $23::int4[]) AS d(ord, member, conn, node, tries)
+			JOIN input i ON i.ord = d.ord
+			JOIN ins ON ins.id = i.id
+		)
+		SELECT i.ord, i.id, ins.created_at, (SELECT count(*) FROM notified)
+		FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`)
+
+// claimSQL leases deliverable rows (Claim).
+var claimSQL = hotFast("claim", `
+		WITH picked AS (
+			SELECT x.message_id, x.recipient_member_id, r.conn, x.prev_conn
+			FROM unnest($1::text[], $2::text[], $3::int2[], $4::int4[]) AS r(member, conn, maxp, lim)
+			CROSS JOIN LATERAL (
+				SELECT d.message_id, d.recipient_member_id, d.lease_conn AS prev_conn FROM delivery d
+				WHERE d.recipient_member_id = r.member
+				  AND d.delivered_at IS NULL AND d.expired_at IS NULL
+				  AND d.priority <= r.maxp AND d.expires_at > now()
+				  AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now()
+				       OR (d.lease_node = $5 AND d.attempts = 0))
+				ORDER BY d.message_id
+				LIMIT r.lim
+				FOR UPDATE SKIP LOCKED
+			) x
+		), upd AS (
+			UPDATE delivery d
+			SET lease_conn = p.conn, lease_node = $5, lease_expires_at = now() + $6::interval, attempts = d.attempts + 1
+			FROM picked p
+			WHERE d.message_id = p.message_id AND d.recipient_member_id = p.recipient_member_id
+			RETURNING d.message_id, d.recipient_member_id, d.lease_conn, d.attempts, p.prev_conn
+		)
+		SELECT u.message_id, u.recipient_member_id, u.lease_conn, u.attempts, coalesce(u.prev_conn, ''),
+		       m.mesh_id, m.sender_member_id, m.sender_pubkey, m.sender_name, m.target_spec,
+		       m.priority, m.nonce, m.ciphertext, coalesce(m.client_message_id, ''), m.created_at
+		FROM upd u JOIN message m ON m.id = u.message_id
+		ORDER BY u.recipient_member_id, u.message_id`)
+
+// markDeliveredSQL marks acked rows delivered (MarkDelivered).
+var markDeliveredSQL = hotFast("mark delivered", `
+		UPDATE delivery d SET delivered_at = now(), lease_expires_at = NULL
+		FROM unnest($1::int8[], $2::text[]) AS a(mid, member)
+		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
+		  AND d.delivered_at IS NULL AND d.expired_at IS NULL
+		RETURNING d.message_id, d.recipient_member_id`)
+
+// releaseLeasesSQL gives back leases (ReleaseLeases).
+var releaseLeasesSQL = hotFast("release leases", `
+		UPDATE delivery d SET lease_conn = NULL, lease_node = NULL, lease_expires_at = NULL
+		FROM unnest($2::int8[], $3::text[]) AS a(mid, member)
+		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
+		  AND d.lease_conn = $1 AND d.delivered_at IS NULL`)

@@ -3,8 +3,6 @@ package store
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 
@@ -43,20 +41,4 @@ func (s *Store) RelayKey(ctx context.Context) ([]byte, error) {
 // without it envelopes go out unsealed (and nodes refuse them).
 func (s *Store) SetEnvelopeKey(inner, outer []byte) {
 	s.envInner, s.envOuter = inner, outer
-}
-
-// envelopeDigests are the hex SHA-256 digests of the envelopes' suffixes,
-// which the seal covers (relay.DecodeEnvelope): Postgres hashes only the
-// ASCII head and these digests, so the seal does not depend on the
-// database's encoding.
-func (s *Store) envelopeDigests(envs []EnvelopeNotify) []string {
-	out := make([]string, len(envs))
-	if s.envInner == nil {
-		return out
-	}
-	for i, e := range envs {
-		d := sha256.Sum256([]byte(e.Suffix))
-		out[i] = hex.EncodeToString(d[:])
-	}
-	return out
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/relay"
 	"github.com/claudemesh/broker/internal/store"
@@ -65,13 +66,12 @@ func TestRelayKeySealsEnvelopes(t *testing.T) {
 	m := msg(f, 0, 1, 1, "")
 	m.Recipients[0].LeaseConn, m.Recipients[0].LeaseNode = "c1", "x#1"
 	prefix := relay.EnvelopePrefix(time.Now())
-	suffix, ok := relay.EnvelopeSuffix(prefix, &relay.Envelope{Node: "x#1", Presence: "p", Conn: "c1", MeshID: f.mesh.ID,
+	pending, ok := relay.NewPending("ch", prefix, &relay.Envelope{Node: "x#1", Presence: "p", Conn: "c1", MeshID: f.mesh.ID,
 		MemberID: f.members[1].ID, Priority: 1, SenderName: "Zoë <ops> & \"co\" 日本", Ciphertext: "c"})
 	if !ok {
 		t.Fatal("envelope does not fit")
 	}
-	res, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second, []store.NewMessage{m}, nil, nil,
-		[]store.EnvelopeNotify{{Ord: 0, Channel: "ch", Prefix: prefix, Suffix: suffix}})
+	res, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "self#1", Lease: 30 * time.Second, Messages: []delivery.NewMessage{m}, Envelopes: []delivery.EnvelopeNotify{{Ord: 0, Pending: pending}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,6 +80,11 @@ func TestRelayKeySealsEnvelopes(t *testing.T) {
 	n, err := lc.WaitForNotification(wctx)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The format has one home: what Postgres completed is what the Go
+	// twin (for queues that are not Postgres) completes.
+	if want := relay.CompleteEnvelope(pending, res[0].ID, res[0].CreatedAt, key); n.Payload != want {
+		t.Fatalf("Postgres notified\n%s\nrelay.CompleteEnvelope makes\n%s", n.Payload, want)
 	}
 	_, e, err := relay.DecodeEnvelope(n.Payload, key)
 	if err != nil {

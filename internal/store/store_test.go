@@ -11,7 +11,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/pgtest"
+	"github.com/claudemesh/broker/internal/relay"
 	"github.com/claudemesh/broker/internal/store"
 )
 
@@ -50,12 +52,12 @@ func seed(t *testing.T, s *store.Store, n int) fixture {
 	return f
 }
 
-func msg(f fixture, from, to int, prio int16, cmid string) store.NewMessage {
-	return store.NewMessage{
+func msg(f fixture, from, to int, prio int16, cmid string) delivery.NewMessage {
+	return delivery.NewMessage{
 		MeshID: f.mesh.ID, SenderMemberID: f.members[from].ID, SenderPubkey: f.members[from].Pubkey,
 		SenderName: f.members[from].DisplayName, TargetSpec: f.members[to].Pubkey, Priority: prio,
 		Nonce: "n", Ciphertext: "c", ClientMessageID: cmid,
-		Recipients: []store.Recipient{{MemberID: f.members[to].ID}},
+		Recipients: []delivery.NewRecipient{{MemberID: f.members[to].ID}},
 	}
 }
 
@@ -63,22 +65,22 @@ func TestInsertOrderAndIdempotency(t *testing.T) {
 	s := open(t)
 	f := seed(t, s, 2)
 	ctx := context.Background()
-	batch := []store.NewMessage{msg(f, 0, 1, 1, ""), msg(f, 0, 1, 1, "k1"), msg(f, 0, 1, 1, "")}
-	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch, nil, nil, nil)
+	batch := []delivery.NewMessage{msg(f, 0, 1, 1, ""), msg(f, 0, 1, 1, "k1"), msg(f, 0, 1, 1, "")}
+	res, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "n#1", Lease: 30 * time.Second, Messages: batch})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !(res[0].ID < res[1].ID && res[1].ID < res[2].ID) {
 		t.Fatalf("ids not in batch order: %+v", res)
 	}
-	again, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 1, "k1")}, nil, nil, nil)
+	again, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "n#1", Lease: 30 * time.Second, Messages: []delivery.NewMessage{msg(f, 0, 1, 1, "k1")}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !again[0].Duplicate || again[0].ID != res[1].ID {
 		t.Fatalf("duplicate client_message_id: got %+v, want id %d duplicate", again[0], res[1].ID)
 	}
-	got, err := s.Claim(ctx, "n#1", 30*time.Second, []store.ClaimRequest{{MemberID: f.members[1].ID, Conn: "c1", MaxPriority: 2, Limit: 100}})
+	got, err := s.Claim(ctx, &delivery.ClaimParams{Node: "n#1", Lease: 30 * time.Second, Requests: []delivery.ClaimRequest{{MemberID: f.members[1].ID, Conn: "c1", MaxPriority: 2, Limit: 100}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,11 +100,11 @@ func TestConcurrentClaimersDisjoint(t *testing.T) {
 	f := seed(t, s, 2)
 	ctx := context.Background()
 	const total = 1000
-	batch := make([]store.NewMessage, 0, 100)
+	batch := make([]delivery.NewMessage, 0, 100)
 	for i := 0; i < total; i++ {
 		batch = append(batch, msg(f, 0, 1, 0, ""))
 		if len(batch) == 100 {
-			if _, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, batch, nil, nil, nil); err != nil {
+			if _, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "n#1", Lease: 30 * time.Second, Messages: batch}); err != nil {
 				t.Fatal(err)
 			}
 			batch = batch[:0]
@@ -117,7 +119,7 @@ func TestConcurrentClaimersDisjoint(t *testing.T) {
 		go func(w int) {
 			defer wg.Done()
 			for {
-				got, err := s.Claim(ctx, "n#1", time.Minute, []store.ClaimRequest{{MemberID: f.members[1].ID, Conn: fmt.Sprintf("w%d", w), MaxPriority: 2, Limit: 7}})
+				got, err := s.Claim(ctx, &delivery.ClaimParams{Node: "n#1", Lease: time.Minute, Requests: []delivery.ClaimRequest{{MemberID: f.members[1].ID, Conn: fmt.Sprintf("w%d", w), MaxPriority: 2, Limit: 7}}})
 				if err != nil {
 					errs <- err
 					return
@@ -152,44 +154,44 @@ func TestLeaseReleaseDeliverExpire(t *testing.T) {
 	s := open(t)
 	f := seed(t, s, 2)
 	ctx := context.Background()
-	res, err := s.InsertMessages(ctx, time.Hour, "n#1", 30*time.Second, []store.NewMessage{msg(f, 0, 1, 2, ""), msg(f, 0, 1, 0, "")}, nil, nil, nil)
+	res, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "n#1", Lease: 30 * time.Second, Messages: []delivery.NewMessage{msg(f, 0, 1, 2, ""), msg(f, 0, 1, 0, "")}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	rec := f.members[1].ID
 	// A working session (max priority now) gets only the "now" message.
-	got, err := s.Claim(ctx, "n#1", 30*time.Second, []store.ClaimRequest{{MemberID: rec, Conn: "c1", MaxPriority: 0, Limit: 10}})
+	got, err := s.Claim(ctx, &delivery.ClaimParams{Node: "n#1", Lease: 30 * time.Second, Requests: []delivery.ClaimRequest{{MemberID: rec, Conn: "c1", MaxPriority: 0, Limit: 10}}})
 	if err != nil || len(got) != 1 || got[0].MessageID != res[1].ID {
 		t.Fatalf("gated claim: %v %+v", err, got)
 	}
 	// Leased: nobody else can claim it until released.
-	again, _ := s.Claim(ctx, "n#1", 30*time.Second, []store.ClaimRequest{{MemberID: rec, Conn: "c2", MaxPriority: 2, Limit: 10}})
+	again, _ := s.Claim(ctx, &delivery.ClaimParams{Node: "n#1", Lease: 30 * time.Second, Requests: []delivery.ClaimRequest{{MemberID: rec, Conn: "c2", MaxPriority: 2, Limit: 10}}})
 	if len(again) != 1 || again[0].MessageID != res[0].ID {
 		t.Fatalf("second claim should get only the low message: %+v", again)
 	}
-	n, err := s.ReleaseLeases(ctx, "c1", []store.DeliveryKey{{MessageID: res[1].ID, MemberID: rec}})
+	n, err := s.ReleaseLeases(ctx, &delivery.ReleaseParams{Conn: "c1", Keys: []delivery.Key{{MessageID: res[1].ID, MemberID: rec}}})
 	if err != nil || n != 1 {
 		t.Fatalf("release: %v %d", err, n)
 	}
-	third, _ := s.Claim(ctx, "n#1", 30*time.Second, []store.ClaimRequest{{MemberID: rec, Conn: "c3", MaxPriority: 2, Limit: 10}})
+	third, _ := s.Claim(ctx, &delivery.ClaimParams{Node: "n#1", Lease: 30 * time.Second, Requests: []delivery.ClaimRequest{{MemberID: rec, Conn: "c3", MaxPriority: 2, Limit: 10}}})
 	if len(third) != 1 || third[0].MessageID != res[1].ID || third[0].Attempts != 2 {
 		t.Fatalf("released row not reclaimed: %+v", third)
 	}
-	done, err := s.MarkDelivered(ctx, []store.DeliveryKey{{MessageID: res[1].ID, MemberID: rec}, {MessageID: res[1].ID, MemberID: rec}})
+	done, err := s.MarkDelivered(ctx, &delivery.MarkParams{Keys: []delivery.Key{{MessageID: res[1].ID, MemberID: rec}, {MessageID: res[1].ID, MemberID: rec}}})
 	if err != nil || len(done) != 1 {
 		t.Fatalf("mark delivered: %v %+v", err, done)
 	}
 	// Node-wide release frees c2's lease on the low message.
-	members, err := s.ReleaseNodeLeases(ctx, "n#%", "n#2")
+	members, err := s.ReleaseNodeLeases(ctx, &delivery.ReleaseNodeParams{Pattern: "n#%", Keep: "n#2"})
 	if err != nil || len(members) != 1 || members[0].MemberID != rec || members[0].MeshID != f.mesh.ID {
 		t.Fatalf("node release: %v %v", err, members)
 	}
 	// Expiry: a message with a zero TTL is due in any later transaction.
-	short, err := s.InsertMessages(ctx, 0, "n#1", time.Second, []store.NewMessage{msg(f, 1, 0, 1, "")}, nil, nil, nil)
+	short, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: 0, LeaseNode: "n#1", Lease: time.Second, Messages: []delivery.NewMessage{msg(f, 1, 0, 1, "")}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	exp, err := s.ExpireDue(ctx, 100)
+	exp, err := s.ExpireDue(ctx, &delivery.ExpireParams{Limit: 100})
 	if err != nil || len(exp) != 1 || exp[0].MessageID != short[0].ID {
 		t.Fatalf("expire: %v %+v", err, exp)
 	}
@@ -239,7 +241,7 @@ func TestDeleteMesh(t *testing.T) {
 	s := open(t)
 	f := seed(t, s, 2)
 	ctx := context.Background()
-	if _, err := s.InsertMessages(ctx, time.Hour, "n#1", time.Second, []store.NewMessage{msg(f, 0, 1, 1, "")}, nil, nil, nil); err != nil {
+	if _, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "n#1", Lease: time.Second, Messages: []delivery.NewMessage{msg(f, 0, 1, 1, "")}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.DeleteMesh(ctx, f.mesh.ID); err != nil {
@@ -296,13 +298,13 @@ func TestRemoteLeaseEnvelopes(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	remote := func(m store.NewMessage) store.NewMessage {
-		m.Recipients = []store.Recipient{{MemberID: m.Recipients[0].MemberID, LeaseConn: "c1", LeaseNode: "x#1"}}
+	remote := func(m delivery.NewMessage) delivery.NewMessage {
+		m.Recipients = []delivery.NewRecipient{{MemberID: m.Recipients[0].MemberID, LeaseConn: "c1", LeaseNode: "x#1"}}
 		return m
 	}
-	batch := []store.NewMessage{msg(f, 0, 1, 1, ""), remote(msg(f, 0, 1, 1, "")), remote(msg(f, 0, 1, 1, "k"))}
-	envs := []store.EnvelopeNotify{{Ord: 1, Channel: "ch", Prefix: "A ", Suffix: "|one"}, {Ord: 2, Channel: "ch", Prefix: "B ", Suffix: "|two"}}
-	res, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second, batch, []string{"ch"}, []string{"wake"}, envs)
+	batch := []delivery.NewMessage{msg(f, 0, 1, 1, ""), remote(msg(f, 0, 1, 1, "")), remote(msg(f, 0, 1, 1, "k"))}
+	envs := []delivery.EnvelopeNotify{{Ord: 1, Pending: relay.Pending{Channel: "ch", Prefix: "A ", Suffix: "|one"}}, {Ord: 2, Pending: relay.Pending{Channel: "ch", Prefix: "B ", Suffix: "|two"}}}
+	res, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "self#1", Lease: 30 * time.Second, Messages: batch, WakeChannels: []string{"ch"}, WakePayloads: []string{"wake"}, Envelopes: envs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -324,9 +326,7 @@ func TestRemoteLeaseEnvelopes(t *testing.T) {
 	}
 
 	// A duplicate client_message_id inserts nothing and notifies nothing.
-	again, err := s.InsertMessages(ctx, time.Hour, "self#1", 30*time.Second,
-		[]store.NewMessage{remote(msg(f, 0, 1, 1, "k"))}, nil, nil,
-		[]store.EnvelopeNotify{{Ord: 0, Channel: "ch", Prefix: "C ", Suffix: ""}})
+	again, err := s.InsertMessages(ctx, &delivery.InsertParams{TTL: time.Hour, LeaseNode: "self#1", Lease: 30 * time.Second, Messages: []delivery.NewMessage{remote(msg(f, 0, 1, 1, "k"))}, Envelopes: []delivery.EnvelopeNotify{{Ord: 0, Pending: relay.Pending{Channel: "ch", Prefix: "C ", Suffix: ""}}}})
 	if err != nil || !again[0].Duplicate {
 		t.Fatalf("duplicate: %+v %v", again, err)
 	}
@@ -341,9 +341,9 @@ func TestRemoteLeaseEnvelopes(t *testing.T) {
 	}
 
 	member := f.members[1].ID
-	claim := func(node, conn string) []store.Delivery {
+	claim := func(node, conn string) []delivery.Delivery {
 		t.Helper()
-		rows, err := s.Claim(ctx, node, 30*time.Second, []store.ClaimRequest{{MemberID: member, Conn: conn, MaxPriority: 2, Limit: 10}})
+		rows, err := s.Claim(ctx, &delivery.ClaimParams{Node: node, Lease: 30 * time.Second, Requests: []delivery.ClaimRequest{{MemberID: member, Conn: conn, MaxPriority: 2, Limit: 10}}})
 		if err != nil {
 			t.Fatal(err)
 		}

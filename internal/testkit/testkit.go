@@ -7,20 +7,16 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/coder/websocket"
 	"github.com/hashicorp/memberlist"
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
@@ -76,14 +72,6 @@ type Node struct {
 	Config   *config.Config
 }
 
-// Logger returns a logger for tests: silent unless BROKER_TEST_LOG=1.
-func Logger() *slog.Logger {
-	if os.Getenv("BROKER_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
 // StartNode starts an in-process node on 127.0.0.1 with a free port; it is
 // shut down when the test ends.
 func StartNode(t testing.TB, dbURL string, o Options) *Node {
@@ -104,7 +92,8 @@ func StartNode(t testing.TB, dbURL string, o Options) *Node {
 	reg := prometheus.NewRegistry()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport, Clock: o.Clock, DBTracer: o.DBTracer})
+	n, err := node.Start(ctx, node.Options{Config: cfg, Logger: Logger(t), Registry: reg, Listener: ln, WrapTransport: o.WrapTransport, Clock: o.Clock,
+		DBTracer: o.DBTracer, TestSignals: true})
 	if err != nil {
 		t.Fatalf("start node: %v", err)
 	}
@@ -264,31 +253,6 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-// DialSilent connects and completes a hello, then never reads again: the
-// connection cannot answer pings (a frozen peer).
-func DialSilent(t testing.TB, url string, id client.Identity) *websocket.Conn {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	ws, _, err := websocket.Dial(ctx, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ws.CloseNow() })
-	h, _ := json.Marshal(client.NewHello(id, client.HelloOptions{}))
-	if err := ws.Write(ctx, websocket.MessageText, h); err != nil {
-		t.Fatal(err)
-	}
-	_, data, err := ws.Read(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if env, _ := protocol.DecodeEnvelope(data); env.Type != protocol.TypeHelloAck {
-		t.Fatalf("want hello_ack, got %s", data)
-	}
-	return ws
 }
 
 // StartCluster starts n nodes on one database, each gossiping on its own

@@ -152,7 +152,7 @@ func Start(t testing.TB, db string, o Options) *Cluster {
 		reg := prometheus.NewRegistry()
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		nd, err := node.Start(ctx, node.Options{
-			Config: cfg, Logger: testkit.Logger(), Registry: reg, Listener: ln, SkipMigrate: true,
+			Config: cfg, Logger: testkit.Logger(t), Registry: reg, Listener: ln, SkipMigrate: true,
 			WrapTransport: func(tr memberlist.NodeAwareTransport) memberlist.NodeAwareTransport {
 				n.Gossip = NewDelayTransport(tr, topo, r.Name)
 				n.Partition = faultkit.NewPartition(n.Gossip)

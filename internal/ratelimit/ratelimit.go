@@ -1,4 +1,8 @@
-package server
+// Package ratelimit holds the token buckets per key that bound what any
+// client address or member may cost a node: hellos, hooks, joins, login
+// attempts. One Keyed limiter may be shared by several routes, keys
+// prefixed by route, so one budget covers them all.
+package ratelimit
 
 import (
 	"sync"
@@ -12,9 +16,9 @@ import (
 // but an attacker with many addresses still makes one per address.
 const maxLimiterKeys = 1 << 16
 
-// keyedLimiter is a token bucket per key (a client address, or a member
+// Keyed is a token bucket per key (a client address, or a member
 // and the session its hook is about), forgotten after a while without use.
-type keyedLimiter struct {
+type Keyed struct {
 	rate    rate.Limit
 	burst   int
 	max     int
@@ -29,15 +33,17 @@ type keyedEntry struct {
 	seen time.Time
 }
 
-func newKeyedLimiter(perSecond float64, burst int, evicted func()) *keyedLimiter {
+// New makes a limiter of perSecond tokens a second per key, burst at most;
+// evicted (optional) counts buckets dropped to make room.
+func New(perSecond float64, burst int, evicted func()) *Keyed {
 	if burst < 1 {
 		burst = 1
 	}
-	return &keyedLimiter{rate: rate.Limit(perSecond), burst: burst, max: maxLimiterKeys, evicted: evicted, keys: map[string]*keyedEntry{}}
+	return &Keyed{rate: rate.Limit(perSecond), burst: burst, max: maxLimiterKeys, evicted: evicted, keys: map[string]*keyedEntry{}}
 }
 
-// allow takes a token for key.
-func (k *keyedLimiter) allow(key string) bool {
+// Allow takes a token for key.
+func (k *Keyed) Allow(key string) bool {
 	if k.rate <= 0 {
 		return true
 	}
@@ -66,8 +72,8 @@ func (k *keyedLimiter) allow(key string) bool {
 	return e.lim.AllowN(now, 1)
 }
 
-// gc forgets keys idle for longer than idle.
-func (k *keyedLimiter) gc(idle time.Duration) {
+// GC forgets keys idle for longer than idle.
+func (k *Keyed) GC(idle time.Duration) {
 	cut := time.Now().Add(-idle)
 	k.mu.Lock()
 	for key, e := range k.keys {
@@ -78,8 +84,8 @@ func (k *keyedLimiter) gc(idle time.Duration) {
 	k.mu.Unlock()
 }
 
-// size is the number of buckets held.
-func (k *keyedLimiter) size() int {
+// Size is the number of buckets held.
+func (k *Keyed) Size() int {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return len(k.keys)

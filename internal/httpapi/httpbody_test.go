@@ -1,4 +1,4 @@
-package server_test
+package httpapi_test
 
 import (
 	"bytes"
@@ -57,13 +57,13 @@ func TestNULHookAndJoinBodies(t *testing.T) {
 		}()
 		go func() {
 			defer wg.Done()
-			if c, r := joinReq(t, n.HTTPURL(), inv.Token, fmt.Sprintf("honest-%d", i)); c != http.StatusOK {
+			if c, r := testkit.Join(t, n.HTTPURL(), inv.Token, fmt.Sprintf("honest-%d", i)); c != http.StatusOK {
 				codes <- fmt.Sprintf("honest join %d: %d %+v", i, c, r)
 			}
 		}()
 		go func() {
 			defer wg.Done()
-			if c, r := joinReq(t, n.HTTPURL(), inv.Token, fmt.Sprintf("bad\x00%d", i)); c != http.StatusBadRequest || r.Error != "malformed" {
+			if c, r := testkit.Join(t, n.HTTPURL(), inv.Token, fmt.Sprintf("bad\x00%d", i)); c != http.StatusBadRequest || r.Error != "malformed" {
 				codes <- fmt.Sprintf("NUL join %d: %d %+v, want 400 malformed", i, c, r)
 			}
 		}()

@@ -1,4 +1,4 @@
-package server
+package ratelimit
 
 import (
 	"strconv"
@@ -10,20 +10,20 @@ import (
 // new key still gets its first token.
 func TestKeyedLimiterBounded(t *testing.T) {
 	evicted := 0
-	k := newKeyedLimiter(1, 1, func() { evicted++ })
+	k := New(1, 1, func() { evicted++ })
 	k.max = 100
 	for i := 0; i < 1000; i++ {
-		if !k.allow("addr-" + strconv.Itoa(i)) {
+		if !k.Allow("addr-" + strconv.Itoa(i)) {
 			t.Fatalf("key %d refused its first request", i)
 		}
-		if k.size() > k.max {
-			t.Fatalf("%d buckets held, bound %d", k.size(), k.max)
+		if k.Size() > k.max {
+			t.Fatalf("%d buckets held, bound %d", k.Size(), k.max)
 		}
 	}
 	if evicted != 900 {
 		t.Fatalf("%d evictions counted, want 900", evicted)
 	}
-	if !k.allow("fresh") || k.allow("fresh") {
+	if !k.Allow("fresh") || k.Allow("fresh") {
 		t.Fatal("a bucket of burst 1 does not limit its second request")
 	}
 }

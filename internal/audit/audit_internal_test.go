@@ -1,4 +1,4 @@
-package server
+package audit
 
 import (
 	"strings"
@@ -16,12 +16,12 @@ import (
 // bounded in bytes too, every drop is counted, and room taken by a flush
 // is room again.
 func TestAuditBufferBoundedInBytes(t *testing.T) {
-	s := &Server{m: metrics.New(prometheus.NewRegistry())}
-	a := newAuditor(s)
+	met := metrics.New(prometheus.NewRegistry())
+	a := New(nil, met, nil)
 	ids := make([]int64, 4096) // a delivery event of a large batch
 	const events = 1000
 	for i := 0; i < events; i++ {
-		a.add(store.AuditEvent{Type: store.EventMessageDelivered, Actor: "m", Metadata: map[string]any{"message_ids": ids}})
+		a.Add(store.AuditEvent{Type: store.EventMessageDelivered, Actor: "m", Metadata: map[string]any{"message_ids": ids}})
 	}
 	queued := len(a.ch)
 	if queued == 0 || queued >= events {
@@ -31,7 +31,7 @@ func TestAuditBufferBoundedInBytes(t *testing.T) {
 		t.Fatalf("%d bytes queued, bound %d", b, auditBufferBytes)
 	}
 	var m dto.Metric
-	if err := s.m.AuditDropped.Write(&m); err != nil {
+	if err := met.AuditDropped.Write(&m); err != nil {
 		t.Fatal(err)
 	}
 	if d := m.GetCounter().GetValue(); d != float64(events-queued) {
@@ -41,7 +41,7 @@ func TestAuditBufferBoundedInBytes(t *testing.T) {
 	if len(taken) != 10 {
 		t.Fatalf("took %d", len(taken))
 	}
-	a.add(store.AuditEvent{Type: store.EventPeerConnected})
+	a.Add(store.AuditEvent{Type: store.EventPeerConnected})
 	if len(a.ch) != queued-10+1 {
 		t.Fatalf("no room after a flush took events: %d queued", len(a.ch))
 	}

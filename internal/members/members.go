@@ -1,4 +1,6 @@
-package server
+// Package members caches each active mesh's live members for the node's
+// front (hellos, sends, list_members) and its HTTP routes (hooks, joins).
+package members
 
 import (
 	"context"
@@ -18,25 +20,24 @@ const memberCacheTTL = 30 * time.Second
 // cached, so only real meshes count; past the bound the oldest list goes.
 const maxCachedMeshes = 16384
 
-// memberCache keeps each active mesh's live members in memory. Membership
+// Cache keeps each active mesh's live members in memory. Membership
 // changes are announced on the member channel and drop the mesh's entry.
 // A mesh without members is not cached: anyone can sign a hello for a mesh
 // id they make up, and each would otherwise leave an entry behind.
-type memberCache struct {
-	store   *store.Store
+type Cache struct {
+	store   Store
 	sf      singleflight.Group
 	evicted func() // counts lists dropped because the cache was full
 	max     int
 
 	mu     sync.RWMutex
 	meshes map[string]*meshMembers
+}
 
-	// revoking holds members named by revocation notices, waiting for the
-	// database to confirm (revocations.go). Guarded by revMu; at most one
-	// checker runs (revRunning).
-	revMu      sync.Mutex
-	revoking   map[string]struct{}
-	revRunning bool
+// Store is where member lists come from (store.Store).
+type Store interface {
+	MeshMembers(ctx context.Context, mesh string) ([]store.Member, error)
+	MemberByPubkey(ctx context.Context, mesh, pubkey string) (store.Member, error)
 }
 
 type meshMembers struct {
@@ -45,11 +46,13 @@ type meshMembers struct {
 	byPubkey map[string]store.Member
 }
 
-func newMemberCache(st *store.Store, evicted func()) *memberCache {
-	return &memberCache{store: st, evicted: evicted, max: maxCachedMeshes, meshes: map[string]*meshMembers{}}
+// New makes a cache; evicted (optional) counts lists dropped because it
+// was full.
+func New(st Store, evicted func()) *Cache {
+	return &Cache{store: st, evicted: evicted, max: maxCachedMeshes, meshes: map[string]*meshMembers{}}
 }
 
-func (c *memberCache) get(ctx context.Context, mesh string, maxAge time.Duration) (*meshMembers, error) {
+func (c *Cache) get(ctx context.Context, mesh string, maxAge time.Duration) (*meshMembers, error) {
 	c.mu.RLock()
 	mm := c.meshes[mesh]
 	c.mu.RUnlock()
@@ -76,10 +79,10 @@ func (c *memberCache) get(ctx context.Context, mesh string, maxAge time.Duration
 	return v.(*meshMembers), nil
 }
 
-// byPubkey finds a live member. A miss is checked against Postgres with
+// ByPubkey finds a live member. A miss is checked against Postgres with
 // one indexed lookup, so a member enrolled a moment ago is found even before
 // its change notification arrives (the mesh's list is then reloaded).
-func (c *memberCache) byPubkey(ctx context.Context, mesh, pubkey string) (store.Member, error) {
+func (c *Cache) ByPubkey(ctx context.Context, mesh, pubkey string) (store.Member, error) {
 	mm, err := c.get(ctx, mesh, memberCacheTTL)
 	if err != nil {
 		return store.Member{}, err
@@ -91,12 +94,12 @@ func (c *memberCache) byPubkey(ctx context.Context, mesh, pubkey string) (store.
 	if err != nil {
 		return store.Member{}, err
 	}
-	c.invalidate(mesh)
+	c.Invalidate(mesh)
 	return m, nil
 }
 
-// all returns the mesh's live members.
-func (c *memberCache) all(ctx context.Context, mesh string) ([]store.Member, error) {
+// All returns the mesh's live members.
+func (c *Cache) All(ctx context.Context, mesh string) ([]store.Member, error) {
 	mm, err := c.get(ctx, mesh, memberCacheTTL)
 	if err != nil {
 		return nil, err
@@ -105,7 +108,7 @@ func (c *memberCache) all(ctx context.Context, mesh string) ([]store.Member, err
 }
 
 // store1 caches one mesh's list, dropping the oldest when full.
-func (c *memberCache) store1(mesh string, mm *meshMembers) {
+func (c *Cache) store1(mesh string, mm *meshMembers) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, ok := c.meshes[mesh]; !ok && len(c.meshes) >= c.max {
@@ -123,30 +126,30 @@ func (c *memberCache) store1(mesh string, mm *meshMembers) {
 	c.meshes[mesh] = mm
 }
 
-// len is how many meshes are cached.
-func (c *memberCache) len() int {
+// Len is how many meshes are cached.
+func (c *Cache) Len() int {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return len(c.meshes)
 }
 
-// invalidate drops a mesh's list.
-func (c *memberCache) invalidate(mesh string) {
+// Invalidate drops a mesh's list.
+func (c *Cache) Invalidate(mesh string) {
 	c.mu.Lock()
 	delete(c.meshes, mesh)
 	c.mu.Unlock()
 }
 
-// invalidateAll drops every list: membership changes announced while the
+// InvalidateAll drops every list: membership changes announced while the
 // listener was away were missed.
-func (c *memberCache) invalidateAll() {
+func (c *Cache) InvalidateAll() {
 	c.mu.Lock()
 	clear(c.meshes)
 	c.mu.Unlock()
 }
 
-// gc drops lists nobody used for a while.
-func (c *memberCache) gc() {
+// GC drops lists nobody used for a while.
+func (c *Cache) GC() {
 	c.mu.Lock()
 	for id, mm := range c.meshes {
 		if time.Since(mm.loaded) > 10*memberCacheTTL {

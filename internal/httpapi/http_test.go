@@ -1,7 +1,6 @@
-package server_test
+package httpapi_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -18,28 +17,11 @@ import (
 	"github.com/claudemesh/broker/internal/auth"
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/httpapi"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/server"
 	"github.com/claudemesh/broker/internal/testkit"
 )
-
-func post(t *testing.T, url string, body []byte, header http.Header) (int, map[string]any) {
-	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, url, bytes.NewReader(body))
-	req.Header.Set("Content-Type", "application/json")
-	for k, v := range header {
-		req.Header[k] = v
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var out map[string]any
-	_ = json.NewDecoder(resp.Body).Decode(&out)
-	return resp.StatusCode, out
-}
 
 // The hook route: 400 for a bad body, 413 over MAX_MESSAGE_BYTES, 401 when
 // unsigned on the public port, 429 over the per-client, per-session rate;
@@ -57,15 +39,15 @@ func TestHookRoute(t *testing.T) {
 	url := n.HTTPURL() + "/hook/set-status"
 
 	for _, body := range []string{`{`, `{"cwd":"/x"}`, `{"cwd":"/x","status":"sleeping"}`, `{"status":"idle"}`, `{"cwd":"/x","status":"idle","pid":"7"}`} {
-		if code, _ := post(t, url, []byte(body), nil); code != http.StatusBadRequest {
+		if code, _ := testkit.PostJSON(t, url, []byte(body), nil); code != http.StatusBadRequest {
 			t.Errorf("%s: status %d, want 400", body, code)
 		}
 	}
-	if code, _ := post(t, url, []byte(`{"cwd":"`+strings.Repeat("x", 3000)+`","status":"idle"}`), nil); code != http.StatusRequestEntityTooLarge {
+	if code, _ := testkit.PostJSON(t, url, []byte(`{"cwd":"`+strings.Repeat("x", 3000)+`","status":"idle"}`), nil); code != http.StatusRequestEntityTooLarge {
 		t.Errorf("big body: status %d, want 413", code)
 	}
 	proxied := http.Header{"X-Forwarded-For": {"203.0.113.9"}}
-	if code, _ := post(t, url, []byte(`{"cwd":"/shared","pid":10,"status":"working"}`), proxied); code != http.StatusUnauthorized {
+	if code, _ := testkit.PostJSON(t, url, []byte(`{"cwd":"/shared","pid":10,"status":"working"}`), proxied); code != http.StatusUnauthorized {
 		t.Errorf("unsigned from afar: status %d, want 401", code)
 	}
 
@@ -73,16 +55,16 @@ func TestHookRoute(t *testing.T) {
 	body := []byte(`{"cwd":"/shared","pid":10,"status":"working"}`)
 	h := http.Header{"X-Forwarded-For": {"203.0.113.9"}}
 	auth.SignHook(h, a.Priv, mesh.MeshID, body, time.Now())
-	code, out := post(t, url, body, h)
+	code, out := testkit.PostJSON(t, url, body, h)
 	if code != http.StatusOK || out["presence_id"] == nil {
 		t.Fatalf("signed hook: %d %v", code, out)
 	}
-	testkit.Eventually(t, 5*time.Second, "a working", func() bool { return liveStatus(n, a.MemberID) == "working" })
-	if s := liveStatus(n, b.MemberID); s != "idle" {
+	testkit.Eventually(t, 5*time.Second, "a working", func() bool { return testkit.LiveStatus(n, a.MemberID) == "working" })
+	if s := testkit.LiveStatus(n, b.MemberID); s != "idle" {
 		t.Fatalf("b's status changed to %s by a's hook", s)
 	}
 	// A tampered body fails the signature.
-	code, _ = post(t, url, []byte(`{"cwd":"/shared","pid":10,"status":"idle"}`), h)
+	code, _ = testkit.PostJSON(t, url, []byte(`{"cwd":"/shared","pid":10,"status":"idle"}`), h)
 	if code != http.StatusUnauthorized {
 		t.Fatalf("tampered signed hook: %d, want 401", code)
 	}
@@ -90,7 +72,7 @@ func TestHookRoute(t *testing.T) {
 	_, stranger, _ := ed25519.GenerateKey(rand.Reader)
 	h2 := http.Header{}
 	auth.SignHook(h2, stranger, mesh.MeshID, body, time.Now())
-	if code, _ := post(t, url, body, h2); code != http.StatusUnauthorized {
+	if code, _ := testkit.PostJSON(t, url, body, h2); code != http.StatusUnauthorized {
 		t.Fatalf("stranger's hook: %d, want 401", code)
 	}
 
@@ -98,7 +80,7 @@ func TestHookRoute(t *testing.T) {
 	// client, no session yet).
 	limited := 0
 	for i := 0; i < 5; i++ {
-		code, _ := post(t, n.HookURL(), []byte(`{"cwd":"/rl","pid":5,"status":"idle"}`), nil)
+		code, _ := testkit.PostJSON(t, n.HookURL(), []byte(`{"cwd":"/rl","pid":5,"status":"idle"}`), nil)
 		if code == http.StatusTooManyRequests {
 			limited++
 		}
@@ -110,43 +92,6 @@ func TestHookRoute(t *testing.T) {
 		t.Fatal("rate limiting not counted")
 	}
 	_ = ca
-}
-
-// joinReq joins with a fresh key, signed as the Go client does.
-func joinReq(t *testing.T, base, token, name string) (int, server.JoinResponse) {
-	t.Helper()
-	_, priv, _ := ed25519.GenerateKey(rand.Reader)
-	return joinAs(t, base, token, priv, name)
-}
-
-// joinAs joins priv's key with its proof (when the token parses as an
-// invite at all).
-func joinAs(t *testing.T, base, token string, priv ed25519.PrivateKey, name string) (int, server.JoinResponse) {
-	t.Helper()
-	req := server.JoinRequest{InviteToken: token, PeerPubkey: auth.PubkeyHex(priv), DisplayName: name}
-	if inv, err := auth.ParseInvite(token); err == nil {
-		req.Signature = auth.SignJoin(priv, inv, name)
-	}
-	return joinBody(t, base, req)
-}
-
-// joinWith posts the original client's body: no proof.
-func joinWith(t *testing.T, base, token, pubkey, name string) (int, server.JoinResponse) {
-	t.Helper()
-	return joinBody(t, base, server.JoinRequest{InviteToken: token, PeerPubkey: pubkey, DisplayName: name})
-}
-
-func joinBody(t *testing.T, base string, req server.JoinRequest) (int, server.JoinResponse) {
-	t.Helper()
-	body, _ := json.Marshal(req)
-	resp, err := http.Post(base+"/join", "application/json", bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var out server.JoinResponse
-	_ = json.NewDecoder(resp.Body).Decode(&out)
-	return resp.StatusCode, out
 }
 
 // /join: owner-signed invites, expiry, revocation, use count by
@@ -173,8 +118,8 @@ func TestJoin(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			var r server.JoinResponse
-			codes[i], r = joinReq(t, base, inv.Token, fmt.Sprintf("peer%d", i))
+			var r httpapi.JoinResponse
+			codes[i], r = testkit.Join(t, base, inv.Token, fmt.Sprintf("peer%d", i))
 			errs[i] = r.Error
 		}(i)
 	}
@@ -196,18 +141,18 @@ func TestJoin(t *testing.T) {
 	// it answers nobody, members included (no membership oracle).
 	inv2, _ := admin.CreateInvite(ctx, n.Store(), mesh.MeshID, 2, time.Hour, "admin", "ws://x/ws")
 	_, priv, _ := ed25519.GenerateKey(rand.Reader)
-	code, r1 := joinAs(t, base, inv2.Token, priv, "carol")
+	code, r1 := testkit.JoinAs(t, base, inv2.Token, priv, "carol")
 	if code != http.StatusOK || r1.AlreadyMember || r1.Role != "admin" || r1.MeshID != mesh.MeshID {
 		t.Fatalf("join: %d %+v", code, r1)
 	}
-	code, r2 := joinAs(t, base, inv2.Token, priv, "carol")
+	code, r2 := testkit.JoinAs(t, base, inv2.Token, priv, "carol")
 	if code != http.StatusOK || !r2.AlreadyMember || r2.MemberID != r1.MemberID {
 		t.Fatalf("re-join: %d %+v", code, r2)
 	}
-	if code, r := joinReq(t, base, inv2.Token, "dave"); code != http.StatusOK || r.AlreadyMember {
+	if code, r := testkit.Join(t, base, inv2.Token, "dave"); code != http.StatusOK || r.AlreadyMember {
 		t.Fatalf("second use after a re-join: %d %+v, want a new member (the re-join spent nothing)", code, r)
 	}
-	if code, r := joinAs(t, base, inv2.Token, priv, "carol"); code != http.StatusGone || r.Error != "invite_exhausted" {
+	if code, r := testkit.JoinAs(t, base, inv2.Token, priv, "carol"); code != http.StatusGone || r.Error != "invite_exhausted" {
 		t.Fatalf("re-join through a used-up invite: %d %+v, want 410 invite_exhausted", code, r)
 	}
 	// The enrolled member can connect at once.
@@ -216,7 +161,7 @@ func TestJoin(t *testing.T) {
 	// Expired.
 	expired, _ := admin.CreateInvite(ctx, n.Store(), mesh.MeshID, 5, time.Millisecond, "member", "ws://x/ws")
 	testkit.Eventually(t, 2*time.Second, "invite expiry", func() bool { return time.Now().After(expired.ExpiresAt) })
-	if code, r := joinReq(t, base, expired.Token, "late"); code != http.StatusGone || r.Error != "invite_expired" {
+	if code, r := testkit.Join(t, base, expired.Token, "late"); code != http.StatusGone || r.Error != "invite_expired" {
 		t.Fatalf("expired: %d %+v", code, r)
 	}
 	// Revoked.
@@ -224,23 +169,23 @@ func TestJoin(t *testing.T) {
 	if err := n.Store().RevokeInvite(ctx, revoked.InviteID); err != nil {
 		t.Fatal(err)
 	}
-	if code, r := joinReq(t, base, revoked.Token, "r"); code != http.StatusGone || r.Error != "invite_revoked" {
+	if code, r := testkit.Join(t, base, revoked.Token, "r"); code != http.StatusGone || r.Error != "invite_revoked" {
 		t.Fatalf("revoked: %d %+v", code, r)
 	}
 	// Tampered: the role upgraded by hand breaks the signature.
 	p, _ := auth.ParseInvite(inv.Token)
 	p.Role = "admin"
-	if code, r := joinReq(t, base, p.Token(), "t"); code != http.StatusBadRequest || r.Error != "invite_bad_signature" {
+	if code, r := testkit.Join(t, base, p.Token(), "t"); code != http.StatusBadRequest || r.Error != "invite_bad_signature" {
 		t.Fatalf("tampered: %d %+v", code, r)
 	}
 	// Signed by someone who is not the owner.
 	_, other, _ := ed25519.GenerateKey(rand.Reader)
 	p.Role = "member"
 	p.Sign(other)
-	if code, r := joinReq(t, base, p.Token(), "o"); code != http.StatusBadRequest || r.Error != "invite_owner_mismatch" {
+	if code, r := testkit.Join(t, base, p.Token(), "o"); code != http.StatusBadRequest || r.Error != "invite_owner_mismatch" {
 		t.Fatalf("foreign signer: %d %+v", code, r)
 	}
-	if code, r := joinReq(t, base, "garbage", "g"); code != http.StatusBadRequest || r.Error != "invite_malformed" {
+	if code, r := testkit.Join(t, base, "garbage", "g"); code != http.StatusBadRequest || r.Error != "invite_malformed" {
 		t.Fatalf("garbage: %d %+v", code, r)
 	}
 }
@@ -254,7 +199,7 @@ func TestHealthAndMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var h server.Health
+	var h httpapi.Health
 	_ = json.NewDecoder(resp.Body).Decode(&h)
 	resp.Body.Close()
 	if resp.StatusCode != 200 || h.Status != "ok" || h.DB != "up" || h.Node != n.Name() || h.ClusterSize != 1 || h.Version == "" {
@@ -263,7 +208,7 @@ func TestHealthAndMetrics(t *testing.T) {
 	mesh := testkit.NewMesh(t, n.Store(), 2)
 	s := testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{})
 	r := testkit.Connect(t, n.URL(), mesh.Members[1], client.HelloOptions{})
-	send(t, s, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Priority: "now", Ciphertext: "bQ=="})
+	testkit.Send(t, s, protocol.Send{TargetSpec: mesh.Members[1].Pubkey(), Priority: "now", Ciphertext: "bQ=="})
 	testkit.ExpectPush(t, r, 5*time.Second)
 	testkit.Eventually(t, 5*time.Second, "histogram sample", func() bool { return n.Counter("broker_commit_to_push_seconds") >= 1 })
 	resp, err = http.Get(n.HTTPURL() + "/metrics")

@@ -1,10 +1,10 @@
-package server_test
+package httpapi_test
 
 import (
 	"testing"
 
+	"github.com/claudemesh/broker/internal/httpapi"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/server"
 )
 
 // Hook body parsing never panics and accepts only complete, bounded bodies.
@@ -14,7 +14,7 @@ func FuzzParseHook(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
-		h, err := server.ParseHook(body)
+		h, err := httpapi.ParseHook(body)
 		if err != nil {
 			return
 		}

@@ -1,4 +1,4 @@
-package server_test
+package httpapi_test
 
 import (
 	"bytes"
@@ -25,9 +25,9 @@ import (
 	"github.com/claudemesh/broker/internal/admin"
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/httpapi"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/server"
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
@@ -249,13 +249,13 @@ func startStatusCluster(t *testing.T) *statusCluster {
 	return sc
 }
 
-func (sc *statusCluster) report(t *testing.T, n *testkit.Node) server.StatusReport {
+func (sc *statusCluster) report(t *testing.T, n *testkit.Node) httpapi.StatusReport {
 	t.Helper()
 	resp, body := statusGet(t, n.HTTPURL()+"/status.json", bearer(statusToken))
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET /status.json = %d %s", resp.StatusCode, body)
 	}
-	var rep server.StatusReport
+	var rep httpapi.StatusReport
 	if err := json.Unmarshal([]byte(body), &rep); err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +264,7 @@ func (sc *statusCluster) report(t *testing.T, n *testkit.Node) server.StatusRepo
 
 // settled reports whether rep shows everything startStatusCluster did:
 // gossip, statuses and the asynchronously written audit event.
-func (sc *statusCluster) settled(rep server.StatusReport) bool {
+func (sc *statusCluster) settled(rep httpapi.StatusReport) bool {
 	if len(rep.Meshes) != 1 || len(rep.Meshes[0].Peers) != len(sc.peers) || len(rep.Rejections.Recent) == 0 {
 		return false
 	}
@@ -282,7 +282,7 @@ func (sc *statusCluster) settled(rep server.StatusReport) bool {
 // cluster-wide from the audit log).
 func TestStatusPageReport(t *testing.T) {
 	sc := startStatusCluster(t)
-	var rep server.StatusReport
+	var rep httpapi.StatusReport
 	testkit.Eventually(t, 10*time.Second, "the report to show the cluster", func() bool {
 		rep = sc.report(t, sc.a)
 		return sc.settled(rep)

@@ -1,4 +1,4 @@
-package server_test
+package httpapi_test
 
 import (
 	"bufio"
@@ -21,9 +21,9 @@ import (
 	"github.com/claudemesh/broker/internal/auth"
 	"github.com/claudemesh/broker/internal/client"
 	"github.com/claudemesh/broker/internal/config"
+	"github.com/claudemesh/broker/internal/httpapi"
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/server"
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
@@ -53,21 +53,21 @@ func TestUnsignedHookThroughSameHostProxyRefused(t *testing.T) {
 	attack := []byte(`{"cwd":"/victim","pid":4242,"status":"dnd"}`)
 	for name, url := range map[string]string{"tcp forwarder": tcp, "reverse proxy without X-Forwarded-For": viaHTTP,
 		"loopback, straight": n.HTTPURL() + "/hook/set-status"} {
-		if code, out := post(t, url, attack, nil); code != http.StatusUnauthorized {
+		if code, out := testkit.PostJSON(t, url, attack, nil); code != http.StatusUnauthorized {
 			t.Errorf("unsigned hook via %s: %d %v, want 401", name, code, out)
 		}
 	}
 	// Honest hooks meanwhile: signed through the proxy, unsigned locally.
 	body, h := signedHook(victim, `{"cwd":"/victim","pid":4242,"status":"working"}`)
-	if code, out := post(t, tcp, body, h); code != http.StatusOK || out["presence_id"] == nil {
+	if code, out := testkit.PostJSON(t, tcp, body, h); code != http.StatusOK || out["presence_id"] == nil {
 		t.Fatalf("signed hook through the forwarder: %d %v", code, out)
 	}
-	testkit.Eventually(t, 5*time.Second, "the signed hook applied", func() bool { return liveStatus(n, victim.MemberID) == protocol.StatusWorking })
-	if code, out := post(t, n.HookURL(), []byte(`{"cwd":"/victim","pid":4242,"status":"idle"}`), nil); code != http.StatusOK {
+	testkit.Eventually(t, 5*time.Second, "the signed hook applied", func() bool { return testkit.LiveStatus(n, victim.MemberID) == protocol.StatusWorking })
+	if code, out := testkit.PostJSON(t, n.HookURL(), []byte(`{"cwd":"/victim","pid":4242,"status":"idle"}`), nil); code != http.StatusOK {
 		t.Fatalf("unsigned hook on the local hook port: %d %v", code, out)
 	}
-	testkit.Eventually(t, 5*time.Second, "the local hook applied", func() bool { return liveStatus(n, victim.MemberID) == protocol.StatusIdle })
-	if s := liveStatus(n, victim.MemberID); s == protocol.StatusDND {
+	testkit.Eventually(t, 5*time.Second, "the local hook applied", func() bool { return testkit.LiveStatus(n, victim.MemberID) == protocol.StatusIdle })
+	if s := testkit.LiveStatus(n, victim.MemberID); s == protocol.StatusDND {
 		t.Fatal("an unsigned public hook set the victim's status")
 	}
 	// The local port is POST /hook/set-status only.
@@ -87,7 +87,7 @@ func TestUnsignedHooksOnPublicPortWhenConfigured(t *testing.T) {
 	n := testkit.StartNode(t, pgtest.NewDB(t), testkit.Options{Configure: func(c *config.Config) { c.HookRequireSignature = "false" }})
 	mesh := testkit.NewMesh(t, n.Store(), 1)
 	testkit.Connect(t, n.URL(), mesh.Members[0], client.HelloOptions{PID: 7, Cwd: "/p"})
-	if code, out := post(t, n.HTTPURL()+"/hook/set-status", []byte(`{"cwd":"/p","pid":7,"status":"working"}`), nil); code != http.StatusOK || out["presence_id"] == nil {
+	if code, out := testkit.PostJSON(t, n.HTTPURL()+"/hook/set-status", []byte(`{"cwd":"/p","pid":7,"status":"working"}`), nil); code != http.StatusOK || out["presence_id"] == nil {
 		t.Fatalf("unsigned hook with HOOK_REQUIRE_SIGNATURE=false: %d %v", code, out)
 	}
 }
@@ -105,25 +105,25 @@ func TestSignedHookReplayRefused(t *testing.T) {
 	testkit.Connect(t, a.URL(), m, client.HelloOptions{PID: 11, Cwd: "/r"})
 
 	working, wh := signedHook(m, `{"cwd":"/r","pid":11,"status":"working"}`)
-	if code, out := post(t, a.HTTPURL()+"/hook/set-status", working, wh); code != http.StatusOK {
+	if code, out := testkit.PostJSON(t, a.HTTPURL()+"/hook/set-status", working, wh); code != http.StatusOK {
 		t.Fatalf("first use: %d %v", code, out)
 	}
 	idle, ih := signedHook(m, `{"cwd":"/r","pid":11,"status":"idle"}`)
-	if code, out := post(t, a.HTTPURL()+"/hook/set-status", idle, ih); code != http.StatusOK {
+	if code, out := testkit.PostJSON(t, a.HTTPURL()+"/hook/set-status", idle, ih); code != http.StatusOK {
 		t.Fatalf("the member's next hook: %d %v", code, out)
 	}
-	testkit.Eventually(t, 5*time.Second, "idle", func() bool { return liveStatus(a, m.MemberID) == protocol.StatusIdle })
+	testkit.Eventually(t, 5*time.Second, "idle", func() bool { return testkit.LiveStatus(a, m.MemberID) == protocol.StatusIdle })
 	for name, node := range map[string]*testkit.Node{"same node": a, "another node": b} {
-		code, out := post(t, node.HTTPURL()+"/hook/set-status", working, wh)
+		code, out := testkit.PostJSON(t, node.HTTPURL()+"/hook/set-status", working, wh)
 		if code != http.StatusUnauthorized || !strings.Contains(fmt.Sprint(out["error"]), "already used") {
 			t.Errorf("replay to %s: %d %v, want 401 already used", name, code, out)
 		}
 	}
-	if s := liveStatus(a, m.MemberID); s != protocol.StatusIdle {
+	if s := testkit.LiveStatus(a, m.MemberID); s != protocol.StatusIdle {
 		t.Fatalf("after the replays the member is %q, want idle", s)
 	}
 	again, ah := signedHook(m, `{"cwd":"/r","pid":11,"status":"working"}`)
-	if code, out := post(t, b.HTTPURL()+"/hook/set-status", again, ah); code != http.StatusOK {
+	if code, out := testkit.PostJSON(t, b.HTTPURL()+"/hook/set-status", again, ah); code != http.StatusOK {
 		t.Fatalf("a fresh hook after the replays: %d %v", code, out)
 	}
 }
@@ -227,7 +227,7 @@ func TestJoinNoMembershipOracle(t *testing.T) {
 	base := n.HTTPURL()
 	_, member, _ := ed25519.GenerateKey(rand.Reader)
 	first, _ := admin.CreateInvite(ctx, n.Store(), mesh.MeshID, 1, time.Hour, "member", "ws://x/ws")
-	if code, r := joinAs(t, base, first.Token, member, "member"); code != http.StatusOK {
+	if code, r := testkit.JoinAs(t, base, first.Token, member, "member"); code != http.StatusOK {
 		t.Fatalf("member's join: %d %+v", code, r)
 	}
 	expired, _ := admin.CreateInvite(ctx, n.Store(), mesh.MeshID, 5, time.Millisecond, "member", "ws://x/ws")
@@ -242,14 +242,14 @@ func TestJoinNoMembershipOracle(t *testing.T) {
 	honestOK := make(chan int, 10)
 	for i := 0; i < 10; i++ {
 		wg.Go(func() {
-			code, _ := joinReq(t, base, valid.Token, fmt.Sprintf("honest%d", i))
+			code, _ := testkit.Join(t, base, valid.Token, fmt.Sprintf("honest%d", i))
 			honestOK <- code
 		})
 	}
 	for name, token := range map[string]string{"expired": expired.Token, "revoked": revoked.Token, "used up": first.Token} {
 		_, stranger, _ := ed25519.GenerateKey(rand.Reader)
-		mc, mr := joinAs(t, base, token, member, "member")
-		sc, sr := joinAs(t, base, token, stranger, "member")
+		mc, mr := testkit.JoinAs(t, base, token, member, "member")
+		sc, sr := testkit.JoinAs(t, base, token, stranger, "member")
 		if mc != http.StatusGone || mr.AlreadyMember || mr.MemberID != "" {
 			t.Errorf("%s invite, a member's key: %d %+v, want 410 and nothing about the member", name, mc, mr)
 		}
@@ -299,30 +299,30 @@ func TestJoinRequiresProof(t *testing.T) {
 		"signed for another invite":             {auth.SignJoin(victim, parsedOther, "alice"), "bad_proof"},
 		"not hex":                               {strings.Repeat("zz", 64), "bad_proof"},
 	} {
-		code, r := joinBody(t, n.HTTPURL(), server.JoinRequest{InviteToken: inv.Token, PeerPubkey: victimKey, DisplayName: "alice", Signature: tc.sig})
+		code, r := testkit.JoinBody(t, n.HTTPURL(), httpapi.JoinRequest{InviteToken: inv.Token, PeerPubkey: victimKey, DisplayName: "alice", Signature: tc.sig})
 		if code != http.StatusUnauthorized || r.Error != tc.code {
 			t.Errorf("%s: %d %+v, want 401 %s", name, code, r, tc.code)
 		}
 		honest++ // display names are unique in a mesh
-		if code, r := joinReq(t, n.HTTPURL(), inv.Token, fmt.Sprintf("honest-%d", honest)); code != http.StatusOK {
+		if code, r := testkit.Join(t, n.HTTPURL(), inv.Token, fmt.Sprintf("honest-%d", honest)); code != http.StatusOK {
 			t.Fatalf("an honest join between the attempts: %d %+v", code, r)
 		}
 	}
 	if _, err := n.Store().MemberByPubkey(ctx, mesh.MeshID, victimKey); err == nil {
 		t.Fatal("an unproven join enrolled the victim's key")
 	}
-	code, r := joinAs(t, n.HTTPURL(), inv.Token, victim, "alice")
+	code, r := testkit.JoinAs(t, n.HTTPURL(), inv.Token, victim, "alice")
 	if code != http.StatusOK || r.AlreadyMember {
 		t.Fatalf("the key's holder joins: %d %+v", code, r)
 	}
 
 	// The escape hatch for original clients.
 	_, legacy, _ := ed25519.GenerateKey(rand.Reader)
-	if code, r := joinWith(t, lax.HTTPURL(), inv.Token, auth.PubkeyHex(legacy), "legacy"); code != http.StatusOK {
+	if code, r := testkit.JoinWith(t, lax.HTTPURL(), inv.Token, auth.PubkeyHex(legacy), "legacy"); code != http.StatusOK {
 		t.Fatalf("JOIN_REQUIRE_PROOF=false, the original body: %d %+v", code, r)
 	}
 	_, late, _ := ed25519.GenerateKey(rand.Reader)
-	code, r = joinBody(t, lax.HTTPURL(), server.JoinRequest{InviteToken: inv.Token, PeerPubkey: auth.PubkeyHex(late), DisplayName: "late",
+	code, r = testkit.JoinBody(t, lax.HTTPURL(), httpapi.JoinRequest{InviteToken: inv.Token, PeerPubkey: auth.PubkeyHex(late), DisplayName: "late",
 		Signature: auth.SignJoin(attacker, parsed, "late")})
 	if code != http.StatusUnauthorized || r.Error != "bad_proof" {
 		t.Fatalf("JOIN_REQUIRE_PROOF=false, a wrong proof: %d %+v, want 401 bad_proof", code, r)

@@ -1,4 +1,4 @@
-package server_test
+package httpapi_test
 
 import (
 	"context"
@@ -25,15 +25,15 @@ func TestJoinNameTaken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if code, r := joinReq(t, n.HTTPURL(), inv.Token, "alice"); code != http.StatusOK || !r.OK {
+	if code, r := testkit.Join(t, n.HTTPURL(), inv.Token, "alice"); code != http.StatusOK || !r.OK {
 		t.Fatalf("first alice: %d %+v", code, r)
 	}
-	code, r := joinReq(t, n.HTTPURL(), inv.Token, "ALICE")
+	code, r := testkit.Join(t, n.HTTPURL(), inv.Token, "ALICE")
 	if code != http.StatusConflict || r.Error != "name_taken" {
 		t.Fatalf("second alice: %d %+v, want 409 name_taken", code, r)
 	}
 	// The refused join spent nothing: one use is left.
-	if code, r := joinReq(t, n.HTTPURL(), inv.Token, "bob"); code != http.StatusOK || !r.OK {
+	if code, r := testkit.Join(t, n.HTTPURL(), inv.Token, "bob"); code != http.StatusOK || !r.OK {
 		t.Fatalf("bob after the refusal: %d %+v", code, r)
 	}
 }

@@ -1,4 +1,4 @@
-package server
+package httpapi
 
 import (
 	"bytes"
@@ -133,27 +133,27 @@ type RecentRejection struct {
 	Pubkey string    `json:"pubkey,omitempty"`
 }
 
-func (s *Server) statusRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /status", s.serveStatusPage)
-	mux.HandleFunc("GET /status.json", s.serveStatusJSON)
-	mux.HandleFunc("POST /status/login", s.serveStatusLogin)
+func (a *API) statusRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /status", a.serveStatusPage)
+	mux.HandleFunc("GET /status.json", a.serveStatusJSON)
+	mux.HandleFunc("POST /status/login", a.serveStatusLogin)
 }
 
-func (s *Server) serveStatusJSON(w http.ResponseWriter, r *http.Request) {
-	if !s.statusAuthorized(w, r, false) {
+func (a *API) serveStatusJSON(w http.ResponseWriter, r *http.Request) {
+	if !a.statusAuthorized(w, r, false) {
 		return
 	}
 	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, http.StatusOK, s.statusReport(r.Context()))
+	writeJSON(w, http.StatusOK, a.statusReport(r.Context()))
 }
 
-func (s *Server) serveStatusPage(w http.ResponseWriter, r *http.Request) {
-	if !s.statusAuthorized(w, r, true) {
+func (a *API) serveStatusPage(w http.ResponseWriter, r *http.Request) {
+	if !a.statusAuthorized(w, r, true) {
 		return
 	}
 	var buf bytes.Buffer
-	if err := statusTemplate.Execute(&buf, s.statusReport(r.Context())); err != nil {
-		s.logger.Error("render status page", "err", err)
+	if err := statusTemplate.Execute(&buf, a.statusReport(r.Context())); err != nil {
+		a.logger.Error("render status page", "err", err)
 		http.Error(w, "cannot render the status page", http.StatusInternalServerError)
 		return
 	}
@@ -175,8 +175,8 @@ func pageHeaders(h http.Header, formAction string) {
 // statusAuthorized lets the request through or answers it: 404 when the
 // page is off, 401 for missing or wrong credentials (with the login form
 // when page is set), 429 when an address keeps guessing.
-func (s *Server) statusAuthorized(w http.ResponseWriter, r *http.Request, page bool) bool {
-	token := s.cfg.AdminToken
+func (a *API) statusAuthorized(w http.ResponseWriter, r *http.Request, page bool) bool {
+	token := a.cfg.AdminToken
 	if token == "" {
 		http.NotFound(w, r)
 		return false
@@ -187,12 +187,12 @@ func (s *Server) statusAuthorized(w http.ResponseWriter, r *http.Request, page b
 	if c, err := r.Cookie(statusCookie); err == nil && secretEqual(c.Value, statusCookieValue(token)) {
 		return true
 	}
-	s.statusDenied(w, r, page, "")
+	a.statusDenied(w, r, page, "")
 	return false
 }
 
-func (s *Server) statusDenied(w http.ResponseWriter, r *http.Request, page bool, problem string) {
-	if !s.helloRate.allow("status/" + s.clientAddr(r).Key()) {
+func (a *API) statusDenied(w http.ResponseWriter, r *http.Request, page bool, problem string) {
+	if !a.helloRate.Allow("status/" + a.addrs.Request(r).Key()) {
 		http.Error(w, "too many attempts", http.StatusTooManyRequests)
 		return
 	}
@@ -208,8 +208,8 @@ func (s *Server) statusDenied(w http.ResponseWriter, r *http.Request, page bool,
 
 // serveStatusLogin trades the token, posted by the login form, for the
 // cookie, and sends the browser back to the page.
-func (s *Server) serveStatusLogin(w http.ResponseWriter, r *http.Request) {
-	token := s.cfg.AdminToken
+func (a *API) serveStatusLogin(w http.ResponseWriter, r *http.Request) {
+	token := a.cfg.AdminToken
 	if token == "" {
 		http.NotFound(w, r)
 		return
@@ -221,7 +221,7 @@ func (s *Server) serveStatusLogin(w http.ResponseWriter, r *http.Request) {
 	}
 	form, err := url.ParseQuery(string(body))
 	if err != nil || !secretEqual(form.Get("token"), token) {
-		s.statusDenied(w, r, true, "That is not the ADMIN_TOKEN.")
+		a.statusDenied(w, r, true, "That is not the ADMIN_TOKEN.")
 		return
 	}
 	http.SetCookie(w, &http.Cookie{
@@ -253,16 +253,16 @@ func isHTTPS(r *http.Request) bool {
 
 // statusReport gathers the report; a part that fails (Postgres down, a node
 // not answering) is reported, not fatal.
-func (s *Server) statusReport(ctx context.Context) StatusReport {
+func (a *API) statusReport(ctx context.Context) StatusReport {
 	ctx, cancel := context.WithTimeout(ctx, statusTimeout)
 	defer cancel()
 	rep := StatusReport{
-		GeneratedAt: time.Now().UTC(), Node: s.node, Version: Version, GitSHA: s.cfg.GitSHA, DB: "up",
+		GeneratedAt: time.Now().UTC(), Node: a.node.Name(), Version: Version, GitSHA: a.cfg.GitSHA, DB: "up",
 	}
 	if rep.GitSHA == "" {
 		rep.GitSHA = "unknown"
 	}
-	if !s.dbHealthy.Load() {
+	if !a.node.DBHealthy() {
 		rep.DB = "down"
 	}
 	var mu sync.Mutex
@@ -272,16 +272,16 @@ func (s *Server) statusReport(ctx context.Context) StatusReport {
 		mu.Unlock()
 	}
 	var wg sync.WaitGroup
-	wg.Go(func() { rep.Nodes = s.statusNodes(ctx, fail) })
+	wg.Go(func() { rep.Nodes = a.statusNodes(ctx, fail) })
 	wg.Go(func() {
-		if n, err := s.store.QueueDepth(ctx); err != nil {
+		if n, err := a.store.QueueDepth(ctx); err != nil {
 			fail("queue depth", err)
 		} else {
 			rep.QueueDepth = &n
 		}
 	})
-	wg.Go(func() { rep.Rejections = s.statusRejections(ctx, fail) })
-	rep.Meshes, rep.MeshesNotShown, rep.OnlinePeers = s.statusMeshes(ctx, fail)
+	wg.Go(func() { rep.Rejections = a.statusRejections(ctx, fail) })
+	rep.Meshes, rep.MeshesNotShown, rep.OnlinePeers = a.statusMeshes(ctx, fail)
 	wg.Wait()
 	for _, n := range rep.Nodes {
 		if n.Healthy() {
@@ -295,14 +295,14 @@ func (s *Server) statusReport(ctx context.Context) StatusReport {
 // statusNodes lists the gossip members and the nodes registered in
 // Postgres that gossip does not show (crashed, or cut off from this
 // node), each with its /health answer.
-func (s *Server) statusNodes(ctx context.Context, fail func(string, error)) []StatusNode {
+func (a *API) statusNodes(ctx context.Context, fail func(string, error)) []StatusNode {
 	var nodes []StatusNode
 	seen := map[string]bool{}
-	for _, m := range s.cluster.Members() {
+	for _, m := range a.cluster.Members() {
 		seen[m.Name] = true
 		nodes = append(nodes, StatusNode{Name: m.Name, GossipAddr: m.Addr, HTTPAddr: m.HTTPAddr, State: m.State, Self: m.Self})
 	}
-	registered, err := s.store.RecentNodes(ctx, statusRegistered)
+	registered, err := a.store.RecentNodes(ctx, statusRegistered)
 	if err != nil {
 		fail("registered nodes", err)
 	}
@@ -316,8 +316,8 @@ func (s *Server) statusNodes(ctx context.Context, fail func(string, error)) []St
 	var wg sync.WaitGroup
 	for i := range nodes {
 		n := &nodes[i]
-		if n.Self || n.Name == s.node {
-			h := s.selfHealth()
+		if n.Self || n.Name == a.node.Name() {
+			h := a.selfHealth()
 			n.Health = &h
 			continue
 		}
@@ -325,22 +325,6 @@ func (s *Server) statusNodes(ctx context.Context, fail func(string, error)) []St
 	}
 	wg.Wait()
 	return nodes
-}
-
-// selfHealth is what this node's GET /health reports.
-func (s *Server) selfHealth() Health {
-	h := Health{Status: "ok", DB: "up", Version: Version, GitSHA: s.cfg.GitSHA,
-		Uptime: time.Since(s.started).Round(time.Millisecond).Seconds(), Node: s.node, ClusterSize: s.cluster.NumMembers()}
-	if h.GitSHA == "" {
-		h.GitSHA = "unknown"
-	}
-	s.mu.RLock()
-	h.Sessions = len(s.byPresence)
-	s.mu.RUnlock()
-	if !s.dbHealthy.Load() {
-		h.Status, h.DB = "degraded", "down"
-	}
-	return h
 }
 
 // healthURL is where another node answers /health. A node listening on
@@ -383,14 +367,14 @@ func probeHealth(ctx context.Context, url string) (*Health, string) {
 }
 
 // statusMeshes lists the meshes with live sessions, most populated first.
-func (s *Server) statusMeshes(ctx context.Context, fail func(string, error)) (meshes []StatusMesh, notShown, online int) {
+func (a *API) statusMeshes(ctx context.Context, fail func(string, error)) (meshes []StatusMesh, notShown, online int) {
 	type meshLive struct {
 		id   string
 		live []presence.Entry
 	}
 	var all []meshLive
-	for _, id := range s.replica.Meshes() {
-		if live := s.replica.Live(id); len(live) > 0 {
+	for _, id := range a.replica.Meshes() {
+		if live := a.replica.Live(id); len(live) > 0 {
 			all = append(all, meshLive{id, live})
 			online += len(live)
 		}
@@ -429,7 +413,7 @@ func (s *Server) statusMeshes(ctx context.Context, fail func(string, error)) (me
 	g.SetLimit(statusNameQueries)
 	for i := range meshes {
 		g.Go(func() error {
-			mesh, err := s.store.GetMesh(ctx, meshes[i].ID)
+			mesh, err := a.store.GetMesh(ctx, meshes[i].ID)
 			if err != nil {
 				return err
 			}
@@ -443,9 +427,9 @@ func (s *Server) statusMeshes(ctx context.Context, fail func(string, error)) (me
 	return meshes, notShown, online
 }
 
-func (s *Server) statusRejections(ctx context.Context, fail func(string, error)) StatusRejections {
+func (a *API) statusRejections(ctx context.Context, fail func(string, error)) StatusRejections {
 	rej := StatusRejections{ByReason: []ReasonCount{}, Recent: []RecentRejection{}}
-	mfs, err := s.gatherer.Gather()
+	mfs, err := a.gatherer.Gather()
 	if err != nil {
 		fail("metrics", err)
 	}
@@ -469,7 +453,7 @@ func (s *Server) statusRejections(ctx context.Context, fail func(string, error))
 		}
 		return rej.ByReason[i].Reason < rej.ByReason[j].Reason
 	})
-	events, err := s.store.ListAudit(ctx, "", store.EventHelloRejected, statusRejections)
+	events, err := a.store.ListAudit(ctx, "", store.EventHelloRejected, statusRejections)
 	if err != nil {
 		fail("recent rejections", err)
 	}

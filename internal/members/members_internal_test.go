@@ -1,4 +1,4 @@
-package server
+package members
 
 import (
 	"context"
@@ -24,7 +24,7 @@ func TestMemberCacheBounded(t *testing.T) {
 	}
 	defer st.Close()
 	evicted := 0
-	c := newMemberCache(st, func() { evicted++ })
+	c := New(st, func() { evicted++ })
 	c.max = 2
 
 	var meshes []string
@@ -41,20 +41,20 @@ func TestMemberCacheBounded(t *testing.T) {
 	}
 	stranger := hex.EncodeToString(make([]byte, 32))
 	for i := 0; i < 500; i++ {
-		if _, err := c.byPubkey(ctx, fmt.Sprintf("made-up-%d", i), stranger); !errors.Is(err, store.ErrNotFound) {
+		if _, err := c.ByPubkey(ctx, fmt.Sprintf("made-up-%d", i), stranger); !errors.Is(err, store.ErrNotFound) {
 			t.Fatalf("lookup in a made-up mesh: %v", err)
 		}
 	}
-	if n := c.len(); n != 0 {
+	if n := c.Len(); n != 0 {
 		t.Fatalf("%d made-up meshes cached", n)
 	}
 	for _, m := range meshes {
-		all, err := c.all(ctx, m)
+		all, err := c.All(ctx, m)
 		if err != nil || len(all) != 1 {
 			t.Fatalf("mesh %s: %v members, %v", m, len(all), err)
 		}
 	}
-	if n := c.len(); n != 2 || evicted != 1 {
+	if n := c.Len(); n != 2 || evicted != 1 {
 		t.Fatalf("%d meshes cached, %d evicted; want 2 and 1", n, evicted)
 	}
 	if _, ok := c.meshes[meshes[0]]; ok {

@@ -1,0 +1,450 @@
+package delivery
+
+import (
+	"context"
+	"time"
+)
+
+// Reason records why a member needs a claim; the counters use the most
+// specific one.
+type Reason uint16
+
+const (
+	ReasonHello   Reason = 1 << iota // a session connected
+	ReasonLocal                      // a send on this node committed rows for it
+	ReasonNotify                     // a relay notification named it
+	ReasonStatus                     // its status now accepts more priorities
+	ReasonRelease                    // leases were given back
+	ReasonMore                       // the last claim hit its limit
+	ReasonBacklog                    // re-scan after (re)LISTEN
+	ReasonSweep                      // periodic safety re-scan
+)
+
+func (r Reason) label() string {
+	switch {
+	case r&ReasonHello != 0:
+		return "hello"
+	case r&ReasonLocal != 0:
+		return "local"
+	case r&ReasonNotify != 0:
+		return "notify"
+	case r&ReasonStatus != 0:
+		return "status"
+	case r&ReasonRelease != 0:
+		return "release"
+	case r&ReasonMore != 0:
+		return "more"
+	case r&ReasonBacklog != 0:
+		return "backlog"
+	}
+	return "sweep"
+}
+
+// claimLimit bounds the rows claimed for one member per round.
+const claimLimit = 256
+
+// localMember is the delivery state of a member with sessions here.
+// Guarded by Engine.mu.
+type localMember struct {
+	meshID   string
+	sessions []Recipient
+	dirty    Reason // non-zero: rows may be waiting
+	inflight bool   // a claim for it is running
+	// releasing counts lease releases of its rows not yet committed. While
+	// one runs, the released rows still look leased: a claim would skip
+	// them and push newer rows first, and so would the fast paths.
+	releasing int
+	// directing counts envelopes being reserved on a session outside the
+	// engine's lock (RelayEnvelope): no claim starts meanwhile, so none
+	// can take and push the row in between.
+	directing int
+}
+
+// busy reports whether something about the member's rows is in flight.
+func (lm *localMember) busy() bool { return lm.inflight || lm.releasing > 0 || lm.directing > 0 }
+
+// caughtUp reports whether a new row may be pushed directly: nothing is
+// waiting or in flight, so the push cannot overtake an older row.
+func (lm *localMember) caughtUp() bool { return lm.dirty == 0 && !lm.busy() }
+
+// forget drops the member's state once nothing refers to it; mu is held.
+func (e *Engine) forget(member string, lm *localMember) {
+	if len(lm.sessions) == 0 && !lm.busy() {
+		delete(e.members, member)
+	}
+}
+
+// Attach makes a session a delivery target and claims what waits for its
+// member. A send-only session never is one.
+func (e *Engine) Attach(r Recipient) {
+	if r.SendOnly() {
+		return
+	}
+	e.mu.Lock()
+	lm := e.members[r.MemberID()]
+	if lm == nil {
+		lm = &localMember{meshID: r.MeshID()}
+		e.members[r.MemberID()] = lm
+	}
+	lm.sessions = append(lm.sessions, r)
+	lm.dirty |= ReasonHello
+	e.mu.Unlock()
+	e.Kick()
+}
+
+// Detach stops delivering to a session.
+func (e *Engine) Detach(r Recipient) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	lm := e.members[r.MemberID()]
+	if lm == nil {
+		return
+	}
+	for i, x := range lm.sessions {
+		if x == r {
+			lm.sessions = append(lm.sessions[:i], lm.sessions[i+1:]...)
+			break
+		}
+	}
+	e.forget(r.MemberID(), lm)
+}
+
+// HasLocal reports whether a member has a delivery target here.
+func (e *Engine) HasLocal(member string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	lm := e.members[member]
+	return lm != nil && len(lm.sessions) > 0
+}
+
+// beginRelease holds back claims and fast paths of a member whose leases
+// are being released; endRelease lets them go and asks for a claim.
+func (e *Engine) beginRelease(member string) {
+	e.mu.Lock()
+	if lm := e.members[member]; lm != nil {
+		lm.releasing++
+	}
+	e.mu.Unlock()
+}
+
+func (e *Engine) endRelease(member string) {
+	e.mu.Lock()
+	lm := e.members[member]
+	if lm != nil && lm.releasing > 0 {
+		lm.releasing--
+		lm.dirty |= ReasonRelease
+		e.forget(member, lm)
+	}
+	e.mu.Unlock()
+	if lm != nil {
+		e.Kick()
+	}
+}
+
+// Wake marks members (those with sessions here) as needing a claim.
+func (e *Engine) Wake(why Reason, members ...string) {
+	n := 0
+	e.mu.Lock()
+	for _, m := range members {
+		if lm := e.members[m]; lm != nil {
+			lm.dirty |= why
+			n++
+		}
+	}
+	e.mu.Unlock()
+	if n > 0 {
+		e.Kick()
+	}
+}
+
+// WakeMesh marks every local member of a mesh.
+func (e *Engine) WakeMesh(mesh string, why Reason) {
+	n := 0
+	e.mu.Lock()
+	for _, lm := range e.members {
+		if lm.meshID == mesh {
+			lm.dirty |= why
+			n++
+		}
+	}
+	e.mu.Unlock()
+	if n > 0 {
+		e.Kick()
+	}
+}
+
+// WakeAll marks every local member.
+func (e *Engine) WakeAll(why Reason) {
+	e.mu.Lock()
+	for _, lm := range e.members {
+		lm.dirty |= why
+	}
+	n := len(e.members)
+	e.mu.Unlock()
+	if n > 0 {
+		e.Kick()
+	}
+}
+
+// fastPath picks a local session to receive a new row directly: the member
+// must be caught up, so the direct push cannot overtake older rows, and
+// the session's queue must have room for it besides the pushes already
+// promised to it (taken). It returns nil otherwise.
+func (e *Engine) fastPath(member string, priority int, taken map[Recipient]int) Recipient {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	lm := e.members[member]
+	if lm == nil || !lm.caughtUp() {
+		return nil
+	}
+	for _, r := range lm.sessions {
+		if r.MaxPriority() >= priority && r.Room()-taken[r] > 0 && !r.Closing() {
+			return r
+		}
+	}
+	return nil
+}
+
+// take records that a remote fast-path row is being handled, and reports
+// false when it already was.
+func (e *Engine) take(k Key, now time.Time) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, done := e.taken[k]; done {
+		return false
+	}
+	e.taken[k] = now
+	return true
+}
+
+// wasTaken reports whether a remote fast-path row was handled already.
+func (e *Engine) wasTaken(k Key) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_, ok := e.taken[k]
+	return ok
+}
+
+func (e *Engine) pruneTaken(before time.Time) {
+	e.mu.Lock()
+	for k, at := range e.taken {
+		if at.Before(before) {
+			delete(e.taken, k)
+		}
+	}
+	e.mu.Unlock()
+}
+
+// pick chooses the session a member's claim goes to: the one accepting
+// the most priorities, then the one with the most queue room.
+func (lm *localMember) pick() Recipient {
+	var best Recipient
+	bestRoom := 0
+	for _, r := range lm.sessions {
+		if r.Closing() {
+			continue
+		}
+		room := r.Room()
+		if best == nil || r.MaxPriority() > best.MaxPriority() || (r.MaxPriority() == best.MaxPriority() && room > bestRoom) {
+			best, bestRoom = r, room
+		}
+	}
+	return best
+}
+
+func (e *Engine) claimLoop(ctx context.Context) {
+	sweep := time.NewTicker(e.cfg.SweepInterval)
+	defer sweep.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sweep.C:
+			e.pruneTaken(time.Now().Add(-takenTTL))
+			e.WakeAll(ReasonSweep)
+		case <-e.signal:
+			e.claimRound(ctx)
+		}
+	}
+}
+
+type claimTarget struct {
+	r      Recipient
+	reason Reason
+	limit  int32
+	got    int32
+	// held are rows claimed after one the session's queue refused: they go
+	// back to the queue unpushed, so as not to overtake it.
+	refused bool
+	held    []Key
+}
+
+// claimRound claims for every dirty member in one statement per chunk.
+func (e *Engine) claimRound(ctx context.Context) {
+	targets, reqs := e.claimTargets()
+	if len(reqs) == 0 {
+		e.TestSignals.ClaimRound.Signal(ClaimRound{})
+		return
+	}
+	rows, failed := e.claimAndPush(ctx, targets, reqs)
+	for id, t := range targets {
+		if len(t.held) > 0 {
+			e.Release(t.r.ConnID(), t.r.MeshID(), id, t.held)
+		}
+	}
+	more := false
+	e.mu.Lock()
+	for id, t := range targets {
+		lm := e.members[id]
+		if lm == nil {
+			continue
+		}
+		lm.inflight = false
+		if t.got >= t.limit {
+			lm.dirty |= ReasonMore
+			more = true
+		}
+		e.forget(id, lm)
+	}
+	e.mu.Unlock()
+	e.TestSignals.ClaimRound.Signal(ClaimRound{Members: len(reqs), Rows: rows, Failed: failed})
+	if failed {
+		// Queue trouble: back off before the next attempt.
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+		e.Kick()
+		return
+	}
+	if more {
+		e.Kick()
+	}
+}
+
+// claimTargets picks, under the lock, the session each dirty member's
+// claim goes to, and marks those members in flight.
+func (e *Engine) claimTargets() (map[string]*claimTarget, []ClaimRequest) {
+	targets := map[string]*claimTarget{}
+	var reqs []ClaimRequest
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for id, lm := range e.members {
+		if lm.dirty == 0 || lm.busy() {
+			continue
+		}
+		r := lm.pick()
+		if r == nil {
+			lm.dirty = 0
+			continue
+		}
+		// Leave room in the queue for acks and replies.
+		limit := min(claimLimit, r.Room())
+		if limit <= 0 {
+			r.Starved() // the write loop kicks us when it drains
+			continue
+		}
+		targets[id] = &claimTarget{r: r, reason: lm.dirty, limit: int32(limit)}
+		reqs = append(reqs, ClaimRequest{MemberID: id, Conn: r.ConnID(), MaxPriority: int16(r.MaxPriority()), Limit: int32(limit)})
+		lm.dirty, lm.inflight = 0, true
+	}
+	return targets, reqs
+}
+
+// claimAndPush runs the claims in chunks and pushes what they lease. On a
+// failure the members not claimed for are marked dirty again.
+func (e *Engine) claimAndPush(ctx context.Context, targets map[string]*claimTarget, reqs []ClaimRequest) (rows int, failed bool) {
+	const chunk = 2000
+	for i := 0; i < len(reqs); i += chunk {
+		part := reqs[i:min(i+chunk, len(reqs))]
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		got, err := e.q.Claim(cctx, &ClaimParams{Node: e.leaseNode, Lease: e.cfg.LeaseDuration, Requests: part})
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				e.logger.Warn("claim failed; will retry", "err", err, "members", len(part))
+			}
+			e.mu.Lock()
+			for _, r := range reqs[i:] {
+				if lm := e.members[r.MemberID]; lm != nil {
+					lm.dirty |= targets[r.MemberID].reason
+				}
+			}
+			e.mu.Unlock()
+			return rows, true
+		}
+		rows += len(got)
+		now := time.Now()
+		for _, d := range got {
+			e.pushClaimed(targets[d.MemberID], d, now)
+		}
+	}
+	return rows, false
+}
+
+func (e *Engine) pushClaimed(t *claimTarget, d Delivery, now time.Time) {
+	t.got++
+	if d.PrevConn != "" && d.Attempts == 1 && !e.take(d.Key(), now) {
+		// Straight from a remote fast-path lease, and its envelope already
+		// pushed it. Its lease now names t.r; the session holding it acks
+		// it by key, or, closing without an ack, leaves it to expire.
+		return
+	}
+	e.m.Claims.WithLabelValues(t.reason.label()).Inc()
+	if t.reason&^(ReasonBacklog|ReasonSweep) == 0 {
+		via := "sweep"
+		if t.reason&ReasonBacklog != 0 {
+			via = "backlog"
+		}
+		e.m.Recovered.WithLabelValues(via).Inc()
+	}
+	if t.refused {
+		t.held = append(t.held, d.Key())
+		return
+	}
+	t.refused = !e.deliver(t.r, d, d.CreatedAt, nil)
+}
+
+// deliver reserves a claimed (or fast-path) row on the session and queues
+// its push. A row that cannot be queued goes back to the queue: it is
+// claimed again, in order, once the writer has made room. A full queue
+// alone does not make a slow consumer: one that stops reading is closed by
+// its write timeout.
+func (e *Engine) deliver(r Recipient, d Delivery, committed time.Time, after <-chan struct{}) bool {
+	switch r.Reserve(d.MessageID) {
+	case Gone:
+		e.Release(d.Conn, d.MeshID, d.MemberID, []Key{d.Key()})
+		return false
+	case AlreadyHeld:
+		return true
+	}
+	return e.deliverReserved(r, d, committed, after)
+}
+
+// deliverReserved queues the push of a row already reserved on r.
+func (e *Engine) deliverReserved(r Recipient, d Delivery, committed time.Time, after <-chan struct{}) bool {
+	if e.acks.unmarkedHas(d.Key()) {
+		// Acked (or written without client_ack) and about to be marked
+		// delivered: a claim that raced the mark must not push it again.
+		r.Unreserve(d.MessageID)
+		return true
+	}
+	if int(d.Priority) > r.MaxPriority() {
+		// The session's status changed since the row was picked for it (a
+		// claim or fast path planned while it was idle; now working or
+		// dnd): the row waits for a status that takes it, and the rows
+		// after it go back with it, in order.
+		r.Unreserve(d.MessageID)
+		e.Release(d.Conn, d.MeshID, d.MemberID, []Key{d.Key()})
+		return false
+	}
+	if r.Push(&Push{Delivery: d, Committed: committed, After: after}) {
+		return true
+	}
+	r.Unreserve(d.MessageID)
+	// Until the row is claimed again no newer one may take the fast path;
+	// the writer asks for a claim once it has made room.
+	r.Starved()
+	e.Release(d.Conn, d.MeshID, d.MemberID, []Key{d.Key()})
+	return false
+}

@@ -1,0 +1,200 @@
+package delivery
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/claudemesh/broker/internal/relay"
+)
+
+// Release gives rows back to the queue and wakes the member's other
+// sessions, here and on other nodes. Until the release has committed the
+// member takes no claim and no fast path (beginRelease), so nothing newer
+// overtakes the released rows. Once the engine stops, leases are left to
+// run out.
+func (e *Engine) Release(conn, mesh, member string, keys []Key) {
+	e.beginRelease(member)
+	started := e.releases.Go(func(context.Context) {
+		defer e.endRelease(member)
+		// Not the run context: a release asked for while stopping still
+		// goes out, bounded.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := e.q.ReleaseLeases(ctx, &ReleaseParams{Conn: conn, Keys: keys}); err != nil {
+			// The leases run out by themselves; the sweep then redelivers.
+			e.logger.Warn("release leases failed; they will expire", "err", err, "rows", len(keys))
+			var re *RowsError
+			if !errors.As(err, &re) {
+				return
+			}
+			e.m.BatchRowsFailed.WithLabelValues("release").Add(float64(re.Refused()))
+		}
+		if _, elsewhere := e.dir.MemberPresent(member); elsewhere {
+			e.notifier.Notify(mesh, []string{member})
+		}
+	})
+	if !started {
+		e.endRelease(member)
+	}
+}
+
+// ReleaseNodeLeases releases the leases of node incarnations matching the
+// LIKE pattern but keep (departed ones: a node confirmed dead, or this
+// node's earlier runs), and wakes their members here and elsewhere.
+func (e *Engine) ReleaseNodeLeases(ctx context.Context, pattern, keep string) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	refs, err := e.q.ReleaseNodeLeases(cctx, &ReleaseNodeParams{Pattern: pattern, Keep: keep})
+	if err != nil {
+		if ctx.Err() == nil {
+			e.logger.Warn("release node leases failed; they will expire", "pattern", pattern, "err", err)
+		}
+		return
+	}
+	if len(refs) == 0 {
+		return
+	}
+	e.logger.Info("released leases of a departed node", "pattern", pattern, "members", len(refs))
+	members := make([]string, 0, len(refs))
+	for _, r := range refs {
+		members = append(members, r.MemberID)
+		if _, elsewhere := e.dir.MemberPresent(r.MemberID); elsewhere {
+			e.notifier.Notify(r.MeshID, []string{r.MemberID})
+		}
+	}
+	e.Wake(ReasonRelease, members...)
+}
+
+// ReleaseNode releases the leases of one departed node incarnation.
+func (e *Engine) ReleaseNode(ctx context.Context, name string, incarnation int64) {
+	e.ReleaseNodeLeases(ctx, EscapeLike(LeaseNodeName(name, incarnation)), "")
+}
+
+// RelayWake handles one mesh of a relay notification.
+func (e *Engine) RelayWake(sentAt time.Time, w relay.Wake) {
+	e.m.RelayReceived.Inc()
+	if lag := time.Since(sentAt); lag >= 0 {
+		e.m.RelayLag.Observe(lag.Seconds())
+	}
+	if w.All {
+		e.WakeMesh(w.MeshID, ReasonNotify)
+		return
+	}
+	e.Wake(ReasonNotify, w.Members...)
+}
+
+// RelayListening runs after every (re)LISTEN: anything notified while the
+// listener was away is found by a re-scan.
+func (e *Engine) RelayListening() {
+	e.WakeAll(ReasonBacklog)
+	e.TestSignals.Listening.Signal(struct{}{})
+}
+
+// RelayEnvelope handles a row carried whole by a notification (the remote
+// fast path). Only the node incarnation holding the lease acts on it: it
+// pushes the row to the leased session when the member is caught up (no
+// claim running or due, so the push cannot overtake an older row) and the
+// session's status and queue let it through. Otherwise the member is
+// marked for a claim, which takes such rows in order; a session that is
+// gone gives the row back at once.
+func (e *Engine) RelayEnvelope(sentAt time.Time, env relay.Envelope) {
+	key := Key{MessageID: env.MessageID, MemberID: env.MemberID}
+	if env.Node != e.leaseNode {
+		if strings.HasPrefix(env.Node, LeaseNodePrefix(e.cfg.Node)) {
+			// Leased to an earlier incarnation of this node, whose
+			// sessions are gone.
+			e.Release(env.Conn, env.MeshID, env.MemberID, []Key{key})
+		}
+		return
+	}
+	e.m.RelayReceived.Inc()
+	if lag := time.Since(sentAt); lag >= 0 {
+		e.m.RelayLag.Observe(lag.Seconds())
+	}
+	if e.wasTaken(key) {
+		return // a claim got here first and pushed it
+	}
+	if e.now().Sub(env.CreatedAt) > min(e.cfg.LeaseDuration, takenTTL)/2 {
+		// Too late to trust the lease (or, replayed, to tell it from a row
+		// pushed already): let a claim decide.
+		e.Wake(ReasonNotify, env.MemberID)
+		return
+	}
+	r, verdict := e.direct(env)
+	switch verdict {
+	case directGone:
+		e.Release(env.Conn, env.MeshID, env.MemberID, []Key{key})
+		return
+	case directClaim:
+		e.Wake(ReasonNotify, env.MemberID)
+		return
+	}
+	e.m.Claims.WithLabelValues("relayed").Inc()
+	e.deliverReserved(r, Delivery{
+		MessageID: env.MessageID, MemberID: env.MemberID, Conn: env.Conn, MeshID: env.MeshID,
+		SenderMemberID: env.SenderMemberID, SenderPubkey: env.SenderPubkey, SenderName: env.SenderName,
+		TargetSpec: env.TargetSpec, Priority: env.Priority, Nonce: env.Nonce, Ciphertext: env.Ciphertext,
+		ClientMessageID: env.ClientMessageID, CreatedAt: env.CreatedAt,
+	}, env.CreatedAt, nil)
+}
+
+type directVerdict int
+
+const (
+	directPush  directVerdict = iota // reserved on the session: push it
+	directClaim                      // leave it to a claim
+	directGone                       // its session is gone: give it back
+)
+
+// direct reserves an envelope's row on its leased session when it may be
+// pushed now: the member is caught up, the session is here, open, with
+// room, accepting the priority. While the session reserves it (outside
+// the engine's lock: the engine never holds it while taking a session's),
+// the row is marked taken and the member directing, so no claim takes and
+// pushes it in between.
+func (e *Engine) direct(env relay.Envelope) (Recipient, directVerdict) {
+	key := Key{MessageID: env.MessageID, MemberID: env.MemberID}
+	e.mu.Lock()
+	lm := e.members[env.MemberID]
+	var r Recipient
+	if lm != nil {
+		for _, x := range lm.sessions {
+			if x.ConnID() == env.Conn {
+				r = x
+				break
+			}
+		}
+	}
+	if r == nil || r.Closing() {
+		e.mu.Unlock()
+		return nil, directGone
+	}
+	_, done := e.taken[key]
+	if done || !lm.caughtUp() || r.MaxPriority() < int(env.Priority) || r.Room() <= 0 {
+		e.mu.Unlock()
+		return nil, directClaim
+	}
+	e.taken[key] = time.Now()
+	lm.directing++
+	e.mu.Unlock()
+
+	res := r.Reserve(env.MessageID)
+
+	e.mu.Lock()
+	lm.directing--
+	if res != Reserved {
+		delete(e.taken, key)
+	}
+	waiting := lm.dirty != 0
+	e.forget(env.MemberID, lm)
+	e.mu.Unlock()
+	if waiting {
+		e.Kick() // a wake-up came while the claim was held back
+	}
+	if res != Reserved {
+		return nil, directClaim
+	}
+	return r, directPush
+}
