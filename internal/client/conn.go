@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -217,13 +218,31 @@ type HelloOptions struct {
 	Timestamp    time.Time // zero: now
 }
 
+// lastHelloMs is the timestamp of this process's latest hello.
+var lastHelloMs atomic.Int64
+
+// helloMillis is now in milliseconds, but always after the previous hello's:
+// the signature covers only the ids and the timestamp, so two hellos of one
+// identity in the same millisecond would be the same signature, and the
+// broker refuses the second as a replay.
+func helloMillis() int64 {
+	for {
+		now, last := time.Now().UnixMilli(), lastHelloMs.Load()
+		ms := max(now, last+1)
+		if lastHelloMs.CompareAndSwap(last, ms) {
+			return ms
+		}
+	}
+}
+
 // NewHello builds a signed hello frame.
 func NewHello(id Identity, o HelloOptions) protocol.Hello {
-	ts := o.Timestamp
-	if ts.IsZero() {
-		ts = time.Now()
+	var ms int64
+	if o.Timestamp.IsZero() {
+		ms = helloMillis()
+	} else {
+		ms = o.Timestamp.UnixMilli()
 	}
-	ms := ts.UnixMilli()
 	pub := id.Pubkey()
 	h := protocol.Hello{
 		Type: protocol.TypeHello, MeshID: id.MeshID, MemberID: id.MemberID, Pubkey: pub,

@@ -411,7 +411,7 @@ func (s *Store) Notify(ctx context.Context, channels, payloads []string) error {
 	if len(channels) == 0 {
 		return nil
 	}
-	_, err := s.fast.Exec(ctx, `SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)`, channels, payloads)
+	_, err := s.fast.Exec(ctx, notifySQL, channels, payloads)
 	if err != nil {
 		return fmt.Errorf("notify: %w", err)
 	}
@@ -510,3 +510,6 @@ var releaseLeasesSQL = hotFast("release leases", `
 		FROM unnest($2::int8[], $3::text[]) AS a(mid, member)
 		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
 		  AND d.lease_conn = $1 AND d.delivered_at IS NULL`)
+
+// notifySQL sends wake-up notifications (Notify).
+var notifySQL = hotFast("notify", `SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)`)
