@@ -205,8 +205,20 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.Drain(ctx)
 		s.hellos.Stop(ctx)
 		s.loops.Stop(ctx)
-		if !s.conns.Stop(ctx) || !s.loops.Stop(ctx) {
-			err = errors.New("shutdown: sessions or background loops did not stop in time")
+		if !s.conns.Stop(ctx) {
+			// Out of time: a session may still be in its close handshake,
+			// waiting for a peer that does not answer. Cut the sockets so
+			// that its goroutines end now rather than after Shutdown.
+			for _, ss := range s.localSessions() {
+				_ = ss.conn.CloseNow()
+			}
+			cut, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			s.conns.Stop(cut)
+			cancel()
+			err = errors.New("shutdown: sessions did not close in time; the rest were cut")
+		}
+		if !s.loops.Stop(ctx) && err == nil {
+			err = errors.New("shutdown: background loops did not stop in time")
 		}
 	})
 	return err
