@@ -14,7 +14,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -218,28 +217,35 @@ type HelloOptions struct {
 	Timestamp    time.Time // zero: now
 }
 
-// lastHelloMs is the timestamp of this process's latest hello.
-var lastHelloMs atomic.Int64
+// lastHello holds, per identity, the timestamp of this process's latest
+// hello (bounded: cleared when it holds too many).
+var lastHello = struct {
+	sync.Mutex
+	ms map[string]int64
+}{ms: map[string]int64{}}
 
-// helloMillis is now in milliseconds, but always after the previous hello's:
-// the signature covers only the ids and the timestamp, so two hellos of one
-// identity in the same millisecond would be the same signature, and the
-// broker refuses the second as a replay.
-func helloMillis() int64 {
-	for {
-		now, last := time.Now().UnixMilli(), lastHelloMs.Load()
-		ms := max(now, last+1)
-		if lastHelloMs.CompareAndSwap(last, ms) {
-			return ms
-		}
+// helloMillis is now in milliseconds, but after the identity's previous
+// hello: the signature covers only the ids and the timestamp, so two hellos
+// of one identity in the same millisecond would carry the same signature,
+// and the broker refuses the second as a replay. Only an identity that says
+// hello more than once a millisecond moves ahead of the clock.
+func helloMillis(id Identity) int64 {
+	key := id.MeshID + "|" + id.MemberID
+	lastHello.Lock()
+	defer lastHello.Unlock()
+	ms := max(time.Now().UnixMilli(), lastHello.ms[key]+1)
+	if len(lastHello.ms) >= 4096 {
+		clear(lastHello.ms)
 	}
+	lastHello.ms[key] = ms
+	return ms
 }
 
 // NewHello builds a signed hello frame.
 func NewHello(id Identity, o HelloOptions) protocol.Hello {
 	var ms int64
 	if o.Timestamp.IsZero() {
-		ms = helloMillis()
+		ms = helloMillis(id)
 	} else {
 		ms = o.Timestamp.UnixMilli()
 	}
