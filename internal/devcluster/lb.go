@@ -232,7 +232,11 @@ func (lb *LB) checkLoop(ctx context.Context) {
 
 // checkAll probes every backend's /health concurrently.
 func (lb *LB) checkAll(ctx context.Context) {
-	timeout := min(lb.interval, 2*time.Second)
+	// Not shorter than a second whatever the interval: a node that takes
+	// 20 ms to answer under load is busy, not down (tests check every
+	// 20 ms; a 20 ms timeout marked every node down and the fallback then
+	// routed to a failing one).
+	timeout := min(max(lb.interval, time.Second), 2*time.Second)
 	var wg sync.WaitGroup
 	for _, be := range lb.backends {
 		wg.Add(1)
