@@ -194,6 +194,11 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	// Set before the session is published below: other goroutines (a
 	// revocation, the delivery engine) log through it from then on.
 
+	// hello_ack is queued before the session is published: from then on
+	// system events and replies of other goroutines may queue frames,
+	// and none may reach the client before its hello_ack.
+	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: e.PresenceID,
+		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
 	s.mu.Lock()
 	old := s.byPresence[e.PresenceID]
 	s.byPresence[e.PresenceID] = ss
@@ -210,8 +215,6 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	if old != nil && old != ss {
 		old.replaced()
 	}
-	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
-		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
 	s.engine.Attach(ss) // a send-only session is never a delivery target
 
 	ss.log().Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
