@@ -335,6 +335,11 @@ func (ss *session) handleMessageStatus(data []byte, reqID string) {
 	}
 	res := protocol.MessageStatusResult{Type: protocol.TypeMessageStatusR, ReqID: reqID, MessageID: m.MessageID,
 		Recipients: []protocol.RecipientState{}}
+	if !ss.allowMessageStatus() {
+		res.Error = protocol.CodeRateLimited
+		ss.queue(res)
+		return
+	}
 	id, err := strconv.ParseInt(m.MessageID, 10, 64)
 	if err != nil || id <= 0 {
 		res.Error = protocol.CodeNotFound
