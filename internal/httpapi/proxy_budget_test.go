@@ -119,7 +119,11 @@ func TestHTTPBudgetsPerClientBehindProxy(t *testing.T) {
 		testkit.Eventually(t, 20*time.Second, "the hook flooder limited", func() bool { return limited.Load() >= 2 })
 		statuses := []string{protocol.StatusWorking, protocol.StatusIdle}
 		for i := 0; i < 8; i++ {
-			body, h := signedHook(honest, fmt.Sprintf(`{"cwd":"/honest","pid":21,"status":%q}`, statuses[i%2]))
+			// Each signed afresh: a distinct millisecond, so that two equal
+			// bodies do not carry one signature (a replay).
+			body := []byte(fmt.Sprintf(`{"cwd":"/honest","pid":21,"status":%q}`, statuses[i%2]))
+			h := http.Header{}
+			auth.SignHook(h, honest.Priv, honest.MeshID, body, time.Now().Add(time.Duration(i)*time.Millisecond))
 			code, out, err := viaProxy(http.MethodPost, base+"/hook/set-status", ct, body, goodClient, h)
 			if err != nil || code != http.StatusOK {
 				t.Fatalf("honest hook %d behind the proxy during the flood: %d %s %v", i, code, out, err)
