@@ -89,7 +89,7 @@ func TestMessageStatusFloodPaced(t *testing.T) {
 		select {
 		case <-floodDone:
 		default:
-			took, err := honestSend(a, b, rcptID, fmt.Sprint("during-", i))
+			took, err := testkit.HonestSend(a, b, rcptID, fmt.Sprint("during-", i))
 			if err != nil {
 				t.Fatalf("honest send %d during the flood: %v", i, err)
 			}
