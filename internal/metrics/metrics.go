@@ -131,7 +131,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.Bounds = newBounds()
 	reg.MustRegister(m.Bounds.collectors()...)
 	m.RequestsLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "broker_requests_rate_limited_total", Help: "Requests refused by a per-session rate limit, by frame type."}, []string{"type"})
+		Name: "broker_requests_rate_limited_total", Help: "Requests over a per-session rate limit answered rate_limited (list_members, message_status), by frame type; list_peers requests held back by their pacing are counted in broker_list_peers_throttled_total."}, []string{"type"})
 	reg.MustRegister(m.RequestsLimited)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {

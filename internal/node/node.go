@@ -282,6 +282,12 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		n.metricsAddr = mln.Addr().String()
 		n.goRun(func() { _ = n.metrics.Serve(mln) })
 	}
+	if cfg.MetricsAddr == "" && cfg.MetricsToken == "" {
+		// Anyone who reaches the WebSocket port reads every counter
+		// (meshes, sessions, rates): say so once, and how to close it.
+		logger.Warn("/metrics is public: it is served on the WebSocket port without a token; set METRICS_ADDR to serve it on a private address, or METRICS_TOKEN to require a bearer token",
+			"addr", ln.Addr().String())
+	}
 	if cfg.HookLocalAddr != "" {
 		hln, err := net.Listen("tcp", cfg.HookLocalAddr)
 		if err != nil {

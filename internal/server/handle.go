@@ -104,18 +104,13 @@ func (ss *session) handleHello(data []byte) {
 		return
 	}
 	prev, hasPrev := s.replica.FindSession(h.MeshID, member.ID, h.SessionID)
-	live := s.replica.CountLive(h.MeshID)
-	if hasPrev && prev.Visible() {
-		live-- // the replaced session frees its slot
-	}
-	if live >= s.cfg.MaxConnsPerMesh && !h.HasCapability(protocol.CapEphemeral) && !h.HasCapability(protocol.CapSendOnly) {
-		ss.reject(protocol.ReasonCapacity, "")
+	meshCapped := !h.HasCapability(protocol.CapEphemeral) && !h.HasCapability(protocol.CapSendOnly)
+	release, detail, ok := s.reserveSlot(h.MeshID, member.ID, meshCapped, hasPrev, hasPrev && prev.Visible())
+	if !ok {
+		ss.reject(protocol.ReasonCapacity, detail)
 		return
 	}
-	if s.memberFull(member.ID, hasPrev) {
-		ss.reject(protocol.ReasonCapacity, "sessions per member")
-		return
-	}
+	defer release() // for the failures; register releases once the presence exists
 	check := store.HelloCheck{SigHash: auth.SignatureHash(h.Signature), PID: h.PID, Cwd: h.Cwd, MeshID: h.MeshID, Pubkey: pubkey}
 	if h.HasCapability(protocol.CapSendOnly) {
 		// A hook that came before its session is for that session, not
@@ -139,7 +134,7 @@ func (ss *session) handleHello(data []byte) {
 		ss.reject(protocol.ReasonReplayed, "")
 		return
 	}
-	ss.register(h, member, prev, hasPrev, res.Pending)
+	ss.register(h, member, prev, hasPrev, res.Pending, release)
 }
 
 func toLowerHex(s string) string {
@@ -154,7 +149,7 @@ func toLowerHex(s string) string {
 
 // register makes the session live: it creates (or takes over) the presence
 // entry, acks the hello and starts delivery.
-func (ss *session) register(h *protocol.Hello, member store.Member, prev presence.Entry, hasPrev bool, pending string) {
+func (ss *session) register(h *protocol.Hello, member store.Member, prev presence.Entry, hasPrev bool, pending string, release func()) {
 	if !ss.helloDecided.CompareAndSwap(false, true) {
 		return // timed out meanwhile
 	}
@@ -198,20 +193,25 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	old := s.byPresence[e.PresenceID]
 	s.byPresence[e.PresenceID] = ss
 	addToSet(s.byMesh, ss.meshID, ss)
-	if ss.sysEvents && !ss.sendOnly {
-		addToSet(s.listeners, ss.meshID, ss)
-	}
 	s.mu.Unlock()
 	ss.authed.Store(true)
 	s.connAuthed(ss.addrKey)
 	s.m.ConnectionsActive.Inc()
 
 	entry := s.replica.Create(e)
+	release() // the presence counts for the caps from now on
 	if old != nil && old != ss {
 		old.replaced()
 	}
 	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
 		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
+	// Only now may system events reach the session: none may come before
+	// its hello_ack (events are queued by other goroutines).
+	if ss.sysEvents && !ss.sendOnly {
+		s.mu.Lock()
+		addToSet(s.listeners, ss.meshID, ss)
+		s.mu.Unlock()
+	}
 	s.engine.Attach(ss) // a send-only session is never a delivery target
 
 	ss.log().Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
@@ -335,6 +335,11 @@ func (ss *session) handleMessageStatus(data []byte, reqID string) {
 	}
 	res := protocol.MessageStatusResult{Type: protocol.TypeMessageStatusR, ReqID: reqID, MessageID: m.MessageID,
 		Recipients: []protocol.RecipientState{}}
+	if !ss.allowMessageStatus() {
+		res.Error = protocol.CodeRateLimited
+		ss.queue(res)
+		return
+	}
 	id, err := strconv.ParseInt(m.MessageID, 10, 64)
 	if err != nil || id <= 0 {
 		res.Error = protocol.CodeNotFound

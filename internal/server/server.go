@@ -80,6 +80,7 @@ type Server struct {
 	listeners  map[string]map[*session]struct{} // sessions that asked for system events, by mesh
 	perAddr    map[string]int                   // open WebSockets by client address key
 	pending    map[string]int                   // of those, the ones without a hello yet
+	slots      helloSlots                       // hellos between the cap check and register
 
 	// loops runs the background loops and the work cluster callbacks
 	// start (death confirmations, revocation checks); conns runs the

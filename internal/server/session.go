@@ -139,6 +139,7 @@ type session struct {
 	// Owned by the read loop.
 	peersLimit   *rate.Limiter
 	membersLimit *rate.Limiter // list_members; made on first use (read loop only)
+	statusLimit  *rate.Limiter // message_status; made on first use (read loop only, msgstatus.go)
 	// sendSlots bounds sends accepted whose ack is not written yet: when
 	// it is full the read loop stops reading, so TCP pushes back on the
 	// client instead of work piling up in the broker.

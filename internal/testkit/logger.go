@@ -25,13 +25,70 @@ func Logger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
+// CaptureLogger is Logger that also keeps every line it renders, for
+// tests of what the broker logs.
+func CaptureLogger(t testing.TB) (*slog.Logger, *LogLines) {
+	lines := &LogLines{}
+	w := &checkWriter{t: t, lines: lines}
+	if os.Getenv("BROKER_TEST_LOG") != "" {
+		w.also = os.Stderr
+	}
+	t.Cleanup(func() { w.done.Store(true) })
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug})), lines
+}
+
+// LogLines are the records a CaptureLogger rendered.
+type LogLines struct {
+	mu    sync.Mutex
+	lines []map[string]any
+}
+
+// Matching returns the records whose level and message are level and msg.
+func (l *LogLines) Matching(level, msg string) []map[string]any {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []map[string]any
+	for _, r := range l.lines {
+		if r["level"] == level && r["msg"] == msg {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// Level returns the records of a level (such as "WARN").
+func (l *LogLines) Level(level string) []map[string]any {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []map[string]any
+	for _, r := range l.lines {
+		if r["level"] == level {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func (l *LogLines) add(p []byte) {
+	var r map[string]any
+	if json.Unmarshal(p, &r) != nil {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.lines) < 100000 {
+		l.lines = append(l.lines, r)
+	}
+}
+
 // checkWriter receives one record per Write (slog's JSON handler writes a
 // record at once).
 type checkWriter struct {
-	t    testing.TB
-	also io.Writer
-	mu   sync.Mutex
-	done atomic.Bool
+	t     testing.TB
+	also  io.Writer
+	lines *LogLines // nil unless captured
+	mu    sync.Mutex
+	done  atomic.Bool
 }
 
 func (w *checkWriter) Write(p []byte) (int, error) {
@@ -42,6 +99,9 @@ func (w *checkWriter) Write(p []byte) (int, error) {
 		case key != "":
 			w.t.Errorf("log line repeats the key %q: %s", key, p)
 		}
+	}
+	if w.lines != nil {
+		w.lines.add(p)
 	}
 	if w.also != nil {
 		w.mu.Lock()
