@@ -4,6 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -163,6 +168,67 @@ func TestDeadNodeSessionsLeaveAfterGrace(t *testing.T) {
 	}
 	if n := len(nodes[1].Replica().Live(mesh.MeshID)); n != 2 {
 		t.Fatalf("%d live sessions, want watcher and mover", n)
+	}
+}
+
+// Sessions that arrive while a node shuts down or is killed end with it:
+// one whose read loop ended after the server had begun stopping got no
+// writer, never closed, and its teardown waited forever (a goroutine leak
+// seen in about one run in six of TestDeadNodeSessionsLeaveAfterGrace);
+// one upgraded while Drain took its snapshot was never told to close.
+func TestStopEndsSessionsArrivingMeanwhile(t *testing.T) {
+	for _, kill := range []bool{false, true} {
+		db := pgtest.NewDB(t)
+		n := testkit.StartNode(t, db, testkit.Options{Configure: func(c *config.Config) { c.HelloRatePerSec = 10000 }})
+		mesh := testkit.NewMesh(t, n.Store(), 8)
+		for _, m := range mesh.Members {
+			testkit.Connect(t, n.URL(), m, client.HelloOptions{})
+		}
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		var hellos atomic.Int64
+		for _, m := range mesh.Members {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < 2000; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+					c, err := client.Dial(ctx, n.URL(), nil)
+					if err == nil {
+						if _, err := c.Hello(ctx, m, client.HelloOptions{SessionID: fmt.Sprintf("s%d", i)}); err == nil {
+							hellos.Add(1)
+						}
+						_ = c.CloseNow()
+					}
+					cancel()
+				}
+			}()
+		}
+		testkit.Eventually(t, 10*time.Second, "connections racing", func() bool { return hellos.Load() > 100 })
+		if kill {
+			n.Kill()
+		} else {
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			err := n.Shutdown(ctx)
+			cancel()
+			if err != nil {
+				t.Errorf("shutdown: %v", err)
+			}
+		}
+		close(stop)
+		wg.Wait()
+		buf := make([]byte, 1<<22)
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		for _, fn := range []string{"server.(*session).teardown", "server.(*session).readLoop", "server.(*session).writeLoop"} {
+			if strings.Contains(stacks, fn) {
+				t.Fatalf("kill=%v: a session goroutine (%s) outlived the node:\n%s", kill, fn, stacks)
+			}
+		}
 	}
 }
 

@@ -220,6 +220,11 @@ func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	s.sessions[ss] = struct{}{}
 	s.mu.Unlock()
+	if s.draining.Load() {
+		// Drain began during the upgrade and may have missed this
+		// session: close it here.
+		ss.closeAfterFlush(websocket.StatusGoingAway, "shutdown")
+	}
 	// The connection is hijacked: serve it on a goroutine of our own (that
 	// Shutdown waits for) and let the HTTP handler (and its deep stack)
 	// return.
@@ -460,8 +465,19 @@ func (ss *session) releaseSlot() {
 // kickWriter starts the write loop unless one is running. An idle session
 // has no writer goroutine, which keeps idle connections cheap.
 func (ss *session) kickWriter() {
-	if ss.writing.CompareAndSwap(false, true) && !ss.s.conns.Go(func(context.Context) { ss.writeLoop() }) {
-		ss.writing.Store(false) // the server has stopped: nothing is written any more
+	if !ss.writing.CompareAndSwap(false, true) || ss.s.conns.Go(func(context.Context) { ss.writeLoop() }) {
+		return
+	}
+	// The server is stopping: nothing is written any more. A closing
+	// session is still closed, here, by the caller holding the writer
+	// mark, which it keeps: teardown waits for ss.done.
+	if ss.isClosing() {
+		ss.finishClose()
+		return
+	}
+	ss.writing.Store(false)
+	if ss.isClosing() && ss.writing.CompareAndSwap(false, true) {
+		ss.finishClose() // a close that came in between found the mark held
 	}
 }
 
