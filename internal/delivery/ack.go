@@ -135,7 +135,7 @@ func (a *acker) flush(ctx context.Context) bool {
 		meshOf[it.key.MemberID] = it.mesh
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	done, err := e.q.MarkDelivered(cctx, &MarkParams{Keys: keys})
+	done, err := e.q.MarkDelivered(cctx, &MarkParams{Keys: keys, Node: e.leaseNode})
 	cancel()
 	var re *RowsError
 	if errors.As(err, &re) {

@@ -46,6 +46,14 @@ type Metrics struct {
 	// RequestsLimited counts requests refused by a per-session rate limit,
 	// by frame type.
 	RequestsLimited *prometheus.CounterVec
+	// ClaimShrinks counts claim statements that ran out of time, after
+	// which the rows one statement asks for were halved; ClaimBudget is
+	// that bound now (it doubles back after each claim that finishes).
+	ClaimShrinks prometheus.Counter
+	ClaimBudget  prometheus.Gauge
+	// TakenOver counts rows a takeover leased from another connection
+	// (lease takeover on reattach).
+	TakenOver prometheus.Counter
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -133,6 +141,13 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.RequestsLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "broker_requests_rate_limited_total", Help: "Requests refused by a per-session rate limit, by frame type."}, []string{"type"})
 	reg.MustRegister(m.RequestsLimited)
+	m.ClaimShrinks = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_claim_shrinks_total", Help: "Claim statements that ran out of time; the next ones ask for half the rows."})
+	m.ClaimBudget = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "broker_delivery_claim_budget_rows", Help: "Rows one claim statement may ask for now (halved on a claim timeout, doubled back on success)."})
+	m.TakenOver = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_taken_over_total", Help: "Delivery rows a session that attached took over from another connection's lease."})
+	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.TakenOver)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)
