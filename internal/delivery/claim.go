@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"github.com/claudemesh/broker/internal/relay"
 )
 
 // Reason records why a member needs a claim; the counters use the most
@@ -65,6 +67,10 @@ type localMember struct {
 	// gone are connections its sessions replaced on other nodes, whose
 	// rows its next takeover takes (takeover.go).
 	gone []string
+	// parked are envelopes that arrived while its claim was in flight
+	// (lease.go), and their size.
+	parked      []relay.Envelope
+	parkedBytes int
 }
 
 // busy reports whether something about the member's rows is in flight.
@@ -315,6 +321,7 @@ func (e *Engine) claimRound(ctx context.Context) {
 		}
 	}
 	more := false
+	var parked []relay.Envelope
 	e.mu.Lock()
 	for id, t := range targets {
 		lm := e.members[id]
@@ -326,9 +333,11 @@ func (e *Engine) claimRound(ctx context.Context) {
 			lm.dirty |= ReasonMore
 			more = true
 		}
+		parked = append(parked, lm.unpark()...)
 		e.forget(id, lm)
 	}
 	e.mu.Unlock()
+	e.relayParked(parked)
 	e.TestSignals.ClaimRound.Signal(ClaimRound{Members: len(reqs), Rows: rows, Failed: failed})
 	if failed && timedOut {
 		// The claim was too large to finish in time: it shrank (shrink);
@@ -383,14 +392,15 @@ func (e *Engine) claimTargets() (map[string]*claimTarget, []ClaimRequest) {
 // Claim statement bounds. A statement asks for at most claimChunk members
 // and e.claimBudget rows (the sum of its requests' limits): the budget
 // starts at maxClaimRows, halves each time a statement runs out of time
-// (down to minClaimRows), and doubles back after each one that finishes,
-// so a claim that cannot finish in time shrinks instead of failing the
-// same way again.
+// (down to minClaimRows), and doubles back after every growStreak that
+// finish in a row, so a claim that cannot finish in time shrinks instead
+// of failing the same way again, and the size that failed is tried again
+// only after a run of successes.
 const (
 	claimChunk   = 2000
 	maxClaimRows = 1 << 16
 	minClaimRows = 16
-	claimTimeout = 10 * time.Second
+	growStreak   = 4
 )
 
 // claimAndPush runs the round's takeovers, then its claims, in chunks, and
@@ -442,7 +452,7 @@ func (e *Engine) claimChunks(ctx context.Context, targets map[string]*claimTarge
 			sum += int(r.Limit)
 			part = append(part, r)
 		}
-		cctx, cancel := context.WithTimeout(ctx, claimTimeout)
+		cctx, cancel := context.WithTimeout(ctx, e.cfg.ClaimTimeout)
 		got, err := claim(cctx, &ClaimParams{Node: e.leaseNode, Lease: e.cfg.LeaseDuration, Requests: part})
 		timedOut := errors.Is(cctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil
 		cancel()
@@ -501,6 +511,7 @@ func (e *Engine) budget() int {
 func (e *Engine) shrink(asked int) {
 	e.mu.Lock()
 	e.claimBudget = max(minClaimRows, min(e.claimBudget, asked)/2)
+	e.claimStreak = 0
 	b := e.claimBudget
 	e.mu.Unlock()
 	e.m.ClaimShrinks.Inc()
@@ -508,14 +519,19 @@ func (e *Engine) shrink(asked int) {
 	e.TestSignals.ClaimShrunk.Signal(b)
 }
 
-// grow doubles the claim budget back after a statement that finished.
+// grow doubles the claim budget back after growStreak statements that
+// finished in a row.
 func (e *Engine) grow() {
 	e.mu.Lock()
 	if e.claimBudget == 0 {
 		e.claimBudget = maxClaimRows
 	}
-	grew := e.claimBudget < maxClaimRows
-	e.claimBudget = min(maxClaimRows, e.claimBudget*2)
+	grew := false
+	if e.claimBudget < maxClaimRows {
+		if e.claimStreak++; e.claimStreak >= growStreak {
+			e.claimBudget, e.claimStreak, grew = min(maxClaimRows, e.claimBudget*2), 0, true
+		}
+	}
 	b := e.claimBudget
 	e.mu.Unlock()
 	if grew {

@@ -27,6 +27,9 @@ type Config struct {
 	DisableRemoteFastPath bool
 	// CommitShards is the number of group-commit workers (zero means 2).
 	CommitShards int
+	// ClaimTimeout bounds one claim statement (zero means 10 s); one that
+	// runs out of it makes the next ones smaller (claim.go).
+	ClaimTimeout time.Duration
 	// Now is the cluster's clock (this node's corrected by its offset from
 	// Postgres); nil means time.Now.
 	Now func() time.Time
@@ -103,6 +106,7 @@ type Engine struct {
 	// claimBudget bounds the rows one claim statement asks for (claim.go;
 	// zero until the first claim: maxClaimRows).
 	claimBudget int
+	claimStreak int // claim statements finished in a row since the budget last changed
 }
 
 var _ startstop.Service = (*Engine)(nil)
@@ -126,6 +130,9 @@ func New(cfg Config, d Deps) *Engine {
 	}
 	if cfg.CommitShards <= 0 {
 		cfg.CommitShards = 2
+	}
+	if cfg.ClaimTimeout <= 0 {
+		cfg.ClaimTimeout = 10 * time.Second
 	}
 	e := &Engine{
 		cfg: cfg, leaseNode: LeaseNodeName(cfg.Node, cfg.Incarnation),

@@ -54,6 +54,9 @@ type Metrics struct {
 	// TakenOver counts rows a takeover leased from another connection
 	// (lease takeover on reattach).
 	TakenOver prometheus.Counter
+	// ParkedOverflow counts remote fast-path envelopes that met a claim in
+	// flight when their member's parking bound was full: left to a claim.
+	ParkedOverflow prometheus.Counter
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -147,7 +150,9 @@ func New(reg prometheus.Registerer) *Metrics {
 		Name: "broker_delivery_claim_budget_rows", Help: "Rows one claim statement may ask for now (halved on a claim timeout, doubled back on success)."})
 	m.TakenOver = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "broker_delivery_taken_over_total", Help: "Delivery rows a session that attached took over from another connection's lease."})
-	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.TakenOver)
+	m.ParkedOverflow = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_parked_overflow_total", Help: "Envelopes that met a claim in flight past their member's parking bound (left to a claim)."})
+	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.TakenOver, m.ParkedOverflow)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)
