@@ -106,12 +106,17 @@ var (
 	// they meet, where they used to wait for a periodic push-pull (31–53 s
 	// measured, 60 s apart in the WAN profile).
 	HealLimit = Threshold{Name: "gossip_cut_healed", Target: "≤ 8 s", Slack: 8 * time.Second, Enforced: []string{"*"}}
+	// FailoverLimit: messages acked for a peer while its node was dead
+	// reach it within a second of its reattach on another node: its new
+	// session takes the dead node's leases over (Queue.TakeOver).
+	FailoverLimit = Threshold{Name: "failover_reattach_to_last", Target: "≤ 1 s after the reattach", Slack: time.Second, Enforced: []string{"*"}}
 )
 
 // Thresholds lists every named threshold.
 func Thresholds() []*Threshold {
 	return []*Threshold{&FirstHelloLimit, &FirstSendLimit, &LaterHelloLimit, &SendAckP50Limit, &SendAckP99Limit, &FirstSendAfterOutageLimit,
-		&SendAfterHealthyLimit, &PushP50Limit, &PresenceLimit, &DeadRegionLimit, &UnreachableLimit, &HealLimit}
+		&SendAfterHealthyLimit, &PushP50Limit, &PresenceLimit, &DeadRegionLimit, &UnreachableLimit, &HealLimit,
+		&FailoverLimit}
 }
 
 // floorSlack is how much faster than the wire a measurement may look: the
