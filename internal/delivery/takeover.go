@@ -60,6 +60,11 @@ type Replaced struct {
 // answers: the ack linger and a mark's round trip there, with room.
 const takeoverSettle = 250 * time.Millisecond
 
+// maxSilent bounds the silent nodes remembered (a node that died for good
+// stays silent); past it, a node falling silent still triggers a takeover,
+// but sweeps do not keep taking over for it.
+const maxSilent = 256
+
 // maxGone bounds the replaced connections a member's next takeover names.
 const maxGone = 16
 
@@ -119,7 +124,7 @@ func (e *Engine) NodeReach(ev presence.ReachEvent) {
 	e.mu.Lock()
 	if ev.Reachable {
 		delete(e.silent, ev.Name)
-	} else {
+	} else if len(e.silent) < maxSilent {
 		e.silent[ev.Name] = struct{}{}
 	}
 	e.mu.Unlock()
