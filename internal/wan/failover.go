@@ -122,8 +122,9 @@ func (r *Runner) leasedTo(member, node string) int {
 	var k int
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	err := r.c.Admin.Pool().QueryRow(ctx, `SELECT count(*) FROM delivery WHERE recipient_member_id = $1
-		AND delivered_at IS NULL AND lease_node = $2`, member, node).Scan(&k)
+	err := r.c.Admin.Pool().QueryRow(ctx, `SELECT count(*) FROM delivery d JOIN message m ON m.id = d.message_id
+		WHERE d.recipient_member_id = $1 AND d.delivered_at IS NULL AND d.lease_node = $2
+		  AND m.client_message_id LIKE 'failover-%' AND m.client_message_id <> 'failover-probe'`, member, node).Scan(&k)
 	if err != nil {
 		r.t.Fatalf("wan: count leases: %v", err)
 	}

@@ -83,9 +83,10 @@ var (
 	SendAfterHealthyLimit = Threshold{Name: "send_after_healthy", Target: "1 RTT", Factor: wireMargin, Slack: wireSlack}
 	// PushP50Limit: a send reaches a far recipient one wire sum after it: a
 	// fast-path envelope that meets an in-flight claim is still pushed on
-	// arrival.
+	// arrival (once the claim ends: ams→syd 143 ms against 140 ms, 28 of 30
+	// rows by envelope, where it was 281 ms).
 	PushP50Limit = Threshold{Name: "push_p50", Target: "1.25 × one-way sum + 10 ms", Factor: wireMargin, Slack: wireSlack,
-		Enforced: []string{"syd→iad", "iad→ams"}}
+		Enforced: []string{"syd→iad", "iad→ams", "ams→syd"}}
 	// PresenceLimit: a presence change reaches another region one one-way
 	// delay + 50 ms after it.
 	PresenceLimit = Threshold{Name: "presence_p50", Target: "one-way + 50 ms", Factor: 1, Slack: 50 * time.Millisecond,
