@@ -452,7 +452,7 @@ func (e *Engine) claimChunks(ctx context.Context, targets map[string]*claimTarge
 			sum += int(r.Limit)
 			part = append(part, r)
 		}
-		cctx, cancel := context.WithTimeout(ctx, e.cfg.ClaimTimeout)
+		cctx, cancel := context.WithTimeout(ctx, e.cfg.StatementTimeout)
 		got, err := claim(cctx, &ClaimParams{Node: e.leaseNode, Lease: e.cfg.LeaseDuration, Requests: part})
 		timedOut := errors.Is(cctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil
 		cancel()

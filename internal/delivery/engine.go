@@ -27,9 +27,10 @@ type Config struct {
 	DisableRemoteFastPath bool
 	// CommitShards is the number of group-commit workers (zero means 2).
 	CommitShards int
-	// ClaimTimeout bounds one claim statement (zero means 10 s); one that
-	// runs out of it makes the next ones smaller (claim.go).
-	ClaimTimeout time.Duration
+	// StatementTimeout bounds one claim or delivery-mark statement (zero
+	// means 10 s); one that runs out of it makes the next ones smaller
+	// (claim.go, ack.go).
+	StatementTimeout time.Duration
 	// Now is the cluster's clock (this node's corrected by its offset from
 	// Postgres); nil means time.Now.
 	Now func() time.Time
@@ -131,8 +132,8 @@ func New(cfg Config, d Deps) *Engine {
 	if cfg.CommitShards <= 0 {
 		cfg.CommitShards = 2
 	}
-	if cfg.ClaimTimeout <= 0 {
-		cfg.ClaimTimeout = 10 * time.Second
+	if cfg.StatementTimeout <= 0 {
+		cfg.StatementTimeout = 10 * time.Second
 	}
 	e := &Engine{
 		cfg: cfg, leaseNode: LeaseNodeName(cfg.Node, cfg.Incarnation),

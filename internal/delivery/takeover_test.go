@@ -230,7 +230,7 @@ func TestClaimShrinksOnTimeout(t *testing.T) {
 		}
 		return nil
 	})
-	a := v.node("A", func(c *delivery.Config) { c.ClaimTimeout = 50 * time.Millisecond })
+	a := v.node("A", func(c *delivery.Config) { c.StatementTimeout = 50 * time.Millisecond })
 	a.e.TestSignals.ClaimShrunk.Init()
 	want := numbered("m", 300)
 	v.insert("sender", 1, "rcpt", want...)
@@ -305,5 +305,49 @@ func TestEnvelopeMeetsClaimInFlight(t *testing.T) {
 				t.Fatalf("pushed %v", got)
 			}
 		})
+	}
+}
+
+// A delivery-mark statement that cannot finish in time is retried at once
+// with half the keys until it does: every written push of a session
+// without client_ack is marked, once.
+func TestMarkShrinksOnTimeout(t *testing.T) {
+	v := newEnv(t)
+	const slowAbove = 100 // keys: a mark of more never finishes
+	var mu sync.Mutex
+	var sizes []int
+	v.q.SetMarkHook(func(ctx context.Context, p *delivery.MarkParams) error {
+		mu.Lock()
+		sizes = append(sizes, len(p.Keys))
+		mu.Unlock()
+		if len(p.Keys) > slowAbove {
+			<-ctx.Done()
+			return fmt.Errorf("slow mark: %w: %w", ctx.Err(), delivery.ErrUnavailable)
+		}
+		return nil
+	})
+	a := v.node("A", func(c *delivery.Config) { c.StatementTimeout = 50 * time.Millisecond })
+	want := numbered("m", 400)
+	res := v.insert("sender", 1, "rcpt", want...)
+	r := a.session(v, "rcpt", "A/r") // no client_ack: written pushes are marked
+	assertOrder(t, r.waitPushes(t, len(want)), want)
+	testkit.Eventually(t, 10*time.Second, "every push marked", func() bool {
+		for _, x := range res {
+			if row, _ := v.q.Row(delivery.Key{MessageID: x.ID, MemberID: "rcpt"}); !row.Delivered {
+				return false
+			}
+		}
+		return true
+	})
+	if got := value(a.m.MarkShrinks); got < 1 {
+		t.Fatalf("%v mark shrinks, want at least 1", got)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if sizes[0] <= slowAbove {
+		t.Fatalf("the first mark wrote %d keys: the test did not exercise a slow mark (%v)", sizes[0], sizes)
+	}
+	if last := sizes[len(sizes)-1]; last > slowAbove {
+		t.Fatalf("the last mark wrote %d keys (%v)", last, sizes)
 	}
 }

@@ -51,6 +51,9 @@ type Metrics struct {
 	// that bound now (it doubles back after each claim that finishes).
 	ClaimShrinks prometheus.Counter
 	ClaimBudget  prometheus.Gauge
+	// MarkShrinks counts delivery-mark statements that ran out of time,
+	// after which the keys one statement writes were halved.
+	MarkShrinks prometheus.Counter
 	// TakenOver counts rows a takeover leased from another connection
 	// (lease takeover on reattach).
 	TakenOver prometheus.Counter
@@ -152,7 +155,9 @@ func New(reg prometheus.Registerer) *Metrics {
 		Name: "broker_delivery_taken_over_total", Help: "Delivery rows a session that attached took over from another connection's lease."})
 	m.ParkedOverflow = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "broker_delivery_parked_overflow_total", Help: "Envelopes that met a claim in flight past their member's parking bound (left to a claim)."})
-	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.TakenOver, m.ParkedOverflow)
+	m.MarkShrinks = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_mark_shrinks_total", Help: "Delivery-mark statements that ran out of time; the next ones write half the keys."})
+	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.MarkShrinks, m.TakenOver, m.ParkedOverflow)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)

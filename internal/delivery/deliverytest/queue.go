@@ -33,6 +33,8 @@ type Queue struct {
 	// claimHook, when set, runs before every Claim and TakeOver (outside
 	// the lock); an error fails the call (SetClaimHook).
 	claimHook func(ctx context.Context, p *delivery.ClaimParams) error
+	// markHook, when set, runs before every MarkDelivered (SetMarkHook).
+	markHook func(ctx context.Context, p *delivery.MarkParams) error
 }
 
 var _ delivery.Queue = (*Queue)(nil)
@@ -94,6 +96,15 @@ func (q *Queue) SetDown(down bool) {
 func (q *Queue) SetClaimHook(fn func(ctx context.Context, p *delivery.ClaimParams) error) {
 	q.mu.Lock()
 	q.claimHook = fn
+	q.mu.Unlock()
+}
+
+// SetMarkHook makes fn run before every MarkDelivered, with the call's
+// context, outside the queue's lock; its error fails the call (a slow or
+// failing mark). nil removes it.
+func (q *Queue) SetMarkHook(fn func(ctx context.Context, p *delivery.MarkParams) error) {
+	q.mu.Lock()
+	q.markHook = fn
 	q.mu.Unlock()
 }
 
@@ -307,7 +318,15 @@ func eachKey(keys []delivery.Key, fn func(k delivery.Key)) error {
 }
 
 // MarkDelivered implements delivery.Queue.
-func (q *Queue) MarkDelivered(_ context.Context, p *delivery.MarkParams) ([]delivery.Key, error) {
+func (q *Queue) MarkDelivered(ctx context.Context, p *delivery.MarkParams) ([]delivery.Key, error) {
+	q.mu.Lock()
+	hook := q.markHook
+	q.mu.Unlock()
+	if hook != nil {
+		if err := hook(ctx, p); err != nil {
+			return nil, err
+		}
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.down {
