@@ -28,7 +28,7 @@ const takeoverMessages = 50
 // reattachBound of the hello ack, exactly once, for a client_ack peer and
 // for a v0.1 peer (whose written pushes count as delivered), with the
 // default 30 s lease — and nothing comes again once the survivors release
-// the dead node's leases.
+// the dead node's leases, nor when the killed node comes back.
 var reattachTakeover = faultScenario{
 	name: "reattach_takeover", label: "SIGKILL of a peer's node, the peer reattaches elsewhere", procs: 3, members: 3,
 	fault: func(t *testing.T, c *faultCluster) faultOutcome {
@@ -79,6 +79,7 @@ var reattachTakeover = faultScenario{
 			err      error
 		}
 		results := make(chan outcome, len(rcv))
+		allIn := make(chan struct{}, len(rcv)) // a receiver has all its messages
 		for i, r := range rcv {
 			go func() {
 				o := outcome{i: i}
@@ -121,6 +122,7 @@ var reattachTakeover = faultScenario{
 					seen[p.MessageID] = true
 					if o.got++; o.got == len(r.ids) {
 						o.last = time.Since(attached)
+						allIn <- struct{}{}
 					}
 					if len(r.opts.Capabilities) > 0 {
 						if err := conn.WriteJSON(ctx, protocol.ClientAck{Type: protocol.TypeClientAck, BrokerMessageID: p.MessageID}); err != nil {
@@ -131,6 +133,15 @@ var reattachTakeover = faultScenario{
 				}
 			}()
 		}
+		// The killed node comes back (a new incarnation, same name) once
+		// both have their messages: it gets none of the taken rows back.
+		for range rcv {
+			select {
+			case <-allIn:
+			case <-time.After(time.Until(watchUntil)):
+			}
+		}
+		nodes[0].start(t)
 		out := make([]outcome, len(rcv))
 		for range rcv {
 			o := <-results
