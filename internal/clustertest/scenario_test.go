@@ -121,7 +121,7 @@ func TestFaultScenarios(t *testing.T) {
 var faultScenarios = []faultScenario{
 	nodeKilled, nodeTerminated, rollingRestart,
 	postgresStopped, postgresRestartedTwice, poolBackendsTerminated,
-	listenerTerminated, gossipPartition, slowConsumer, clockSkew,
+	listenerTerminated, gossipPartition, slowConsumer, clockSkew, reattachTakeover,
 }
 
 func roundMs(d time.Duration) time.Duration { return d.Round(time.Millisecond) }

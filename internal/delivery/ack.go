@@ -22,7 +22,16 @@ type acker struct {
 	unmarked map[Key]int
 	signal   chan struct{}
 	abandon  atomic.Bool // stop without the last flush (a crash)
+	// batch bounds the keys one mark statement writes: maxMarkBatch,
+	// halved when a statement runs out of time (down to minMarkBatch) and
+	// doubled back after growStreak that finish in a row; guarded by mu.
+	batch, streak int
 }
+
+const (
+	maxMarkBatch = 4096
+	minMarkBatch = 64
+)
 
 type ackItem struct {
 	key  Key
@@ -33,7 +42,7 @@ type ackItem struct {
 const maxPendingAcks = 1 << 20
 
 func newAcker(e *Engine) *acker {
-	return &acker{e: e, signal: make(chan struct{}, 1), unmarked: map[Key]int{}}
+	return &acker{e: e, signal: make(chan struct{}, 1), unmarked: map[Key]int{}, batch: maxMarkBatch}
 }
 
 func (a *acker) Start(ctx context.Context) error {
@@ -112,10 +121,27 @@ func (a *acker) last() {
 	}
 }
 
+// resize adapts the mark batch to how the last statement of n keys went.
+func (a *acker) resize(ok, timedOut bool, n int) {
+	a.mu.Lock()
+	switch {
+	case timedOut:
+		a.batch, a.streak = max(minMarkBatch, min(a.batch, n)/2), 0
+	case ok && a.batch < maxMarkBatch:
+		if a.streak++; a.streak >= growStreak {
+			a.batch, a.streak = min(maxMarkBatch, a.batch*2), 0
+		}
+	}
+	a.mu.Unlock()
+	if timedOut {
+		a.e.m.MarkShrinks.Inc()
+	}
+}
+
 // flush writes one batch and reports whether more is pending.
 func (a *acker) flush(ctx context.Context) bool {
 	a.mu.Lock()
-	n := min(len(a.pending), 4096)
+	n := min(len(a.pending), a.batch)
 	if n == 0 {
 		a.mu.Unlock()
 		return false
@@ -134,9 +160,11 @@ func (a *acker) flush(ctx context.Context) bool {
 		keys[i] = it.key
 		meshOf[it.key.MemberID] = it.mesh
 	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	done, err := e.q.MarkDelivered(cctx, &MarkParams{Keys: keys})
+	cctx, cancel := context.WithTimeout(ctx, e.cfg.StatementTimeout)
+	done, err := e.q.MarkDelivered(cctx, &MarkParams{Keys: keys, Node: e.leaseNode})
+	timedOut := errors.Is(cctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil
 	cancel()
+	a.resize(err == nil, timedOut, n)
 	var re *RowsError
 	if errors.As(err, &re) {
 		// Keys the queue refused can never be marked: they are dropped (a
@@ -165,6 +193,11 @@ func (a *acker) flush(ctx context.Context) bool {
 		a.mu.Lock()
 		a.pending = append(batch, a.pending...)
 		a.mu.Unlock()
+		if timedOut {
+			// Too large to finish in time: retry at once, smaller.
+			e.logger.Warn("marking deliveries ran out of time; retrying with fewer", "err", err, "rows", len(batch))
+			return true
+		}
 		if ctx.Err() == nil {
 			e.logger.Warn("marking deliveries failed; will retry", "err", err, "rows", len(batch))
 			select {

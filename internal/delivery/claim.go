@@ -2,7 +2,10 @@ package delivery
 
 import (
 	"context"
+	"errors"
 	"time"
+
+	"github.com/claudemesh/broker/internal/relay"
 )
 
 // Reason records why a member needs a claim; the counters use the most
@@ -10,14 +13,15 @@ import (
 type Reason uint16
 
 const (
-	ReasonHello   Reason = 1 << iota // a session connected
-	ReasonLocal                      // a send on this node committed rows for it
-	ReasonNotify                     // a relay notification named it
-	ReasonStatus                     // its status now accepts more priorities
-	ReasonRelease                    // leases were given back
-	ReasonMore                       // the last claim hit its limit
-	ReasonBacklog                    // re-scan after (re)LISTEN
-	ReasonSweep                      // periodic safety re-scan
+	ReasonHello    Reason = 1 << iota // a session connected
+	ReasonLocal                       // a send on this node committed rows for it
+	ReasonNotify                      // a relay notification named it
+	ReasonStatus                      // its status now accepts more priorities
+	ReasonRelease                     // leases were given back
+	ReasonMore                        // the last claim hit its limit
+	ReasonBacklog                     // re-scan after (re)LISTEN
+	ReasonSweep                       // periodic safety re-scan
+	ReasonTakeOver                    // take over leases of nodes not answering (takeover.go)
 )
 
 func (r Reason) label() string {
@@ -36,6 +40,8 @@ func (r Reason) label() string {
 		return "more"
 	case r&ReasonBacklog != 0:
 		return "backlog"
+	case r&ReasonTakeOver != 0:
+		return "takeover"
 	}
 	return "sweep"
 }
@@ -58,6 +64,13 @@ type localMember struct {
 	// engine's lock (RelayEnvelope): no claim starts meanwhile, so none
 	// can take and push the row in between.
 	directing int
+	// gone are connections its sessions replaced on other nodes, whose
+	// rows its next takeover takes (takeover.go).
+	gone []string
+	// parked are envelopes that arrived while its claim was in flight
+	// (lease.go), and their size.
+	parked      []relay.Envelope
+	parkedBytes int
 }
 
 // busy reports whether something about the member's rows is in flight.
@@ -75,8 +88,10 @@ func (e *Engine) forget(member string, lm *localMember) {
 }
 
 // Attach makes a session a delivery target and claims what waits for its
-// member. A send-only session never is one.
-func (e *Engine) Attach(r Recipient) {
+// member, taking over the leases of nodes that do not answer and of the
+// connections it replaced (takeover.go). A send-only session never is
+// one.
+func (e *Engine) Attach(r Recipient, replaced ...Replaced) {
 	if r.SendOnly() {
 		return
 	}
@@ -88,7 +103,13 @@ func (e *Engine) Attach(r Recipient) {
 	}
 	lm.sessions = append(lm.sessions, r)
 	lm.dirty |= ReasonHello
+	if e.live != nil {
+		lm.dirty |= ReasonTakeOver
+	}
 	e.mu.Unlock()
+	if e.live != nil {
+		e.replacedConns(r, replaced)
+	}
 	e.Kick()
 }
 
@@ -261,7 +282,11 @@ func (e *Engine) claimLoop(ctx context.Context) {
 			return
 		case <-sweep.C:
 			e.pruneTaken(time.Now().Add(-takenTTL))
-			e.WakeAll(ReasonSweep)
+			why := ReasonSweep
+			if e.someSilent() {
+				why |= ReasonTakeOver
+			}
+			e.WakeAll(why)
 		case <-e.signal:
 			e.claimRound(ctx)
 		}
@@ -273,6 +298,9 @@ type claimTarget struct {
 	reason Reason
 	limit  int32
 	got    int32
+	// takeover: the claim is a TakeOver, which also takes gone's rows.
+	takeover bool
+	gone     []string
 	// held are rows claimed after one the session's queue refused: they go
 	// back to the queue unpushed, so as not to overtake it.
 	refused bool
@@ -286,13 +314,14 @@ func (e *Engine) claimRound(ctx context.Context) {
 		e.TestSignals.ClaimRound.Signal(ClaimRound{})
 		return
 	}
-	rows, failed := e.claimAndPush(ctx, targets, reqs)
+	rows, failed, timedOut := e.claimAndPush(ctx, targets, reqs)
 	for id, t := range targets {
 		if len(t.held) > 0 {
 			e.Release(t.r.ConnID(), t.r.MeshID(), id, t.held)
 		}
 	}
 	more := false
+	var parked []relay.Envelope
 	e.mu.Lock()
 	for id, t := range targets {
 		lm := e.members[id]
@@ -304,10 +333,18 @@ func (e *Engine) claimRound(ctx context.Context) {
 			lm.dirty |= ReasonMore
 			more = true
 		}
+		parked = append(parked, lm.unpark()...)
 		e.forget(id, lm)
 	}
 	e.mu.Unlock()
+	e.relayParked(parked)
 	e.TestSignals.ClaimRound.Signal(ClaimRound{Members: len(reqs), Rows: rows, Failed: failed})
+	if failed && timedOut {
+		// The claim was too large to finish in time: it shrank (shrink);
+		// try again at once with the smaller one.
+		e.Kick()
+		return
+	}
 	if failed {
 		// Queue trouble: back off before the next attempt.
 		select {
@@ -344,42 +381,162 @@ func (e *Engine) claimTargets() (map[string]*claimTarget, []ClaimRequest) {
 			r.Starved() // the write loop kicks us when it drains
 			continue
 		}
-		targets[id] = &claimTarget{r: r, reason: lm.dirty, limit: int32(limit)}
+		targets[id] = &claimTarget{r: r, reason: lm.dirty, limit: int32(limit),
+			takeover: lm.dirty&ReasonTakeOver != 0 && e.live != nil, gone: lm.gone}
 		reqs = append(reqs, ClaimRequest{MemberID: id, Conn: r.ConnID(), MaxPriority: int16(r.MaxPriority()), Limit: int32(limit)})
-		lm.dirty, lm.inflight = 0, true
+		lm.dirty, lm.inflight, lm.gone = 0, true, nil
 	}
 	return targets, reqs
 }
 
-// claimAndPush runs the claims in chunks and pushes what they lease. On a
-// failure the members not claimed for are marked dirty again.
-func (e *Engine) claimAndPush(ctx context.Context, targets map[string]*claimTarget, reqs []ClaimRequest) (rows int, failed bool) {
-	const chunk = 2000
-	for i := 0; i < len(reqs); i += chunk {
-		part := reqs[i:min(i+chunk, len(reqs))]
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		got, err := e.q.Claim(cctx, &ClaimParams{Node: e.leaseNode, Lease: e.cfg.LeaseDuration, Requests: part})
+// Claim statement bounds. A statement asks for at most claimChunk members
+// and e.claimBudget rows (the sum of its requests' limits): the budget
+// starts at maxClaimRows, halves each time a statement runs out of time
+// (down to minClaimRows), and doubles back after every growStreak that
+// finish in a row, so a claim that cannot finish in time shrinks instead
+// of failing the same way again, and the size that failed is tried again
+// only after a run of successes.
+const (
+	claimChunk   = 2000
+	maxClaimRows = 1 << 16
+	minClaimRows = 16
+	growStreak   = 4
+)
+
+// claimAndPush runs the round's takeovers, then its claims, in chunks, and
+// pushes what they lease. On a failure the members not claimed for are
+// marked dirty again.
+func (e *Engine) claimAndPush(ctx context.Context, targets map[string]*claimTarget, reqs []ClaimRequest) (rows int, failed, timedOut bool) {
+	var plain, take []ClaimRequest
+	var gone []string
+	for _, r := range reqs {
+		if t := targets[r.MemberID]; t.takeover {
+			take = append(take, r)
+			gone = append(gone, t.gone...)
+		} else {
+			plain = append(plain, r)
+		}
+	}
+	var keep []string
+	if len(take) > 0 {
+		keep = e.keep()
+	}
+	takeOver := func(cctx context.Context, p *ClaimParams) ([]Delivery, error) {
+		return e.q.TakeOver(cctx, &TakeOverParams{ClaimParams: *p, Keep: keep, Conns: gone})
+	}
+	n, failed, timedOut := e.claimChunks(ctx, targets, take, takeOver)
+	rows += n
+	if !failed {
+		n, failed, timedOut = e.claimChunks(ctx, targets, plain, e.q.Claim)
+		rows += n
+	} else {
+		e.redirty(targets, plain)
+	}
+	return rows, failed, timedOut
+}
+
+// claimChunks runs one kind of claim over reqs, chunk by chunk.
+func (e *Engine) claimChunks(ctx context.Context, targets map[string]*claimTarget, reqs []ClaimRequest,
+	claim func(context.Context, *ClaimParams) ([]Delivery, error)) (rows int, failed, timedOut bool) {
+	for i := 0; i < len(reqs); {
+		budget := e.budget()
+		part := make([]ClaimRequest, 0, min(claimChunk, len(reqs)-i))
+		sum := 0
+		for ; i < len(reqs) && len(part) < claimChunk; i++ {
+			r := reqs[i]
+			r.Limit = min(r.Limit, int32(budget))
+			if len(part) > 0 && sum+int(r.Limit) > budget {
+				break
+			}
+			targets[r.MemberID].limit = r.Limit
+			sum += int(r.Limit)
+			part = append(part, r)
+		}
+		cctx, cancel := context.WithTimeout(ctx, e.cfg.StatementTimeout)
+		got, err := claim(cctx, &ClaimParams{Node: e.leaseNode, Lease: e.cfg.LeaseDuration, Requests: part})
+		timedOut := errors.Is(cctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil
 		cancel()
 		if err != nil {
 			if ctx.Err() == nil {
-				e.logger.Warn("claim failed; will retry", "err", err, "members", len(part))
+				e.logger.Warn("claim failed; will retry", "err", err, "members", len(part), "rows_asked", sum)
 			}
-			e.mu.Lock()
-			for _, r := range reqs[i:] {
-				if lm := e.members[r.MemberID]; lm != nil {
-					lm.dirty |= targets[r.MemberID].reason
-				}
+			if timedOut {
+				e.shrink(sum)
 			}
-			e.mu.Unlock()
-			return rows, true
+			e.redirty(targets, reqs[i-len(part):])
+			return rows, true, timedOut
 		}
+		e.grow()
 		rows += len(got)
 		now := time.Now()
 		for _, d := range got {
-			e.pushClaimed(targets[d.MemberID], d, now)
+			t := targets[d.MemberID]
+			if t.takeover && d.PrevConn != "" {
+				e.m.TakenOver.Inc()
+			}
+			e.pushClaimed(t, d, now)
 		}
 	}
-	return rows, false
+	return rows, false, false
+}
+
+// redirty marks the members of reqs as needing their claim again, with
+// the connections their takeover was to take.
+func (e *Engine) redirty(targets map[string]*claimTarget, reqs []ClaimRequest) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, r := range reqs {
+		if lm := e.members[r.MemberID]; lm != nil {
+			t := targets[r.MemberID]
+			lm.dirty |= t.reason
+			if len(lm.gone)+len(t.gone) <= maxGone {
+				lm.gone = append(lm.gone, t.gone...)
+			}
+		}
+	}
+}
+
+// budget is the rows one claim statement may ask for now.
+func (e *Engine) budget() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.claimBudget == 0 {
+		e.claimBudget = maxClaimRows
+	}
+	return e.claimBudget
+}
+
+// shrink halves the claim budget below a statement of asked rows that ran
+// out of time.
+func (e *Engine) shrink(asked int) {
+	e.mu.Lock()
+	e.claimBudget = max(minClaimRows, min(e.claimBudget, asked)/2)
+	e.claimStreak = 0
+	b := e.claimBudget
+	e.mu.Unlock()
+	e.m.ClaimShrinks.Inc()
+	e.m.ClaimBudget.Set(float64(b))
+	e.TestSignals.ClaimShrunk.Signal(b)
+}
+
+// grow doubles the claim budget back after growStreak statements that
+// finished in a row.
+func (e *Engine) grow() {
+	e.mu.Lock()
+	if e.claimBudget == 0 {
+		e.claimBudget = maxClaimRows
+	}
+	grew := false
+	if e.claimBudget < maxClaimRows {
+		if e.claimStreak++; e.claimStreak >= growStreak {
+			e.claimBudget, e.claimStreak, grew = min(maxClaimRows, e.claimBudget*2), 0, true
+		}
+	}
+	b := e.claimBudget
+	e.mu.Unlock()
+	if grew {
+		e.m.ClaimBudget.Set(float64(b))
+	}
 }
 
 func (e *Engine) pushClaimed(t *claimTarget, d Delivery, now time.Time) {

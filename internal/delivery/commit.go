@@ -335,7 +335,9 @@ func (c *committer) envelope(s *Send, member, prefix string) (conn, node string,
 		return "", "", p, false
 	}
 	e, found := c.e.dir.SoleRemoteSession(member)
-	if !found || e.MaxPriority() < int(m.Priority) || e.ConnID == "" {
+	if !found || e.MaxPriority() < int(m.Priority) || e.ConnID == "" || !c.e.answering(e.Owner) {
+		// A node that does not answer may be dead: its sessions' rows go
+		// by wake-up, for whichever session takes them over.
 		return "", "", p, false
 	}
 	node = LeaseNodeName(e.Owner, e.OwnerInc)

@@ -27,6 +27,10 @@ type Config struct {
 	DisableRemoteFastPath bool
 	// CommitShards is the number of group-commit workers (zero means 2).
 	CommitShards int
+	// StatementTimeout bounds one claim or delivery-mark statement (zero
+	// means 10 s); one that runs out of it makes the next ones smaller
+	// (claim.go, ack.go).
+	StatementTimeout time.Duration
 	// Now is the cluster's clock (this node's corrected by its offset from
 	// Postgres); nil means time.Now.
 	Now func() time.Time
@@ -40,6 +44,9 @@ type Deps struct {
 	Auditor   Auditor
 	Metrics   *metrics.Metrics
 	Logger    *slog.Logger
+	// Liveness, when set, lets sessions that attach here take over the
+	// leases of nodes that do not answer (takeover.go); nil: no takeover.
+	Liveness Liveness
 }
 
 // TestSignals are the engine's events a test may wait for instead of
@@ -50,6 +57,8 @@ type TestSignals struct {
 	Listening  testsignal.Signal[struct{}]   // the relay listener (re)listens
 	Marked     testsignal.Signal[int]        // n rows were marked delivered
 	Expired    testsignal.Signal[int]        // n rows expired
+	// ClaimShrunk: a claim ran out of time; the claim budget is now n rows.
+	ClaimShrunk testsignal.Signal[int]
 }
 
 // ClaimRound reports one claim round.
@@ -71,6 +80,7 @@ type Engine struct {
 	m         *metrics.Metrics
 	logger    *slog.Logger
 	now       func() time.Time
+	live      Liveness
 
 	loops    startstop.Base // the claim loop, expiry, start-up release
 	releases startstop.Base // lease releases in flight
@@ -92,6 +102,12 @@ type Engine struct {
 	// committed) must not push it again. Entries are dropped after
 	// takenTTL, far longer than an envelope's delay or a claim's timeout.
 	taken map[Key]time.Time
+	// silent holds the nodes that stopped answering this one (NodeReach).
+	silent map[string]struct{}
+	// claimBudget bounds the rows one claim statement asks for (claim.go;
+	// zero until the first claim: maxClaimRows).
+	claimBudget int
+	claimStreak int // claim statements finished in a row since the budget last changed
 }
 
 var _ startstop.Service = (*Engine)(nil)
@@ -116,11 +132,14 @@ func New(cfg Config, d Deps) *Engine {
 	if cfg.CommitShards <= 0 {
 		cfg.CommitShards = 2
 	}
+	if cfg.StatementTimeout <= 0 {
+		cfg.StatementTimeout = 10 * time.Second
+	}
 	e := &Engine{
 		cfg: cfg, leaseNode: LeaseNodeName(cfg.Node, cfg.Incarnation),
 		q: d.Queue, dir: d.Directory, notifier: d.Notifier, audit: d.Auditor, m: d.Metrics, logger: d.Logger,
-		now: cfg.Now, signal: make(chan struct{}, 1),
-		members: map[string]*localMember{}, taken: map[Key]time.Time{},
+		now: cfg.Now, signal: make(chan struct{}, 1), live: d.Liveness,
+		members: map[string]*localMember{}, taken: map[Key]time.Time{}, silent: map[string]struct{}{},
 	}
 	e.commit = newCommitter(e, cfg.CommitShards)
 	e.acks = newAcker(e)

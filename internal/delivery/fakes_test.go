@@ -313,6 +313,8 @@ type env struct {
 	q     *deliverytest.Queue
 	queue delivery.Queue // what the engines use (q, or a wrapper of it)
 	mesh  string
+	// live, when set for a node's name, is that engine's Liveness.
+	live map[string]delivery.Liveness
 }
 
 func newEnv(t *testing.T) *env {
@@ -362,7 +364,7 @@ func (v *env) nodeManual(name string, configure ...func(*delivery.Config)) *node
 		f(&cfg)
 	}
 	n.e = delivery.New(cfg, delivery.Deps{Queue: v.queue, Directory: n.dir, Notifier: &notifier{}, Auditor: n.aud,
-		Metrics: n.m, Logger: slog.New(slog.DiscardHandler)})
+		Metrics: n.m, Logger: slog.New(slog.DiscardHandler), Liveness: v.live[name]})
 	if err := n.e.Start(context.Background()); err != nil {
 		v.t.Fatal(err)
 	}

@@ -97,8 +97,9 @@ func (e *Engine) RelayListening() {
 // pushes the row to the leased session when the member is caught up (no
 // claim running or due, so the push cannot overtake an older row) and the
 // session's status and queue let it through. Otherwise the member is
-// marked for a claim, which takes such rows in order; a session that is
-// gone gives the row back at once.
+// marked for a claim, which takes such rows in order — but an envelope
+// that meets only a claim in flight for its member is pushed once that
+// claim ends (parked); a session that is gone gives the row back at once.
 func (e *Engine) RelayEnvelope(sentAt time.Time, env relay.Envelope) {
 	key := Key{MessageID: env.MessageID, MemberID: env.MemberID}
 	if env.Node != e.leaseNode {
@@ -122,8 +123,16 @@ func (e *Engine) RelayEnvelope(sentAt time.Time, env relay.Envelope) {
 		e.Wake(ReasonNotify, env.MemberID)
 		return
 	}
+	e.relayDirect(env, key)
+}
+
+// relayDirect pushes an envelope's row to its session now, parks it until
+// the member's claim in flight ends, or leaves it to a claim.
+func (e *Engine) relayDirect(env relay.Envelope, key Key) {
 	r, verdict := e.direct(env)
 	switch verdict {
+	case directParked:
+		return
 	case directGone:
 		e.Release(env.Conn, env.MeshID, env.MemberID, []Key{key})
 		return
@@ -143,10 +152,52 @@ func (e *Engine) RelayEnvelope(sentAt time.Time, env relay.Envelope) {
 type directVerdict int
 
 const (
-	directPush  directVerdict = iota // reserved on the session: push it
-	directClaim                      // leave it to a claim
-	directGone                       // its session is gone: give it back
+	directPush   directVerdict = iota // reserved on the session: push it
+	directClaim                       // leave it to a claim
+	directGone                        // its session is gone: give it back
+	directParked                      // held until the member's claim in flight ends
 )
+
+// Parked envelopes: an envelope that arrives while a claim for its member
+// is in flight waits for that claim to end (claimRound), and is pushed
+// then unless the claim took its row, instead of costing another claim
+// and its round trip. Bounded per member in count and bytes; beyond, the
+// row is left to a claim (broker_delivery_parked_overflow_total).
+const (
+	maxParked      = 64
+	maxParkedBytes = 1 << 20
+)
+
+// park holds env for the end of the member's claim; mu is held. It
+// reports false when the member's bound is reached.
+func (e *Engine) park(lm *localMember, env relay.Envelope) bool {
+	size := len(env.Ciphertext) + len(env.Nonce) + len(env.SenderName) + len(env.TargetSpec) + 256
+	if len(lm.parked) >= maxParked || lm.parkedBytes+size > maxParkedBytes {
+		e.m.ParkedOverflow.Inc()
+		return false
+	}
+	lm.parked = append(lm.parked, env)
+	lm.parkedBytes += size
+	return true
+}
+
+// unpark takes the envelopes parked for a member; mu is held.
+func (lm *localMember) unpark() []relay.Envelope {
+	out := lm.parked
+	lm.parked, lm.parkedBytes = nil, 0
+	return out
+}
+
+// relayParked handles envelopes parked during a claim that has ended.
+func (e *Engine) relayParked(envs []relay.Envelope) {
+	for _, env := range envs {
+		key := Key{MessageID: env.MessageID, MemberID: env.MemberID}
+		if e.wasTaken(key) {
+			continue // the claim took it (and pushed it)
+		}
+		e.relayDirect(env, key)
+	}
+}
 
 // direct reserves an envelope's row on its leased session when it may be
 // pushed now: the member is caught up, the session is here, open, with
@@ -172,6 +223,13 @@ func (e *Engine) direct(env relay.Envelope) (Recipient, directVerdict) {
 		return nil, directGone
 	}
 	_, done := e.taken[key]
+	if !done && lm.inflight && lm.dirty == 0 && lm.releasing == 0 && lm.directing == 0 &&
+		r.MaxPriority() >= int(env.Priority) && e.park(lm, env) {
+		// Only a claim in flight holds it back: push it once that claim
+		// has pushed what it took.
+		e.mu.Unlock()
+		return nil, directParked
+	}
 	if done || !lm.caughtUp() || r.MaxPriority() < int(env.Priority) || r.Room() <= 0 {
 		e.mu.Unlock()
 		return nil, directClaim

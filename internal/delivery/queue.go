@@ -22,11 +22,11 @@ import (
 // ErrUnavailable (errors.Is); a batch of which only some rows failed is a
 // *RowsError. Every method is safe for concurrent use by several nodes.
 //
-// Lease takeover on reattach (issue 14) joins this interface as
-// TakeOver(ctx, *TakeOverParams) ([]Delivery, error): rows of a member
-// leased to a session on a node not confirmed alive are leased to the
-// member's new session, fenced so the old lease can neither push nor mark
-// them.
+// Leases are fenced by node incarnation: a row leased to a session of
+// node incarnation N is claimed (Claim), marked (MarkDelivered with Node
+// set) and released (ReleaseLeases, by connection) only by N while the
+// lease lasts, so a lease taken over (TakeOver) by another incarnation
+// leaves the old one nothing it can push from a claim, mark or give back.
 type Queue interface {
 	// InsertMessages commits a batch of messages and their delivery rows in
 	// one transaction, with its notifications, which go out only if it
@@ -40,6 +40,14 @@ type Queue interface {
 	// lease to the claiming node that nobody has pushed (attempts 0). Rows
 	// come back by recipient, then message id.
 	Claim(ctx context.Context, p *ClaimParams) ([]Delivery, error)
+	// TakeOver is Claim for members whose session (re)attached to the
+	// claiming node: besides the deliverable rows, it leases the rows held
+	// under a live lease by a node incarnation other than p.Node that is
+	// not in p.Keep (a node not confirmed alive and answering), and those
+	// leased to p.Conns (connections the member's sessions gave up) on any
+	// node but p.Node. Rows come back as Claim's do; a taken row's lease
+	// names p.Node from then on, which fences the old holder out.
+	TakeOver(ctx context.Context, p *TakeOverParams) ([]Delivery, error)
 	// MarkDelivered marks rows delivered and returns those that were not
 	// already. Keys refused alone make a *RowsError; the others are marked.
 	MarkDelivered(ctx context.Context, p *MarkParams) ([]Key, error)
@@ -207,6 +215,21 @@ func (d *Delivery) Key() Key { return Key{MessageID: d.MessageID, MemberID: d.Me
 // MarkParams marks rows delivered.
 type MarkParams struct {
 	Keys []Key
+	// Node, when set, is the marking node incarnation: a row under a live
+	// lease of another incarnation (taken over) is not marked.
+	Node string
+}
+
+// TakeOverParams is one takeover round (Queue.TakeOver): a claim round
+// that also takes the leases of the node incarnations not kept.
+type TakeOverParams struct {
+	ClaimParams
+	// Keep names the node incarnations whose live leases stand: those
+	// confirmed alive and answering the claiming node.
+	Keep []string
+	// Conns are connections whose live leases are taken whatever their
+	// node (but p.Node): the sessions that reattached here replaced them.
+	Conns []string
 }
 
 // ReleaseParams gives back rows leased to Conn.

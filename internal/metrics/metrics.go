@@ -46,6 +46,20 @@ type Metrics struct {
 	// RequestsLimited counts requests refused by a per-session rate limit,
 	// by frame type.
 	RequestsLimited *prometheus.CounterVec
+	// ClaimShrinks counts claim statements that ran out of time, after
+	// which the rows one statement asks for were halved; ClaimBudget is
+	// that bound now (it doubles back after each claim that finishes).
+	ClaimShrinks prometheus.Counter
+	ClaimBudget  prometheus.Gauge
+	// MarkShrinks counts delivery-mark statements that ran out of time,
+	// after which the keys one statement writes were halved.
+	MarkShrinks prometheus.Counter
+	// TakenOver counts rows a takeover leased from another connection
+	// (lease takeover on reattach).
+	TakenOver prometheus.Counter
+	// ParkedOverflow counts remote fast-path envelopes that met a claim in
+	// flight when their member's parking bound was full: left to a claim.
+	ParkedOverflow prometheus.Counter
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -133,6 +147,17 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.RequestsLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "broker_requests_rate_limited_total", Help: "Requests over a per-session rate limit answered rate_limited (list_members, message_status), by frame type; list_peers requests held back by their pacing are counted in broker_list_peers_throttled_total."}, []string{"type"})
 	reg.MustRegister(m.RequestsLimited)
+	m.ClaimShrinks = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_claim_shrinks_total", Help: "Claim statements that ran out of time; the next ones ask for half the rows."})
+	m.ClaimBudget = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "broker_delivery_claim_budget_rows", Help: "Rows one claim statement may ask for now (halved on a claim timeout, doubled back on success)."})
+	m.TakenOver = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_taken_over_total", Help: "Delivery rows a session that attached took over from another connection's lease."})
+	m.ParkedOverflow = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_parked_overflow_total", Help: "Envelopes that met a claim in flight past their member's parking bound (left to a claim)."})
+	m.MarkShrinks = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_mark_shrinks_total", Help: "Delivery-mark statements that ran out of time; the next ones write half the keys."})
+	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.MarkShrinks, m.TakenOver, m.ParkedOverflow)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)

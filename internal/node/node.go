@@ -198,7 +198,10 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		Node: cfg.NodeName, Incarnation: inc, LeaseDuration: cfg.LeaseDuration, MessageTTL: cfg.MessageTTL,
 		SweepInterval: cfg.SweepInterval, DisableRemoteFastPath: cfg.DisableRemoteFastPath,
 		Now: n.clock.Now, // the cluster's clock, measured against Postgres
-	}, delivery.Deps{Queue: st, Directory: n.replica, Notifier: n.notifier, Auditor: n.audit, Metrics: m, Logger: logger})
+	}, delivery.Deps{Queue: st, Directory: n.replica, Notifier: n.notifier, Auditor: n.audit, Metrics: m, Logger: logger,
+		Liveness: n.cluster})
+	// Sessions here take over the leases of nodes that stop answering.
+	n.cluster.SetReachHandler(n.engine.NodeReach)
 	if o.TestSignals {
 		ts := &n.engine.TestSignals
 		ts.ClaimRound.Init()

@@ -212,7 +212,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 		addToSet(s.listeners, ss.meshID, ss)
 		s.mu.Unlock()
 	}
-	s.engine.Attach(ss) // a send-only session is never a delivery target
+	s.engine.Attach(ss, replacedConn(prev, hasPrev)...) // a send-only session is never a delivery target
 
 	ss.log().Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,
 		"reattached", reattached, "client_ack", ss.clientAck)

@@ -180,6 +180,42 @@ func (s *Store) Claim(ctx context.Context, p *delivery.ClaimParams) ([]delivery.
 	if err != nil {
 		return nil, classify(fmt.Errorf("claim deliveries: %w", err))
 	}
+	return collectClaimed(rows, "claim deliveries")
+}
+
+// TakeOver is Claim that also takes the live leases of node incarnations
+// not in p.Keep, and of connections in p.Conns, on any node but p.Node.
+// The taken rows' lease names p.Node from then on: the old holder's claim
+// (lease_node), release (lease_conn) and mark (MarkParams.Node) no longer
+// match them. Rows another transaction holds are skipped, as Claim does.
+func (s *Store) TakeOver(ctx context.Context, p *delivery.TakeOverParams) ([]delivery.Delivery, error) {
+	reqs := p.Requests
+	if len(reqs) == 0 {
+		return nil, nil
+	}
+	members := make([]string, len(reqs))
+	conns := make([]string, len(reqs))
+	maxp := make([]int16, len(reqs))
+	limits := make([]int32, len(reqs))
+	for i, r := range reqs {
+		members[i], conns[i], maxp[i], limits[i] = r.MemberID, r.Conn, r.MaxPriority, r.Limit
+	}
+	keep, gone := p.Keep, p.Conns
+	if keep == nil {
+		keep = []string{}
+	}
+	if gone == nil {
+		gone = []string{}
+	}
+	rows, err := s.fast.Query(ctx, takeOverSQL,
+		members, conns, maxp, limits, p.Node, p.Lease, keep, gone)
+	if err != nil {
+		return nil, classify(fmt.Errorf("take over deliveries: %w", err))
+	}
+	return collectClaimed(rows, "take over deliveries")
+}
+
+func collectClaimed(rows pgx.Rows, what string) ([]delivery.Delivery, error) {
 	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (delivery.Delivery, error) {
 		var d delivery.Delivery
 		err := r.Scan(&d.MessageID, &d.MemberID, &d.Conn, &d.Attempts, &d.PrevConn, &d.MeshID, &d.SenderMemberID,
@@ -188,7 +224,7 @@ func (s *Store) Claim(ctx context.Context, p *delivery.ClaimParams) ([]delivery.
 		return d, err
 	})
 	if err != nil {
-		return nil, classify(fmt.Errorf("claim deliveries: %w", err))
+		return nil, classify(fmt.Errorf("%s: %w", what, err))
 	}
 	return out, nil
 }
@@ -209,22 +245,22 @@ func splitKeys(keys []delivery.Key) ([]int64, []string) {
 // were not; with any other error, done holds what was marked before it.
 func (s *Store) MarkDelivered(ctx context.Context, p *delivery.MarkParams) (done []delivery.Key, err error) {
 	keys := p.Keys
-	done, err = s.markDelivered(ctx, keys)
+	done, err = s.markDelivered(ctx, keys, p.Node)
 	if err == nil || !IsDataError(err) {
 		return done, classify(err)
 	}
 	re := &RowsError{Errs: make([]error, len(keys))}
 	isolate(0, len(keys), err, func(lo, hi int) error {
-		d, err := s.markDelivered(ctx, keys[lo:hi])
+		d, err := s.markDelivered(ctx, keys[lo:hi], p.Node)
 		done = append(done, d...)
 		return err
 	}, func(i int, err error) { re.Errs[i] = err })
 	return done, re
 }
 
-func (s *Store) markDelivered(ctx context.Context, keys []delivery.Key) ([]delivery.Key, error) {
+func (s *Store) markDelivered(ctx context.Context, keys []delivery.Key, node string) ([]delivery.Key, error) {
 	ids, members := splitKeys(keys)
-	rows, err := s.fast.Query(ctx, markDeliveredSQL, ids, members)
+	rows, err := s.fast.Query(ctx, markDeliveredSQL, ids, members, node)
 	if err != nil {
 		return nil, fmt.Errorf("mark delivered: %w", err)
 	}
@@ -496,12 +532,49 @@ var claimSQL = hotFast("claim", `
 		FROM upd u JOIN message m ON m.id = u.message_id
 		ORDER BY u.recipient_member_id, u.message_id`)
 
+// takeOverSQL leases deliverable rows and takes over the live leases of
+// node incarnations not kept ($7) and of connections given up ($8)
+// (TakeOver).
+var takeOverSQL = hotFast("take over", `
+		WITH picked AS (
+			SELECT x.message_id, x.recipient_member_id, r.conn, x.prev_conn
+			FROM unnest($1::text[], $2::text[], $3::int2[], $4::int4[]) AS r(member, conn, maxp, lim)
+			CROSS JOIN LATERAL (
+				SELECT d.message_id, d.recipient_member_id, d.lease_conn AS prev_conn FROM delivery d
+				WHERE d.recipient_member_id = r.member
+				  AND d.delivered_at IS NULL AND d.expired_at IS NULL
+				  AND d.priority <= r.maxp AND d.expires_at > now()
+				  AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now()
+				       OR (d.lease_node = $5 AND d.attempts = 0)
+				       OR (d.lease_expires_at > now() AND d.lease_node IS DISTINCT FROM $5
+				           AND (d.lease_node IS NULL OR NOT (d.lease_node = ANY ($7::text[]))
+				                OR d.lease_conn = ANY ($8::text[]))))
+				ORDER BY d.message_id
+				LIMIT r.lim
+				FOR UPDATE SKIP LOCKED
+			) x
+		), upd AS (
+			UPDATE delivery d
+			SET lease_conn = p.conn, lease_node = $5, lease_expires_at = now() + $6::interval, attempts = d.attempts + 1
+			FROM picked p
+			WHERE d.message_id = p.message_id AND d.recipient_member_id = p.recipient_member_id
+			RETURNING d.message_id, d.recipient_member_id, d.lease_conn, d.attempts, p.prev_conn
+		)
+		SELECT u.message_id, u.recipient_member_id, u.lease_conn, u.attempts, coalesce(u.prev_conn, ''),
+		       m.mesh_id, m.sender_member_id, m.sender_pubkey, m.sender_name, m.target_spec,
+		       m.priority, m.nonce, m.ciphertext, coalesce(m.client_message_id, ''), m.created_at
+		FROM upd u JOIN message m ON m.id = u.message_id
+		ORDER BY u.recipient_member_id, u.message_id`)
+
 // markDeliveredSQL marks acked rows delivered (MarkDelivered).
 var markDeliveredSQL = hotFast("mark delivered", `
 		UPDATE delivery d SET delivered_at = now(), lease_expires_at = NULL
 		FROM unnest($1::int8[], $2::text[]) AS a(mid, member)
 		WHERE d.message_id = a.mid AND d.recipient_member_id = a.member
 		  AND d.delivered_at IS NULL AND d.expired_at IS NULL
+		  -- Fenced: a row another node incarnation took over ($3 not
+		  -- holding its live lease) is not this marker's to mark.
+		  AND ($3::text = '' OR d.lease_expires_at IS NULL OR d.lease_expires_at <= now() OR d.lease_node = $3::text)
 		RETURNING d.message_id, d.recipient_member_id`)
 
 // releaseLeasesSQL gives back leases (ReleaseLeases).

@@ -224,7 +224,7 @@ type Push struct {
 }
 
 // claimReasons are the labels of broker_delivery_claims_total.
-var claimReasons = []string{"relayed", "hello", "local", "notify", "status", "release", "more", "backlog", "sweep"}
+var claimReasons = []string{"relayed", "hello", "local", "notify", "status", "release", "more", "backlog", "sweep", "takeover"}
 
 // Pushes measures send→push from a peer in src to a peer in dst: n
 // messages one at a time, each once the last arrived.

@@ -61,3 +61,23 @@ func TestRegionsShort(t *testing.T) {
 	}
 	t.Logf("presence syd→ams %v; gossip cut: unreachable after %s, dead after %s; %s", joins, g.Unreachable, g.DeclaredDead, g.Load)
 }
+
+// Issue 14's failover: a peer's node is killed right after a sender's
+// node leased rows to the peer's session there, messages are acked for
+// the peer while it is away, and it reattaches in another region: its new
+// session takes the dead node's leases over, and every message arrives
+// within wan.FailoverLimit of its hello_ack, once.
+func TestRegionsFailover(t *testing.T) {
+	c := wan.Start(t, pgtest.NewDB(t), wan.Options{Members: 10})
+	f := wan.NewRunner(t, c).Failover("syd", "ams", "iad", 20)
+	if f.Got != f.N || f.Dup != 0 {
+		t.Errorf("failover: %s", f)
+	}
+	if f.Leased == 0 {
+		t.Errorf("failover: no row was leased to the dead session, the takeover was not exercised: %s", f)
+	}
+	if !wan.FailoverLimit.Holds(f.Delivered, 0) {
+		t.Errorf("failover: the last message came %s after the reattach, want %s: %s", f.Delivered, wan.FailoverLimit, f)
+	}
+	t.Logf("failover: %s", f)
+}

@@ -87,6 +87,7 @@ type Result struct {
 	Healthy        Healthy                  `json:"-"`
 	GossipCut      GossipCut                `json:"-"`
 	PostgresCut    PostgresCut              `json:"-"`
+	Failover       Failover                 `json:"-"`
 }
 
 // Row is one line of the table.
@@ -157,6 +158,10 @@ func Run(t testing.TB, c *Cluster, plan Plan) *Result {
 	t.Logf("gossip cut: %+v", res.GossipCut)
 	res.PostgresCut = r.CutPostgres(plan.CutRegion, plan.PostgresCut)
 	t.Logf("postgres cut: %+v", res.PostgresCut)
+	// Last: it kills the cut region's node for good.
+	sender, moveTo := failoverRegions(c.Wire, plan.CutRegion)
+	res.Failover = r.Failover(plan.CutRegion, sender, moveTo, 20)
+	t.Logf("failover: %s", res.Failover)
 	for _, n := range c.Nodes {
 		st := n.Cluster().Stats()
 		t.Logf("gossip deltas of %s: %+v", n.Region.Name, st)
@@ -406,6 +411,45 @@ func (res *Result) build(w Wire, plan Plan) {
 		Target: "—",
 		Holds:  yesNo([]bool{pc.Missing == 0 && pc.Duplicated == 0}),
 	})
+
+	// Failover.
+	f := res.Failover
+	val("failover_reattach_to_last."+f.Dead, f.Delivered)
+	res.Values["failover_lost"] = float64(f.N - f.Got)
+	res.Values["failover_duplicated"] = float64(f.Dup)
+	res.Values["failover_leased_to_dead"] = float64(f.Leased)
+	fh := f.Got == f.N && res.check(FailoverLimit, f.Dead, f.Delivered, 0)
+	res.Rows = append(res.Rows, Row{
+		Path: fmt.Sprintf("failover: %s node killed, %d messages from %s acked while away, the peer reattaches on %s", f.Dead, f.N, f.Sender, f.MoveTo),
+		Measured: fmt.Sprintf("the last arrived %s after the reattach (reattach %s after the kill; %d of %d leased to the dead session); %d lost, %d duplicated",
+			ms(f.Delivered), ms(f.Reattached), f.Leased, f.N, f.N-f.Got, f.Dup),
+		Wire:   fmt.Sprintf("%s (%s's round trip to Postgres)", ms(w.Request(f.MoveTo)), f.MoveTo),
+		Target: FailoverLimit.String() + " after the reattach, 0 lost, 0 duplicated",
+		Holds:  yesNo([]bool{fh && f.Dup == 0}),
+	})
+}
+
+// failoverRegions picks the failover's sender (Postgres' region, unless it
+// is the one killed) and where the peer moves (another region).
+func failoverRegions(w Wire, dead string) (sender, moveTo string) {
+	for _, r := range w.T.Regions {
+		switch {
+		case r.Name == dead:
+		case sender == "" && r.Name == w.T.Postgres:
+			sender = r.Name
+		case moveTo == "":
+			moveTo = r.Name
+		}
+	}
+	if sender == "" {
+		sender, moveTo = moveTo, sender
+		for _, r := range w.T.Regions {
+			if r.Name != dead && r.Name != sender {
+				moveTo = r.Name
+			}
+		}
+	}
+	return sender, moveTo
 }
 
 func triesText(tries int, errs []string) string {

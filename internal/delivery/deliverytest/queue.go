@@ -30,6 +30,11 @@ type Queue struct {
 	members map[string]string // member → mesh (the member table)
 	subs    []func(channel, payload string)
 	down    bool
+	// claimHook, when set, runs before every Claim and TakeOver (outside
+	// the lock); an error fails the call (SetClaimHook).
+	claimHook func(ctx context.Context, p *delivery.ClaimParams) error
+	// markHook, when set, runs before every MarkDelivered (SetMarkHook).
+	markHook func(ctx context.Context, p *delivery.MarkParams) error
 }
 
 var _ delivery.Queue = (*Queue)(nil)
@@ -82,6 +87,24 @@ func (q *Queue) Subscribe(fn func(channel, payload string)) {
 func (q *Queue) SetDown(down bool) {
 	q.mu.Lock()
 	q.down = down
+	q.mu.Unlock()
+}
+
+// SetClaimHook makes fn run before every Claim and TakeOver, with the
+// call's context, outside the queue's lock; its error fails the call (a
+// slow or failing claim). nil removes it.
+func (q *Queue) SetClaimHook(fn func(ctx context.Context, p *delivery.ClaimParams) error) {
+	q.mu.Lock()
+	q.claimHook = fn
+	q.mu.Unlock()
+}
+
+// SetMarkHook makes fn run before every MarkDelivered, with the call's
+// context, outside the queue's lock; its error fails the call (a slow or
+// failing mark). nil removes it.
+func (q *Queue) SetMarkHook(fn func(ctx context.Context, p *delivery.MarkParams) error) {
+	q.mu.Lock()
+	q.markHook = fn
 	q.mu.Unlock()
 }
 
@@ -192,8 +215,49 @@ func (rw *row) claimable(now time.Time, node string, maxp int16) bool {
 		(rw.leaseExpires.IsZero() || rw.leaseExpires.Before(now) || (rw.leaseNode == node && rw.attempts == 0))
 }
 
+// takeable is the takeover statement's WHERE clause beyond claimable's:
+// a live lease of another node incarnation that is not kept, or of a
+// connection given up.
+func (rw *row) takeable(now time.Time, node string, maxp int16, keep, conns map[string]bool) bool {
+	if rw.claimable(now, node, maxp) {
+		return true
+	}
+	return !rw.delivered && !rw.expired && rw.msg.Priority <= maxp && rw.msg.expiresAt.After(now) &&
+		rw.leaseExpires.After(now) && rw.leaseNode != node && (!keep[rw.leaseNode] || conns[rw.leaseConn])
+}
+
 // Claim implements delivery.Queue.
-func (q *Queue) Claim(_ context.Context, p *delivery.ClaimParams) ([]delivery.Delivery, error) {
+func (q *Queue) Claim(ctx context.Context, p *delivery.ClaimParams) ([]delivery.Delivery, error) {
+	return q.claim(ctx, p, func(rw *row, r delivery.ClaimRequest, now time.Time) bool {
+		return rw.claimable(now, p.Node, r.MaxPriority)
+	})
+}
+
+// TakeOver implements delivery.Queue.
+func (q *Queue) TakeOver(ctx context.Context, p *delivery.TakeOverParams) ([]delivery.Delivery, error) {
+	keep, conns := set(p.Keep), set(p.Conns)
+	return q.claim(ctx, &p.ClaimParams, func(rw *row, r delivery.ClaimRequest, now time.Time) bool {
+		return rw.takeable(now, p.Node, r.MaxPriority, keep, conns)
+	})
+}
+
+func set(ss []string) map[string]bool {
+	m := make(map[string]bool, len(ss))
+	for _, s := range ss {
+		m[s] = true
+	}
+	return m
+}
+
+func (q *Queue) claim(ctx context.Context, p *delivery.ClaimParams, ok func(rw *row, r delivery.ClaimRequest, now time.Time) bool) ([]delivery.Delivery, error) {
+	q.mu.Lock()
+	hook := q.claimHook
+	q.mu.Unlock()
+	if hook != nil {
+		if err := hook(ctx, p); err != nil {
+			return nil, err
+		}
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.down {
@@ -208,7 +272,7 @@ func (q *Queue) Claim(_ context.Context, p *delivery.ClaimParams) ([]delivery.De
 				break
 			}
 			rw := q.rows[delivery.Key{MessageID: id, MemberID: r.MemberID}]
-			if !rw.claimable(now, p.Node, r.MaxPriority) {
+			if !ok(rw, r, now) {
 				continue
 			}
 			n++
@@ -254,17 +318,29 @@ func eachKey(keys []delivery.Key, fn func(k delivery.Key)) error {
 }
 
 // MarkDelivered implements delivery.Queue.
-func (q *Queue) MarkDelivered(_ context.Context, p *delivery.MarkParams) ([]delivery.Key, error) {
+func (q *Queue) MarkDelivered(ctx context.Context, p *delivery.MarkParams) ([]delivery.Key, error) {
+	q.mu.Lock()
+	hook := q.markHook
+	q.mu.Unlock()
+	if hook != nil {
+		if err := hook(ctx, p); err != nil {
+			return nil, err
+		}
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.down {
 		return nil, errDown
 	}
+	now := q.now()
 	var done []delivery.Key
 	err := eachKey(p.Keys, func(k delivery.Key) {
 		rw := q.rows[k]
 		if rw == nil || rw.delivered || rw.expired {
 			return
+		}
+		if p.Node != "" && rw.leaseExpires.After(now) && rw.leaseNode != p.Node {
+			return // taken over: fenced
 		}
 		rw.delivered, rw.leaseExpires = true, time.Time{}
 		done = append(done, k)

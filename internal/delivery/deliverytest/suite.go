@@ -40,6 +40,7 @@ func RunQueueSuite(t *testing.T, newHarness func(t *testing.T) *Harness) {
 		{"MarkDelivered", markDelivered},
 		{"RefusedKeys", refusedKeys},
 		{"NodeLeases", nodeLeases},
+		{"TakeOverFencing", takeOverFencing},
 		{"Expiry", expiry},
 		{"Notifications", notifications},
 	}
@@ -326,6 +327,103 @@ func nodeLeases(t *testing.T, h *Harness) {
 	}
 	if rows := claim(t, q, "other#1", req(1), req(2), req(3)); len(rows) != 1 || rows[0].MemberID != m[1] {
 		t.Fatalf("claimable after the release: %+v", rows)
+	}
+}
+
+func takeOver(t *testing.T, q delivery.Queue, node string, keep, conns []string, reqs ...delivery.ClaimRequest) []delivery.Delivery {
+	t.Helper()
+	for i := range reqs {
+		if reqs[i].Limit == 0 {
+			reqs[i].Limit = 100
+		}
+	}
+	rows, err := q.TakeOver(ctxT(t), &delivery.TakeOverParams{
+		ClaimParams: delivery.ClaimParams{Node: node, Lease: time.Hour, Requests: reqs}, Keep: keep, Conns: conns})
+	if err != nil {
+		t.Fatalf("take over: %v", err)
+	}
+	return rows
+}
+
+// A takeover leases what a claim would, plus the rows under live leases of
+// node incarnations not kept and of connections given up, never the
+// claimer's own; in order, up to the limit and priority. The old holders
+// are fenced out: they can no longer claim, release or mark those rows,
+// while the new holder can; a taker that is not kept in turn is taken
+// over.
+func takeOverFencing(t *testing.T, h *Harness) {
+	q := h.Queue
+	mesh, m := h.Members(t, 2)
+	type lease struct{ conn, node string }
+	leases := []lease{
+		{"dead", "d#1"},  // 0: remote fast path to a node not kept: taken
+		{"live", "a#1"},  // 1: a kept node's session: stays
+		{"moved", "a#1"}, // 2: a kept node, but a connection given up: taken
+		{},               // 3: not leased: taken, as a claim would
+		{"mine", ""},     // 4: the taker's own local lease (n#1): stays
+		{"dead", "d#1"},  // 5: priority 2, over the request's bound: stays
+		{"dead", "d#1"},  // 6: beyond the limit: stays
+	}
+	var msgs []delivery.NewMessage
+	for i, l := range leases {
+		prio := int16(1)
+		if i == 5 {
+			prio = 2
+		}
+		msg := newMessage(mesh, m[0], m[1], prio, fmt.Sprint("row", i), "")
+		msg.Recipients[0].LeaseConn, msg.Recipients[0].LeaseNode = l.conn, l.node
+		msgs = append(msgs, msg)
+	}
+	res := insert(t, q, &delivery.InsertParams{Messages: msgs, LeaseNode: "n#1"})
+	key := func(i int) delivery.Key { return delivery.Key{MessageID: res[i].ID, MemberID: m[1]} }
+	req := delivery.ClaimRequest{MemberID: m[1], Conn: "new", MaxPriority: 1, Limit: 3}
+	if rows := claim(t, q, "n#1", req); len(rows) != 1 || rows[0].MessageID != res[3].ID {
+		t.Fatalf("a plain claim took %v, want only the unleased row", ids(rows))
+	}
+	if n, err := q.ReleaseLeases(ctxT(t), &delivery.ReleaseParams{Conn: "new", Keys: []delivery.Key{key(3)}}); err != nil || n != 1 {
+		t.Fatalf("release: %d %v", n, err)
+	}
+	got := takeOver(t, q, "n#1", []string{"a#1", "n#1"}, []string{"moved"}, req)
+	if !slices.Equal(ids(got), []int64{res[0].ID, res[2].ID, res[3].ID}) {
+		t.Fatalf("took over %v, want rows 0, 2, 3 (%d, %d, %d)", ids(got), res[0].ID, res[2].ID, res[3].ID)
+	}
+	wantPrev := []string{"dead", "moved", ""}
+	wantTries := []int32{1, 1, 2}
+	for i, d := range got {
+		if d.Conn != "new" || d.PrevConn != wantPrev[i] || d.Attempts != wantTries[i] || d.Ciphertext != fmt.Sprint("row", []int{0, 2, 3}[i]) {
+			t.Fatalf("taken row %d: %+v", i, d)
+		}
+	}
+	if rows := takeOver(t, q, "n#1", []string{"a#1", "n#1"}, []string{"moved"}, req); len(rows) != 1 || rows[0].MessageID != res[6].ID {
+		t.Fatalf("second takeover took %v, want only row 6 (the limit's)", ids(rows))
+	}
+	// The old holders are fenced out.
+	ctx := ctxT(t)
+	if rows := claim(t, q, "d#1", delivery.ClaimRequest{MemberID: m[1], Conn: "dead", MaxPriority: 2}); len(rows) != 1 || rows[0].MessageID != res[5].ID {
+		t.Fatalf("the old node claimed %v, want only row 5 (never taken)", ids(rows))
+	}
+	if n, err := q.ReleaseLeases(ctx, &delivery.ReleaseParams{Conn: "dead", Keys: []delivery.Key{key(0)}}); err != nil || n != 0 {
+		t.Fatalf("the old connection released a taken row: %d %v", n, err)
+	}
+	if done, err := q.MarkDelivered(ctx, &delivery.MarkParams{Node: "d#1", Keys: []delivery.Key{key(0), key(6)}}); err != nil || len(done) != 0 {
+		t.Fatalf("the old node marked taken rows: %v %v", done, err)
+	}
+	if done, err := q.MarkDelivered(ctx, &delivery.MarkParams{Node: "a#1", Keys: []delivery.Key{key(2), key(1)}}); err != nil || !slices.Equal(done, []delivery.Key{key(1)}) {
+		t.Fatalf("a#1 marked %v, want only its own row 1", done)
+	}
+	if done, err := q.MarkDelivered(ctx, &delivery.MarkParams{Node: "n#1", Keys: []delivery.Key{key(0)}}); err != nil || !slices.Equal(done, []delivery.Key{key(0)}) {
+		t.Fatalf("the new holder marked %v %v", done, err)
+	}
+	// n#1 in turn not kept: b#1 takes what n#1 holds (not its marked row).
+	again := takeOver(t, q, "b#1", []string{"a#1"}, nil, delivery.ClaimRequest{MemberID: m[1], Conn: "b", MaxPriority: 1})
+	if !slices.Equal(ids(again), []int64{res[2].ID, res[3].ID, res[4].ID, res[6].ID}) {
+		t.Fatalf("b#1 took %v, want rows 2, 3, 4, 6", ids(again))
+	}
+	if done, err := q.MarkDelivered(ctx, &delivery.MarkParams{Node: "n#1", Keys: []delivery.Key{key(3)}}); err != nil || len(done) != 0 {
+		t.Fatalf("n#1 marked a row b#1 took: %v %v", done, err)
+	}
+	if done, err := q.MarkDelivered(ctx, &delivery.MarkParams{Keys: []delivery.Key{key(3)}}); err != nil || len(done) != 1 {
+		t.Fatalf("an unfenced mark: %v %v", done, err)
 	}
 }
 
