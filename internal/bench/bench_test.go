@@ -43,6 +43,7 @@ func TestSmoke(t *testing.T) {
 		o.Settle = 200 * time.Millisecond
 		o.DrainTimeout = 20 * time.Second
 		o.SampleInterval = 100 * time.Millisecond
+		o.StatsWait = 100 * time.Millisecond // the numbers are tested in TestPGWrites
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
 		res, err := bench.Run(ctx, o)
@@ -95,6 +96,9 @@ func TestSmoke(t *testing.T) {
 		}
 		if d.Unknown+d.Misrouted+d.Corrupted+d.StrayAcks+d.NotAcked+d.Unsent != 0 || len(d.Rejected) != 0 || len(d.Disconnects) != 0 {
 			t.Errorf("anomalies: %+v", d)
+		}
+		if res.PGWrites == nil || res.PGWrites.Delivered != expected {
+			t.Errorf("postgres writes not read: %+v (notes %v)", res.PGWrites, res.Notes)
 		}
 		if !res.Timing.Drained || res.Timing.DrainedInSec <= 0 {
 			t.Errorf("timing: %+v", res.Timing)
