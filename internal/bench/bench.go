@@ -99,9 +99,10 @@ type Options struct {
 	// Settle is how long to keep listening for late duplicates once every
 	// expected push arrived; default 1s, negative for none.
 	Settle time.Duration
-	// StatsWait is how long after the drain Postgres' statistics are read
-	// again for the run's row writes and transactions (PGWrites); default
-	// 11s, negative for no reading.
+	// StatsWait is how long Postgres' statistics must stand still after
+	// the drain before they are read for the run's row writes and
+	// transactions (PGWrites), at most 6 times as long; default 11s,
+	// negative for no reading.
 	StatsWait time.Duration
 	// SampleInterval is the RSS/FD sampling period; default 250ms.
 	SampleInterval time.Duration
@@ -453,7 +454,7 @@ func runMessages(ctx context.Context, o Options, st *store.Store, res *Result) (
 
 	d := l.delivery()
 	if pgs != nil {
-		pw, err := pgs.finish(ctx, o.StatsWait, d.Delivered)
+		pw, err := pgs.finish(ctx, o.StatsWait, 6*o.StatsWait, d.Delivered)
 		if err != nil {
 			res.Notes = append(res.Notes, err.Error())
 		} else if res.PGWrites = pw; pw.StatsResetMidst {

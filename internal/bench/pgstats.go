@@ -16,10 +16,11 @@ import (
 //
 // Postgres backends publish their counters when they go idle, at most once
 // a second, and an idle backend whose last publication was less than a
-// second ago waits 10 s: the second reading is taken WaitSec after the run
-// so that the nodes' last writes are in it. Whatever the nodes do in the
-// background meanwhile (sweeps, presence) is counted too, as are the two
-// readings' own transactions.
+// second ago waits 10 s: the second reading is taken
+// once the counters stood still for the stats wait (WaitSec after the
+// drain), so that the nodes' last writes are in it. Whatever the nodes do
+// in the background meanwhile (sweeps, presence) is counted too, as are
+// the readings' own transactions.
 type PGWrites struct {
 	Transactions int64 `json:"transactions"`
 	RowWrites    int64 `json:"rowWrites"`
@@ -123,22 +124,52 @@ func startPGStats(ctx context.Context, url string) (*pgStats, error) {
 	return s, nil
 }
 
-// finish waits wait for the backends to publish, reads again and closes
-// the connection.
-func (s *pgStats) finish(ctx context.Context, wait time.Duration, delivered int64) (*PGWrites, error) {
+// finish reads the counters every second until they moved by at most
+// statsQuiet writes and transactions over the last minWait (the nodes'
+// backends have published what the run did; what still moves is their
+// background work), or until maxWait; then it closes the connection.
+func (s *pgStats) finish(ctx context.Context, minWait, maxWait time.Duration, delivered int64) (*PGWrites, error) {
 	defer s.conn.Close(context.Background())
-	t := time.NewTimer(wait)
-	select {
-	case <-t.C:
-	case <-ctx.Done():
-		t.Stop()
-		return nil, ctx.Err()
+	start := time.Now()
+	var readings []pgCounters
+	var at []time.Duration
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		c, err := readPGCounters(ctx, s.conn)
+		if err != nil {
+			return nil, err
+		}
+		now := time.Since(start)
+		readings, at = append(readings, c), append(at, now)
+		if now >= maxWait {
+			break
+		}
+		if now < minWait {
+			continue
+		}
+		// The reading minWait ago (or the closest after it).
+		i := 0
+		for i+1 < len(at) && at[i+1] <= now-minWait {
+			i++
+		}
+		d := pgDelta(readings[i], c, 0)
+		if now-at[i] >= minWait && d.RowWrites+d.Transactions <= statsQuiet(pgDelta(s.before, c, 0)) {
+			break
+		}
 	}
-	after, err := readPGCounters(ctx, s.conn)
-	if err != nil {
-		return nil, err
-	}
-	w := pgDelta(s.before, after, delivered)
-	w.WaitSec = wait.Seconds()
+	w := pgDelta(s.before, readings[len(readings)-1], delivered)
+	w.WaitSec = at[len(at)-1].Seconds()
 	return &w, nil
+}
+
+// statsQuiet is how much the counters may still move for the run's to be
+// complete: the nodes' background work, or a thousandth of the run.
+func statsQuiet(run PGWrites) int64 {
+	return max(50, (run.RowWrites+run.Transactions)/1000)
 }

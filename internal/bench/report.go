@@ -70,7 +70,7 @@ func WriteTable(w io.Writer, r Result) error {
 		fmt.Fprintf(tw, "set-up\tprepare %s, connect %s\t\n", seconds(t.PrepareSec), seconds(t.ConnectSec))
 	}
 	if pw := r.PGWrites; pw != nil {
-		fmt.Fprintf(tw, "postgres\t%.2f row writes, %.3f transactions per delivered message\t%d writes (%s), %d transactions; read %s after the drain\n",
+		fmt.Fprintf(tw, "postgres\t%.2f row writes, %.3f transactions per delivered message\t%d writes (%s), %d transactions; read %s after the drain, once still\n",
 			pw.WritesPerMsg, pw.XactsPerMsg, pw.RowWrites, tableWrites(pw.Tables), pw.Transactions, seconds(pw.WaitSec))
 	}
 	if c := r.Conns; c != nil {
