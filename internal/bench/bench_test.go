@@ -7,6 +7,8 @@ import (
 	"errors"
 	"image/png"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -223,5 +225,31 @@ func TestRunErrors(t *testing.T) {
 	}
 	if len(res.Meshes) != 1 {
 		t.Errorf("want the seeded mesh recorded, got %v", res.Meshes)
+	}
+}
+
+// A cluster whose nodes do not come up fails with the reason and stops
+// what it started: Postgres, the processes, the temporary folder.
+func TestSpawnFailureCleansUp(t *testing.T) {
+	tmp := t.TempDir()
+	// Postgres runs as the postgres user when the test runs as root: it
+	// must reach the cluster folder.
+	for _, d := range []string{filepath.Dir(tmp), tmp} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("TMPDIR", tmp)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	c, err := bench.Spawn(ctx, bench.SpawnOptions{Nodes: 1, BrokerBin: "/bin/false", PGFast: true})
+	if err == nil || c != nil {
+		t.Fatalf("spawn with a broker that exits: %v, %v", c, err)
+	}
+	if !strings.Contains(err.Error(), "bench-1 exited") {
+		t.Errorf("error does not say the node exited: %v", err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(tmp, "meshbench-*")); len(left) != 0 {
+		t.Errorf("cluster folder left behind: %v", left)
 	}
 }
