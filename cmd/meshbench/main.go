@@ -52,6 +52,7 @@ type cli struct {
 
 	DrainTimeout time.Duration `name:"drain-timeout" default:"60s" help:"How long to wait after the last send for outstanding acks and pushes."`
 	Settle       time.Duration `default:"1s" help:"How long to keep listening for late duplicates once everything arrived."`
+	StatsWait    time.Duration `name:"stats-wait" default:"11s" help:"How long Postgres' statistics must stand still after the drain before they are read for row writes and transactions per message (backends publish them 10 s late or more; at most 6 times as long); negative for none."`
 	Seed         uint64        `help:"Seed for the random targets (default: random, recorded in the result)."`
 	Keep         bool          `help:"Keep the bench mesh(es) in the database."`
 	Timeout      time.Duration `default:"30m" help:"Upper bound for the whole run."`
@@ -99,8 +100,12 @@ func (c *cli) run() error {
 		Peers: c.Peers, Messages: c.Messages, Size: c.Size, Rate: c.Rate, Duration: c.Duration,
 		Conns: c.Conns, SessionsPerMember: c.SessionsPerMember, ConnsPerMesh: c.ConnsPerMesh,
 		Concurrency: c.Concurrency, Hold: c.Hold, DrainTimeout: c.DrainTimeout, Settle: c.Settle,
-		Seed: c.Seed, Keep: c.Keep, Logger: logger,
+		StatsWait: c.StatsWait,
+		Seed:      c.Seed, Keep: c.Keep, Logger: logger,
 		Meta: map[string]string{"command": "meshbench " + strings.Join(os.Args[1:], " ")},
+	}
+	if c.StatsWait == 0 {
+		opts.StatsWait = -1
 	}
 	if c.Settle == 0 {
 		opts.Settle = -1 // --settle 0 means none

@@ -166,6 +166,8 @@ func eventSize(e *store.AuditEvent) int64 {
 			n += len(v)
 		case []int64:
 			n += 20 * len(v)
+		case []int:
+			n += 12 * len(v)
 		case []string:
 			for _, x := range v {
 				n += len(x) + 8
@@ -256,10 +258,26 @@ func (a *Writer) flush(ctx context.Context) {
 	}
 }
 
-// MessageQueued records a committed send (delivery.Auditor).
-func (a *Writer) MessageQueued(mesh, sender, target string, at time.Time, id int64, priority string, size, recipients int) {
+// MessagesQueued records one sender's messages committed by one batch
+// (delivery.Auditor) as one event: their ids, targets, priorities, sizes
+// and recipient counts as parallel lists; the row's target is the
+// messages' common target, if they have one.
+func (a *Writer) MessagesQueued(mesh, sender string, at time.Time, msgs []delivery.QueuedMessage) {
+	if len(msgs) == 0 {
+		return
+	}
+	ids, targets, prios := make([]int64, len(msgs)), make([]string, len(msgs)), make([]string, len(msgs))
+	sizes, recipients := make([]int, len(msgs)), make([]int, len(msgs))
+	target := msgs[0].Target
+	for i, m := range msgs {
+		ids[i], targets[i], prios[i], sizes[i], recipients[i] = m.ID, m.Target, m.Priority, m.Size, m.Recipients
+		if m.Target != target {
+			target = ""
+		}
+	}
 	a.Add(store.AuditEvent{MeshID: mesh, Type: store.EventMessageQueued, Actor: sender, Target: target, CreatedAt: at,
-		Metadata: map[string]any{"message_id": id, "priority": priority, "size": size, "recipients": recipients}})
+		Metadata: map[string]any{"message_ids": ids, "count": len(ids), "targets": targets, "priorities": prios,
+			"sizes": sizes, "recipients": recipients}})
 }
 
 // MessagesDelivered records one recipient's rows marked delivered by one

@@ -1,13 +1,16 @@
 package audit
 
 import (
+	"reflect"
 	"strings"
 	"testing"
+	"time"
 	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/store"
 )
@@ -69,5 +72,34 @@ func TestClipText(t *testing.T) {
 		if len(c.in) <= c.max && utf8.ValidString(c.in) && strings.IndexByte(c.in, 0) < 0 && out != c.in {
 			t.Errorf("clipText altered %q to %q", c.in, out)
 		}
+	}
+}
+
+// One sender's messages of one batch make one event that lists each of
+// them; the row's target is theirs only when they share it.
+func TestMessagesQueuedOneEventPerBatch(t *testing.T) {
+	a := New(nil, metrics.New(prometheus.NewRegistry()), nil)
+	at := time.Unix(1700000000, 0)
+	a.MessagesQueued("mesh", "s", at, []delivery.QueuedMessage{
+		{ID: 7, Target: "a", Priority: "now", Size: 10, Recipients: 1},
+		{ID: 9, Target: "b", Priority: "next", Size: 20, Recipients: 2},
+	})
+	a.MessagesQueued("mesh", "s", at, []delivery.QueuedMessage{{ID: 11, Target: "a", Priority: "now", Size: 5, Recipients: 1}})
+	a.MessagesQueued("mesh", "s", at, nil) // nothing: no event
+	got := a.take(10)
+	if len(got) != 2 {
+		t.Fatalf("%d events, want 2", len(got))
+	}
+	e := got[0]
+	if e.Type != store.EventMessageQueued || e.MeshID != "mesh" || e.Actor != "s" || e.Target != "" || !e.CreatedAt.Equal(at) {
+		t.Errorf("event %+v", e)
+	}
+	want := map[string]any{"message_ids": []int64{7, 9}, "count": 2, "targets": []string{"a", "b"},
+		"priorities": []string{"now", "next"}, "sizes": []int{10, 20}, "recipients": []int{1, 2}}
+	if !reflect.DeepEqual(e.Metadata, want) {
+		t.Errorf("metadata %v, want %v", e.Metadata, want)
+	}
+	if got[1].Target != "a" || !reflect.DeepEqual(got[1].Metadata["message_ids"], []int64{11}) {
+		t.Errorf("single-message event %+v", got[1])
 	}
 }

@@ -99,6 +99,11 @@ type Options struct {
 	// Settle is how long to keep listening for late duplicates once every
 	// expected push arrived; default 1s, negative for none.
 	Settle time.Duration
+	// StatsWait is how long Postgres' statistics must stand still after
+	// the drain before they are read for the run's row writes and
+	// transactions (PGWrites), at most 6 times as long; default 11s,
+	// negative for no reading.
+	StatsWait time.Duration
 	// SampleInterval is the RSS/FD sampling period; default 250ms.
 	SampleInterval time.Duration
 	// Seed makes the random targets reproducible; zero picks one.
@@ -131,6 +136,7 @@ func (o *Options) normalize() error {
 	defD(&o.DrainTimeout, 60*time.Second)
 	defD(&o.Settle, time.Second)
 	defD(&o.SampleInterval, 250*time.Millisecond)
+	defD(&o.StatsWait, 11*time.Second)
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -257,6 +263,10 @@ type Result struct {
 	SendLag *Latency `json:"sendLag,omitempty"`
 
 	Conns *ConnsResult `json:"conns,omitempty"`
+
+	// PGWrites is Postgres' row writes and transactions during the timed
+	// phase (messaging runs).
+	PGWrites *PGWrites `json:"postgresWrites,omitempty"`
 
 	Nodes     []NodeStats       `json:"nodes"`
 	Generator NodeStats         `json:"generator"`
@@ -398,6 +408,12 @@ func runMessages(ctx context.Context, o Options, st *store.Store, res *Result) (
 	})
 	defer bar.finish()
 
+	var pgs *pgStats
+	if o.StatsWait >= 0 {
+		if pgs, err = startPGStats(ctx, o.DatabaseURL); err != nil {
+			res.Notes = append(res.Notes, err.Error())
+		}
+	}
 	l.begin()
 	sendErrs := make([]error, len(peers))
 	var wg sync.WaitGroup
@@ -437,6 +453,14 @@ func runMessages(ctx context.Context, o Options, st *store.Store, res *Result) (
 	wg.Wait()
 
 	d := l.delivery()
+	if pgs != nil {
+		pw, err := pgs.finish(ctx, o.StatsWait, 6*o.StatsWait, d.Delivered)
+		if err != nil {
+			res.Notes = append(res.Notes, err.Error())
+		} else if res.PGWrites = pw; pw.StatsResetMidst {
+			res.Notes = append(res.Notes, "pg stats: a counter went backwards (statistics reset during the run)")
+		}
+	}
 	d.CrossNodePct = w.crossNodePct(o.Nodes)
 	res.Delivery = &d
 	lat := l.latencies(o.Nodes)

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"image/png"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -43,6 +45,7 @@ func TestSmoke(t *testing.T) {
 		o.Settle = 200 * time.Millisecond
 		o.DrainTimeout = 20 * time.Second
 		o.SampleInterval = 100 * time.Millisecond
+		o.StatsWait = 100 * time.Millisecond // the numbers are tested in TestPGWrites
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
 		res, err := bench.Run(ctx, o)
@@ -95,6 +98,9 @@ func TestSmoke(t *testing.T) {
 		}
 		if d.Unknown+d.Misrouted+d.Corrupted+d.StrayAcks+d.NotAcked+d.Unsent != 0 || len(d.Rejected) != 0 || len(d.Disconnects) != 0 {
 			t.Errorf("anomalies: %+v", d)
+		}
+		if res.PGWrites == nil || res.PGWrites.Delivered != expected {
+			t.Errorf("postgres writes not read: %+v (notes %v)", res.PGWrites, res.Notes)
 		}
 		if !res.Timing.Drained || res.Timing.DrainedInSec <= 0 {
 			t.Errorf("timing: %+v", res.Timing)
@@ -219,5 +225,31 @@ func TestRunErrors(t *testing.T) {
 	}
 	if len(res.Meshes) != 1 {
 		t.Errorf("want the seeded mesh recorded, got %v", res.Meshes)
+	}
+}
+
+// A cluster whose nodes do not come up fails with the reason and stops
+// what it started: Postgres, the processes, the temporary folder.
+func TestSpawnFailureCleansUp(t *testing.T) {
+	tmp := t.TempDir()
+	// Postgres runs as the postgres user when the test runs as root: it
+	// must reach the cluster folder.
+	for _, d := range []string{filepath.Dir(tmp), tmp} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("TMPDIR", tmp)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	c, err := bench.Spawn(ctx, bench.SpawnOptions{Nodes: 1, BrokerBin: "/bin/false", PGFast: true})
+	if err == nil || c != nil {
+		t.Fatalf("spawn with a broker that exits: %v, %v", c, err)
+	}
+	if !strings.Contains(err.Error(), "bench-1 exited") {
+		t.Errorf("error does not say the node exited: %v", err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(tmp, "meshbench-*")); len(left) != 0 {
+		t.Errorf("cluster folder left behind: %v", left)
 	}
 }

@@ -93,9 +93,13 @@ func Spawn(ctx context.Context, opts SpawnOptions) (c *Cluster, err error) {
 		return nil, err
 	}
 	c = &Cluster{Dir: dir, keepDir: opts.KeepDir, logger: opts.Logger}
+	// The cleanup holds its own reference: "return nil, err" has already
+	// set c to nil when it runs (it used to panic on a nil Cluster and
+	// leave Postgres running).
+	started := c
 	defer func() {
 		if err != nil {
-			_ = c.Close()
+			_ = started.Close()
 			c = nil
 		}
 	}()

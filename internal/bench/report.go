@@ -69,6 +69,10 @@ func WriteTable(w io.Writer, r Result) error {
 		fmt.Fprintf(tw, "sending took\t%s\t%.0f sends/s, %.0f deliveries/s\n", seconds(t.SendSec), t.SendsPerSec, t.DeliveriesPerSec)
 		fmt.Fprintf(tw, "set-up\tprepare %s, connect %s\t\n", seconds(t.PrepareSec), seconds(t.ConnectSec))
 	}
+	if pw := r.PGWrites; pw != nil {
+		fmt.Fprintf(tw, "postgres\t%.2f row writes, %.3f transactions per delivered message\t%d writes (%s), %d transactions; read %s after the drain, once still\n",
+			pw.WritesPerMsg, pw.XactsPerMsg, pw.RowWrites, tableWrites(pw.Tables), pw.Transactions, seconds(pw.WaitSec))
+	}
 	if c := r.Conns; c != nil {
 		fmt.Fprintln(tw)
 		fmt.Fprintf(tw, "opened\t%d of %d\tin %d meshes, %d members; failed %s; dropped while idle %s\n",
@@ -154,6 +158,19 @@ func WriteTable(w io.Writer, r Result) error {
 		fmt.Fprintf(w, "note: %s\n", n)
 	}
 	return nil
+}
+
+// tableWrites lists each table's inserts/updates/deletes.
+func tableWrites(m map[string]TableWrites) string {
+	if len(m) == 0 {
+		return "none"
+	}
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		w := m[k]
+		parts = append(parts, fmt.Sprintf("%s %d/%d/%d", strings.TrimPrefix(k, "public."), w.Inserts, w.Updates, w.Deletes))
+	}
+	return "ins/upd/del: " + strings.Join(parts, ", ")
 }
 
 func counts(m map[string]int64) string {

@@ -250,6 +250,8 @@ func (c *committer) settle(batch []*Send, res []Inserted, committed time.Time) {
 	// batch's later rows either (they would overtake the refused one):
 	// they go back to the queue with it.
 	refused := map[Recipient][]Key{}
+	queued := map[[2]string][]QueuedMessage{} // (mesh, sender) → its messages of this batch
+	var senders [][2]string                   // keys of queued, in batch order
 	for i, s := range batch {
 		r := res[i]
 		if r.Err != nil {
@@ -277,8 +279,17 @@ func (c *committer) settle(batch []*Send, res []Inserted, committed time.Time) {
 			}
 		}
 		m := &s.Message
-		e.audit.MessageQueued(m.MeshID, m.SenderMemberID, m.TargetSpec, committed, r.ID, protocol.PriorityName(int(m.Priority)),
-			len(m.Ciphertext)+len(m.Nonce), len(m.Recipients))
+		k := [2]string{m.MeshID, m.SenderMemberID}
+		if _, ok := queued[k]; !ok {
+			senders = append(senders, k)
+		}
+		queued[k] = append(queued[k], QueuedMessage{ID: r.ID, Target: m.TargetSpec, Priority: protocol.PriorityName(int(m.Priority)),
+			Size: len(m.Ciphertext) + len(m.Nonce), Recipients: len(m.Recipients)})
+	}
+	// One audit event per sender and batch, as for deliveries: a burst
+	// writes a fraction of a row per message instead of one.
+	for _, k := range senders {
+		e.audit.MessagesQueued(k[0], k[1], committed, queued[k])
 	}
 	for f, keys := range refused {
 		if len(keys) > 0 {

@@ -10,9 +10,20 @@ import (
 // Auditor records what happened to messages (audit.Writer). Its methods
 // must not block.
 type Auditor interface {
-	MessageQueued(mesh, sender, target string, at time.Time, id int64, priority string, size, recipients int)
+	// MessagesQueued records one sender's messages committed by one
+	// batch, in commit order.
+	MessagesQueued(mesh, sender string, at time.Time, msgs []QueuedMessage)
 	MessagesDelivered(mesh, member string, ids []int64)
 	MessageExpired(mesh, member string, id int64)
+}
+
+// QueuedMessage is one committed send, as the audit log records it.
+type QueuedMessage struct {
+	ID         int64
+	Target     string // the send's target spec
+	Priority   string
+	Size       int // nonce and ciphertext bytes
+	Recipients int
 }
 
 // Directory is what the engine reads of the cluster's presence replica

@@ -81,9 +81,9 @@ type auditor struct {
 	expired []int64
 }
 
-func (a *auditor) MessageQueued(string, string, string, time.Time, int64, string, int, int) {
+func (a *auditor) MessagesQueued(_, _ string, _ time.Time, msgs []delivery.QueuedMessage) {
 	a.mu.Lock()
-	a.queued++
+	a.queued += len(msgs)
 	a.mu.Unlock()
 }
 func (a *auditor) MessagesDelivered(string, string, []int64) {}
