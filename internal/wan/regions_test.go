@@ -43,8 +43,11 @@ func TestRegionsShort(t *testing.T) {
 	// A presence change crosses in one one-way delay, not the three a
 	// new TCP connection per delta cost (~420 ms here): the bound leaves
 	// the loaded machine 150 ms.
+	// The join is timed from the peer's hello_ack, which its node writes
+	// just after it sent the delta: on a loaded machine the delta can
+	// look a few milliseconds faster than the wire (seen: 136 ms of 140).
 	joins := r.PresenceJoins("syd", "ams", 3)
-	if wire := w.Join("syd", "ams"); !wan.AboveWire(joins.Min, wire) || joins.P50 > wire+150*time.Millisecond {
+	if wire := w.Join("syd", "ams"); !wan.AboveWire(joins.Min+10*time.Millisecond, wire) || joins.P50 > wire+150*time.Millisecond {
 		t.Errorf("presence syd→ams: p50 %s, fastest %s; the wire allows %s", joins.P50, joins.Min, wire)
 	}
 	deaths, _ := c.DetectorCounts()
