@@ -71,6 +71,11 @@ type localMember struct {
 	// (lease.go), and their size.
 	parked      []relay.Envelope
 	parkedBytes int
+	// held are rows of this node's commits leased to its sessions while
+	// its claim was in flight, whose pushes wait for that claim (park.go),
+	// and their size.
+	held      []heldRow
+	heldBytes int
 }
 
 // busy reports whether something about the member's rows is in flight.
@@ -211,19 +216,36 @@ func (e *Engine) WakeAll(why Reason) {
 // must be caught up, so the direct push cannot overtake older rows, and
 // the session's queue must have room for it besides the pushes already
 // promised to it (taken). It returns nil otherwise.
-func (e *Engine) fastPath(member string, priority int, taken map[Recipient]int) Recipient {
+//
+// While a claim for the member is in flight (and nothing else makes it
+// need one) the row is still written leased to the session, but its push
+// is held until the claim ends (hold, park.go): then hold is true, and so
+// it is for every later row of the member in the batch (mustHold) once one
+// is. blocked reports that the member's state or its sessions' room, not
+// their status, ruled the fast path out: later rows of the batch must not
+// take it either.
+func (e *Engine) fastPath(member string, priority int, taken map[Recipient]int, mustHold bool) (r Recipient, hold, blocked bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	lm := e.members[member]
-	if lm == nil || !lm.caughtUp() {
-		return nil
+	if lm == nil {
+		return nil, false, false
 	}
+	hold = mustHold || !lm.caughtUp()
+	if !lm.caughtUp() && !(lm.canHold() && len(lm.held) < maxParked) {
+		return nil, false, true
+	}
+	takes := false // some session accepts the priority
 	for _, r := range lm.sessions {
-		if r.MaxPriority() >= priority && r.Room()-taken[r] > 0 && !r.Closing() {
-			return r
+		if r.MaxPriority() < priority {
+			continue
+		}
+		takes = true
+		if r.Room()-taken[r]-len(lm.held) > 0 && !r.Closing() {
+			return r, hold, false
 		}
 	}
-	return nil
+	return nil, false, takes
 }
 
 // take records that a remote fast-path row is being handled, and reports
@@ -322,21 +344,40 @@ func (e *Engine) claimRound(ctx context.Context) {
 	}
 	more := false
 	var parked []relay.Envelope
+	var holding []string // members whose held rows are pushed now
+	var left map[string][]heldRow
 	e.mu.Lock()
 	for id, t := range targets {
 		lm := e.members[id]
 		if lm == nil {
 			continue
 		}
-		lm.inflight = false
 		if t.got >= t.limit {
 			lm.dirty |= ReasonMore
 			more = true
 		}
+		if len(lm.held) > 0 {
+			if lm.dirty == 0 && lm.releasing == 0 {
+				// Nothing older waits: push them, still in flight.
+				holding = append(holding, id)
+				continue
+			}
+			if left == nil {
+				left = map[string][]heldRow{}
+			}
+			left[id] = lm.takeHeld()
+		}
+		lm.inflight = false
 		parked = append(parked, lm.unpark()...)
 		e.forget(id, lm)
 	}
 	e.mu.Unlock()
+	for id, rows := range left {
+		e.leaveHeld(id, rows) // the claim came back full: the next one takes them
+	}
+	for _, id := range holding {
+		parked = append(parked, e.pushHeld(id)...)
+	}
 	e.relayParked(parked)
 	e.TestSignals.ClaimRound.Signal(ClaimRound{Members: len(reqs), Rows: rows, Failed: failed})
 	if failed && timedOut {

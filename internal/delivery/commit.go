@@ -21,6 +21,7 @@ type Send struct {
 	ID      string // the client's correlation id
 	Message NewMessage
 	fast    []Recipient // per recipient: the local session it goes to directly, or nil
+	held    []bool      // per recipient: its push waits for a claim in flight (park.go)
 }
 
 func (s *Send) answer(a protocol.Ack) <-chan struct{} {
@@ -198,13 +199,29 @@ func (c *committer) plan(batch []*Send) *InsertParams {
 	e := c.e
 	msgs := make([]NewMessage, len(batch))
 	taken := map[Recipient]int{} // queue room promised to this batch's direct pushes
+	holding := map[string]bool{} // members with a held row in this batch
+	blocked := map[string]bool{} // members with a row of this batch kept off the fast path
 	for _, s := range batch {
 		s.fast = make([]Recipient, len(s.Message.Recipients))
+		s.held = make([]bool, len(s.Message.Recipients))
 		for j := range s.Message.Recipients {
-			if r := e.fastPath(s.Message.Recipients[j].MemberID, int(s.Message.Priority), taken); r != nil {
-				taken[r]++
-				s.fast[j] = r
-				s.Message.Recipients[j].LeaseConn = r.ConnID()
+			member := s.Message.Recipients[j].MemberID
+			if blocked[member] {
+				continue
+			}
+			r, hold, block := e.fastPath(member, int(s.Message.Priority), taken, holding[member])
+			if r == nil {
+				blocked[member] = block
+				continue
+			}
+			taken[r]++
+			s.fast[j] = r
+			s.Message.Recipients[j].LeaseConn = r.ConnID()
+			if hold {
+				// Leased to this node as a remote fast-path row is, so
+				// that any claim of this node still takes it in order.
+				s.held[j], holding[member] = true, true
+				s.Message.Recipients[j].LeaseNode = e.leaseNode
 			}
 		}
 	}
@@ -267,9 +284,15 @@ func (c *committer) settle(batch []*Send, res []Inserted, committed time.Time) {
 		for j, rec := range s.Message.Recipients {
 			if f := s.fast[j]; f != nil {
 				k := Key{MessageID: r.ID, MemberID: rec.MemberID}
+				d := fromSend(r, s, rec.MemberID, f.ConnID())
 				if later, ok := refused[f]; ok {
 					refused[f] = append(later, k)
-				} else if !e.deliver(f, fromSend(r, s, rec.MemberID, f.ConnID()), committed, acked) {
+				} else if s.held[j] {
+					d.Attempts = 0
+					if !e.settleHeld(f, d, committed, acked) {
+						refused[f] = nil
+					}
+				} else if !e.deliver(f, d, committed, acked) {
 					refused[f] = nil
 				}
 				continue

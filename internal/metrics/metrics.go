@@ -57,8 +57,9 @@ type Metrics struct {
 	// TakenOver counts rows a takeover leased from another connection
 	// (lease takeover on reattach).
 	TakenOver prometheus.Counter
-	// ParkedOverflow counts remote fast-path envelopes that met a claim in
-	// flight when their member's parking bound was full: left to a claim.
+	// ParkedOverflow counts fast-path rows (remote envelopes, and local
+	// rows held behind a claim) that met a claim in flight when their
+	// member's bound was full: left to a claim.
 	ParkedOverflow prometheus.Counter
 }
 
@@ -154,7 +155,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.TakenOver = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "broker_delivery_taken_over_total", Help: "Delivery rows a session that attached took over from another connection's lease."})
 	m.ParkedOverflow = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "broker_delivery_parked_overflow_total", Help: "Envelopes that met a claim in flight past their member's parking bound (left to a claim)."})
+		Name: "broker_delivery_parked_overflow_total", Help: "Fast-path rows (envelopes, and this node's rows held behind a claim) that met a claim in flight past their member's bound (left to a claim)."})
 	m.MarkShrinks = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "broker_delivery_mark_shrinks_total", Help: "Delivery-mark statements that ran out of time; the next ones write half the keys."})
 	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.MarkShrinks, m.TakenOver, m.ParkedOverflow)
