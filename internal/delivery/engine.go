@@ -114,6 +114,22 @@ var _ startstop.Service = (*Engine)(nil)
 
 const takenTTL = 2 * time.Minute
 
+// maxTaken bounds the set of rows handled by a fast path (e.taken, about
+// 100 bytes an entry: ~26 MiB full). At its bound the fast paths leave
+// rows to a claim, which needs no entry to stay exactly once; a claim's
+// own entries (rows a remote fast path leased) are always recorded.
+const maxTaken = 1 << 18
+
+// takenFull reports, with e.mu held, whether the fast paths must leave a
+// row to a claim because e.taken is at its bound; it counts each refusal.
+func (e *Engine) takenFull() bool {
+	if len(e.taken) < maxTaken {
+		return false
+	}
+	e.m.HandledFull.Inc()
+	return true
+}
+
 // LeaseNodeName is what a lease records as its node: the node's name and
 // incarnation, so that a restarted node's leases can be told from its
 // predecessor's.

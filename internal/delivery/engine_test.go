@@ -227,6 +227,31 @@ func TestRemoteFastPathThenClaim(t *testing.T) {
 	}
 }
 
+// The set of rows a fast path handled is bounded: at its bound an
+// envelope is not pushed on arrival but left to a claim, which pushes its
+// row once, and the refusal is counted.
+func TestHandledSetBounded(t *testing.T) {
+	v := newEnv(t)
+	b := v.node("B")
+	a, s, r := remote(v, b)
+	delivery.FillHandled(b.e)
+	a.send(s, 1, "env", "rcpt")
+	assertOrder(t, r.waitPushes(t, 1), []string{"env"})
+	if got := value(b.m.HandledFull); got < 1 {
+		t.Fatalf("handled-set refusals %v, want at least 1", got)
+	}
+	if got := value(b.m.Claims.WithLabelValues("relayed")); got != 0 {
+		t.Fatalf("relayed pushes %v, want 0: the envelope was pushed past the bound", got)
+	}
+	b.e.WakeAll(delivery.ReasonSweep)
+	if _, ok := b.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(delivery.ClaimRound) bool { return true }); !ok {
+		t.Fatal("no sweep round")
+	}
+	if got := bodies(r.pushes()); len(got) != 1 {
+		t.Fatalf("pushed %v, want the row once", got)
+	}
+}
+
 // A claim that takes a remote fast-path row before its envelope arrives
 // pushes it; the late envelope does not push it again, even once the
 // session has acked and forgotten it.

@@ -230,7 +230,7 @@ func (e *Engine) direct(env relay.Envelope) (Recipient, directVerdict) {
 		e.mu.Unlock()
 		return nil, directParked
 	}
-	if done || !lm.caughtUp() || r.MaxPriority() < int(env.Priority) || r.Room() <= 0 {
+	if done || !lm.caughtUp() || r.MaxPriority() < int(env.Priority) || r.Room() <= 0 || e.takenFull() {
 		e.mu.Unlock()
 		return nil, directClaim
 	}

@@ -68,7 +68,7 @@ func (e *Engine) settleHeld(r Recipient, d Delivery, committed time.Time, after 
 		e.mu.Unlock()
 		return true
 	}
-	if lm != nil && !lm.caughtUp() {
+	if lm != nil && (!lm.caughtUp() || e.takenFull()) {
 		// A claim is due or running: it takes the row (claimable by this
 		// node) in order.
 		lm.dirty |= ReasonLocal
@@ -153,7 +153,7 @@ func (e *Engine) pushHeldRows(member string, rows []heldRow) []heldRow {
 			e.mu.Unlock()
 			continue // the claim took it (and pushed it)
 		}
-		if r == nil || r.Closing() || lm.dirty != 0 || lm.releasing > 0 || int(h.d.Priority) > r.MaxPriority() {
+		if r == nil || r.Closing() || lm.dirty != 0 || lm.releasing > 0 || int(h.d.Priority) > r.MaxPriority() || e.takenFull() {
 			e.mu.Unlock()
 			return rows[i:]
 		}

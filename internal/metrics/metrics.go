@@ -61,6 +61,10 @@ type Metrics struct {
 	// rows held behind a claim) that met a claim in flight when their
 	// member's bound was full: left to a claim.
 	ParkedOverflow prometheus.Counter
+	// HandledFull counts fast-path rows left to a claim because the
+	// engine's set of rows it handled (which keeps a claim and an envelope
+	// from both pushing one) was at its bound.
+	HandledFull prometheus.Counter
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -158,7 +162,9 @@ func New(reg prometheus.Registerer) *Metrics {
 		Name: "broker_delivery_parked_overflow_total", Help: "Fast-path rows (envelopes, and this node's rows held behind a claim) that met a claim in flight past their member's bound (left to a claim)."})
 	m.MarkShrinks = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "broker_delivery_mark_shrinks_total", Help: "Delivery-mark statements that ran out of time; the next ones write half the keys."})
-	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.MarkShrinks, m.TakenOver, m.ParkedOverflow)
+	m.HandledFull = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_handled_set_full_total", Help: "Fast-path rows left to a claim because the set of rows the engine handled in the last two minutes was at its bound (262,144)."})
+	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.MarkShrinks, m.TakenOver, m.ParkedOverflow, m.HandledFull)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)
