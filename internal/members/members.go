@@ -64,19 +64,77 @@ func (c *Cache) get(ctx context.Context, mesh string, maxAge time.Duration) (*me
 		if err != nil {
 			return nil, err
 		}
-		mm := &meshMembers{loaded: time.Now(), all: all, byPubkey: make(map[string]store.Member, len(all))}
-		for _, m := range all {
-			mm.byPubkey[m.Pubkey] = m
-		}
-		if len(all) > 0 {
-			c.store1(mesh, mm)
-		}
-		return mm, nil
+		return c.fill(mesh, all), nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	return v.(*meshMembers), nil
+}
+
+// fill makes a mesh's list from its live members and caches it, unless
+// it is empty.
+func (c *Cache) fill(mesh string, all []store.Member) *meshMembers {
+	mm := &meshMembers{loaded: time.Now(), all: all, byPubkey: make(map[string]store.Member, len(all))}
+	for _, m := range all {
+		mm.byPubkey[m.Pubkey] = m
+	}
+	if len(all) > 0 {
+		c.store1(mesh, mm)
+	}
+	return mm
+}
+
+// Load reads live members of a mesh from Postgres in place of the cache's
+// own statements, and may do more in the same statement (a hello records
+// itself: Lookup). all asks for every live member of the mesh; otherwise
+// the one with the key looked up is enough (none when there is none).
+type Load func(ctx context.Context, all bool) ([]store.Member, error)
+
+// Lookup finds a live member as ByPubkey does, but whatever it needs from
+// Postgres it asks of load, at most once: the mesh's list when it is not
+// cached (concurrent lookups of the mesh share one load, run by one of
+// them), or the member alone when the cached list misses it. ran reports
+// whether this lookup's load ran: false when the member came from memory
+// or from another lookup's load.
+func (c *Cache) Lookup(ctx context.Context, mesh, pubkey string, load Load) (m store.Member, ran bool, err error) {
+	c.mu.RLock()
+	mm := c.meshes[mesh]
+	c.mu.RUnlock()
+	if mm == nil || time.Since(mm.loaded) >= memberCacheTTL {
+		v, err, _ := c.sf.Do(mesh, func() (any, error) {
+			ran = true
+			all, err := load(ctx, true)
+			if err != nil {
+				return nil, err
+			}
+			return c.fill(mesh, all), nil
+		})
+		if err != nil {
+			return store.Member{}, ran, err
+		}
+		mm = v.(*meshMembers)
+	}
+	if m, ok := mm.byPubkey[pubkey]; ok {
+		return m, ran, nil
+	}
+	if ran {
+		// This lookup's own load listed the mesh just now.
+		return store.Member{}, true, store.ErrNotFound
+	}
+	// As ByPubkey: a member enrolled a moment ago is found before its
+	// change notification arrives, and the mesh's list is then reloaded.
+	ms, err := load(ctx, false)
+	if err != nil {
+		return store.Member{}, true, err
+	}
+	for _, m := range ms {
+		if m.Pubkey == pubkey {
+			c.Invalidate(mesh)
+			return m, true, nil
+		}
+	}
+	return store.Member{}, true, store.ErrNotFound
 }
 
 // ByPubkey finds a live member. A miss is checked against Postgres with
