@@ -164,3 +164,83 @@ func TestLookupLoads(t *testing.T) {
 		}
 	}
 }
+
+// blockingStore answers MeshMembers only once the test releases it, as a
+// Postgres that went away does.
+type blockingStore struct {
+	members []store.Member
+	calls   chan struct{}
+	release chan struct{}
+}
+
+func (b *blockingStore) MeshMembers(ctx context.Context, _ string) ([]store.Member, error) {
+	b.calls <- struct{}{}
+	select {
+	case <-b.release:
+		return b.members, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (b *blockingStore) MemberByPubkey(context.Context, string, string) (store.Member, error) {
+	return store.Member{}, store.ErrNotFound
+}
+
+// A send's recipients come from a list past its TTL at once while the list
+// is reloaded behind it (one reload however many sends), and from the
+// reloaded list after; a list past TTL + maxStale, or one dropped by a
+// notification, is not used.
+func TestRecipientsFromExpiredListWhileReloaded(t *testing.T) {
+	ctx := context.Background()
+	alice := store.Member{ID: "a", MeshID: "m", Pubkey: "pa"}
+	bob := store.Member{ID: "b", MeshID: "m", Pubkey: "pb"}
+	st := &blockingStore{members: []store.Member{alice, bob}, calls: make(chan struct{}, 16), release: make(chan struct{})}
+	c := New(st, nil)
+	var bg sync.WaitGroup
+	c.Background = func(fn func(context.Context)) bool {
+		bg.Go(func() { fn(ctx) })
+		return true
+	}
+	c.fill("m", []store.Member{alice})
+	c.meshes["m"].loaded = time.Now().Add(-memberCacheTTL - time.Second)
+
+	for range 3 {
+		if m, err := c.RecipientByPubkey(ctx, "m", "pa"); err != nil || m.ID != "a" {
+			t.Fatalf("a recipient in an expired list: %+v, %v", m, err)
+		}
+		if all, err := c.Recipients(ctx, "m"); err != nil || len(all) != 1 {
+			t.Fatalf("the expired list: %v, %v", all, err)
+		}
+	}
+	select {
+	case <-st.calls:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the expired list was not reloaded")
+	}
+	close(st.release)
+	bg.Wait()
+	if len(st.calls) != 0 {
+		t.Fatalf("%d more reloads, want one for all the sends", len(st.calls))
+	}
+	if all, err := c.Recipients(ctx, "m"); err != nil || len(all) != 2 {
+		t.Fatalf("after the reload: %v, %v", all, err)
+	}
+
+	// Too old to use, or dropped: the send waits for the load.
+	for name, spoil := range map[string]func(){
+		"past maxStale": func() { c.meshes["m"].loaded = time.Now().Add(-memberCacheTTL - maxStale) },
+		"invalidated":   func() { c.Invalidate("m") },
+	} {
+		c.fill("m", []store.Member{alice})
+		spoil()
+		shortCtx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+		st.release = make(chan struct{})
+		_, err := c.Recipients(shortCtx, "m")
+		cancel()
+		<-st.calls
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("%s: %v, want the send to wait for the load", name, err)
+		}
+	}
+}

@@ -4,7 +4,6 @@ package wan_test
 
 import (
 	"testing"
-	"time"
 
 	"github.com/claudemesh/broker/internal/pgtest"
 	"github.com/claudemesh/broker/internal/wan"
@@ -12,7 +11,8 @@ import (
 
 // TestRegionsFirst measures only the paths that pay set-up: the first
 // hello on each node after start, and a send written as Postgres comes
-// back after a cut (then one once /health is 200 again), on a fresh
+// back after a cut (-wan.postgres-cut; then one once /health is 200
+// again), on a fresh
 // cluster; it asserts them only where wan.Thresholds enforces them. For
 // repeating those rows without the whole of TestRegions:
 //
@@ -31,7 +31,7 @@ func TestRegionsFirst(t *testing.T) {
 			t.Errorf("first hello on %s took %s, over its bound %s", reg, h.Took, th.Bound(w.Request(reg)))
 		}
 	}
-	pc := r.CutPostgres("syd", 5*time.Second)
+	pc := r.CutPostgres("syd", *flagPostgresCut)
 	wire := w.Request("syd")
 	t.Logf("postgres cut syd: at heal %s (%d tries %v), after healthy %s, /health 200 after %s (wire %s, bound %s)",
 		pc.AtHeal, pc.AtHealTries, pc.AtHealErrors, pc.AfterHealthy, pc.Healthy, wire, wan.FirstSendAfterOutageLimit.Bound(wire))
