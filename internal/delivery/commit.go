@@ -30,9 +30,9 @@ func (s *Send) answer(a protocol.Ack) <-chan struct{} {
 }
 
 // committer group-commits sends: each shard takes whatever accumulated
-// while its previous commit ran and writes it in one statement. A sender's
-// sends always go to the same shard, so they commit (and are acked and
-// pushed) in order.
+// while its previous commit ran and writes it in one statement (run,
+// commitrun.go). A sender's sends always go to the same shard, so they
+// commit (and are acked and pushed) in order.
 type committer struct {
 	startstop.Base
 	e       *Engine
@@ -42,6 +42,8 @@ type committer struct {
 	// enters a shard nobody reads.
 	mu     sync.RWMutex
 	closed bool
+	// stuckAfter: see commitrun.go.
+	stuckAfter time.Duration
 }
 
 // Batch bounds.
@@ -51,7 +53,7 @@ const (
 )
 
 func newCommitter(e *Engine, shards int) *committer {
-	c := &committer{e: e, shards: make([]chan *Send, shards)}
+	c := &committer{e: e, shards: make([]chan *Send, shards), stuckAfter: stuckAfter}
 	for i := range c.shards {
 		c.shards[i] = make(chan *Send, 1024)
 	}
@@ -114,38 +116,6 @@ func (c *committer) submit(s *Send) {
 	case <-stopping:
 		c.reject(s, protocol.CodeUnavailable)
 	case <-s.From.Done():
-	}
-}
-
-func (c *committer) run(ctx context.Context, in chan *Send) {
-	batch := make([]*Send, 0, maxBatchMessages)
-	for {
-		var first *Send
-		select {
-		case first = <-in:
-		case <-ctx.Done():
-			if c.abandon.Load() {
-				return
-			}
-			select {
-			case first = <-in: // commit what was accepted before the stop
-			default:
-				return
-			}
-		}
-		batch = append(batch[:0], first)
-		recipients := len(first.Message.Recipients)
-	gather:
-		for len(batch) < maxBatchMessages && recipients < maxBatchRecipients {
-			select {
-			case s := <-in:
-				batch = append(batch, s)
-				recipients += len(s.Message.Recipients)
-			default:
-				break gather
-			}
-		}
-		c.commit(ctx, batch)
 	}
 }
 

@@ -29,9 +29,15 @@ type Cache struct {
 	sf      singleflight.Group
 	evicted func() // counts lists dropped because the cache was full
 	max     int
+	// Background, when set, runs a reload of an expired list behind the
+	// send that found it (the server's loops, which end with it; false when
+	// refused). Nil: sends wait for the reload, as hellos do. Set before
+	// use.
+	Background func(fn func(ctx context.Context)) bool
 
-	mu     sync.RWMutex
-	meshes map[string]*meshMembers
+	mu         sync.RWMutex
+	meshes     map[string]*meshMembers
+	refreshing map[string]bool // meshes whose list is reloaded behind a send
 }
 
 // Store is where member lists come from (store.Store).
@@ -49,7 +55,7 @@ type meshMembers struct {
 // New makes a cache; evicted (optional) counts lists dropped because it
 // was full.
 func New(st Store, evicted func()) *Cache {
-	return &Cache{store: st, evicted: evicted, max: maxCachedMeshes, meshes: map[string]*meshMembers{}}
+	return &Cache{store: st, evicted: evicted, max: maxCachedMeshes, meshes: map[string]*meshMembers{}, refreshing: map[string]bool{}}
 }
 
 func (c *Cache) get(ctx context.Context, mesh string, maxAge time.Duration) (*meshMembers, error) {
@@ -64,19 +70,77 @@ func (c *Cache) get(ctx context.Context, mesh string, maxAge time.Duration) (*me
 		if err != nil {
 			return nil, err
 		}
-		mm := &meshMembers{loaded: time.Now(), all: all, byPubkey: make(map[string]store.Member, len(all))}
-		for _, m := range all {
-			mm.byPubkey[m.Pubkey] = m
-		}
-		if len(all) > 0 {
-			c.store1(mesh, mm)
-		}
-		return mm, nil
+		return c.fill(mesh, all), nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	return v.(*meshMembers), nil
+}
+
+// fill makes a mesh's list from its live members and caches it, unless
+// it is empty.
+func (c *Cache) fill(mesh string, all []store.Member) *meshMembers {
+	mm := &meshMembers{loaded: time.Now(), all: all, byPubkey: make(map[string]store.Member, len(all))}
+	for _, m := range all {
+		mm.byPubkey[m.Pubkey] = m
+	}
+	if len(all) > 0 {
+		c.store1(mesh, mm)
+	}
+	return mm
+}
+
+// Load reads live members of a mesh from Postgres in place of the cache's
+// own statements, and may do more in the same statement (a hello records
+// itself: Lookup). all asks for every live member of the mesh; otherwise
+// the one with the key looked up is enough (none when there is none).
+type Load func(ctx context.Context, all bool) ([]store.Member, error)
+
+// Lookup finds a live member as ByPubkey does, but whatever it needs from
+// Postgres it asks of load, at most once: the mesh's list when it is not
+// cached (concurrent lookups of the mesh share one load, run by one of
+// them), or the member alone when the cached list misses it. ran reports
+// whether this lookup's load ran: false when the member came from memory
+// or from another lookup's load.
+func (c *Cache) Lookup(ctx context.Context, mesh, pubkey string, load Load) (m store.Member, ran bool, err error) {
+	c.mu.RLock()
+	mm := c.meshes[mesh]
+	c.mu.RUnlock()
+	if mm == nil || time.Since(mm.loaded) >= memberCacheTTL {
+		v, err, _ := c.sf.Do(mesh, func() (any, error) {
+			ran = true
+			all, err := load(ctx, true)
+			if err != nil {
+				return nil, err
+			}
+			return c.fill(mesh, all), nil
+		})
+		if err != nil {
+			return store.Member{}, ran, err
+		}
+		mm = v.(*meshMembers)
+	}
+	if m, ok := mm.byPubkey[pubkey]; ok {
+		return m, ran, nil
+	}
+	if ran {
+		// This lookup's own load listed the mesh just now.
+		return store.Member{}, true, store.ErrNotFound
+	}
+	// As ByPubkey: a member enrolled a moment ago is found before its
+	// change notification arrives, and the mesh's list is then reloaded.
+	ms, err := load(ctx, false)
+	if err != nil {
+		return store.Member{}, true, err
+	}
+	for _, m := range ms {
+		if m.Pubkey == pubkey {
+			c.Invalidate(mesh)
+			return m, true, nil
+		}
+	}
+	return store.Member{}, true, store.ErrNotFound
 }
 
 // ByPubkey finds a live member. A miss is checked against Postgres with
@@ -87,6 +151,11 @@ func (c *Cache) ByPubkey(ctx context.Context, mesh, pubkey string) (store.Member
 	if err != nil {
 		return store.Member{}, err
 	}
+	return c.byPubkeyIn(ctx, mm, mesh, pubkey)
+}
+
+// byPubkeyIn finds a live member in mm, or in Postgres when mm misses it.
+func (c *Cache) byPubkeyIn(ctx context.Context, mm *meshMembers, mesh, pubkey string) (store.Member, error) {
 	if m, ok := mm.byPubkey[pubkey]; ok {
 		return m, nil
 	}
@@ -96,6 +165,79 @@ func (c *Cache) ByPubkey(ctx context.Context, mesh, pubkey string) (store.Member
 	}
 	c.Invalidate(mesh)
 	return m, nil
+}
+
+// A send resolves its recipients from a list up to maxStale past its TTL
+// while the list is reloaded behind it (Background): the reload costs the
+// send no round trip, and a send made while Postgres is away waits for its
+// commit, where it would otherwise wait for the reload and be refused
+// unavailable when that timed out (the TTL of a mesh's list often runs out
+// during an outage, and then every send of the mesh did). Only the TTL is
+// stretched: a list dropped by a change notification (a revocation), or
+// by the listener's reconnect, is not used; hellos and hooks, which
+// authenticate with the list, never use an expired one.
+const maxStale = memberCacheTTL
+
+// refreshTimeout bounds a reload behind a send.
+const refreshTimeout = 10 * time.Second
+
+// getForSend is get for a send's recipients.
+func (c *Cache) getForSend(ctx context.Context, mesh string) (*meshMembers, error) {
+	c.mu.RLock()
+	mm := c.meshes[mesh]
+	c.mu.RUnlock()
+	if mm != nil && c.Background != nil {
+		if age := time.Since(mm.loaded); age >= memberCacheTTL && age < memberCacheTTL+maxStale {
+			c.refresh(mesh)
+			return mm, nil
+		}
+	}
+	return c.get(ctx, mesh, memberCacheTTL)
+}
+
+// refresh reloads mesh's list in the background, once at a time.
+func (c *Cache) refresh(mesh string) {
+	c.mu.Lock()
+	if c.refreshing[mesh] {
+		c.mu.Unlock()
+		return
+	}
+	c.refreshing[mesh] = true
+	c.mu.Unlock()
+	done := func() {
+		c.mu.Lock()
+		delete(c.refreshing, mesh)
+		c.mu.Unlock()
+	}
+	ok := c.Background(func(ctx context.Context) {
+		defer done()
+		ctx, cancel := context.WithTimeout(ctx, refreshTimeout)
+		defer cancel()
+		_, _ = c.get(ctx, mesh, memberCacheTTL) // on failure, the next send tries again
+	})
+	if !ok {
+		done()
+	}
+}
+
+// RecipientByPubkey is ByPubkey for a send's recipient: it may use an
+// expired list while it is reloaded (maxStale).
+func (c *Cache) RecipientByPubkey(ctx context.Context, mesh, pubkey string) (store.Member, error) {
+	mm, err := c.getForSend(ctx, mesh)
+	if err != nil {
+		return store.Member{}, err
+	}
+	return c.byPubkeyIn(ctx, mm, mesh, pubkey)
+}
+
+// Recipients is All for a send's recipients: it may use an expired list
+// while it is reloaded (maxStale).
+func (c *Cache) Recipients(ctx context.Context, mesh string) ([]store.Member, error) {
+	mm, err := c.getForSend(ctx, mesh)
+	if err != nil {
+		return nil, err
+	}
+	return mm.all, nil
 }
 
 // All returns the mesh's live members.

@@ -245,3 +245,21 @@ func TestPoolWarmBeforeHealthyAfterRestart(t *testing.T) {
 	firstRequests(t, n, mesh, 2, 3)
 	checkNoWaits(t, w, "requests once /health was 200 again")
 }
+
+// The first hello of a mesh the node has not cached runs one statement:
+// the lookup of the mesh's members records the hello. The next hello of
+// the mesh finds its member in memory and runs one too (its record). The
+// watch counts the statements that name the hello's key (the claim that
+// follows a hello names its member).
+func TestFirstHelloOneStatement(t *testing.T) {
+	w := newRequestWatch()
+	n := testkit.StartNode(t, pgtest.NewDB(t), testkit.Options{DBTracer: w, Configure: quiet})
+	mesh := testkit.NewMesh(t, n.Store(), 2)
+	for i := range 2 {
+		w.watch(mesh.MeshID, mesh.Members[i].Pubkey())
+		testkit.Connect(t, n.URL(), mesh.Members[i], client.HelloOptions{})
+		if ran, waits := w.result(); ran != 1 || len(waits) != 0 {
+			t.Fatalf("hello %d: %d statements (%q waited for set-up), want 1", i, ran, waits)
+		}
+	}
+}

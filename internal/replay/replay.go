@@ -24,6 +24,7 @@ type Batcher struct {
 // Store writes the batches (store.Store).
 type Store interface {
 	AcceptHellos(ctx context.Context, keep, pendingTTL time.Duration, checks []store.HelloCheck) ([]store.HelloResult, error)
+	MemberHello(ctx context.Context, keep, pendingTTL time.Duration, all bool, memberID string, c store.HelloCheck) ([]store.Member, bool, store.HelloResult, error)
 }
 
 var _ startstop.Service = (*Batcher)(nil)
@@ -86,6 +87,24 @@ func (b *Batcher) Accept(ctx context.Context, c store.HelloCheck) (store.HelloRe
 	case <-b.Stopped():
 		return store.HelloResult{}, context.Canceled
 	}
+}
+
+// AcceptMember records c, a hello of member memberID, in the statement
+// that looks its members up (store.MemberHello: all of its mesh's live
+// members, or only the one with c's key), when it is a live member's: a
+// hello whose member is not cached costs one round trip, not a lookup and
+// then a batch. recorded is false when nothing was recorded (no such
+// member, or Postgres refused c's values); the hello is then not accepted
+// unless Accept records it. It does not join a batch: a node pays it once
+// per mesh it has not cached (concurrent hellos share the lookup and take
+// the batch), and for members enrolled since.
+func (b *Batcher) AcceptMember(ctx context.Context, all bool, memberID string, c store.HelloCheck) (members []store.Member, recorded bool, res store.HelloResult, err error) {
+	select {
+	case <-b.Stopping():
+		return nil, false, store.HelloResult{}, context.Canceled
+	default:
+	}
+	return b.store.MemberHello(ctx, helloSeenFor, pendingHookTTL, all, memberID, c)
 }
 
 func (b *Batcher) run(ctx context.Context) {

@@ -90,7 +90,25 @@ func (ss *session) handleHello(data []byte) {
 	ctx, cancel := context.WithTimeout(ss.ctx, 10*time.Second)
 	defer cancel()
 	pubkey := toLowerHex(h.Pubkey)
-	member, err := s.members.ByPubkey(ctx, h.MeshID, pubkey)
+	check := store.HelloCheck{SigHash: auth.SignatureHash(h.Signature), PID: h.PID, Cwd: h.Cwd, MeshID: h.MeshID, Pubkey: pubkey}
+	if h.HasCapability(protocol.CapSendOnly) {
+		// A hook that came before its session is for that session, not
+		// for a command run in the same folder: hooks always name a cwd,
+		// so an empty one takes none.
+		check.PID, check.Cwd = 0, ""
+	}
+	// A member the node has not cached is looked up in the statement that
+	// records the hello, which it does only for a live member under the
+	// memberId the hello names: one round trip, not two. Such a hello is
+	// recorded before the capacity check below; refused there, its
+	// signature is spent, as a replayed one would be.
+	var res store.HelloResult
+	var recorded bool
+	member, _, err := s.members.Lookup(ctx, h.MeshID, pubkey, func(ctx context.Context, all bool) ([]store.Member, error) {
+		ms, rec, r, err := s.hellos.AcceptMember(ctx, all, h.MemberID, check)
+		recorded, res = rec, r
+		return ms, err
+	})
 	if errors.Is(err, store.ErrNotFound) {
 		ss.reject(protocol.ReasonUnauthorized, "not a member")
 		return
@@ -111,14 +129,9 @@ func (ss *session) handleHello(data []byte) {
 		return
 	}
 	defer release() // for the failures; register releases once the presence exists
-	check := store.HelloCheck{SigHash: auth.SignatureHash(h.Signature), PID: h.PID, Cwd: h.Cwd, MeshID: h.MeshID, Pubkey: pubkey}
-	if h.HasCapability(protocol.CapSendOnly) {
-		// A hook that came before its session is for that session, not
-		// for a command run in the same folder: hooks always name a cwd,
-		// so an empty one takes none.
-		check.PID, check.Cwd = 0, ""
+	if !recorded {
+		res, err = s.hellos.Accept(ctx, check)
 	}
-	res, err := s.hellos.Accept(ctx, check)
 	if err != nil {
 		if store.IsDataError(err) {
 			// Edge validation should have caught what Postgres refuses.

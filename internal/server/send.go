@@ -106,7 +106,7 @@ func (s *Server) resolveTargets(ss *session, spec string) ([]string, string) {
 	defer cancel()
 	switch kind {
 	case protocol.TargetPubkey:
-		m, err := s.members.ByPubkey(ctx, ss.meshID, arg)
+		m, err := s.members.RecipientByPubkey(ctx, ss.meshID, arg)
 		if errors.Is(err, store.ErrNotFound) {
 			return nil, protocol.CodeUnknownRecipient
 		}
@@ -115,7 +115,7 @@ func (s *Server) resolveTargets(ss *session, spec string) ([]string, string) {
 		}
 		return []string{m.ID}, ""
 	case protocol.TargetBroadcast:
-		all, err := s.members.All(ctx, ss.meshID)
+		all, err := s.members.Recipients(ctx, ss.meshID)
 		if err != nil {
 			return nil, protocol.CodeUnavailable
 		}

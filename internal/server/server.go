@@ -113,6 +113,7 @@ func New(d Deps) *Server {
 		pending:    map[string]int{},
 	}
 	s.members = members.New(d.Store, s.m.MemberCacheEvicted.Inc)
+	s.members.Background = s.loops.Go // reloads behind sends end with the server
 	s.hellos = replay.New(d.Store, 2)
 	s.helloRate = ratelimit.New(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
 	s.addrs = newResolver(d.Config, d.Logger)

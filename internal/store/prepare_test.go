@@ -88,7 +88,7 @@ func warm(t *testing.T, s *store.Store) {
 
 // hotPaths runs, once each, every store method that a peer's request
 // waits for: a hello (the mesh's members, a member by key, the hello's
-// record), sends (one repeats another's client_message_id, which looks the
+// record, and the lookup that records it), sends (one repeats another's client_message_id, which looks the
 // first up), a claim (of the sends, and of rows left by an earlier run), a
 // delivery mark, a lease release and a wake-up.
 func hotPaths(t *testing.T, s *store.Store, f fixture, tag string) {
@@ -103,6 +103,11 @@ func hotPaths(t *testing.T, s *store.Store, f fixture, tag string) {
 	hello := store.HelloCheck{SigHash: []byte("sig-" + tag), PID: 7, Cwd: "/w", MeshID: f.mesh.ID, Pubkey: f.members[1].Pubkey}
 	if res, err := s.AcceptHellos(ctx, time.Minute, time.Minute, []store.HelloCheck{hello}); err != nil || !res[0].Fresh {
 		t.Fatalf("hello: %+v, %v", res, err)
+	}
+	// The hello of a member the node has not cached: lookup and record.
+	hello.SigHash = []byte("sig-member-" + tag)
+	if _, recorded, res, err := s.MemberHello(ctx, time.Minute, time.Minute, true, f.members[1].ID, hello); err != nil || !recorded || !res.Fresh {
+		t.Fatalf("member hello: %v %+v, %v", recorded, res, err)
 	}
 	var ids []int64
 	for range 2 {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/claudemesh/broker/internal/config"
@@ -32,6 +33,9 @@ type Options struct {
 	// Members are enrolled in the mesh before the nodes start, so that no
 	// node touches Postgres for them before it is measured. Zero means 100.
 	Members int
+	// DBTracer, when set, traces the store connections of region's node
+	// (node.Options.DBTracer); nil for none.
+	DBTracer func(region string) pgx.QueryTracer
 }
 
 // Node is one region's broker node and the paths around it.
@@ -150,9 +154,13 @@ func Start(t testing.TB, db string, o Options) *Cluster {
 			t.Fatalf("wan: listen in %s: %v", r.Name, err)
 		}
 		reg := prometheus.NewRegistry()
+		var tracer pgx.QueryTracer
+		if o.DBTracer != nil {
+			tracer = o.DBTracer(r.Name)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		nd, err := node.Start(ctx, node.Options{
-			Config: cfg, Logger: testkit.Logger(t), Registry: reg, Listener: ln, SkipMigrate: true,
+			Config: cfg, Logger: testkit.Logger(t), Registry: reg, Listener: ln, SkipMigrate: true, DBTracer: tracer,
 			WrapTransport: func(tr memberlist.NodeAwareTransport) memberlist.NodeAwareTransport {
 				n.Gossip = NewDelayTransport(tr, topo, r.Name)
 				n.Partition = faultkit.NewPartition(n.Gossip)
