@@ -282,11 +282,24 @@ func (c *Cache) Invalidate(mesh string) {
 	c.mu.Unlock()
 }
 
-// InvalidateAll drops every list: membership changes announced while the
-// listener was away were missed.
-func (c *Cache) InvalidateAll() {
+// ExpireAll marks every list as past its TTL: membership changes
+// announced while the listener was away were missed. Unlike dropping them, it does so without making the next send of every mesh wait for a
+// reload: hellos and hooks load a list again before they authenticate with
+// it, and a send may resolve its recipients from it for up to maxStale
+// while it is reloaded behind the send, as from a list whose TTL ran out.
+// (A send made just after Postgres came back used to pay a second round
+// trip for the reload.) Entries are replaced, not changed: readers use
+// them outside the lock.
+func (c *Cache) ExpireAll() {
 	c.mu.Lock()
-	clear(c.meshes)
+	expired := time.Now().Add(-memberCacheTTL)
+	for id, mm := range c.meshes {
+		if mm.loaded.After(expired) {
+			cp := *mm
+			cp.loaded = expired
+			c.meshes[id] = &cp
+		}
+	}
 	c.mu.Unlock()
 }
 

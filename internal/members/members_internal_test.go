@@ -244,3 +244,41 @@ func TestRecipientsFromExpiredListWhileReloaded(t *testing.T) {
 		}
 	}
 }
+
+// After the listener reconnects, lists expire: a hello's lookup loads the
+// list again before it authenticates with it, and a send still resolves
+// its recipients from it (no round trip) while it is reloaded behind it.
+func TestExpireAllAfterReconnect(t *testing.T) {
+	ctx := context.Background()
+	alice := store.Member{ID: "a", MeshID: "m", Pubkey: "pa"}
+	bob := store.Member{ID: "b", MeshID: "m", Pubkey: "pb"}
+	st := &blockingStore{members: []store.Member{alice, bob}, calls: make(chan struct{}, 16), release: make(chan struct{})}
+	c := New(st, nil)
+	var bg sync.WaitGroup
+	c.Background = func(fn func(context.Context)) bool {
+		bg.Go(func() { fn(ctx) })
+		return true
+	}
+	c.fill("m", []store.Member{alice})
+	c.ExpireAll()
+	shortCtx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	_, err := c.All(shortCtx, "m")
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) || len(st.calls) != 1 {
+		t.Fatalf("a hello's lookup after the reconnect: %v after %d loads, want it to wait for a load", err, len(st.calls))
+	}
+	<-st.calls
+	if all, err := c.Recipients(ctx, "m"); err != nil || len(all) != 1 {
+		t.Fatalf("a send after the reconnect: %v, %v; want the expired list at once", all, err)
+	}
+	select {
+	case <-st.calls:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the expired list was not reloaded behind the send")
+	}
+	close(st.release)
+	bg.Wait()
+	if all, err := c.All(ctx, "m"); err != nil || len(all) != 2 {
+		t.Fatalf("after the reload: %v, %v", all, err)
+	}
+}

@@ -201,12 +201,14 @@ func (s *Server) NodeEvent(ev presence.NodeEvent) {
 	})
 }
 
-// RelayListening runs after every (re)LISTEN: member lists are reloaded (a
-// revocation announced meanwhile would otherwise wait for their TTL) and
-// the engine re-scans for anything notified while the listener was away.
+// RelayListening runs after every (re)LISTEN: member lists expire, so
+// hellos and hooks reload them before use (a revocation announced
+// meanwhile would otherwise wait for their TTL) while sends reload them
+// behind themselves, and the engine re-scans for anything notified while
+// the listener was away.
 func (s *Server) RelayListening() {
 	s.m.RelayReconnects.Inc()
-	s.members.InvalidateAll()
+	s.members.ExpireAll()
 	s.engine.RelayListening()
 }
 
