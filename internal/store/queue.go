@@ -503,8 +503,13 @@ var insertMessagesSQL = hotSync("insert messages", `
 		SELECT i.ord, i.id, ins.created_at, (SELECT count(*) FROM notified)
 		FROM input i LEFT JOIN ins ON ins.id = i.id ORDER BY i.ord`)
 
-// claimSQL leases deliverable rows (Claim).
-var claimSQL = hotFast("claim", `
+// claimStatement is the claim: it leases each member's deliverable rows
+// (unleased, lease run out, or leased to this node by a remote fast path
+// and not yet tried: $5 with attempts 0) up to its limit, in id order,
+// and returns them with their messages. takeOver adds the rows whose live
+// leases a takeover may take.
+func claimStatement(takeOver string) string {
+	return `
 		WITH picked AS (
 			SELECT x.message_id, x.recipient_member_id, r.conn, x.prev_conn
 			FROM unnest($1::text[], $2::text[], $3::int2[], $4::int4[]) AS r(member, conn, maxp, lim)
@@ -514,7 +519,7 @@ var claimSQL = hotFast("claim", `
 				  AND d.delivered_at IS NULL AND d.expired_at IS NULL
 				  AND d.priority <= r.maxp AND d.expires_at > now()
 				  AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now()
-				       OR (d.lease_node = $5 AND d.attempts = 0))
+				       OR (d.lease_node = $5 AND d.attempts = 0)` + takeOver + `)
 				ORDER BY d.message_id
 				LIMIT r.lim
 				FOR UPDATE SKIP LOCKED
@@ -530,41 +535,19 @@ var claimSQL = hotFast("claim", `
 		       m.mesh_id, m.sender_member_id, m.sender_pubkey, m.sender_name, m.target_spec,
 		       m.priority, m.nonce, m.ciphertext, coalesce(m.client_message_id, ''), m.created_at
 		FROM upd u JOIN message m ON m.id = u.message_id
-		ORDER BY u.recipient_member_id, u.message_id`)
+		ORDER BY u.recipient_member_id, u.message_id`
+}
+
+// claimSQL leases deliverable rows (Claim).
+var claimSQL = hotFast("claim", claimStatement(""))
 
 // takeOverSQL leases deliverable rows and takes over the live leases of
 // node incarnations not kept ($7) and of connections given up ($8)
 // (TakeOver).
-var takeOverSQL = hotFast("take over", `
-		WITH picked AS (
-			SELECT x.message_id, x.recipient_member_id, r.conn, x.prev_conn
-			FROM unnest($1::text[], $2::text[], $3::int2[], $4::int4[]) AS r(member, conn, maxp, lim)
-			CROSS JOIN LATERAL (
-				SELECT d.message_id, d.recipient_member_id, d.lease_conn AS prev_conn FROM delivery d
-				WHERE d.recipient_member_id = r.member
-				  AND d.delivered_at IS NULL AND d.expired_at IS NULL
-				  AND d.priority <= r.maxp AND d.expires_at > now()
-				  AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now()
-				       OR (d.lease_node = $5 AND d.attempts = 0)
+var takeOverSQL = hotFast("take over", claimStatement(`
 				       OR (d.lease_expires_at > now() AND d.lease_node IS DISTINCT FROM $5
 				           AND (d.lease_node IS NULL OR NOT (d.lease_node = ANY ($7::text[]))
-				                OR d.lease_conn = ANY ($8::text[]))))
-				ORDER BY d.message_id
-				LIMIT r.lim
-				FOR UPDATE SKIP LOCKED
-			) x
-		), upd AS (
-			UPDATE delivery d
-			SET lease_conn = p.conn, lease_node = $5, lease_expires_at = now() + $6::interval, attempts = d.attempts + 1
-			FROM picked p
-			WHERE d.message_id = p.message_id AND d.recipient_member_id = p.recipient_member_id
-			RETURNING d.message_id, d.recipient_member_id, d.lease_conn, d.attempts, p.prev_conn
-		)
-		SELECT u.message_id, u.recipient_member_id, u.lease_conn, u.attempts, coalesce(u.prev_conn, ''),
-		       m.mesh_id, m.sender_member_id, m.sender_pubkey, m.sender_name, m.target_spec,
-		       m.priority, m.nonce, m.ciphertext, coalesce(m.client_message_id, ''), m.created_at
-		FROM upd u JOIN message m ON m.id = u.message_id
-		ORDER BY u.recipient_member_id, u.message_id`)
+				                OR d.lease_conn = ANY ($8::text[])))`))
 
 // markDeliveredSQL marks acked rows delivered (MarkDelivered).
 //
