@@ -784,6 +784,14 @@ type Pending struct {
 	done            chan struct{}
 	res             SendResult
 	err             error
+
+	// entry is what was stored; stored is set (under Client.mu) once the
+	// outbox holds it. The client sends its own stored entries even when
+	// the outbox no longer lists them: another process sharing the outbox
+	// may have sent and removed one, and only the broker's (deduplicated)
+	// answer to a resend tells this waiter the outcome.
+	entry  OutboxEntry
+	stored bool
 }
 
 func (p *Pending) finish(res SendResult, err error) {
@@ -839,7 +847,7 @@ func (c *Client) EnqueueTo(targetSpec, text, priority, to string) (*Pending, err
 		ClientMessageID: "cm-" + hex.EncodeToString(b[:]), TargetSpec: targetSpec, Priority: priority,
 		Nonce: nonce, Ciphertext: ct, To: to, Text: text, CreatedAt: time.Now().UTC(),
 	}
-	p := &Pending{ClientMessageID: e.ClientMessageID, done: make(chan struct{})}
+	p := &Pending{ClientMessageID: e.ClientMessageID, done: make(chan struct{}), entry: e}
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -855,6 +863,9 @@ func (c *Client) EnqueueTo(targetSpec, text, priority, to string) (*Pending, err
 		c.mu.Unlock()
 		return nil, fmt.Errorf("saving to the outbox: %w", err)
 	}
+	c.mu.Lock()
+	p.stored = true
+	c.mu.Unlock()
 	if stopped {
 		// Accepted into the outbox, but this client will not send it: a
 		// later client (another command) will.
@@ -901,6 +912,7 @@ func (c *Client) sendLoop(ctx context.Context, lc *liveConn) error {
 		if err != nil {
 			c.logger.Error("reading the outbox", "err", err)
 		}
+		entries = c.withOwn(entries)
 		deferred := false
 		for _, e := range entries {
 			res, code, err := c.sendOne(ctx, lc, e)
@@ -934,6 +946,28 @@ func (c *Client) sendLoop(ctx context.Context, lc *liveConn) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// withOwn appends to the outbox's entries this client's own waiting sends
+// that it no longer lists (another process sharing the outbox sent and
+// removed them, or reading it failed), oldest first. The broker answers
+// their resend from its idempotency record, so nothing is delivered twice
+// and the waiter learns the messageId.
+func (c *Client) withOwn(listed []OutboxEntry) []OutboxEntry {
+	seen := make(map[string]struct{}, len(listed))
+	for _, e := range listed {
+		seen[e.ClientMessageID] = struct{}{}
+	}
+	var own []OutboxEntry
+	c.mu.Lock()
+	for id, p := range c.pending {
+		if _, ok := seen[id]; !ok && p.stored {
+			own = append(own, p.entry)
+		}
+	}
+	c.mu.Unlock()
+	slices.SortFunc(own, func(a, b OutboxEntry) int { return a.CreatedAt.Compare(b.CreatedAt) })
+	return append(listed, own...)
 }
 
 func transientCode(code string) bool {

@@ -473,3 +473,80 @@ func TestStatusSummaryAndRejection(t *testing.T) {
 		t.Fatalf("broadcast without mesh key: %v", err)
 	}
 }
+
+// gatedOutbox holds the first Pending call after arm until release, and
+// reads the shared outbox only then.
+type gatedOutbox struct {
+	client.Outbox
+	mu      sync.Mutex
+	armed   bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *gatedOutbox) arm() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.armed = true
+	g.entered, g.release = make(chan struct{}), make(chan struct{})
+}
+
+func (g *gatedOutbox) Pending() ([]client.OutboxEntry, error) {
+	g.mu.Lock()
+	armed, entered, release := g.armed, g.entered, g.release
+	g.armed = false
+	g.mu.Unlock()
+	if armed {
+		close(entered)
+		<-release
+	}
+	return g.Outbox.Pending()
+}
+
+// Two processes share one outbox (bob's `listen` and his `claudemesh send`):
+// when the other one sends and removes an entry before this client reads
+// the outbox, this client's waiter still gets the broker's answer, and the
+// message is delivered once.
+func TestOwnSendTakenByAnotherClient(t *testing.T) {
+	db := pgtest.NewDB(t)
+	n := testkit.StartNode(t, db, testkit.Options{})
+	mesh := testkit.NewMesh(t, n.Store(), 2)
+	a, b := mesh.Members[0], mesh.Members[1]
+	shared := client.NewMemoryOutbox()
+	gated := &gatedOutbox{Outbox: shared}
+	mine := newClient(t, client.Options{Identity: a, URLs: []string{n.URL()}, Outbox: gated})
+	other := newClient(t, client.Options{Identity: a, URLs: []string{n.URL()}, Outbox: shared})
+	rb := newRecorder()
+	newClient(t, client.Options{Identity: b, URLs: []string{n.URL()}, OnMessage: rb.onMessage})
+
+	gated.arm()
+	p, err := mine.Enqueue(b.Pubkey(), "sent by the other", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-gated.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the client never read its outbox")
+	}
+	other.Flush()
+	testkit.Eventually(t, 10*time.Second, "the other client sent and removed the entry", func() bool {
+		left, _ := shared.Pending()
+		return len(left) == 0
+	})
+	close(gated.release)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	res, err := p.Wait(ctx)
+	if err != nil || res.MessageID == "" {
+		t.Fatalf("the waiter got %+v, %v", res, err)
+	}
+	got := rb.waitMessages(t, 1, 10*time.Second)
+	if got[0].ID != res.MessageID || got[0].Text != "sent by the other" {
+		t.Fatalf("b got %+v, the sender was told %s", got[0], res.MessageID)
+	}
+	if c := countMessages(t, db, a.MemberID); c != 1 {
+		t.Fatalf("%d message rows for the sender, want 1", c)
+	}
+}
