@@ -211,6 +211,10 @@ func (c *proxyConn) run() {
 
 	target, ok := c.handshake()
 	if !ok {
+		// The target refused or reset the connection before the dial
+		// returned: that answer crosses back in one Down delay, as a
+		// reset from an open stream does.
+		sleepUntil(time.Now().Add(p.o.Down), c.abort)
 		c.reset()
 		return
 	}

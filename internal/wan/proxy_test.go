@@ -409,3 +409,23 @@ func TestProxyMaxConns(t *testing.T) {
 		t.Fatalf("stats %+v; want 2 connections and 1 refused", st)
 	}
 }
+
+// A target that refuses the connection (or resets it before the dial
+// returns) is reported to the client one Down delay later, not at once.
+func TestProxyRefusalCrossesBack(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there now
+	const d = 70 * time.Millisecond
+	p := proxy(t, wan.ProxyOptions{Target: addr, Up: d, Down: d})
+	start := time.Now()
+	c := dial(t, p.Addr())
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, io.EOF) {
+		t.Fatalf("the client read %v; want a reset", err)
+	}
+	within(t, "refusal", time.Since(start), d)
+}
