@@ -86,7 +86,9 @@ func (s *Server) systemEvent(e *presence.Entry, event string) {
 	})
 	for _, ss := range targets {
 		if ss.presenceID != e.PresenceID {
+			ss.evMu.Lock()
 			ss.queueRaw(frameData(frame))
+			ss.evMu.Unlock()
 		}
 	}
 }

@@ -216,15 +216,19 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	if old != nil && old != ss {
 		old.replaced()
 	}
-	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
-		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
-	// Only now may system events reach the session: none may come before
-	// its hello_ack (events are queued by other goroutines).
+	// The session listens for system events from before its hello_ack
+	// is queued (a change the client makes once it has the ack must
+	// reach it), and none is queued before the ack: systemEvent queues
+	// under evMu too.
+	ss.evMu.Lock()
 	if ss.sysEvents && !ss.sendOnly {
 		s.mu.Lock()
 		addToSet(s.listeners, ss.meshID, ss)
 		s.mu.Unlock()
 	}
+	ss.queue(protocol.HelloAck{Type: protocol.TypeHelloAck, ReqID: h.ReqID, PresenceID: entry.PresenceID,
+		MemberDisplayName: member.DisplayName, Node: s.node, Reattached: reattached})
+	ss.evMu.Unlock()
 	s.engine.Attach(ss, replacedConn(prev, hasPrev)...) // a send-only session is never a delivery target
 
 	ss.log().Info("ws hello", "member", member.DisplayName, "session_id", h.SessionID,

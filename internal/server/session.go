@@ -103,6 +103,7 @@ func (f frame) Dropped() { f.dropped() }
 type session struct {
 	s      *Server
 	conn   *websocket.Conn
+	evMu   sync.Mutex // orders system events after the hello_ack (register)
 	id     string // connection id; leases name it
 	remote string // client address (clientaddr), for logs and audit
 	ctx    context.Context
