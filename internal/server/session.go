@@ -104,8 +104,8 @@ type session struct {
 	s      *Server
 	conn   *websocket.Conn
 	evMu   sync.Mutex // orders system events after the hello_ack (register)
-	id     string // connection id; leases name it
-	remote string // client address (clientaddr), for logs and audit
+	id     string     // connection id; leases name it
+	remote string     // client address (clientaddr), for logs and audit
 	ctx    context.Context
 	cancel context.CancelFunc
 
