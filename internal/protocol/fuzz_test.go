@@ -66,3 +66,47 @@ func FuzzDecodeFrame(f *testing.F) {
 		}
 	})
 }
+
+// DecodeFrame, which parses a frame once, answers exactly what
+// DecodeEnvelope and then DecodeSend answer.
+func FuzzDecodeFrameOnce(f *testing.F) {
+	for _, s := range frameSeeds {
+		f.Add([]byte(s))
+	}
+	for _, s := range []string{
+		`{"type":"send","priority":3,"targetSpec":"*","ciphertext":"c"}`,
+		`{"type":"send","_reqId":5,"targetSpec":"*","ciphertext":"c"}`,
+		`{"TYPE":"send","targetSpec":"*","ciphertext":"c","Type":"ping"}`,
+		`{"type":"send","type":"client_ack","brokerMessageId":"1"}`,
+		`{"type":"set_status","nonce":[1],"status":"idle"}`,
+		`{"type":"send","_reqId":"` + hex64 + hex64 + hex64 + `","targetSpec":"*","ciphertext":"c"}`,
+		`{"type":"send","id":"` + hex64 + hex64 + hex64 + `","targetSpec":"*","ciphertext":"c"}`,
+		"{\"type\":\"send\u0000\"}", ` {"type":"ping"} `, `{"type":null,"_reqId":null}`, `{}`, `"send"`,
+	} {
+		f.Add([]byte(s))
+	}
+	errText := func(err error) string {
+		if err == nil {
+			return ""
+		}
+		return err.Error()
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		env, send, err := protocol.DecodeFrame(data)
+		wantEnv, wantErr := protocol.DecodeEnvelope(data)
+		if env != wantEnv || errText(err) != errText(wantErr) {
+			t.Fatalf("DecodeFrame %+v, %v; DecodeEnvelope %+v, %v", env, err, wantEnv, wantErr)
+		}
+		if send == nil {
+			return
+		}
+		if err != nil || env.Type != protocol.TypeSend {
+			t.Fatalf("a send from a frame of type %q (err %v)", env.Type, err)
+		}
+		got, gotErr := protocol.CheckSend(send)
+		want, wantSendErr := protocol.DecodeSend(data)
+		if errText(gotErr) != errText(wantSendErr) || (got == nil) != (want == nil) || (got != nil && *got != *want) {
+			t.Fatalf("CheckSend %+v, %v; DecodeSend %+v, %v", got, gotErr, want, wantSendErr)
+		}
+	})
+}

@@ -592,25 +592,51 @@ func DecodeSend(data []byte) (*Send, error) {
 		}
 		return nil, err
 	}
+	return CheckSend(&s)
+}
+
+// DecodeFrame decodes a frame's envelope, parsing the frame once when it
+// can: the frame is read as a Send, whose type and _reqId are the
+// envelope's, and for a send frame that Send (unchecked: see CheckSend) is
+// returned too. A frame that does not read as a Send (a field of its type
+// that a send also has, in another JSON type) or whose envelope is not
+// valid is decoded by DecodeEnvelope, with its errors.
+func DecodeFrame(data []byte) (Envelope, *Send, error) {
+	var s Send
+	if json.Unmarshal(data, &s) == nil && s.Type != "" && CheckField("type", s.Type, 0) == nil &&
+		(s.ReqID == "" || CheckField("_reqId", s.ReqID, MaxIDLen) == nil) {
+		env := Envelope{Type: s.Type, ReqID: s.ReqID}
+		if s.Type == TypeSend {
+			return env, &s, nil
+		}
+		return env, nil, nil
+	}
+	env, err := DecodeEnvelope(data)
+	return env, nil, err
+}
+
+// CheckSend checks a decoded send frame as DecodeSend does. On an error
+// the send is returned when its id may be echoed in the ack.
+func CheckSend(s *Send) (*Send, error) {
 	if err := CheckField("id", s.ID, MaxIDLen); err != nil {
 		return nil, err // not echoed in the ack
 	}
 	if err := s.validate(); err != nil {
-		return &s, err
+		return s, err
 	}
 	if s.Priority == "" {
 		s.Priority = PriorityNext
 	}
 	if _, ok := PriorityRank(s.Priority); !ok {
-		return &s, fieldErr("priority", "must be now, next or low")
+		return s, fieldErr("priority", "must be now, next or low")
 	}
 	if kind, _ := ParseTarget(s.TargetSpec); kind == TargetInvalid {
-		return &s, fieldErr("targetSpec", "must be a 64-hex pubkey, * or @group")
+		return s, fieldErr("targetSpec", "must be a 64-hex pubkey, * or @group")
 	}
 	if s.Ciphertext == "" {
-		return &s, fieldErr("ciphertext", "required")
+		return s, fieldErr("ciphertext", "required")
 	}
-	return &s, nil
+	return s, nil
 }
 
 // Decode unmarshals a frame of a known type into v, mapping JSON type

@@ -18,7 +18,7 @@ import (
 
 // handleFrame dispatches one text frame, strictly in arrival order.
 func (ss *session) handleFrame(data []byte) {
-	env, err := protocol.DecodeEnvelope(data)
+	env, send, err := protocol.DecodeFrame(data)
 	if !ss.authed.Load() {
 		if err == nil && env.Type != protocol.TypeHello {
 			ss.sendError(protocol.CodeNoHello, "send a hello first", env.ReqID)
@@ -33,7 +33,7 @@ func (ss *session) handleFrame(data []byte) {
 	}
 	switch env.Type {
 	case protocol.TypeSend:
-		ss.handleSend(data, env.ReqID)
+		ss.handleSend(data, env.ReqID, send)
 	case protocol.TypeClientAck:
 		ss.handleClientAck(data, env.ReqID)
 	case protocol.TypeSetStatus:

@@ -15,10 +15,17 @@ import (
 )
 
 // handleSend validates a send, resolves its recipients and hands it to the
-// committer. The ack is written after the commit.
-func (ss *session) handleSend(data []byte, reqID string) {
+// committer. The ack is written after the commit. decoded is the frame
+// as DecodeFrame read it, when it did.
+func (ss *session) handleSend(data []byte, reqID string, decoded *protocol.Send) {
 	s := ss.s
-	m, err := protocol.DecodeSend(data)
+	var m *protocol.Send
+	var err error
+	if decoded != nil {
+		m, err = protocol.CheckSend(decoded)
+	} else {
+		m, err = protocol.DecodeSend(data)
+	}
 	if err != nil {
 		id := ""
 		if m != nil {
