@@ -2,24 +2,21 @@ package server
 
 import (
 	"context"
-	"sort"
 	"time"
 
 	"golang.org/x/time/rate"
 
+	"github.com/claudemesh/broker/internal/members"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/store"
 )
 
 // list_members is answered from the member cache. A page is bounded in
-// members and each field in bytes, and a session may ask a few times a
-// second: a client paging through a large mesh is not slowed, one asking in
-// a loop cannot make the node render member lists all day.
+// members and each field in bytes (members.Page), and a session may ask a
+// few times a second: a client paging through a large mesh is not slowed,
+// one asking in a loop cannot make the node render member lists all day.
 const (
-	membersPerSec   = 10
-	membersBurst    = 20
-	maxMemberRole   = 16
-	maxMemberIDsLen = protocol.MaxIDLen
+	membersPerSec = 10
+	membersBurst  = 20
 )
 
 // handleListMembers answers list_members with one page of the mesh's live
@@ -58,27 +55,8 @@ func (ss *session) handleListMembers(data []byte, reqID string) {
 		ss.sendError(protocol.CodeUnavailable, "member list unavailable", reqID)
 		return
 	}
-	// The cache's list is shared: sort a copy of the ids that follow the
-	// cursor, so pages stay stable while members join.
-	page := make([]store.Member, 0, min(len(all), limit+1))
-	for _, mem := range all {
-		if mem.ID > m.After {
-			page = append(page, mem)
-		}
-	}
-	sort.Slice(page, func(i, j int) bool { return page[i].ID < page[j].ID })
-	res := protocol.MembersList{Type: protocol.TypeMembersList, ReqID: reqID, Members: make([]protocol.MemberInfo, 0, min(len(page), limit))}
-	for i, mem := range page {
-		if i == limit {
-			res.Next = page[i-1].ID
-			break
-		}
-		res.Members = append(res.Members, protocol.MemberInfo{
-			MemberID: clipBytes(mem.ID, maxMemberIDsLen), Pubkey: clipBytes(mem.Pubkey, 64),
-			DisplayName: clipBytes(mem.DisplayName, protocol.MaxDisplayName), Role: clipBytes(mem.Role, maxMemberRole),
-			JoinedAt: protocol.FormatTime(mem.JoinedAt), Online: ss.s.memberOnline(mem.ID),
-		})
-	}
+	res := members.Page(all, m.After, limit, ss.s.memberOnline)
+	res.ReqID = reqID
 	ss.queue(res)
 }
 
@@ -91,16 +69,4 @@ func (s *Server) memberOnline(memberID string) bool {
 		}
 	}
 	return false
-}
-
-// clipBytes bounds a stored string for the wire without splitting a UTF-8
-// sequence (rows written before a limit existed may be longer).
-func clipBytes(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && s[n]&0xC0 == 0x80 {
-		n--
-	}
-	return s[:n]
 }
