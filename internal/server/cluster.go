@@ -217,7 +217,7 @@ func (s *Server) RelayListening() {
 // MemberChanged handles a membership change: "meshId", or
 // "meshId|memberId|revoked". Any database role may send one, so it is a
 // hint: the mesh's member list is reloaded, and a revocation closes
-// sessions only once the database confirms it (revocations.go).
+// sessions only once the database confirms it (checkRevocation).
 func (s *Server) MemberChanged(payload string) {
 	mesh, rest, hasMember := strings.Cut(payload, "|")
 	if !validNotifyID(mesh) {
@@ -234,6 +234,17 @@ func (s *Server) MemberChanged(payload string) {
 		return
 	}
 	s.checkRevocation(member)
+}
+
+// checkRevocation hands a revocation notice to the checker, which closes
+// sessions only once the database confirms it (members.Revocations).
+// Members with no session here are ignored: nothing to close, and a flood
+// of notices for invented ids costs no query.
+func (s *Server) checkRevocation(member string) {
+	if s.loops.Context().Err() != nil || !s.engine.HasLocal(member) {
+		return
+	}
+	s.revoking.Notice(member)
 }
 
 func validNotifyID(s string) bool { return s != "" && protocol.CheckText(s, protocol.MaxIDLen) == nil }
@@ -325,20 +336,9 @@ func (s *Server) checkRevoked(ctx context.Context) {
 			ids[ss.memberID] = struct{}{}
 		}
 	}
-	if len(ids) == 0 {
-		return
-	}
 	list := make([]string, 0, len(ids))
 	for id := range ids {
 		list = append(list, id)
 	}
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	revoked, err := s.store.RevokedAmong(cctx, list)
-	if err != nil {
-		return
-	}
-	for _, id := range revoked {
-		s.closeMember(id, "revocation check")
-	}
+	s.revoking.Check(ctx, list)
 }

@@ -63,7 +63,7 @@ type Server struct {
 	started time.Time
 
 	members   *members.Cache
-	revoking  revocations
+	revoking  *members.Revocations
 	engine    *delivery.Engine
 	hellos    *replay.Batcher
 	audit     *audit.Writer
@@ -117,6 +117,10 @@ func New(d Deps) *Server {
 	s.hellos = replay.New(d.Store, 2)
 	s.helloRate = ratelimit.New(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
 	s.addrs = newResolver(d.Config, d.Logger)
+	s.revoking = members.NewRevocations(members.RevocationsConfig{
+		RevokedAmong: d.Store.RevokedAmong, Close: s.closeMember, Go: s.loops.Go,
+		Refuted: func(n int) { s.m.RevocationsRefuted.Add(float64(n)) }, Logger: d.Logger,
+	})
 	return s
 }
 
