@@ -27,6 +27,7 @@ import (
 	"github.com/claudemesh/broker/internal/dbclock"
 	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/httpapi"
+	"github.com/claudemesh/broker/internal/maintenance"
 	"github.com/claudemesh/broker/internal/metrics"
 	"github.com/claudemesh/broker/internal/presence"
 	"github.com/claudemesh/broker/internal/relay"
@@ -71,6 +72,7 @@ type Node struct {
 	audit    *audit.Writer
 	engine   *delivery.Engine
 	srv      *server.Server
+	upkeep   *maintenance.Worker // queue depth, purges, GC of idle limiters and member lists
 	api      *httpapi.API
 	http     *http.Server
 	metrics  *http.Server // only with METRICS_ADDR
@@ -214,6 +216,9 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		Config: cfg, Store: st, Replica: n.replica, Cluster: n.cluster, Engine: n.engine, Audit: n.audit,
 		Metrics: m, Logger: logger, Clock: n.clock,
 	})
+	n.upkeep = maintenance.New(maintenance.Config{DeliveredRetention: cfg.DeliveredRetention, AuditRetention: cfg.AuditRetention},
+		maintenance.Deps{Store: st, Depth: func(k int64) { m.QueueDepth.Set(float64(k)) }, Logger: logger,
+			GC: []func(){func() { n.srv.HelloRate().GC(5 * time.Minute) }, n.srv.Members().GC}})
 	n.api = httpapi.New(httpapi.Deps{
 		Config: cfg, Node: n.srv, Replica: n.replica, Cluster: n.cluster, Store: st, Members: n.srv.Members(),
 		Audit: n.audit, HelloRate: n.srv.HelloRate(), Addrs: n.srv.Addrs(), Metrics: m, Gatherer: reg, Logger: logger,
@@ -236,6 +241,9 @@ func Start(ctx context.Context, o Options) (*Node, error) {
 		return nil, err
 	}
 	if err := n.srv.Start(ctx); err != nil {
+		return nil, err
+	}
+	if err := n.upkeep.Start(ctx); err != nil {
 		return nil, err
 	}
 
@@ -546,6 +554,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		if err := n.srv.Shutdown(ctx); err != nil {
 			n.err = err
 		}
+		n.upkeep.Stop(ctx)
 		n.engine.Stop(ctx)
 		n.api.Stop(ctx)
 		n.clock.Stop(ctx)
@@ -579,6 +588,7 @@ func (n *Node) Kill() {
 		}
 		_ = n.cluster.Shutdown()
 		n.srv.Abort()
+		n.upkeep.Stop(context.Background())
 		n.engine.Abort()
 		n.api.Stop(context.Background())
 		n.clock.Stop(context.Background())
@@ -608,6 +618,9 @@ func (n *Node) abort() {
 	}
 	if n.srv != nil {
 		n.srv.Stop(ctx)
+	}
+	if n.upkeep != nil {
+		n.upkeep.Stop(ctx)
 	}
 	if n.engine != nil {
 		n.engine.Stop(ctx)

@@ -54,17 +54,14 @@ func (s *Server) pingSessions() {
 	}
 }
 
-// sweepLoop runs the slower periodic jobs.
+// sweepLoop runs the slower periodic jobs about this node's sessions (the
+// rest of the upkeep is internal/maintenance's).
 func (s *Server) sweepLoop(ctx context.Context) {
 	statusTick := time.NewTicker(5 * time.Second)
 	revokeTick := time.NewTicker(s.cfg.RevokeCheck)
-	depthTick := time.NewTicker(10 * time.Second)
-	purgeTick := time.NewTicker(time.Minute)
 	defer func() {
 		statusTick.Stop()
 		revokeTick.Stop()
-		depthTick.Stop()
-		purgeTick.Stop()
 	}()
 	for {
 		select {
@@ -74,23 +71,6 @@ func (s *Server) sweepLoop(ctx context.Context) {
 			s.sweepStatuses()
 		case <-revokeTick.C:
 			s.checkRevoked(ctx)
-		case <-depthTick.C:
-			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			if n, err := s.store.QueueDepth(cctx); err == nil {
-				s.m.QueueDepth.Set(float64(n))
-			}
-			cancel()
-		case <-purgeTick.C:
-			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			if _, err := s.store.Purge(cctx, s.cfg.DeliveredRetention, 10000); err != nil && ctx.Err() == nil {
-				s.logger.Warn("purge failed", "err", err)
-			}
-			if _, err := s.store.PurgeAudit(cctx, s.cfg.AuditRetention, 10000); err != nil && ctx.Err() == nil {
-				s.logger.Warn("audit purge failed", "err", err)
-			}
-			cancel()
-			s.helloRate.GC(5 * time.Minute)
-			s.members.GC()
 		}
 	}
 }
