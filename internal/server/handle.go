@@ -372,45 +372,11 @@ func (ss *session) handleMessageStatus(data []byte, reqID string) {
 	case err != nil:
 		res.Error = protocol.CodeUnavailable
 	default:
-		sender := info.SenderMemberID == ss.memberID
-		for _, r := range info.Recipients {
-			if !sender && r.MemberID != ss.memberID {
-				continue // a recipient sees only its own row
-			}
-			res.Recipients = append(res.Recipients, protocol.RecipientState{
-				MemberID: r.MemberID, DisplayName: r.DisplayName, State: ss.s.deliveryState(r, info.Priority)})
-		}
-		if !sender && len(res.Recipients) == 0 {
+		var found bool
+		res.Recipients, found = info.States(ss.memberID, ss.s.replica.MemberEntries)
+		if !found {
 			res.Error = protocol.CodeNotFound
 		}
 	}
 	ss.queue(res)
-}
-
-// deliveryState names a row's state; "held" means the recipient is online
-// but none of its sessions accepts the priority now.
-func (s *Server) deliveryState(r store.RecipientRow, priority int16) string {
-	switch {
-	case r.Delivered:
-		return protocol.StateDelivered
-	case r.Expired:
-		return protocol.StateExpired
-	case r.Leased:
-		return protocol.StateLeased
-	}
-	entries := s.replica.MemberEntries(r.MemberID)
-	live := false
-	for i := range entries {
-		if !entries[i].IsLive() || !entries[i].Receives() {
-			continue
-		}
-		live = true
-		if int(priority) <= entries[i].MaxPriority() {
-			return protocol.StateQueued
-		}
-	}
-	if live {
-		return protocol.StateHeld
-	}
-	return protocol.StateQueued
 }
