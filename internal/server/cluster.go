@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/coder/websocket"
@@ -248,74 +247,6 @@ func (s *Server) checkRevocation(member string) {
 }
 
 func validNotifyID(s string) bool { return s != "" && protocol.CheckText(s, protocol.MaxIDLen) == nil }
-
-// helloSlots are the places of hellos that passed the session caps and
-// are between that check and register (the hello's database round trip):
-// counted by member and by mesh, so that concurrent hellos cannot all take
-// one free place. Entries exist only while such hellos are in flight
-// (bounded by the open connections) and are deleted at zero.
-//
-// The reservation is local: hellos racing on different nodes are held
-// back only once each node's sessions reach the others through gossip, so
-// the cluster-wide caps are best effort by up to one gossip round.
-type helloSlots struct {
-	mu     sync.Mutex
-	member map[string]int
-	mesh   map[string]int
-}
-
-// reserveSlot checks MAX_CONNECTIONS_PER_MESH (when meshCapped: not for
-// ephemeral or send-only sessions) and MAX_SESSIONS_PER_MEMBER (present
-// sessions cluster-wide, live or in grace, ephemeral included) for a hello,
-// counting the hellos in flight on this node. If it fits, its place is
-// held until release is called (once the session's presence exists, or
-// the hello failed); otherwise reason is the capacity rejection's detail.
-// A session taking over its own presence (reattach or replacement) adds
-// none: visiblePrev says whether the entry it replaces counts as live.
-func (s *Server) reserveSlot(meshID, memberID string, meshCapped, reattach, visiblePrev bool) (release func(), reason string, ok bool) {
-	sl := &s.slots
-	sl.mu.Lock()
-	defer sl.mu.Unlock()
-	if sl.member == nil {
-		sl.member, sl.mesh = map[string]int{}, map[string]int{}
-	}
-	if meshCapped {
-		live := s.replica.CountLive(meshID) + sl.mesh[meshID]
-		if visiblePrev {
-			live-- // the replaced session frees its slot
-		}
-		if live >= s.cfg.MaxConnsPerMesh {
-			return nil, "", false
-		}
-	}
-	n := s.replica.MemberSessions(memberID) + sl.member[memberID]
-	if reattach {
-		n--
-	}
-	if n >= s.cfg.MaxSessionsPerMember {
-		return nil, "sessions per member", false
-	}
-	countMesh := meshCapped && !visiblePrev
-	if !reattach {
-		sl.member[memberID]++
-	}
-	if countMesh {
-		sl.mesh[meshID]++
-	}
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			sl.mu.Lock()
-			defer sl.mu.Unlock()
-			if !reattach {
-				decr(sl.member, memberID)
-			}
-			if countMesh {
-				decr(sl.mesh, meshID)
-			}
-		})
-	}, "", true
-}
 
 // closeMember closes every local session of a revoked member.
 func (s *Server) closeMember(memberID, why string) {

@@ -123,7 +123,7 @@ func (ss *session) handleHello(data []byte) {
 	}
 	prev, hasPrev := s.replica.FindSession(h.MeshID, member.ID, h.SessionID)
 	meshCapped := !h.HasCapability(protocol.CapEphemeral) && !h.HasCapability(protocol.CapSendOnly)
-	release, detail, ok := s.reserveSlot(h.MeshID, member.ID, meshCapped, hasPrev, hasPrev && prev.Visible())
+	release, detail, ok := s.slots.Reserve(h.MeshID, member.ID, meshCapped, hasPrev, hasPrev && prev.Visible())
 	if !ok {
 		ss.reject(protocol.ReasonCapacity, detail)
 		return
@@ -208,7 +208,7 @@ func (ss *session) register(h *protocol.Hello, member store.Member, prev presenc
 	addToSet(s.byMesh, ss.meshID, ss)
 	s.mu.Unlock()
 	ss.authed.Store(true)
-	s.connAuthed(ss.addrKey)
+	s.perAddr.Authed(ss.addrKey)
 	s.m.ConnectionsActive.Inc()
 
 	entry := s.replica.Create(e)

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/claudemesh/broker/internal/admission"
 	"github.com/claudemesh/broker/internal/audit"
 	"github.com/claudemesh/broker/internal/clientaddr"
 	"github.com/claudemesh/broker/internal/config"
@@ -78,9 +79,8 @@ type Server struct {
 	byPresence map[string]*session
 	byMesh     map[string]map[*session]struct{}
 	listeners  map[string]map[*session]struct{} // sessions that asked for system events, by mesh
-	perAddr    map[string]int                   // open WebSockets by client address key
-	pending    map[string]int                   // of those, the ones without a hello yet
-	slots      helloSlots                       // hellos between the cap check and register
+	perAddr    *admission.Addrs                 // open and hello-less WebSockets by client address key
+	slots      *admission.Slots                 // hellos between the cap check and register
 
 	// loops runs the background loops and the work cluster callbacks
 	// start (death confirmations, revocation checks); conns runs the
@@ -109,8 +109,8 @@ func New(d Deps) *Server {
 		byPresence: map[string]*session{},
 		byMesh:     map[string]map[*session]struct{}{},
 		listeners:  map[string]map[*session]struct{}{},
-		perAddr:    map[string]int{},
-		pending:    map[string]int{},
+		perAddr:    admission.NewAddrs(d.Config.ConnsPerAddr, d.Config.PendingPerAddr),
+		slots:      admission.NewSlots(d.Replica, d.Config.MaxConnsPerMesh, d.Config.MaxSessionsPerMember),
 	}
 	s.members = members.New(d.Store, s.m.MemberCacheEvicted.Inc)
 	s.members.Background = s.loops.Go // reloads behind sends end with the server

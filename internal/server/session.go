@@ -196,7 +196,7 @@ func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 	}
 	addr := s.clientAddr(r)
 	key := addr.Key()
-	if refused := s.admitConn(key); refused != "" {
+	if refused := s.perAddr.Admit(key); refused != "" {
 		s.m.ConnectionsRejected.WithLabelValues(protocol.ReasonRateLimited).Inc()
 		http.Error(w, refused, http.StatusTooManyRequests)
 		return
@@ -212,7 +212,7 @@ func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 		},
 	})
 	if err != nil {
-		s.releaseConn(key, false)
+		s.perAddr.Release(key, false)
 		return // Accept has written the HTTP error
 	}
 	conn.SetReadLimit(int64(s.cfg.MaxMessageBytes))
@@ -231,7 +231,7 @@ func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 	// return.
 	started := s.conns.Go(func(context.Context) {
 		defer close(ss.torn)
-		defer func() { s.releaseConn(key, ss.authed.Load()) }()
+		defer func() { s.perAddr.Release(key, ss.authed.Load()) }()
 		// The first of the timeout and the hello decides (helloDecided).
 		helloTimer := time.AfterFunc(s.cfg.HelloTimeout, func() { ss.reject(protocol.ReasonHelloTimeout, "") })
 		ss.readLoop()
@@ -243,7 +243,7 @@ func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
 		delete(s.sessions, ss)
 		s.mu.Unlock()
-		s.releaseConn(key, false)
+		s.perAddr.Release(key, false)
 		close(ss.torn)
 		_ = conn.Close(websocket.StatusGoingAway, "shutdown")
 	}
