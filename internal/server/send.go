@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"strconv"
 	"time"
 
@@ -11,7 +10,6 @@ import (
 
 	"github.com/claudemesh/broker/internal/delivery"
 	"github.com/claudemesh/broker/internal/protocol"
-	"github.com/claudemesh/broker/internal/store"
 )
 
 // handleSend validates a send, resolves its recipients and hands it to the
@@ -48,7 +46,9 @@ func (ss *session) handleSend(data []byte, reqID string, decoded *protocol.Send)
 		return
 	}
 	rank, _ := protocol.PriorityRank(m.Priority)
-	recipients, code := s.resolveTargets(ss, m.TargetSpec)
+	ctx, cancel := context.WithTimeout(ss.ctx, 5*time.Second)
+	recipients, code := s.members.Targets(ctx, ss.meshID, ss.memberID, m.TargetSpec, s.replica.GroupMembers)
+	cancel()
 	if code != "" {
 		ss.rejectSend(reqID, m.ID, code)
 		return
@@ -103,50 +103,4 @@ func (s *Server) maxEnvelope() int { return s.cfg.MaxMessageBytes - pushOverhead
 func (ss *session) rejectSend(reqID, id, code string) {
 	ss.s.m.MessagesRejected.WithLabelValues(code).Inc()
 	ss.queue(protocol.Ack{Type: protocol.TypeAck, ReqID: reqID, ID: id, MessageID: "", Queued: false, Error: code})
-}
-
-// resolveTargets expands a target spec into recipient member ids (fan-out
-// on write: a broadcast reaches offline members too).
-func (s *Server) resolveTargets(ss *session, spec string) ([]string, string) {
-	kind, arg := protocol.ParseTarget(spec)
-	ctx, cancel := context.WithTimeout(ss.ctx, 5*time.Second)
-	defer cancel()
-	switch kind {
-	case protocol.TargetPubkey:
-		m, err := s.members.RecipientByPubkey(ctx, ss.meshID, arg)
-		if errors.Is(err, store.ErrNotFound) {
-			return nil, protocol.CodeUnknownRecipient
-		}
-		if err != nil {
-			return nil, protocol.CodeUnavailable
-		}
-		return []string{m.ID}, ""
-	case protocol.TargetBroadcast:
-		all, err := s.members.Recipients(ctx, ss.meshID)
-		if err != nil {
-			return nil, protocol.CodeUnavailable
-		}
-		out := make([]string, 0, len(all))
-		for _, m := range all {
-			if m.ID != ss.memberID {
-				out = append(out, m.ID)
-			}
-		}
-		if len(out) == 0 {
-			return nil, protocol.CodeNoRecipients
-		}
-		return out, ""
-	case protocol.TargetGroup:
-		var out []string
-		for _, id := range s.replica.GroupMembers(ss.meshID, arg) {
-			if id != ss.memberID {
-				out = append(out, id)
-			}
-		}
-		if len(out) == 0 {
-			return nil, protocol.CodeNoRecipients
-		}
-		return out, ""
-	}
-	return nil, protocol.CodeMalformed
 }
