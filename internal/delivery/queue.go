@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/claudemesh/broker/internal/protocol"
 	"github.com/claudemesh/broker/internal/relay"
 )
 
@@ -211,6 +212,17 @@ type Delivery struct {
 
 // Key is the row's key.
 func (d *Delivery) Key() Key { return Key{MessageID: d.MessageID, MemberID: d.MemberID} }
+
+// Frame renders the row as the push frame its recipient is sent.
+func (d *Delivery) Frame() []byte {
+	fields := protocol.PushFields{
+		MessageID: d.MessageID, MeshID: d.MeshID, SenderPubkey: d.SenderPubkey,
+		Priority: protocol.PriorityName(int(d.Priority)), Nonce: d.Nonce, Ciphertext: d.Ciphertext,
+		CreatedAt: d.CreatedAt, SenderMemberID: d.SenderMemberID, SenderName: d.SenderName,
+		TargetSpec: d.TargetSpec, ClientMessageID: d.ClientMessageID,
+	}
+	return protocol.AppendPush(make([]byte, 0, 400+len(d.Nonce)+len(d.Ciphertext)+len(d.SenderName)), &fields)
+}
 
 // MarkParams marks rows delivered.
 type MarkParams struct {

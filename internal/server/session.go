@@ -436,15 +436,8 @@ func (ss *session) Unreserve(messageID int64) {
 
 // Push queues a reserved row's push, within the room pushes may use.
 func (ss *session) Push(p *delivery.Push) bool {
-	d := &p.Delivery
-	fields := protocol.PushFields{
-		MessageID: d.MessageID, MeshID: d.MeshID, SenderPubkey: d.SenderPubkey,
-		Priority: protocol.PriorityName(int(d.Priority)), Nonce: d.Nonce, Ciphertext: d.Ciphertext,
-		CreatedAt: d.CreatedAt, SenderMemberID: d.SenderMemberID, SenderName: d.SenderName,
-		TargetSpec: d.TargetSpec, ClientMessageID: d.ClientMessageID,
-	}
-	data := protocol.AppendPush(make([]byte, 0, 400+len(d.Nonce)+len(d.Ciphertext)+len(d.SenderName)), &fields)
-	meta := &pushMeta{key: d.Key(), committed: p.Committed, priority: fields.Priority, after: p.After}
+	data := p.Frame()
+	meta := &pushMeta{key: p.Key(), committed: p.Committed, priority: protocol.PriorityName(int(p.Priority)), after: p.After}
 	if p.After != nil {
 		meta.afterBy = time.Now().Add(ackWait)
 	}
