@@ -5,6 +5,7 @@
 package presence
 
 import (
+	"slices"
 	"time"
 
 	"github.com/claudemesh/broker/internal/protocol"
@@ -114,6 +115,30 @@ func (e *Entry) HasGroup(name string) bool {
 		}
 	}
 	return false
+}
+
+// JoinGroup adds the session to group name; changed is false when it was
+// in it already, or full when it is in protocol.MaxGroups already. Groups
+// is copied, not changed in place: other copies of the entry share it.
+func (e *Entry) JoinGroup(name string) (changed, full bool) {
+	if e.HasGroup(name) {
+		return false, false
+	}
+	if len(e.Groups) >= protocol.MaxGroups {
+		return false, true
+	}
+	e.Groups = append(slices.Clone(e.Groups), name)
+	return true, false
+}
+
+// LeaveGroup takes the session out of group name (copying Groups, as
+// JoinGroup does); false when it was not in it.
+func (e *Entry) LeaveGroup(name string) bool {
+	if !e.HasGroup(name) {
+		return false
+	}
+	e.Groups = slices.DeleteFunc(slices.Clone(e.Groups), func(g string) bool { return g == name })
+	return true
 }
 
 // Peer renders the entry for peers_list.

@@ -1,10 +1,13 @@
 package presence_test
 
 import (
+	"fmt"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/claudemesh/broker/internal/presence"
+	"github.com/claudemesh/broker/internal/protocol"
 )
 
 // The seed's status rules: changed status wins; same status from an equal
@@ -41,5 +44,37 @@ func TestApplyStatus(t *testing.T) {
 				t.Fatalf("timestamp not refreshed")
 			}
 		})
+	}
+}
+
+// Joining and leaving groups copies the entry's groups (other copies of
+// the entry share them), reports no change for a group it is (not) in,
+// and stops at protocol.MaxGroups.
+func TestJoinLeaveGroup(t *testing.T) {
+	shared := []string{"a", "b"}
+	e := presence.Entry{Groups: shared}
+	if changed, full := e.JoinGroup("a"); changed || full {
+		t.Fatalf("joining a group it is in: changed %v, full %v", changed, full)
+	}
+	if changed, full := e.JoinGroup("c"); !changed || full || !slices.Equal(e.Groups, []string{"a", "b", "c"}) {
+		t.Fatalf("join: changed %v, full %v, groups %v", changed, full, e.Groups)
+	}
+	if e.LeaveGroup("x") {
+		t.Fatal("left a group it was not in")
+	}
+	if !e.LeaveGroup("a") || !slices.Equal(e.Groups, []string{"b", "c"}) {
+		t.Fatalf("leave: groups %v", e.Groups)
+	}
+	if !slices.Equal(shared, []string{"a", "b"}) {
+		t.Fatalf("the shared groups changed: %v", shared)
+	}
+	e.Groups = nil
+	for i := range protocol.MaxGroups {
+		if changed, _ := e.JoinGroup(fmt.Sprint("g", i)); !changed {
+			t.Fatalf("group %d refused", i)
+		}
+	}
+	if changed, full := e.JoinGroup("one-more"); changed || !full || len(e.Groups) != protocol.MaxGroups {
+		t.Fatalf("past MaxGroups: changed %v, full %v, %d groups", changed, full, len(e.Groups))
 	}
 }

@@ -601,6 +601,19 @@ func (r *Replica) MemberEntries(member string) []Entry {
 	return out
 }
 
+// MemberOnline reports whether a member has a visible live session on any
+// node (send-only and ephemeral connections are not someone to talk to).
+func (r *Replica) MemberOnline(member string) bool {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	for _, e := range r.byMember[member] {
+		if e.Visible() {
+			return true
+		}
+	}
+	return false
+}
+
 // SoleRemoteSession returns a member's session when it is the member's
 // only present session that receives messages, live, and hosted by another
 // node.

@@ -234,3 +234,39 @@ func TestSoleRemoteSession(t *testing.T) {
 		t.Fatal("an orphan is sole")
 	}
 }
+
+// A member is online with a visible live session on any node: not with
+// only ephemeral or send-only ones, one in grace, or an orphan.
+func TestMemberOnline(t *testing.T) {
+	a := presence.NewReplica("a", 1, time.Hour)
+	b := presence.NewReplica("b", 2, time.Hour)
+	a.SetObservers(nil, func(own []presence.Entry) { b.Apply(own) })
+	b.SetObservers(nil, func(own []presence.Entry) { a.Apply(own) })
+	a.NodeAlive("b", 2)
+	b.NodeAlive("a", 1)
+	if a.MemberOnline("u1") {
+		t.Fatal("a member without sessions is online")
+	}
+	eph := entry("p1", "m", "u1", "s1")
+	eph.Ephemeral = true
+	so := entry("p2", "m", "u1", "s2")
+	so.SendOnly, so.Ephemeral = true, true
+	a.Create(eph)
+	a.Create(so)
+	if a.MemberOnline("u1") {
+		t.Fatal("online with ephemeral and send-only sessions only")
+	}
+	b.Create(entry("p3", "m", "u1", "s3"))
+	if !a.MemberOnline("u1") || !b.MemberOnline("u1") {
+		t.Fatal("a visible session on another node: not online")
+	}
+	b.Disconnect("p3", "c-p3")
+	if a.MemberOnline("u1") {
+		t.Fatal("online with a session in grace")
+	}
+	b.Create(entry("p4", "m", "u4", "s4"))
+	a.NodeDead("b")
+	if a.MemberOnline("u4") || !b.MemberOnline("u4") {
+		t.Fatal("an orphan counts as online")
+	}
+}

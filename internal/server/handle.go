@@ -312,23 +312,12 @@ func (ss *session) handleGroup(data []byte, typ, reqID string) {
 	}
 	var tooMany bool
 	ss.s.replica.Update(ss.presenceID, func(e *presence.Entry) bool {
-		has := e.HasGroup(m.Name)
 		if typ == protocol.TypeJoinGroup {
-			if has {
-				return false
-			}
-			if len(e.Groups) >= protocol.MaxGroups {
-				tooMany = true
-				return false
-			}
-			e.Groups = append(slices.Clone(e.Groups), m.Name)
-			return true
+			changed, full := e.JoinGroup(m.Name)
+			tooMany = full
+			return changed
 		}
-		if !has {
-			return false
-		}
-		e.Groups = slices.DeleteFunc(slices.Clone(e.Groups), func(g string) bool { return g == m.Name })
-		return true
+		return e.LeaveGroup(m.Name)
 	})
 	if tooMany {
 		ss.sendError(protocol.CodeTooLarge, "a session may be in at most 64 groups", reqID)

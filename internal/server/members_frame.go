@@ -55,18 +55,7 @@ func (ss *session) handleListMembers(data []byte, reqID string) {
 		ss.sendError(protocol.CodeUnavailable, "member list unavailable", reqID)
 		return
 	}
-	res := members.Page(all, m.After, limit, ss.s.memberOnline)
+	res := members.Page(all, m.After, limit, ss.s.replica.MemberOnline)
 	res.ReqID = reqID
 	ss.queue(res)
-}
-
-// memberOnline reports whether a member has a visible live session on any
-// node (send-only and ephemeral connections are not someone to talk to).
-func (s *Server) memberOnline(memberID string) bool {
-	for _, e := range s.replica.MemberEntries(memberID) {
-		if e.Visible() {
-			return true
-		}
-	}
-	return false
 }
