@@ -15,6 +15,7 @@ package clientaddr
 
 import (
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -46,6 +47,25 @@ func New(trusted []netip.Prefix, header string) (*Resolver, error) {
 		return nil, err
 	}
 	return &Resolver{trusted: trusted, header: h}, nil
+}
+
+// FromConfig returns the resolver of TRUSTED_PROXIES (trusted) and
+// CLIENT_IP_HEADER (header). config.Validate refuses bad values at
+// start-up; a Config built by hand that skipped it gets them logged and
+// ignored: a bad TRUSTED_PROXIES trusts nobody rather than everybody, a
+// bad CLIENT_IP_HEADER is X-Forwarded-For.
+func FromConfig(trusted []string, header string, logger *slog.Logger) *Resolver {
+	prefixes, err := ParseTrusted(trusted)
+	if err != nil {
+		logger.Error("TRUSTED_PROXIES ignored", "err", err)
+		prefixes = nil
+	}
+	r, err := New(prefixes, header)
+	if err != nil {
+		logger.Error("CLIENT_IP_HEADER ignored", "err", err)
+		r, _ = New(prefixes, "")
+	}
+	return r
 }
 
 // CanonicalHeader maps a CLIENT_IP_HEADER value to the header's canonical

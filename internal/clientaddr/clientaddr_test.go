@@ -1,6 +1,7 @@
 package clientaddr_test
 
 import (
+	"log/slog"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -185,4 +186,32 @@ func FuzzResolve(f *testing.F) {
 			t.Fatalf("key %s of %s", k, a.IP)
 		}
 	})
+}
+
+// FromConfig believes the configured header from the configured proxies;
+// a bad TRUSTED_PROXIES is logged and trusts nobody, a bad
+// CLIENT_IP_HEADER is logged and means X-Forwarded-For.
+func TestFromConfig(t *testing.T) {
+	var logged strings.Builder
+	logger := slog.New(slog.NewTextHandler(&logged, nil))
+	fly := hdr("Fly-Client-IP", "203.0.113.9", "X-Forwarded-For", "198.51.100.7")
+	if got := clientaddr.FromConfig([]string{"10.0.0.0/8"}, "fly-client-ip", logger).Resolve("10.1.2.3:5000", fly).String(); got != "203.0.113.9" {
+		t.Fatalf("valid config: client %s", got)
+	}
+	if logged.Len() != 0 {
+		t.Fatalf("a valid config logged: %s", logged.String())
+	}
+	if got := clientaddr.FromConfig([]string{"not a prefix"}, "fly-client-ip", logger).Resolve("10.1.2.3:5000", fly).String(); got != "10.1.2.3" {
+		t.Fatalf("bad TRUSTED_PROXIES: client %s, want the socket peer", got)
+	}
+	if !strings.Contains(logged.String(), "TRUSTED_PROXIES ignored") {
+		t.Fatalf("bad TRUSTED_PROXIES not logged: %s", logged.String())
+	}
+	logged.Reset()
+	if got := clientaddr.FromConfig([]string{"10.0.0.0/8"}, "X-Real-IP", logger).Resolve("10.1.2.3:5000", fly).String(); got != "198.51.100.7" {
+		t.Fatalf("bad CLIENT_IP_HEADER: client %s, want X-Forwarded-For's", got)
+	}
+	if !strings.Contains(logged.String(), "CLIENT_IP_HEADER ignored") {
+		t.Fatalf("bad CLIENT_IP_HEADER not logged: %s", logged.String())
+	}
 }

@@ -116,7 +116,7 @@ func New(d Deps) *Server {
 	s.members.Background = s.loops.Go // reloads behind sends end with the server
 	s.hellos = replay.New(d.Store, 2)
 	s.helloRate = ratelimit.New(d.Config.HelloRatePerSec, int(2*d.Config.HelloRatePerSec)+1, s.m.LimiterEvicted.Inc)
-	s.addrs = newResolver(d.Config, d.Logger)
+	s.addrs = clientaddr.FromConfig(d.Config.TrustedProxies, d.Config.ClientIPHeader, d.Logger)
 	s.revoking = members.NewRevocations(members.RevocationsConfig{
 		RevokedAmong: d.Store.RevokedAmong, Close: s.closeMember, Go: s.loops.Go,
 		Refuted: func(n int) { s.m.RevocationsRefuted.Add(float64(n)) }, Logger: d.Logger,
