@@ -163,6 +163,18 @@ func (e *Entry) Event() protocol.PeerEvent {
 	}
 }
 
+// SystemPush renders the push frame announcing event (peer_joined,
+// peer_left, peer_status) about the entry to its mesh, made at at.
+func (e *Entry) SystemPush(event string, at time.Time) []byte {
+	data, _ := Marshal(e.Event())
+	frame, _ := Marshal(protocol.Push{
+		Type: protocol.TypePush, Subtype: protocol.SubtypeSystem, Event: event, MeshID: e.MeshID,
+		SenderPubkey: protocol.SystemSender, Ciphertext: "", EventData: data,
+		CreatedAt: protocol.FormatTime(at),
+	})
+	return frame
+}
+
 func sourceRank(s string) int {
 	switch s {
 	case protocol.SourceHook:

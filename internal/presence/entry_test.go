@@ -1,8 +1,10 @@
 package presence_test
 
 import (
+	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -76,5 +78,33 @@ func TestJoinLeaveGroup(t *testing.T) {
 	}
 	if changed, full := e.JoinGroup("one-more"); changed || !full || len(e.Groups) != protocol.MaxGroups {
 		t.Fatalf("past MaxGroups: changed %v, full %v, %d groups", changed, full, len(e.Groups))
+	}
+}
+
+// A system push names the event and the mesh, comes from the system
+// sender with an empty ciphertext, and carries the entry as eventData.
+func TestSystemPush(t *testing.T) {
+	e := presence.Entry{PresenceID: "p1", Owner: "node-a", MeshID: "mesh", MemberID: "m1", Pubkey: "ab",
+		DisplayName: "<me>", SessionID: "s1", Status: protocol.StatusWorking, StatusSource: protocol.SourceHook, Summary: "x&y"}
+	at := time.UnixMilli(1_700_000_000_000)
+	frame := e.SystemPush(protocol.EventPeerJoined, at)
+	if strings.Contains(string(frame), `\u003c`) {
+		t.Fatalf("HTML-escaped: %s", frame)
+	}
+	var p protocol.Push
+	if err := json.Unmarshal(frame, &p); err != nil {
+		t.Fatal(err)
+	}
+	if p.Type != protocol.TypePush || p.Subtype != protocol.SubtypeSystem || p.Event != protocol.EventPeerJoined ||
+		p.MeshID != "mesh" || p.SenderPubkey != protocol.SystemSender || p.CreatedAt != protocol.FormatTime(at) ||
+		!strings.Contains(string(frame), `"ciphertext":""`) {
+		t.Fatalf("push %s", frame)
+	}
+	var ev protocol.PeerEvent
+	if err := json.Unmarshal(p.EventData, &ev); err != nil {
+		t.Fatal(err)
+	}
+	if ev != e.Event() {
+		t.Fatalf("eventData %+v, want %+v", ev, e.Event())
 	}
 }

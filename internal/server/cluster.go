@@ -77,12 +77,7 @@ func (s *Server) systemEvent(e *presence.Entry, event string) {
 	if len(targets) == 0 {
 		return
 	}
-	data, _ := presence.Marshal(e.Event())
-	frame, _ := presence.Marshal(protocol.Push{
-		Type: protocol.TypePush, Subtype: protocol.SubtypeSystem, Event: event, MeshID: e.MeshID,
-		SenderPubkey: protocol.SystemSender, Ciphertext: "", EventData: data,
-		CreatedAt: protocol.FormatTime(time.Now()),
-	})
+	frame := e.SystemPush(event, time.Now())
 	for _, ss := range targets {
 		if ss.presenceID != e.PresenceID {
 			ss.evMu.Lock()
