@@ -534,6 +534,18 @@ var (
 // IsPubkeyHex reports whether s is 64 hex characters.
 func IsPubkeyHex(s string) bool { return len(s) == 64 && hex64.MatchString(s) }
 
+// LowerHex lowercases the hex digits A-F of s, and nothing else (a
+// pubkey as the store keeps it).
+func LowerHex(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c >= 'A' && c <= 'F' {
+			b[i] = c + ('a' - 'A')
+		}
+	}
+	return string(b)
+}
+
 // IsSignatureHex reports whether s is 128 hex characters.
 func IsSignatureHex(s string) bool { return len(s) == 128 && hex128.MatchString(s) }
 

@@ -39,3 +39,16 @@ func TestCheckText(t *testing.T) {
 }
 
 var errLong = errors.New("long")
+
+func TestLowerHex(t *testing.T) {
+	for in, want := range map[string]string{
+		"":         "",
+		"ABCDEF09": "abcdef09",
+		"aBcDeF":   "abcdef",
+		"GHXYZ-É":  "GHXYZ-É", // only A-F
+	} {
+		if got := protocol.LowerHex(in); got != want {
+			t.Errorf("LowerHex(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -89,7 +89,7 @@ func (ss *session) handleHello(data []byte) {
 	}
 	ctx, cancel := context.WithTimeout(ss.ctx, 10*time.Second)
 	defer cancel()
-	pubkey := toLowerHex(h.Pubkey)
+	pubkey := protocol.LowerHex(h.Pubkey)
 	check := store.HelloCheck{SigHash: auth.SignatureHash(h.Signature), PID: h.PID, Cwd: h.Cwd, MeshID: h.MeshID, Pubkey: pubkey}
 	if h.HasCapability(protocol.CapSendOnly) {
 		// A hook that came before its session is for that session, not
@@ -148,16 +148,6 @@ func (ss *session) handleHello(data []byte) {
 		return
 	}
 	ss.register(h, member, prev, hasPrev, res.Pending, release)
-}
-
-func toLowerHex(s string) string {
-	b := []byte(s)
-	for i, c := range b {
-		if c >= 'A' && c <= 'F' {
-			b[i] = c + ('a' - 'A')
-		}
-	}
-	return string(b)
 }
 
 // register makes the session live: it creates (or takes over) the presence
