@@ -73,8 +73,18 @@ func TestJoinAfterEphemeralChurn(t *testing.T) {
 
 	const cycles, workers = 1000, 4
 	// Distinct timestamps: two hellos of one member in the same
-	// millisecond have the same signature (the second is a replay).
-	signedFrom := time.Now().Add(-30 * time.Second)
+	// millisecond have the same signature (the second is a replay). Each
+	// is the time of its own hello, or a millisecond after the last one
+	// taken: the churn may take longer than the hello window (under the
+	// race detector on two cores it took over 30 s).
+	var stampMu sync.Mutex
+	var lastStamp int64
+	stamp := func() time.Time {
+		stampMu.Lock()
+		defer stampMu.Unlock()
+		lastStamp = max(time.Now().UnixMilli(), lastStamp+1)
+		return time.UnixMilli(lastStamp)
+	}
 	var done, failed atomic.Int64
 	var firstErr atomic.Value
 	var wg sync.WaitGroup
@@ -82,7 +92,7 @@ func TestJoinAfterEphemeralChurn(t *testing.T) {
 		wg.Go(func() {
 			for i := w; i < cycles; i += workers {
 				o := maximalEphemeral(i)
-				o.Timestamp = signedFrom.Add(time.Duration(i) * time.Millisecond)
+				o.Timestamp = stamp()
 				if err := oneShot(a.URL(), attacker, o); err != nil {
 					failed.Add(1)
 					firstErr.CompareAndSwap(nil, err)
