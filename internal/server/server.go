@@ -1,7 +1,10 @@
-// Package server is a broker node's front: the HTTP routes, the WebSocket
-// sessions and the delivery engine that moves envelopes from Postgres to
-// sockets. It owns this node's sockets and nothing else; what the cluster
-// shares lives in Postgres (messages, members) and in the presence replica.
+// Package server is a broker node's WebSocket front: the sessions, the
+// hello handshake and what other nodes tell this one (presence changes,
+// commands, membership notices). The delivery engine that moves envelopes
+// from Postgres to the sessions is internal/delivery, the HTTP routes are
+// internal/httpapi. It owns this node's sockets and nothing else; what the
+// cluster shares lives in Postgres (messages, members) and in the presence
+// replica.
 package server
 
 import (
@@ -51,7 +54,8 @@ type Deps struct {
 	Clock *dbclock.Clock
 }
 
-// Server is one broker node's HTTP and WebSocket front and delivery engine.
+// Server is one broker node's WebSocket front; the engine it hands sends
+// to and that pushes to its sessions is Deps.Engine.
 type Server struct {
 	cfg     *config.Config
 	store   *store.Store
