@@ -190,15 +190,23 @@ func TestReplicaCountersRandom(t *testing.T) {
 	}
 }
 
-// SoleRemoteSession names a member's session only when it is the member's
-// one present session, live, and on another node.
-func TestSoleRemoteSession(t *testing.T) {
-	a := presence.NewReplica("a", 1, time.Hour)
-	b := presence.NewReplica("b", 2, time.Hour)
+// linkedPair is two replicas, a (node a, incarnation 1) and b (node b,
+// incarnation 2), that see each other alive and apply each other's own
+// entries at once, as gossip would.
+func linkedPair() (a, b *presence.Replica) {
+	a = presence.NewReplica("a", 1, time.Hour)
+	b = presence.NewReplica("b", 2, time.Hour)
 	a.SetObservers(nil, func(own []presence.Entry) { b.Apply(own) })
 	b.SetObservers(nil, func(own []presence.Entry) { a.Apply(own) })
 	a.NodeAlive("b", 2)
 	b.NodeAlive("a", 1)
+	return a, b
+}
+
+// SoleRemoteSession names a member's session only when it is the member's
+// one present session, live, and on another node.
+func TestSoleRemoteSession(t *testing.T) {
+	a, b := linkedPair()
 
 	b.Create(entry("p1", "m", "u1", "s1"))
 	e, ok := a.SoleRemoteSession("u1")
@@ -238,12 +246,7 @@ func TestSoleRemoteSession(t *testing.T) {
 // A member is online with a visible live session on any node: not with
 // only ephemeral or send-only ones, one in grace, or an orphan.
 func TestMemberOnline(t *testing.T) {
-	a := presence.NewReplica("a", 1, time.Hour)
-	b := presence.NewReplica("b", 2, time.Hour)
-	a.SetObservers(nil, func(own []presence.Entry) { b.Apply(own) })
-	b.SetObservers(nil, func(own []presence.Entry) { a.Apply(own) })
-	a.NodeAlive("b", 2)
-	b.NodeAlive("a", 1)
+	a, b := linkedPair()
 	if a.MemberOnline("u1") {
 		t.Fatal("a member without sessions is online")
 	}
