@@ -186,8 +186,13 @@ func TestReleaseInFlightHoldsNewerRows(t *testing.T) {
 // replica knows.
 func remote(v *env, b *node) (a *node, s, r *session) {
 	a = v.node("A")
+	a.e.TestSignals.ClaimRound.Init()
 	b.e.TestSignals.ClaimRound.Init()
 	s = a.session(v, "sender", "A/s")
+	// The sender's hello claim must be over before a test gates claims:
+	// a gate holds A's claims too, and one of them taken for B's would
+	// let B's run outside the moment the test means to catch.
+	helloClaimed(v.t, a)
 	r = b.session(v, "rcpt", b.name+"/r", func(s *session) { s.clientAck = true })
 	helloClaimed(v.t, b)
 	a.dir.setRemote("rcpt", presence.Entry{Owner: b.name, OwnerInc: 1, PresenceID: "p", ConnID: b.name + "/r",
