@@ -3,6 +3,7 @@ package delivery_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -344,8 +345,10 @@ func TestMarkShrinksOnTimeout(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if sizes[0] <= slowAbove {
-		t.Fatalf("the first mark wrote %d keys: the test did not exercise a slow mark (%v)", sizes[0], sizes)
+	// Pushes written while a mark runs make the next one: the first may
+	// be small, but one must have been slow.
+	if slices.Max(sizes) <= slowAbove {
+		t.Fatalf("no mark wrote over %d keys: the test did not exercise a slow mark (%v)", slowAbove, sizes)
 	}
 	if last := sizes[len(sizes)-1]; last > slowAbove {
 		t.Fatalf("the last mark wrote %d keys (%v)", last, sizes)
