@@ -30,7 +30,7 @@ import (
 type requestWatch struct {
 	mu     sync.Mutex
 	names  []string
-	dialed map[*pgx.Conn]bool // opened within an Acquire, not used since
+	dialed map[*pgx.Conn]bool // opened within an Acquire, not used or released since
 	ran    int                // the peers' statements
 	waits  []string
 }
@@ -67,6 +67,16 @@ func (w *requestWatch) TraceAcquireEnd(ctx context.Context, _ *pgxpool.Pool, d p
 	if f != nil && f.dialed && d.Conn != nil {
 		w.dialed[d.Conn] = true
 	}
+}
+
+// TraceRelease forgets a dial when the acquirer that caused it gives the
+// connection back: the next acquirer gets it opened and prepared (the
+// store's Warm pings on a connection it may have had to open, and Ping runs
+// no traced query).
+func (w *requestWatch) TraceRelease(_ *pgxpool.Pool, d pgxpool.TraceReleaseData) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	delete(w.dialed, d.Conn)
 }
 
 func (w *requestWatch) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectStartData) context.Context {

@@ -96,8 +96,17 @@ func Open(ctx context.Context, url string, maxConns int, opts ...Option) (*Store
 	// Postgres' CPU at moderate rates; a generic plan is made once.
 	// Measured with meshbench rate -n 100 --rate 2000 over 3 nodes: send→push
 	// p50 13 → 8.8 ms, Postgres CPU per message 0.51 → 0.46 ms.
+	//
+	// JIT compilation is off. Postgres compiles a plan whose estimated
+	// cost passes jit_above_cost, and with inlining and optimisation past
+	// 500,000; a plan left with a sequential scan carries the 10^10 that
+	// enable_seqscan=off adds, so the node registry's scan of a handful of
+	// rows (RecentNodes) was compiled on every run: 110 ms of Postgres CPU
+	// each, 7 times in a 100 × 1000 burst on one node (pg_stat_statements
+	// jit_* times: 764 ms of compilation for 759 ms of execution). No
+	// statement of the broker runs long enough to repay a compilation.
 	params := func(extra ...string) map[string]string {
-		m := map[string]string{"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan"}
+		m := map[string]string{"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan", "jit": "off"}
 		for i := 0; i+1 < len(extra); i += 2 {
 			m[extra[i]] = extra[i+1]
 		}
