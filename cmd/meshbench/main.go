@@ -52,6 +52,7 @@ type cli struct {
 
 	DrainTimeout time.Duration `name:"drain-timeout" default:"60s" help:"How long to wait after the last send for outstanding acks and pushes."`
 	Settle       time.Duration `default:"1s" help:"How long to keep listening for late duplicates once everything arrived."`
+	PGStatements int           `name:"pg-statements" placeholder:"N" help:"Report the N statements that took Postgres the most execution time during the run (pg_stat_statements, which costs Postgres a little; --spawn preloads it, a --database-url server must)."`
 	StatsWait    time.Duration `name:"stats-wait" default:"11s" help:"How long Postgres' statistics must stand still after the drain before they are read for row writes and transactions per message (backends publish them 10 s late or more; at most 6 times as long); negative for none."`
 	Seed         uint64        `help:"Seed for the random targets (default: random, recorded in the result)."`
 	Keep         bool          `help:"Keep the bench mesh(es) in the database."`
@@ -100,8 +101,8 @@ func (c *cli) run() error {
 		Peers: c.Peers, Messages: c.Messages, Size: c.Size, Rate: c.Rate, Duration: c.Duration,
 		Conns: c.Conns, SessionsPerMember: c.SessionsPerMember, ConnsPerMesh: c.ConnsPerMesh,
 		Concurrency: c.Concurrency, Hold: c.Hold, DrainTimeout: c.DrainTimeout, Settle: c.Settle,
-		StatsWait: c.StatsWait,
-		Seed:      c.Seed, Keep: c.Keep, Logger: logger,
+		StatsWait: c.StatsWait, PGStatements: c.PGStatements,
+		Seed: c.Seed, Keep: c.Keep, Logger: logger,
 		Meta: map[string]string{"command": "meshbench " + strings.Join(os.Args[1:], " ")},
 	}
 	if c.StatsWait == 0 {
@@ -128,7 +129,7 @@ func (c *cli) run() error {
 		}
 		fmt.Fprintf(os.Stderr, "meshbench: starting Postgres and %d broker nodes …\n", c.Spawn)
 		cl, err := bench.Spawn(ctx, bench.SpawnOptions{
-			Nodes: c.Spawn, BrokerBin: c.BrokerBin, PGFast: c.PGFast, BasePort: c.BasePort,
+			Nodes: c.Spawn, BrokerBin: c.BrokerBin, PGFast: c.PGFast, PGStatements: c.PGStatements > 0, BasePort: c.BasePort,
 			Env: c.BrokerEnv, GitSHA: sha, KeepDir: c.KeepCluster, Logger: logger,
 		})
 		if err != nil {

@@ -104,6 +104,12 @@ type Options struct {
 	// transactions (PGWrites), at most 6 times as long; default 11s,
 	// negative for no reading.
 	StatsWait time.Duration
+	// PGStatements, when positive, reports that many statements, those
+	// that took Postgres the most execution time during the timed phase
+	// (pg_stat_statements, which the server must preload: SpawnOptions.
+	// PGStatements; the extension is created if missing). Needs the
+	// statistics reading (StatsWait not negative).
+	PGStatements int
 	// SampleInterval is the RSS/FD sampling period; default 250ms.
 	SampleInterval time.Duration
 	// Seed makes the random targets reproducible; zero picks one.
@@ -410,7 +416,7 @@ func runMessages(ctx context.Context, o Options, st *store.Store, res *Result) (
 
 	var pgs *pgStats
 	if o.StatsWait >= 0 {
-		if pgs, err = startPGStats(ctx, o.DatabaseURL); err != nil {
+		if pgs, err = startPGStats(ctx, o.DatabaseURL, o.PGStatements); err != nil {
 			res.Notes = append(res.Notes, err.Error())
 		}
 	}

@@ -32,6 +32,9 @@ type SpawnOptions struct {
 	// PGFast turns fsync and synchronous_commit off. Faster, but not how a
 	// broker runs in production: keep it off for published numbers.
 	PGFast bool
+	// PGStatements loads pg_stat_statements into the private Postgres, for
+	// Options.PGStatements.
+	PGStatements bool
 	// BasePort is the first node's HTTP port; the others follow, then the
 	// gossip ports. Zero picks a free range.
 	BasePort int
@@ -121,7 +124,11 @@ func Spawn(ctx context.Context, opts SpawnOptions) (c *Cluster, err error) {
 	if out, err := exec.CommandContext(ctx, filepath.Join(pgBin, "postgres"), "--version").Output(); err == nil {
 		c.Postgres = strings.TrimSpace(string(out))
 	}
-	c.pg, err = pgembed.Start(ctx, pgembed.Options{DataDir: filepath.Join(dir, "pg"), Fast: opts.PGFast, BinDir: pgBin, Logger: opts.Logger})
+	pgo := pgembed.Options{DataDir: filepath.Join(dir, "pg"), Fast: opts.PGFast, BinDir: pgBin, Logger: opts.Logger}
+	if opts.PGStatements {
+		pgo.Settings = []string{"shared_preload_libraries=pg_stat_statements"}
+	}
+	c.pg, err = pgembed.Start(ctx, pgo)
 	if err != nil {
 		return nil, fmt.Errorf("spawn: postgres: %w", err)
 	}

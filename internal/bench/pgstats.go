@@ -32,6 +32,23 @@ type PGWrites struct {
 	XactsPerMsg     float64 `json:"transactionsPerDelivered"`
 	WaitSec         float64 `json:"waitSec"`
 	StatsResetMidst bool    `json:"statsResetMidst,omitempty"` // a counter went backwards: the numbers are not usable
+	// Statements are the statements that took Postgres the most execution
+	// time from the first send to the drain (Options.PGStatements).
+	Statements []StatementStat `json:"statements,omitempty"`
+}
+
+// StatementStat is one pg_stat_statements entry: a normalised statement
+// of the database and what it cost.
+type StatementStat struct {
+	Query  string  `json:"query"` // whitespace collapsed, cut to 120 characters
+	Calls  int64   `json:"calls"`
+	Rows   int64   `json:"rows"`
+	ExecMs float64 `json:"execMs"` // total execution time
+	PlanMs float64 `json:"planMs"` // total planning time (0 unless pg_stat_statements.track_planning)
+	JITMs  float64 `json:"jitMs"`  // JIT generation, inlining, optimisation and emission
+	// SharePct is ExecMs over the execution time of all the database's
+	// statements.
+	SharePct float64 `json:"sharePct"`
 }
 
 // TableWrites is one table's share of PGWrites.
@@ -107,21 +124,63 @@ func pgDelta(before, after pgCounters, delivered int64) PGWrites {
 
 // pgStats takes the two readings of a run on a connection of its own.
 type pgStats struct {
-	conn   *pgx.Conn
-	before pgCounters
+	conn       *pgx.Conn
+	before     pgCounters
+	statements int // top statements to report; 0 for none
 }
 
-func startPGStats(ctx context.Context, url string) (*pgStats, error) {
+// startPGStats takes the first reading; with statements > 0 it also
+// resets pg_stat_statements (creating the extension if missing).
+func startPGStats(ctx context.Context, url string, statements int) (*pgStats, error) {
 	conn, err := pgx.Connect(ctx, url)
 	if err != nil {
 		return nil, fmt.Errorf("pg stats: %w", err)
 	}
-	s := &pgStats{conn: conn}
+	s := &pgStats{conn: conn, statements: statements}
+	if statements > 0 {
+		if _, err := conn.Exec(ctx, `CREATE EXTENSION IF NOT EXISTS pg_stat_statements`); err != nil {
+			conn.Close(context.Background())
+			return nil, fmt.Errorf("pg stats: pg_stat_statements (is it in shared_preload_libraries?): %w", err)
+		}
+		if _, err := conn.Exec(ctx, `SELECT pg_stat_statements_reset()`); err != nil {
+			conn.Close(context.Background())
+			return nil, fmt.Errorf("pg stats: reset pg_stat_statements: %w", err)
+		}
+	}
 	if s.before, err = readPGCounters(ctx, conn); err != nil {
 		conn.Close(context.Background())
 		return nil, err
 	}
 	return s, nil
+}
+
+// readStatements reads the database's top n statements by execution
+// time, leaving out the readings' own.
+func readStatements(ctx context.Context, conn *pgx.Conn, n int) ([]StatementStat, error) {
+	rows, err := conn.Query(ctx, `
+		WITH s AS (
+			SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 120) AS q, calls, rows,
+			       total_exec_time, total_plan_time,
+			       jit_generation_time + jit_inlining_time + jit_optimization_time + jit_emission_time AS jit
+			FROM pg_stat_statements
+			WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+			  AND query !~ 'pg_stat_(statements|database|user_tables)'
+		)
+		SELECT q, calls, rows, total_exec_time, total_plan_time, jit,
+		       coalesce(100 * total_exec_time / nullif(sum(total_exec_time) OVER (), 0), 0)
+		FROM s ORDER BY total_exec_time DESC LIMIT $1`, n)
+	if err != nil {
+		return nil, fmt.Errorf("pg stats: statements: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (StatementStat, error) {
+		var st StatementStat
+		err := r.Scan(&st.Query, &st.Calls, &st.Rows, &st.ExecMs, &st.PlanMs, &st.JITMs, &st.SharePct)
+		return st, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("pg stats: statements: %w", err)
+	}
+	return out, nil
 }
 
 // finish reads the counters every second until they moved by at most
@@ -130,6 +189,15 @@ func startPGStats(ctx context.Context, url string) (*pgStats, error) {
 // background work), or until maxWait; then it closes the connection.
 func (s *pgStats) finish(ctx context.Context, minWait, maxWait time.Duration, delivered int64) (*PGWrites, error) {
 	defer s.conn.Close(context.Background())
+	// pg_stat_statements counts a statement when it ends: read at the
+	// drain, before the background work of the wait below.
+	var statements []StatementStat
+	if s.statements > 0 {
+		var err error
+		if statements, err = readStatements(ctx, s.conn, s.statements); err != nil {
+			return nil, err
+		}
+	}
 	start := time.Now()
 	var readings []pgCounters
 	var at []time.Duration
@@ -165,6 +233,7 @@ func (s *pgStats) finish(ctx context.Context, minWait, maxWait time.Duration, de
 	}
 	w := pgDelta(s.before, readings[len(readings)-1], delivered)
 	w.WaitSec = at[len(at)-1].Seconds()
+	w.Statements = statements
 	return &w, nil
 }
 

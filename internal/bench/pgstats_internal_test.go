@@ -2,11 +2,15 @@ package bench
 
 import (
 	"context"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/claudemesh/broker/internal/pgembed"
 	"github.com/claudemesh/broker/internal/pgtest"
 )
 
@@ -72,5 +76,66 @@ func TestPGWrites(t *testing.T) {
 	}
 	if r := pgDelta(after, before, 1); !r.StatsResetMidst {
 		t.Error("counters going backwards not flagged")
+	}
+}
+
+// TestPGStatements reports, from a server that preloads
+// pg_stat_statements, the statements run after the first reading with
+// their call counts, and not the readings' own.
+func TestPGStatements(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	base := t.TempDir()
+	for _, d := range []string{filepath.Dir(base), base} { // reachable by the postgres user when run as root
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bin, err := pgembed.FindBinaries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pg, err := pgembed.Start(ctx, pgembed.Options{DataDir: filepath.Join(base, "pg"), Fast: true, BinDir: bin,
+		Settings: []string{"shared_preload_libraries=pg_stat_statements"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pg.Stop() })
+	url := pg.URL("postgres")
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, `CREATE TABLE probe_before (id int)`); err != nil { // before the reset: not reported
+		t.Fatal(err)
+	}
+	s, err := startPGStats(ctx, url, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 7 {
+		if _, err := conn.Exec(ctx, `SELECT count(*) FROM generate_series(1, $1::int) AS probe_series`, i+1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w, err := s.finish(ctx, 0, 0, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	for _, st := range w.Statements {
+		switch {
+		case strings.Contains(st.Query, "probe_series"):
+			found = true
+			if st.Calls != 7 || st.Rows != 7 || st.SharePct <= 0 || st.SharePct > 100 {
+				t.Errorf("probe statement %+v, want 7 calls and rows, a share in (0, 100]", st)
+			}
+		case strings.Contains(st.Query, "pg_stat_"), strings.Contains(st.Query, "probe_before"):
+			t.Errorf("reported %q", st.Query)
+		}
+	}
+	if !found {
+		t.Fatalf("probe statement not reported: %+v", w.Statements)
 	}
 }

@@ -73,6 +73,13 @@ func WriteTable(w io.Writer, r Result) error {
 		fmt.Fprintf(tw, "postgres\t%.2f row writes, %.3f transactions per delivered message\t%d writes (%s), %d transactions; read %s after the drain, once still\n",
 			pw.WritesPerMsg, pw.XactsPerMsg, pw.RowWrites, tableWrites(pw.Tables), pw.Transactions, seconds(pw.WaitSec))
 	}
+	if pw := r.PGWrites; pw != nil && len(pw.Statements) > 0 {
+		fmt.Fprintln(tw)
+		fmt.Fprintf(tw, "statement\tshare of exec\tcalls\trows\texec\tjit\tpg_stat_statements, first send to drain\n")
+		for _, st := range pw.Statements {
+			fmt.Fprintf(tw, "\t%.1f%%\t%d\t%d\t%.0f ms\t%.0f ms\t%s\n", st.SharePct, st.Calls, st.Rows, st.ExecMs, st.JITMs, st.Query)
+		}
+	}
 	if c := r.Conns; c != nil {
 		fmt.Fprintln(tw)
 		fmt.Fprintf(tw, "opened\t%d of %d\tin %d meshes, %d members; failed %s; dropped while idle %s\n",

@@ -34,6 +34,9 @@ type Options struct {
 	Fast bool
 	// BinDir overrides where initdb and pg_ctl are looked up.
 	BinDir string
+	// Settings are extra server settings, each "name=value" with no
+	// space in it (passed to the server as -c name=value).
+	Settings []string
 	// MaxConnections defaults to 300.
 	MaxConnections int
 	// PortFallback lets Start pick a free port when Port is taken by
@@ -254,6 +257,9 @@ func (s *Server) Start(ctx context.Context) error {
 	}
 	if s.opts.Fast {
 		settings = append(settings, "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
+	}
+	for _, kv := range s.opts.Settings {
+		settings = append(settings, "-c", kv)
 	}
 	logFile := filepath.Join(s.opts.DataDir, "server.log")
 	logStart := fileSize(logFile)
