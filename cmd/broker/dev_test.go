@@ -144,7 +144,14 @@ func (d *devProcess) exit(timeout time.Duration) error {
 	case <-d.done:
 		return d.err
 	case <-time.After(timeout):
-		d.t.Fatalf("broker dev did not exit within %s:\n%s", timeout, d.stdout())
+		// SIGQUIT makes the Go runtime write every goroutine's stack to
+		// stderr (the test log) and exit: where the shutdown stuck.
+		_ = d.cmd.Process.Signal(syscall.SIGQUIT)
+		select {
+		case <-d.done:
+		case <-time.After(10 * time.Second):
+		}
+		d.t.Fatalf("broker dev did not exit within %s (goroutine dump above):\n%s", timeout, d.stdout())
 	}
 	return nil
 }
