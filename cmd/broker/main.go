@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/alecthomas/kong"
+	"github.com/bytedance/gopkg/util/gctuner"
 
 	"github.com/claudemesh/broker/internal/admin"
 	"github.com/claudemesh/broker/internal/config"
@@ -40,18 +41,31 @@ type cli struct {
 	Healthcheck healthcheckCmd `cmd:"" help:"Probe a node's /health and exit 0 when it answers 200 (the container HEALTHCHECK)."`
 }
 
-// defaultGCPercent is the garbage collector's target when GOGC is not set.
+// defaultGCPercent is the garbage collector's target when GOGC is not set
+// and the heap is past heapFloor.
 // A broker mostly holds idle connections (Claude Code sessions waiting for
 // their user), so memory per connection matters more than the collector's
 // CPU: with 10,000 idle connections on one node, GOGC=50 measured 36.0 KiB
-// of RSS per connection against 43–46 KiB at Go's default of 100, with no
-// visible change at 2,000 msg/s (docs/BENCHMARKS.md).
+// of RSS per connection against 43–46 KiB at Go's default of 100
+// (docs/BENCHMARKS.md).
 const defaultGCPercent = 50
 
-// tuneGC applies defaultGCPercent unless the operator set GOGC.
+// heapFloor is the heap below which the collector's target rises (up to
+// GOGC 500, gctuner's ceiling): a node with a small live heap and a high
+// allocation rate (messages flowing between a few hundred sessions)
+// otherwise collects every few megabytes, a quarter of its CPU at 2,000
+// msg/s over 3 nodes; past the floor (10,000 idle connections hold about
+// 100 MB) the target is defaultGCPercent again. Each collection sets the
+// next target from the heap in use (gctuner, through a finalizer).
+const heapFloor = 64 << 20
+
+// tuneGC applies defaultGCPercent with heapFloor unless the operator set
+// GOGC.
 func tuneGC(lookupEnv func(string) (string, bool)) {
 	if _, set := lookupEnv("GOGC"); !set {
 		debug.SetGCPercent(defaultGCPercent)
+		gctuner.SetMinGCPercent(defaultGCPercent)
+		gctuner.Tuning(heapFloor)
 	}
 }
 
