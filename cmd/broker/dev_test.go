@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -278,6 +279,14 @@ func refused(port int) bool {
 // outright, leaving its Postgres, the next start stops that server with one
 // line and starts.
 func TestDevStopsOnSIGHUPAndRecoversLeftoverPostgres(t *testing.T) {
+	// Started under nohup, this test binary has SIGHUP ignored, and the
+	// broker dev it starts inherits that and keeps ignoring it, as it must
+	// (stopSignals): it would never stop. Catching SIGHUP here gives the
+	// children the default disposition a process started from a terminal
+	// has (a caught signal is reset on exec, an ignored one is not).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	data := dataDir(t)
 	ports := freePortRange(t, 2)
 	args := []string{"--nodes", "1", "--lb-port", "0", "--port", strconv.Itoa(ports), "--gossip-port", strconv.Itoa(ports + 1)}
