@@ -153,7 +153,17 @@ func warmPool(ctx context.Context, p *pgxpool.Pool, size int32) error {
 		c.Release()
 	}
 	if err := p.Ping(ctx); err != nil {
-		return err
+		// A connection the check above did not hold (the pool's own health
+		// check had it) can still carry the server's goodbye: the Ping
+		// that got it closed it; the next one tells whether Postgres
+		// answers.
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) || pgErr.Code[:2] != "57" {
+			return err
+		}
+		if err := p.Ping(ctx); err != nil {
+			return err
+		}
 	}
 	tick := time.NewTicker(warmPoll)
 	defer tick.Stop()
