@@ -2,15 +2,13 @@ package bench
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/claudemesh/broker/internal/pgembed"
+	"github.com/claudemesh/broker/internal/faultkit"
 	"github.com/claudemesh/broker/internal/pgtest"
 )
 
@@ -85,22 +83,7 @@ func TestPGWrites(t *testing.T) {
 func TestPGStatements(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	base := t.TempDir()
-	for _, d := range []string{filepath.Dir(base), base} { // reachable by the postgres user when run as root
-		if err := os.Chmod(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	bin, err := pgembed.FindBinaries()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pg, err := pgembed.Start(ctx, pgembed.Options{DataDir: filepath.Join(base, "pg"), Fast: true, BinDir: bin,
-		Settings: []string{"shared_preload_libraries=pg_stat_statements"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pg.Stop() })
+	pg := faultkit.PrivatePostgres(t, "shared_preload_libraries=pg_stat_statements")
 	url := pg.URL("postgres")
 	conn, err := pgx.Connect(ctx, url)
 	if err != nil {

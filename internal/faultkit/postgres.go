@@ -14,7 +14,8 @@ import (
 // PrivatePostgres starts a migrated Postgres of the test's own, which the
 // test may stop and start (the shared test server must stay up). Its
 // "postgres" database holds the schema. It is stopped when the test ends.
-func PrivatePostgres(t testing.TB) *pgembed.Server {
+// settings are extra server settings ("name=value", pgembed.Options).
+func PrivatePostgres(t testing.TB, settings ...string) *pgembed.Server {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "cmtest-private-pg-")
 	if err != nil {
@@ -26,7 +27,7 @@ func PrivatePostgres(t testing.TB) *pgembed.Server {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	pg, err := pgembed.Start(ctx, pgembed.Options{DataDir: filepath.Join(dir, "data"), Fast: true})
+	pg, err := pgembed.Start(ctx, pgembed.Options{DataDir: filepath.Join(dir, "data"), Fast: true, Settings: settings})
 	if err != nil {
 		os.RemoveAll(dir)
 		t.Fatal(err)

@@ -38,7 +38,11 @@ func TestNoJITOnStoreConnections(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.RuntimeParams["enable_seqscan"] = "off"
+	for k, v := range store.SessionSettings() { // all of the store's settings but jit's
+		if k != "jit" {
+			cfg.RuntimeParams[k] = v
+		}
+	}
 	plain, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -24,9 +24,9 @@ func TestMarkPlanSurvivesGrowth(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The settings of the store's connections (store.Open).
-	cfg.RuntimeParams["enable_seqscan"] = "off"
-	cfg.RuntimeParams["plan_cache_mode"] = "force_generic_plan"
+	for k, v := range store.SessionSettings() {
+		cfg.RuntimeParams[k] = v
+	}
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -158,7 +159,7 @@ func warmPool(ctx context.Context, p *pgxpool.Pool, size int32) error {
 		// that got it closed it; the next one tells whether Postgres
 		// answers.
 		var pgErr *pgconn.PgError
-		if !errors.As(err, &pgErr) || pgErr.Code[:2] != "57" {
+		if !errors.As(err, &pgErr) || !strings.HasPrefix(pgErr.Code, "57") {
 			return err
 		}
 		if err := p.Ping(ctx); err != nil {

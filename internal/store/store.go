@@ -81,53 +81,57 @@ func Open(ctx context.Context, url string, maxConns int, opts ...Option) (*Store
 		maxConns = 4
 	}
 	syncConns := maxConns - maxConns/4
-	// Every query of the broker is written to be driven by an index. While
-	// a table grows from empty faster than autovacuum refreshes its
-	// statistics, the planner believes it tiny and scans it whole, each
-	// scan a little longer: a queue that fills up in a minute would crawl.
-	// Sequential scans are therefore a last resort on the broker's
-	// connections (they still happen where no index serves).
-	//
-	// The statements are prepared once per connection and their plans do
-	// not depend on the parameter values (arrays unnested into index
-	// lookups), yet Postgres re-plans a prepared statement for every
-	// execution while its custom plans look cheaper than the generic one.
-	// Planning the CTEs of an insert or a claim was a large share of
-	// Postgres' CPU at moderate rates; a generic plan is made once.
-	// Measured with meshbench rate -n 100 --rate 2000 over 3 nodes: send→push
-	// p50 13 → 8.8 ms, Postgres CPU per message 0.51 → 0.46 ms.
-	//
-	// JIT compilation is off. Postgres compiles a plan whose estimated
-	// cost passes jit_above_cost, and with inlining and optimisation past
-	// 500,000; a plan left with a sequential scan carries the 10^10 that
-	// enable_seqscan=off adds, so the node registry's scan of a handful of
-	// rows (RecentNodes) was compiled on every run: 110 ms of Postgres CPU
-	// each, 7 times in a 100 × 1000 burst on one node (pg_stat_statements
-	// jit_* times: 764 ms of compilation for 759 ms of execution). No
-	// statement of the broker runs long enough to repay a compilation.
-	params := func(extra ...string) map[string]string {
-		m := map[string]string{"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan", "jit": "off"}
-		for i := 0; i+1 < len(extra); i += 2 {
-			m[extra[i]] = extra[i+1]
-		}
-		return m
-	}
-	pool, err := newPool(ctx, url, syncConns, "claudemesh-broker", params(), onSync, o)
+	pool, err := newPool(ctx, url, syncConns, "claudemesh-broker", sessionSettings(), onSync, o)
 	if err != nil {
 		return nil, err
 	}
-	fast, err := newPool(ctx, url, maxConns-syncConns, "claudemesh-broker-async", params("synchronous_commit", "off"), onFast, o)
+	fast, err := newPool(ctx, url, maxConns-syncConns, "claudemesh-broker-async", sessionSettings("synchronous_commit", "off"), onFast, o)
 	if err != nil {
 		pool.Close()
 		return nil, err
 	}
-	probe, err := newPool(ctx, url, 1, "claudemesh-broker-probe", params(), onProbe, o)
+	probe, err := newPool(ctx, url, 1, "claudemesh-broker-probe", sessionSettings(), onProbe, o)
 	if err != nil {
 		pool.Close()
 		fast.Close()
 		return nil, err
 	}
 	return &Store{pool: pool, fast: fast, probe: probe, poolSize: int32(syncConns), fastSize: int32(maxConns - syncConns)}, nil
+}
+
+// sessionSettings are the settings of every connection of the store, with
+// extra name, value pairs added.
+//
+// Every query of the broker is written to be driven by an index. While
+// a table grows from empty faster than autovacuum refreshes its
+// statistics, the planner believes it tiny and scans it whole, each
+// scan a little longer: a queue that fills up in a minute would crawl.
+// Sequential scans are therefore a last resort on the broker's
+// connections (they still happen where no index serves).
+//
+// The statements are prepared once per connection and their plans do
+// not depend on the parameter values (arrays unnested into index
+// lookups), yet Postgres re-plans a prepared statement for every
+// execution while its custom plans look cheaper than the generic one.
+// Planning the CTEs of an insert or a claim was a large share of
+// Postgres' CPU at moderate rates; a generic plan is made once.
+// Measured with meshbench rate -n 100 --rate 2000 over 3 nodes: send→push
+// p50 13 → 8.8 ms, Postgres CPU per message 0.51 → 0.46 ms.
+//
+// JIT compilation is off. Postgres compiles a plan whose estimated
+// cost passes jit_above_cost, and with inlining and optimisation past
+// 500,000; a plan left with a sequential scan carries the 10^10 that
+// enable_seqscan=off adds, so the node registry's scan of a handful of
+// rows (RecentNodes) was compiled on every run: 110 ms of Postgres CPU
+// each, 7 times in a 100 × 1000 burst on one node (pg_stat_statements
+// jit_* times: 764 ms of compilation for 759 ms of execution). No
+// statement of the broker runs long enough to repay a compilation.
+func sessionSettings(extra ...string) map[string]string {
+	m := map[string]string{"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan", "jit": "off"}
+	for i := 0; i+1 < len(extra); i += 2 {
+		m[extra[i]] = extra[i+1]
+	}
+	return m
 }
 
 func newPool(ctx context.Context, url string, maxConns int, app string, params map[string]string, kind poolKind, o options) (*pgxpool.Pool, error) {
