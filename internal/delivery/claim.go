@@ -60,10 +60,23 @@ type localMember struct {
 	// one runs, the released rows still look leased: a claim would skip
 	// them and push newer rows first, and so would the fast paths.
 	releasing int
-	// directing counts envelopes being reserved on a session outside the
-	// engine's lock (RelayEnvelope): no claim starts meanwhile, so none
-	// can take and push the row in between.
+	// releases counts the lease releases of its rows ever begun: a claim
+	// during which one began may have read newer rows while the released
+	// ones still looked leased (claimChunks).
+	releases uint64
+	// directing counts envelopes being reserved and pushed on a session
+	// outside the engine's lock (RelayEnvelope): no claim starts
+	// meanwhile, so none can take and push the row, or a later one of the
+	// member while this one's push is refused and given back, in between.
 	directing int
+	// settling counts this node's commits with a direct push for it
+	// (a local fast-path row) that have not settled yet. No claim starts
+	// meanwhile: such a row is written leased (no claim takes it) and
+	// pushed only once its commit settles, while its batch's later rows
+	// of the member, there for a claim (the session's room ran out), are
+	// claimable from the commit on: a claim in between would push them
+	// first. Fast paths are not held back by it.
+	settling int
 	// gone are connections its sessions replaced on other nodes, whose
 	// rows its next takeover takes (takeover.go).
 	gone []string
@@ -87,7 +100,7 @@ func (lm *localMember) caughtUp() bool { return lm.dirty == 0 && !lm.busy() }
 
 // forget drops the member's state once nothing refers to it; mu is held.
 func (e *Engine) forget(member string, lm *localMember) {
-	if len(lm.sessions) == 0 && !lm.busy() {
+	if len(lm.sessions) == 0 && !lm.busy() && lm.settling == 0 {
 		delete(e.members, member)
 	}
 }
@@ -149,6 +162,7 @@ func (e *Engine) beginRelease(member string) {
 	e.mu.Lock()
 	if lm := e.members[member]; lm != nil {
 		lm.releasing++
+		lm.releases++
 	}
 	e.mu.Unlock()
 }
@@ -223,8 +237,10 @@ func (e *Engine) WakeAll(why Reason) {
 // it is for every later row of the member in the batch (mustHold) once one
 // is. blocked reports that the member's state or its sessions' room, not
 // their status, ruled the fast path out: later rows of the batch must not
-// take it either.
-func (e *Engine) fastPath(member string, priority int, taken map[Recipient]int, mustHold bool) (r Recipient, hold, blocked bool) {
+// take it either. The first direct push (not held) of a member in a batch
+// counts the member settling (direct records it) until the batch has
+// settled.
+func (e *Engine) fastPath(member string, priority int, taken map[Recipient]int, mustHold bool, direct map[string]bool) (r Recipient, hold, blocked bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	lm := e.members[member]
@@ -242,10 +258,36 @@ func (e *Engine) fastPath(member string, priority int, taken map[Recipient]int, 
 		}
 		takes = true
 		if r.Room()-taken[r]-len(lm.held) > 0 && !r.Closing() {
+			if !hold && !direct[member] {
+				direct[member] = true
+				lm.settling++
+			}
 			return r, hold, false
 		}
 	}
 	return nil, false, takes
+}
+
+// settled ends the settling of a batch's members (fastPath), once its
+// commit has settled (pushed its rows, begun the releases of those
+// refused) or failed, and kicks the claims that waited for it.
+func (e *Engine) settled(members []string) {
+	if len(members) == 0 {
+		return
+	}
+	kick := false
+	e.mu.Lock()
+	for _, m := range members {
+		if lm := e.members[m]; lm != nil && lm.settling > 0 {
+			lm.settling--
+			kick = kick || (lm.settling == 0 && lm.dirty != 0)
+			e.forget(m, lm)
+		}
+	}
+	e.mu.Unlock()
+	if kick {
+		e.Kick()
+	}
 }
 
 // take records that a remote fast-path row is being handled, and reports
@@ -323,10 +365,13 @@ type claimTarget struct {
 	// takeover: the claim is a TakeOver, which also takes gone's rows.
 	takeover bool
 	gone     []string
-	// held are rows claimed after one the session's queue refused: they go
-	// back to the queue unpushed, so as not to overtake it.
-	refused bool
-	held    []Key
+	// refused: the claim's rows (from here on) are not pushed but go back
+	// to the queue (held), so as not to overtake an older row: one the
+	// session's queue refused, or one whose release began while the claim
+	// ran (releases, the member's count when the claim was planned).
+	refused  bool
+	held     []Key
+	releases uint64
 }
 
 // claimRound claims for every dirty member in one statement per chunk.
@@ -408,8 +453,8 @@ func (e *Engine) claimTargets() (map[string]*claimTarget, []ClaimRequest) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for id, lm := range e.members {
-		if lm.dirty == 0 || lm.busy() {
-			continue
+		if lm.dirty == 0 || lm.busy() || lm.settling > 0 {
+			continue // settled (committer.commit) kicks the round again
 		}
 		r := lm.pick()
 		if r == nil {
@@ -423,7 +468,7 @@ func (e *Engine) claimTargets() (map[string]*claimTarget, []ClaimRequest) {
 			continue
 		}
 		targets[id] = &claimTarget{r: r, reason: lm.dirty, limit: int32(limit),
-			takeover: lm.dirty&ReasonTakeOver != 0 && e.live != nil, gone: lm.gone}
+			takeover: lm.dirty&ReasonTakeOver != 0 && e.live != nil, gone: lm.gone, releases: lm.releases}
 		reqs = append(reqs, ClaimRequest{MemberID: id, Conn: r.ConnID(), MaxPriority: int16(r.MaxPriority()), Limit: int32(limit)})
 		lm.dirty, lm.inflight, lm.gone = 0, true, nil
 	}
@@ -509,6 +554,7 @@ func (e *Engine) claimChunks(ctx context.Context, targets map[string]*claimTarge
 		}
 		e.grow()
 		rows += len(got)
+		e.releasedMeanwhile(targets, part)
 		now := time.Now()
 		for _, d := range got {
 			t := targets[d.MemberID]
@@ -519,6 +565,25 @@ func (e *Engine) claimChunks(ctx context.Context, targets map[string]*claimTarge
 		}
 	}
 	return rows, false, false
+}
+
+// releasedMeanwhile refuses the pushes of a claim for a member whose rows
+// began to be released while it ran. A release holds back the member's
+// next claim, not one already planned: a push the session's queue refused
+// in a commit that settled meanwhile gives its row (and the batch's later
+// ones) back, and the sender's next rows, committed for a claim, may be in
+// this claim's snapshot while the released ones were still leased. So what
+// it took goes back with them, and the claim after the release takes them
+// all in order.
+func (e *Engine) releasedMeanwhile(targets map[string]*claimTarget, part []ClaimRequest) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, r := range part {
+		if lm, t := e.members[r.MemberID], targets[r.MemberID]; lm != nil && lm.releases != t.releases && !t.refused {
+			t.refused = true
+			e.m.ClaimsGivenBack.Inc()
+		}
+	}
 }
 
 // redirty marks the members of reqs as needing their claim again, with

@@ -129,7 +129,11 @@ func (c *committer) reject(s *Send, code string) {
 // the fast-path rows and wakes local and remote recipients.
 func (c *committer) commit(ctx context.Context, batch []*Send) {
 	e := c.e
-	p := c.plan(batch)
+	p, settling := c.plan(batch)
+	defer func() {
+		e.settled(settling) // after settle's pushes and releases
+		e.TestSignals.Settled.Signal(len(batch))
+	}()
 	start := time.Now()
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	if ctx.Err() != nil {
@@ -153,7 +157,7 @@ func (c *committer) commit(ctx context.Context, batch []*Send) {
 	}
 	e.TestSignals.Committed.Signal(len(batch))
 	e.m.RelaySent.Add(float64(len(p.WakeChannels) + len(p.Envelopes)))
-	c.settle(batch, res, time.Now())
+	settling = append(settling, c.settle(batch, res, time.Now())...)
 }
 
 // plan decides how each row of a batch travels and builds the insert.
@@ -165,10 +169,11 @@ func (c *committer) commit(ctx context.Context, batch []*Send) {
 // leased to that session and carried whole in an envelope (the remote fast
 // path: that node pushes it without a claim); others get a wake-up and
 // their node claims.
-func (c *committer) plan(batch []*Send) *InsertParams {
+func (c *committer) plan(batch []*Send) (_ *InsertParams, settling []string) {
 	e := c.e
 	msgs := make([]NewMessage, len(batch))
 	taken := map[Recipient]int{} // queue room promised to this batch's direct pushes
+	direct := map[string]bool{}  // members with a direct push in this batch (settling)
 	holding := map[string]bool{} // members with a held row in this batch
 	blocked := map[string]bool{} // members with a row of this batch kept off the fast path
 	for _, s := range batch {
@@ -179,7 +184,7 @@ func (c *committer) plan(batch []*Send) *InsertParams {
 			if blocked[member] {
 				continue
 			}
-			r, hold, block := e.fastPath(member, int(s.Message.Priority), taken, holding[member])
+			r, hold, block := e.fastPath(member, int(s.Message.Priority), taken, holding[member], direct)
 			if r == nil {
 				blocked[member] = block
 				continue
@@ -222,15 +227,19 @@ func (c *committer) plan(batch []*Send) *InsertParams {
 		}
 		msgs[i] = s.Message
 	}
+	for m := range direct {
+		settling = append(settling, m)
+	}
 	channels, payloads := relay.Notifications(now, remote)
 	return &InsertParams{Messages: msgs, TTL: e.cfg.MessageTTL, LeaseNode: e.leaseNode, Lease: e.cfg.LeaseDuration,
-		WakeChannels: channels, WakePayloads: payloads, Envelopes: envs}
+		WakeChannels: channels, WakePayloads: payloads, Envelopes: envs}, settling
 }
 
 // settle answers a committed batch. Each sender's ack is queued before any
 // push of its message (the original broker's order: a client may count a
 // push only once it has the ack), and the push waits on the wire for it.
-func (c *committer) settle(batch []*Send, res []Inserted, committed time.Time) {
+// It returns the members settleHeld counted settling.
+func (c *committer) settle(batch []*Send, res []Inserted, committed time.Time) (settling []string) {
 	e := c.e
 	wakeLocal := map[string]struct{}{}
 	// A session whose queue refused a direct push gets none of this
@@ -259,7 +268,11 @@ func (c *committer) settle(batch []*Send, res []Inserted, committed time.Time) {
 					refused[f] = append(later, k)
 				} else if s.held[j] {
 					d.Attempts = 0
-					if !e.settleHeld(f, d, committed, acked) {
+					ok, counted := e.settleHeld(f, d, committed, acked)
+					if counted {
+						settling = append(settling, rec.MemberID)
+					}
+					if !ok {
 						refused[f] = nil
 					}
 				} else if !e.deliver(f, d, committed, acked) {
@@ -296,6 +309,7 @@ func (c *committer) settle(batch []*Send, res []Inserted, committed time.Time) {
 		}
 		e.Wake(ReasonLocal, members...)
 	}
+	return settling
 }
 
 // rowFailed accounts for a row of a batch that was not written while the

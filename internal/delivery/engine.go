@@ -54,6 +54,7 @@ type Deps struct {
 type TestSignals struct {
 	ClaimRound testsignal.Signal[ClaimRound] // a claim round ended
 	Committed  testsignal.Signal[int]        // a group commit of n messages committed
+	Settled    testsignal.Signal[int]        // a group commit of n messages settled (acked, pushed, woken)
 	Listening  testsignal.Signal[struct{}]   // the relay listener (re)listens
 	Marked     testsignal.Signal[int]        // n rows were marked delivered
 	Expired    testsignal.Signal[int]        // n rows expired

@@ -13,18 +13,33 @@ import (
 	"github.com/claudemesh/broker/internal/relay"
 )
 
-// gatedQueue holds Claim or ReleaseLeases calls until the test opens the
-// gate, to catch the engine in the middle of one.
+// gatedQueue holds Claim, ReleaseLeases or InsertMessages calls until the
+// test opens the gate, to catch the engine in the middle of one.
 type gatedQueue struct {
 	delivery.Queue
 	// claimGate holds a claim before it reads, claimedGate after it has
-	// leased its rows (before they reach the engine).
-	claimGate, claimedGate, releaseGate atomic.Pointer[chan struct{}]
-	claimed, releasing                  chan struct{} // a gated call has begun
+	// leased its rows (before they reach the engine); insertedGate holds a
+	// commit after it has committed (before the committer settles it).
+	claimGate, claimedGate, releaseGate, insertedGate atomic.Pointer[chan struct{}]
+	claimed, releasing, inserted                      chan struct{} // a gated call has begun
+	insertPass                                        chan struct{} // lets one gated commit through
 }
 
 func newGated(q delivery.Queue) *gatedQueue {
-	return &gatedQueue{Queue: q, claimed: make(chan struct{}, 64), releasing: make(chan struct{}, 64)}
+	return &gatedQueue{Queue: q, claimed: make(chan struct{}, 64), releasing: make(chan struct{}, 64),
+		inserted: make(chan struct{}, 64), insertPass: make(chan struct{})}
+}
+
+func (g *gatedQueue) InsertMessages(ctx context.Context, p *delivery.InsertParams) ([]delivery.Inserted, error) {
+	res, err := g.Queue.InsertMessages(ctx, p)
+	if gate := g.insertedGate.Load(); gate != nil {
+		g.inserted <- struct{}{}
+		select {
+		case <-*gate:
+		case <-g.insertPass:
+		}
+	}
+	return res, err
 }
 
 func (g *gatedQueue) Claim(ctx context.Context, p *delivery.ClaimParams) ([]delivery.Delivery, error) {
@@ -181,6 +196,109 @@ func TestReleaseInFlightHoldsNewerRows(t *testing.T) {
 	assertOrder(t, r.waitPushes(t, 4), []string{"o0", "o1", "o2", "new"})
 }
 
+// hellosClaimed waits for the hello claims of n members.
+func hellosClaimed(t *testing.T, a *node, n int) {
+	t.Helper()
+	got := 0
+	if _, ok := a.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(c delivery.ClaimRound) bool { got += c.Members; return got >= n }); !ok {
+		t.Fatalf("%d of %d hello claims", got, n)
+	}
+}
+
+// A release that begins while a claim for the member is in flight holds
+// back that claim's pushes too: here a session closes, giving back rows
+// pushed to it and not acked, while a claim for the member's other
+// session, planned before, reads the sender's next row; the given-back
+// rows still looked leased to it. What the claim took goes back, and the
+// claim after the release takes them all in order.
+func TestReleaseDuringClaimHoldsItsPushes(t *testing.T) {
+	v := newEnv(t)
+	g := newGated(v.q)
+	v.queue = g
+	a := v.node("A")
+	a.e.TestSignals.ClaimRound.Init()
+	s := a.session(v, "sender", "A/s")
+	r1 := a.session(v, "rcpt", "A/r1", func(s *session) { s.clientAck = true })
+	hellosClaimed(t, a, 2)
+	sendAll(t, a, s, []string{"o0", "o1"})
+	assertOrder(t, r1.waitPushes(t, 2), []string{"o0", "o1"}) // leased to r1, not acked
+	a.e.TestSignals.ClaimRound.Clear()
+	r2 := a.session(v, "rcpt", "A/r2", func(s *session) { s.clientAck = true })
+	hellosClaimed(t, a, 1)
+	v.insert("sender", 1, "rcpt", "n0") // committed for a claim
+	openClaim := gate(&g.claimGate)
+	t.Cleanup(openClaim)
+	r1.closing.Store(true) // no claim picks it
+	a.e.Wake(delivery.ReasonNotify, "rcpt")
+	wait(t, g.claimed, "the claim for r2")
+	openRelease := gate(&g.releaseGate)
+	t.Cleanup(openRelease)
+	var keys []delivery.Key
+	for _, p := range r1.pushes() {
+		keys = append(keys, delivery.Key{MessageID: p.id, MemberID: "rcpt"})
+	}
+	a.e.Detach(r1)
+	a.e.Release("A/r1", v.mesh, "rcpt", keys) // as the session's teardown does
+	wait(t, g.releasing, "the release of r1's rows")
+	a.e.TestSignals.ClaimRound.Clear()
+	openClaim() // reads n0, not o0 and o1: still leased
+	if round, ok := a.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(c delivery.ClaimRound) bool { return c.Rows > 0 }); !ok || round.Rows != 1 {
+		t.Fatalf("the held claim: %+v", round)
+	}
+	if got := bodies(r2.pushes()); len(got) != 0 {
+		t.Fatalf("pushed %v before o0 and o1 were released", got)
+	}
+	openRelease()
+	assertOrder(t, r2.waitPushes(t, 3), []string{"o0", "o1", "n0"})
+	if got := value(a.m.ClaimsGivenBack); got != 1 {
+		t.Fatalf("claims given back: %v, want 1", got)
+	}
+}
+
+// inOneBatch commits x (to another member) and holds it after its commit,
+// queues bodies from s to rcpt behind it, and lets x go: they commit as
+// one batch, which is held after its commit in turn (insertedGate).
+func inOneBatch(t *testing.T, g *gatedQueue, a *node, s *session, bodies []string) {
+	t.Helper()
+	a.send(s, 1, "x", "other")
+	wait(t, g.inserted, "the commit of x")
+	for _, b := range bodies {
+		a.send(s, 1, b, "rcpt") // behind x: same sender
+	}
+	g.insertPass <- struct{}{}
+	wait(t, g.inserted, "the commit of the batch")
+}
+
+// A batch whose first rows for a session are pushed directly and whose
+// later ones are left to a claim (the session's room ran out) commits
+// them all at once, but pushes the direct ones only as it settles: no
+// claim may take the later ones in between.
+func TestNoClaimPastAnUnsettledDirectPush(t *testing.T) {
+	v := newEnv(t)
+	g := newGated(v.q)
+	v.queue = g
+	a := v.node("A")
+	a.e.TestSignals.ClaimRound.Init()
+	s := a.session(v, "sender", "A/s")
+	a.session(v, "other", "A/o")
+	r := a.session(v, "rcpt", "A/r", func(s *session) { s.room.Store(2) })
+	hellosClaimed(t, a, 3)
+	open := gate(&g.insertedGate)
+	t.Cleanup(open)
+	inOneBatch(t, g, a, s, []string{"m0", "m1", "m2"}) // m0, m1 direct; m2 for a claim
+	r.drain(100)
+	a.e.TestSignals.ClaimRound.Clear()
+	a.e.WakeAll(delivery.ReasonSweep)
+	if _, ok := a.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(c delivery.ClaimRound) bool { return c.Members > 0 }); !ok {
+		t.Fatal("no claim round for the sweep")
+	}
+	if got := bodies(r.pushes()); len(got) != 0 {
+		t.Fatalf("the sweep's claim pushed %v before the batch settled", got)
+	}
+	open()
+	assertOrder(t, r.waitPushes(t, 3), []string{"m0", "m1", "m2"})
+}
+
 // remote is a sender on node A and a recipient on node B (client_ack:
 // its rows stay undelivered until it acks), whose only session A's
 // replica knows.
@@ -229,6 +347,37 @@ func TestRemoteFastPathThenClaim(t *testing.T) {
 	}
 	if got := bodies(r.pushes()); len(got) != 1 {
 		t.Fatalf("pushed %v: the claim pushed the envelope's row again", got)
+	}
+}
+
+// An envelope's push that its session's queue refuses gives the row back;
+// a claim that starts while it is being pushed must not take and push the
+// batch's next envelope row (leased to this node, claimable) first.
+func TestEnvelopeRefusedWhileAClaimStarts(t *testing.T) {
+	v := newEnv(t)
+	g := newGated(v.q)
+	v.queue = g
+	b := v.node("B")
+	a, s, r := remote(v, b)
+	a.session(v, "other", "A/o")
+	refused := false
+	r.onPush = func(p *delivery.Push) bool {
+		if p.Ciphertext != "e0" || refused {
+			return false
+		}
+		refused = true
+		b.e.TestSignals.ClaimRound.Clear()
+		b.e.WakeAll(delivery.ReasonSweep)
+		b.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(delivery.ClaimRound) bool { return true })
+		return true
+	}
+	open := gate(&g.insertedGate)
+	t.Cleanup(open)
+	inOneBatch(t, g, a, s, []string{"e0", "e1"}) // both carried by envelopes to B
+	open()
+	assertOrder(t, r.waitPushes(t, 2), []string{"e0", "e1"})
+	if !refused {
+		t.Fatal("e0 was not pushed from its envelope")
 	}
 }
 

@@ -122,6 +122,8 @@ type session struct {
 	closing   atomic.Bool
 	starved   atomic.Bool
 	done      chan struct{}
+	// onPush, when set, sees each push first; true refuses it.
+	onPush func(*delivery.Push) bool
 
 	mu       sync.Mutex
 	inflight map[int64]bool
@@ -172,6 +174,9 @@ func (s *session) Unreserve(id int64) {
 }
 
 func (s *session) Push(p *delivery.Push) bool {
+	if s.onPush != nil && s.onPush(p) {
+		return false
+	}
 	if s.room.Add(-1) < 0 {
 		s.room.Add(1)
 		return false

@@ -141,6 +141,7 @@ func (e *Engine) relayDirect(env relay.Envelope, key Key) {
 		return
 	}
 	e.m.Claims.WithLabelValues("relayed").Inc()
+	defer e.directed(env.MemberID)
 	e.deliverReserved(r, Delivery{
 		MessageID: env.MessageID, MemberID: env.MemberID, Conn: env.Conn, MeshID: env.MeshID,
 		SenderMemberID: env.SenderMemberID, SenderPubkey: env.SenderPubkey, SenderName: env.SenderName,
@@ -201,10 +202,10 @@ func (e *Engine) relayParked(envs []relay.Envelope) {
 
 // direct reserves an envelope's row on its leased session when it may be
 // pushed now: the member is caught up, the session is here, open, with
-// room, accepting the priority. While the session reserves it (outside
-// the engine's lock: the engine never holds it while taking a session's),
-// the row is marked taken and the member directing, so no claim takes and
-// pushes it in between.
+// room, accepting the priority. While the session reserves and pushes it
+// (outside the engine's lock: the engine never holds it while taking a
+// session's), the row is marked taken and the member directing, so no
+// claim takes and pushes it, or a later row, in between.
 func (e *Engine) direct(env relay.Envelope) (Recipient, directVerdict) {
 	key := Key{MessageID: env.MessageID, MemberID: env.MemberID}
 	e.mu.Lock()
@@ -239,20 +240,28 @@ func (e *Engine) direct(env relay.Envelope) (Recipient, directVerdict) {
 	e.mu.Unlock()
 
 	res := r.Reserve(env.MessageID)
-
-	e.mu.Lock()
-	lm.directing--
 	if res != Reserved {
+		e.mu.Lock()
 		delete(e.taken, key)
+		e.mu.Unlock()
+		e.directed(env.MemberID)
+		return nil, directClaim
 	}
+	return r, directPush // directing until the push is queued (directed)
+}
+
+// directed ends a direct push that direct let through: it is queued, or
+// its row is being given back (its release has begun, and holds back the
+// member's claims from here). Until then no claim starts: one that read
+// the member's later rows would push them first.
+func (e *Engine) directed(member string) {
+	e.mu.Lock()
+	lm := e.members[member]
+	lm.directing--
 	waiting := lm.dirty != 0
-	e.forget(env.MemberID, lm)
+	e.forget(member, lm)
 	e.mu.Unlock()
 	if waiting {
 		e.Kick() // a wake-up came while the claim was held back
 	}
-	if res != Reserved {
-		return nil, directClaim
-	}
-	return r, directPush
 }

@@ -59,14 +59,25 @@ func (lm *localMember) takeHeld() []heldRow {
 // settleHeld handles a committed row that was planned to be held (its
 // member had a claim in flight): it holds it if the claim still runs,
 // leaves it to a claim if one is due, and pushes it now otherwise. It
-// reports false when the session's queue refused it.
-func (e *Engine) settleHeld(r Recipient, d Delivery, committed time.Time, after <-chan struct{}) bool {
+// reports false when the session's queue refused it, and settling when it
+// pushed (or tried to): the member then counts as settling (fastPath),
+// and the caller ends that with settled once its batch has settled, so
+// that no claim takes the batch's later rows (claimable, like this one)
+// before this one is pushed or given back.
+func (e *Engine) settleHeld(r Recipient, d Delivery, committed time.Time, after <-chan struct{}) (ok, settling bool) {
 	k := d.Key()
 	e.mu.Lock()
+	if _, done := e.taken[k]; done {
+		// A claim of this node read the row (leased to it, not yet tried)
+		// while this commit was settling, and took it: pushed it, or gave
+		// it back for the next claim. Either way it is not ours to push.
+		e.mu.Unlock()
+		return true, false
+	}
 	lm := e.members[d.MemberID]
 	if lm != nil && lm.canHold() && e.hold(lm, heldRow{d: d, committed: committed, after: after}) {
 		e.mu.Unlock()
-		return true
+		return true, false
 	}
 	if lm != nil && (!lm.caughtUp() || e.takenFull()) {
 		// A claim is due or running: it takes the row (claimable by this
@@ -74,14 +85,18 @@ func (e *Engine) settleHeld(r Recipient, d Delivery, committed time.Time, after 
 		lm.dirty |= ReasonLocal
 		e.mu.Unlock()
 		e.Kick()
-		return true
+		return true, false
 	}
 	// Caught up: nothing older waits. A later claim of this node may
 	// still read the row before its mark commits: it must not push it
 	// again.
 	e.taken[k] = time.Now()
+	if lm != nil {
+		lm.settling++
+	}
 	e.mu.Unlock()
-	return e.deliver(r, d, committed, after)
+	ok = e.deliver(r, d, committed, after)
+	return ok, lm != nil
 }
 
 // pushHeld pushes the rows held for member behind the claim that has just

@@ -1,6 +1,7 @@
 package delivery_test
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -26,13 +27,20 @@ func held(t *testing.T, old []string, configure ...func(*session)) (v *env, a *n
 	return v, a, s, r, open, ins
 }
 
-// sendAll sends bodies from s to rcpt and waits for their acks.
+// sendAll sends bodies from s to rcpt and waits until their commits have
+// settled (the acks come first).
 func sendAll(t *testing.T, a *node, s *session, bodies []string) {
 	t.Helper()
+	a.e.TestSignals.Settled.Init()
+	a.e.TestSignals.Settled.Clear()
 	for _, b := range bodies {
 		a.send(s, 1, b, "rcpt")
 	}
 	s.waitAcks(t, len(bodies))
+	n := 0
+	if _, ok := a.e.TestSignals.Settled.WaitFor(10*time.Second, func(m int) bool { n += m; return n >= len(bodies) }); !ok {
+		t.Fatalf("%d of %d sends settled", n, len(bodies))
+	}
 }
 
 // Rows committed for a local session while a claim for its member is in
@@ -73,6 +81,77 @@ func TestHeldBehindClaimInFlight(t *testing.T) {
 	}
 	if got := bodies(r.pushes()); len(got) != len(want) {
 		t.Fatalf("pushed %v: held rows pushed twice", got)
+	}
+}
+
+// A row committed while a claim was in flight, and so written leased to
+// this node for the session, may be read and pushed by the next claim
+// before its commit has settled. The commit then finds the member caught
+// up, but must not push the row again, even once its delivery mark has
+// committed (nothing else remembers the push then).
+func TestHeldRowClaimedBeforeItsCommitSettles(t *testing.T) {
+	v, a, s, r, open, _ := held(t, []string{"old"})
+	g := v.queue.(*gatedQueue)
+	openInserted := gate(&g.insertedGate)
+	t.Cleanup(openInserted)
+	a.send(s, 1, "new", "rcpt")
+	wait(t, g.inserted, "the commit of new") // committed, not settled
+	a.e.TestSignals.Marked.Init()
+	open() // the hello claim ends: "new" is not in its snapshot
+	assertOrder(t, r.waitPushes(t, 1), []string{"old"})
+	marked(t, a, 1)
+	a.e.WakeAll(delivery.ReasonSweep) // the next claim reads "new", leased to this node
+	assertOrder(t, r.waitPushes(t, 2), []string{"old", "new"})
+	marked(t, a, 1)
+	openInserted()
+	s.waitAcks(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	a.e.Stop(ctx) // the commit has settled
+	if got := bodies(r.pushes()); len(got) != 2 {
+		t.Fatalf("pushed %v: the held row was pushed twice", got)
+	}
+}
+
+// A held row found caught up as its commit settles is pushed then; if
+// its session's queue refuses the push it is given back with its batch's
+// later rows. A claim that starts in between must not take and push those
+// later rows (leased to this node, claimable) first.
+func TestHeldRowRefusedAsItSettles(t *testing.T) {
+	v, a, s, r, open, _ := held(t, []string{"old"})
+	g := v.queue.(*gatedQueue)
+	a.session(v, "other", "A/o")
+	openInserted := gate(&g.insertedGate)
+	t.Cleanup(openInserted)
+	inOneBatch(t, g, a, s, []string{"h0", "h1"}) // held: the hello claim is in flight
+	a.e.TestSignals.ClaimRound.Clear()
+	open() // the hello claim ends without them
+	assertOrder(t, r.waitPushes(t, 1), []string{"old"})
+	if _, ok := a.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(c delivery.ClaimRound) bool { return c.Members > 0 }); !ok {
+		t.Fatal("the hello claim did not end")
+	}
+	refused := false
+	r.onPush = func(p *delivery.Push) bool {
+		if p.Ciphertext != "h0" || refused {
+			return false
+		}
+		refused = true
+		// A claim round runs while h0 is being pushed, then h0 is refused.
+		a.e.TestSignals.ClaimRound.Clear()
+		a.e.WakeAll(delivery.ReasonSweep)
+		a.e.TestSignals.ClaimRound.WaitFor(10*time.Second, func(delivery.ClaimRound) bool { return true })
+		return true
+	}
+	openInserted()
+	assertOrder(t, r.waitPushes(t, 3), []string{"old", "h0", "h1"})
+}
+
+// marked waits until n more rows have been marked delivered.
+func marked(t *testing.T, a *node, n int) {
+	t.Helper()
+	total := 0
+	if _, ok := a.e.TestSignals.Marked.WaitFor(10*time.Second, func(m int) bool { total += m; return total >= n }); !ok {
+		t.Fatalf("%d of %d rows marked delivered", total, n)
 	}
 }
 

@@ -65,6 +65,10 @@ type Metrics struct {
 	// engine's set of rows it handled (which keeps a claim and an envelope
 	// from both pushing one) was at its bound.
 	HandledFull prometheus.Counter
+	// ClaimsGivenBack counts claims whose rows went back to the queue
+	// unpushed because a release of the member's rows began while they
+	// ran (they could have overtaken the released rows).
+	ClaimsGivenBack prometheus.Counter
 }
 
 // latencyBuckets span 100 µs to 30 s.
@@ -164,7 +168,9 @@ func New(reg prometheus.Registerer) *Metrics {
 		Name: "broker_delivery_mark_shrinks_total", Help: "Delivery-mark statements that ran out of time; the next ones write half the keys."})
 	m.HandledFull = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "broker_delivery_handled_set_full_total", Help: "Fast-path rows left to a claim because the set of rows the engine handled in the last two minutes was at its bound (262,144)."})
-	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.MarkShrinks, m.TakenOver, m.ParkedOverflow, m.HandledFull)
+	m.ClaimsGivenBack = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "broker_delivery_claims_given_back_total", Help: "Claims for a member whose rows went back unpushed because a release of its rows began while the claim ran (so as not to overtake them)."})
+	reg.MustRegister(m.ClaimShrinks, m.ClaimBudget, m.MarkShrinks, m.TakenOver, m.ParkedOverflow, m.HandledFull, m.ClaimsGivenBack)
 	// Pre-create the label values operators alert on, so they export 0.
 	for _, r := range []string{"malformed", "timestamp_skew", "bad_signature", "unauthorized", "capacity", "replayed", "hello_timeout"} {
 		m.ConnectionsRejected.WithLabelValues(r)
