@@ -69,13 +69,11 @@ type localMember struct {
 	// meanwhile, so none can take and push the row, or a later one of the
 	// member while this one's push is refused and given back, in between.
 	directing int
-	// settling counts this node's commits with a direct push for it
-	// (a local fast-path row) that have not settled yet. No claim starts
-	// meanwhile: such a row is written leased (no claim takes it) and
-	// pushed only once its commit settles, while its batch's later rows
-	// of the member, there for a claim (the session's room ran out), are
-	// claimable from the commit on: a claim in between would push them
-	// first. Fast paths are not held back by it.
+	// settling counts this node's commits pushing a held row of it as
+	// they settle (settleHeld) that have not settled yet. No claim starts
+	// meanwhile: the batch's later rows of the member are claimable, and a
+	// claim that took them while this push is refused and given back would
+	// push them first. Fast paths are not held back by it.
 	settling int
 	// gone are connections its sessions replaced on other nodes, whose
 	// rows its next takeover takes (takeover.go).
@@ -237,10 +235,8 @@ func (e *Engine) WakeAll(why Reason) {
 // it is for every later row of the member in the batch (mustHold) once one
 // is. blocked reports that the member's state or its sessions' room, not
 // their status, ruled the fast path out: later rows of the batch must not
-// take it either. The first direct push (not held) of a member in a batch
-// counts the member settling (direct records it) until the batch has
-// settled.
-func (e *Engine) fastPath(member string, priority int, taken map[Recipient]int, mustHold bool, direct map[string]bool) (r Recipient, hold, blocked bool) {
+// take it either.
+func (e *Engine) fastPath(member string, priority int, taken map[Recipient]int, mustHold bool) (r Recipient, hold, blocked bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	lm := e.members[member]
@@ -258,17 +254,13 @@ func (e *Engine) fastPath(member string, priority int, taken map[Recipient]int, 
 		}
 		takes = true
 		if r.Room()-taken[r]-len(lm.held) > 0 && !r.Closing() {
-			if !hold && !direct[member] {
-				direct[member] = true
-				lm.settling++
-			}
 			return r, hold, false
 		}
 	}
 	return nil, false, takes
 }
 
-// settled ends the settling of a batch's members (fastPath), once its
+// settled ends the settling of a batch's members (settleHeld), once its
 // commit has settled (pushed its rows, begun the releases of those
 // refused) or failed, and kicks the claims that waited for it.
 func (e *Engine) settled(members []string) {

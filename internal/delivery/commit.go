@@ -129,7 +129,8 @@ func (c *committer) reject(s *Send, code string) {
 // the fast-path rows and wakes local and remote recipients.
 func (c *committer) commit(ctx context.Context, batch []*Send) {
 	e := c.e
-	p, settling := c.plan(batch)
+	p := c.plan(batch)
+	var settling []string
 	defer func() {
 		e.settled(settling) // after settle's pushes and releases
 		e.TestSignals.Settled.Signal(len(batch))
@@ -169,14 +170,22 @@ func (c *committer) commit(ctx context.Context, batch []*Send) {
 // leased to that session and carried whole in an envelope (the remote fast
 // path: that node pushes it without a claim); others get a wake-up and
 // their node claims.
-func (c *committer) plan(batch []*Send) (_ *InsertParams, settling []string) {
+//
+// A member whose rows of the batch start with direct pushes and go on to
+// the claim path (its session's room ran out) gets those first rows
+// written leased to this node, as held rows are (see fastPath), not to the
+// session alone: the later rows are claimable from the commit on, while a
+// direct push waits for the batch to settle, and a claim in between would
+// push the later ones first. Claimable in order, the first rows go with
+// them, and the settle pushes what no claim took (settleHeld).
+func (c *committer) plan(batch []*Send) *InsertParams {
 	e := c.e
 	msgs := make([]NewMessage, len(batch))
-	taken := map[Recipient]int{} // queue room promised to this batch's direct pushes
-	direct := map[string]bool{}  // members with a direct push in this batch (settling)
-	holding := map[string]bool{} // members with a held row in this batch
+	taken := map[Recipient]int{}    // queue room promised to this batch's direct pushes
+	direct := map[string][][2]int{} // member → its direct (not held) rows so far: (send, recipient)
+	holding := map[string]bool{}    // members with a held row in this batch
 	blocked := map[string]bool{} // members with a row of this batch kept off the fast path
-	for _, s := range batch {
+	for i, s := range batch {
 		s.fast = make([]Recipient, len(s.Message.Recipients))
 		s.held = make([]bool, len(s.Message.Recipients))
 		for j := range s.Message.Recipients {
@@ -184,14 +193,23 @@ func (c *committer) plan(batch []*Send) (_ *InsertParams, settling []string) {
 			if blocked[member] {
 				continue
 			}
-			r, hold, block := e.fastPath(member, int(s.Message.Priority), taken, holding[member], direct)
+			r, hold, block := e.fastPath(member, int(s.Message.Priority), taken, holding[member])
 			if r == nil {
 				blocked[member] = block
+				for _, at := range direct[member] {
+					// A split: the direct rows before become held rows.
+					batch[at[0]].held[at[1]], holding[member] = true, true
+					batch[at[0]].Message.Recipients[at[1]].LeaseNode = e.leaseNode
+				}
+				delete(direct, member)
 				continue
 			}
 			taken[r]++
 			s.fast[j] = r
 			s.Message.Recipients[j].LeaseConn = r.ConnID()
+			if !hold {
+				direct[member] = append(direct[member], [2]int{i, j})
+			}
 			if hold {
 				// Leased to this node as a remote fast-path row is, so
 				// that any claim of this node still takes it in order.
@@ -227,12 +245,9 @@ func (c *committer) plan(batch []*Send) (_ *InsertParams, settling []string) {
 		}
 		msgs[i] = s.Message
 	}
-	for m := range direct {
-		settling = append(settling, m)
-	}
 	channels, payloads := relay.Notifications(now, remote)
 	return &InsertParams{Messages: msgs, TTL: e.cfg.MessageTTL, LeaseNode: e.leaseNode, Lease: e.cfg.LeaseDuration,
-		WakeChannels: channels, WakePayloads: payloads, Envelopes: envs}, settling
+		WakeChannels: channels, WakePayloads: payloads, Envelopes: envs}
 }
 
 // settle answers a committed batch. Each sender's ack is queued before any

@@ -60,7 +60,7 @@ func (lm *localMember) takeHeld() []heldRow {
 // member had a claim in flight): it holds it if the claim still runs,
 // leaves it to a claim if one is due, and pushes it now otherwise. It
 // reports false when the session's queue refused it, and settling when it
-// pushed (or tried to): the member then counts as settling (fastPath),
+// pushed (or tried to): the member then counts as settling (localMember),
 // and the caller ends that with settled once its batch has settled, so
 // that no claim takes the batch's later rows (claimable, like this one)
 // before this one is pushed or given back.
