@@ -184,7 +184,7 @@ func (c *committer) plan(batch []*Send) *InsertParams {
 	taken := map[Recipient]int{}    // queue room promised to this batch's direct pushes
 	direct := map[string][][2]int{} // member → its direct (not held) rows so far: (send, recipient)
 	holding := map[string]bool{}    // members with a held row in this batch
-	blocked := map[string]bool{} // members with a row of this batch kept off the fast path
+	blocked := map[string]bool{}    // members with a row of this batch kept off the fast path
 	for i, s := range batch {
 		s.fast = make([]Recipient, len(s.Message.Recipients))
 		s.held = make([]bool, len(s.Message.Recipients))
