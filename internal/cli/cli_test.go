@@ -546,6 +546,11 @@ func TestMCPCommand(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("mcp did not exit when stdin closed")
 	}
+	// send_message returns on the broker's ack, before bob's listener has
+	// written the push to his inbox: wait for the write, then stop it.
+	testkit.Eventually(t, 10*time.Second, "bob's listener stored it", func() bool {
+		return len(decode[[]client.Message](t, bob.ok("inbox", "--all", "--offline", "--json"))) > 0
+	})
 	listen.stop(t)
 	msgs := decode[[]client.Message](t, bob.ok("inbox", "--all", "--offline", "--json"))
 	if len(msgs) != 1 || msgs[0].Text != "from claude" {
