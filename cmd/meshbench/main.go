@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -63,6 +64,8 @@ type cli struct {
 	Plot    string `type:"path" placeholder:"out.png" help:"Write a PNG of the latency distribution (CDF, log time axis)."`
 	Quiet   bool   `short:"q" help:"No progress bar (there is none when stderr is not a terminal)."`
 	Verbose bool   `short:"v" help:"Log what happens (to stderr)."`
+
+	CPUProfile string `name:"cpu-profile" type:"path" placeholder:"gen.pprof" help:"Write a CPU profile of meshbench itself (the generator, not the brokers) for the run to this file."`
 }
 
 func main() {
@@ -164,6 +167,22 @@ func (c *cli) run() error {
 		opts.Meta["cluster"] = "existing: " + strings.Join(c.URL, " ")
 	}
 
+	if c.CPUProfile != "" {
+		f, err := os.Create(c.CPUProfile)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+			return err
+		}
+		defer func() {
+			pprof.StopCPUProfile()
+			if err := f.Close(); err != nil {
+				fmt.Fprintln(os.Stderr, "meshbench: cpu profile:", err)
+			}
+		}()
+	}
 	res, err := bench.Run(ctx, opts)
 	if res.Mode == "" {
 		return err

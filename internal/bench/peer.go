@@ -62,6 +62,7 @@ func dialPeer(ctx context.Context, index, node int, url string, id client.Identi
 		_ = c.CloseNow()
 		return nil, fmt.Errorf("peer %d hello on %s: %w", index, url, err)
 	}
+	c.Untyped()
 	return &peer{
 		index: index, node: node, conn: c,
 		acks: make(chan ackItem, ackBuffer), flushReq: make(chan chan struct{}),
@@ -70,7 +71,10 @@ func dialPeer(ctx context.Context, index, node int, url string, id client.Identi
 }
 
 // inbound holds the fields of the broker frames the reader looks at.
+// The reader parses each frame once, into this, type included (the
+// connection is Untyped after the hello).
 type inbound struct {
+	Type       string `json:"type"`
 	Subtype    string `json:"subtype"`
 	ID         string `json:"id"`
 	MessageID  string `json:"messageId"`
@@ -108,13 +112,16 @@ func (p *peer) readLoop(l *ledger) {
 }
 
 func (p *peer) handle(l *ledger, f client.Frame, at int64) {
-	switch f.Type {
+	var in inbound
+	if err := json.Unmarshal(f.Raw, &in); err != nil {
+		l.errorFrame("undecodable_frame")
+		return
+	}
+	if f.Type != "" {
+		in.Type = f.Type // decoded by the connection before it went untyped
+	}
+	switch in.Type {
 	case protocol.TypePush:
-		var in inbound
-		if err := json.Unmarshal(f.Raw, &in); err != nil {
-			l.errorFrame("undecodable_push")
-			return
-		}
 		if in.Subtype != "" {
 			return // a system event; not asked for, but not ours to count
 		}
@@ -123,15 +130,8 @@ func (p *peer) handle(l *ledger, f client.Frame, at int64) {
 			p.acks <- ackItem{messageID: in.MessageID}
 		}
 	case protocol.TypeAck:
-		var in inbound
-		if err := json.Unmarshal(f.Raw, &in); err != nil {
-			l.errorFrame("undecodable_ack")
-			return
-		}
 		l.ack(in.ID, at, in.Queued, in.Error)
 	case protocol.TypeError:
-		var in inbound
-		_ = json.Unmarshal(f.Raw, &in)
 		l.errorFrame(in.Code)
 	case protocol.TypePeersList:
 		var pl protocol.PeersList

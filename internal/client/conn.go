@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -86,9 +87,10 @@ var ErrClosed = errors.New("connection closed")
 // Conn is a broker connection. Reads happen on a background goroutine;
 // Next returns frames in arrival order.
 type Conn struct {
-	ws     *websocket.Conn
-	frames chan Frame
-	done   chan struct{}
+	ws      *websocket.Conn
+	frames  chan Frame
+	done    chan struct{}
+	untyped atomic.Bool // frames read from now on are not decoded for their Type
 
 	mu  sync.Mutex
 	err error
@@ -147,8 +149,12 @@ func (c *Conn) readLoop() {
 			c.mu.Unlock()
 			return
 		}
-		env, _ := protocol.DecodeEnvelope(data)
-		c.frames <- Frame{Type: env.Type, Raw: data}
+		f := Frame{Raw: data}
+		if !c.untyped.Load() {
+			env, _ := protocol.DecodeEnvelope(data)
+			f.Type = env.Type
+		}
+		c.frames <- f
 	}
 }
 
@@ -179,6 +185,12 @@ func (c *Conn) Next(ctx context.Context) (Frame, error) {
 		return Frame{}, ctx.Err()
 	}
 }
+
+// Untyped stops decoding frames for their Type: frames read after it
+// have an empty Type, for a reader that parses each frame in full anyway
+// (the load generator, which would otherwise parse every push twice).
+// Frames already waiting keep theirs.
+func (c *Conn) Untyped() { c.untyped.Store(true) }
 
 // Frames exposes the frame channel (closed when the connection ends).
 func (c *Conn) Frames() <-chan Frame { return c.frames }
