@@ -29,6 +29,8 @@ type Cache struct {
 	sf      singleflight.Group
 	evicted func() // counts lists dropped because the cache was full
 	max     int
+	// lookupTimeout is lookupTimeout, shortened by tests.
+	lookupTimeout time.Duration
 	// Background, when set, runs a reload of an expired list behind the
 	// send that found it (the server's loops, which end with it; false when
 	// refused). Nil: sends wait for the reload, as hellos do. Set before
@@ -52,10 +54,24 @@ type meshMembers struct {
 	byPubkey map[string]store.Member
 }
 
+// lookupTimeout bounds a statement the cache runs for a caller whose
+// context has no deadline of its own (a send: the session's context).
+// Such callers pass their context as it is, so that an answer from the
+// cache, nearly every one, costs no timer.
+const lookupTimeout = 5 * time.Second
+
+// bound gives ctx the cache's lookup bound when it has none.
+func (c *Cache) bound(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, c.lookupTimeout)
+}
+
 // New makes a cache; evicted (optional) counts lists dropped because it
 // was full.
 func New(st Store, evicted func()) *Cache {
-	return &Cache{store: st, evicted: evicted, max: maxCachedMeshes, meshes: map[string]*meshMembers{}, refreshing: map[string]bool{}}
+	return &Cache{store: st, evicted: evicted, max: maxCachedMeshes, lookupTimeout: lookupTimeout, meshes: map[string]*meshMembers{}, refreshing: map[string]bool{}}
 }
 
 func (c *Cache) get(ctx context.Context, mesh string, maxAge time.Duration) (*meshMembers, error) {
@@ -66,6 +82,8 @@ func (c *Cache) get(ctx context.Context, mesh string, maxAge time.Duration) (*me
 		return mm, nil
 	}
 	v, err, _ := c.sf.Do(mesh, func() (any, error) {
+		ctx, cancel := c.bound(ctx)
+		defer cancel()
 		all, err := c.store.MeshMembers(ctx, mesh)
 		if err != nil {
 			return nil, err
@@ -159,6 +177,8 @@ func (c *Cache) byPubkeyIn(ctx context.Context, mm *meshMembers, mesh, pubkey st
 	if m, ok := mm.byPubkey[pubkey]; ok {
 		return m, nil
 	}
+	ctx, cancel := c.bound(ctx)
+	defer cancel()
 	m, err := c.store.MemberByPubkey(ctx, mesh, pubkey)
 	if err != nil {
 		return store.Member{}, err

@@ -282,3 +282,46 @@ func TestExpireAllAfterReconnect(t *testing.T) {
 		t.Fatalf("after the reload: %v, %v", all, err)
 	}
 }
+
+// silentStore answers no lookup before its caller's context ends.
+type silentStore struct{}
+
+func (silentStore) MeshMembers(ctx context.Context, _ string) ([]store.Member, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+func (silentStore) MemberByPubkey(ctx context.Context, _, _ string) (store.Member, error) {
+	<-ctx.Done()
+	return store.Member{}, ctx.Err()
+}
+
+// A send passes its session's context, which has no deadline: a lookup
+// that reaches a Postgres that does not answer is still bounded, and the
+// send refused as unavailable. A caller's own deadline is kept.
+func TestLookupBoundedWithoutADeadline(t *testing.T) {
+	c := New(silentStore{}, nil)
+	c.lookupTimeout = 50 * time.Millisecond
+	pubkey := hex.EncodeToString(make([]byte, 32))
+	for _, spec := range []string{pubkey, "*"} {
+		done := make(chan string, 1)
+		go func() {
+			_, code := c.Targets(context.Background(), "m", "sender", spec, nil)
+			done <- code
+		}()
+		select {
+		case code := <-done:
+			if code != "unavailable" {
+				t.Fatalf("target %q: code %q, want unavailable", spec, code)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("target %q: lookup not bounded", spec)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
+	defer cancel()
+	got, _ := c.bound(ctx)
+	if got != ctx {
+		t.Fatal("a caller's deadline was replaced")
+	}
+}

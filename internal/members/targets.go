@@ -12,7 +12,9 @@ import (
 // on write: a broadcast reaches offline members too), or names the error
 // code the send is refused with. sender is the sending member, never its
 // own recipient by broadcast or group; group lists the members of a mesh
-// with a live session in a group (presence.Replica.GroupMembers).
+// with a live session in a group (presence.Replica.GroupMembers). A lookup
+// that reaches Postgres is bounded by ctx's deadline, or by lookupTimeout
+// when ctx has none.
 func (c *Cache) Targets(ctx context.Context, mesh, sender, spec string, group func(mesh, name string) []string) (ids []string, code string) {
 	kind, arg := protocol.ParseTarget(spec)
 	switch kind {

@@ -2,6 +2,8 @@ package protocol_test
 
 import (
 	"errors"
+	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/claudemesh/broker/internal/protocol"
@@ -51,4 +53,28 @@ func TestLowerHex(t *testing.T) {
 			t.Errorf("LowerHex(%q) = %q, want %q", in, got, want)
 		}
 	}
+}
+
+// The hex checks agree with the regular expressions they replaced.
+func FuzzHexChecks(f *testing.F) {
+	pub := regexp.MustCompile(`^[0-9a-fA-F]{64}$`)
+	sig := regexp.MustCompile(`^[0-9a-fA-F]{128}$`)
+	for _, s := range []string{"", strings.Repeat("a", 64), strings.Repeat("F", 64), strings.Repeat("0", 128), strings.Repeat("g", 64), strings.Repeat("a", 63) + "\n", strings.Repeat("é", 32)} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		cands := []string{s}
+		for _, n := range []int{64, 128} { // also s cut or padded to the lengths that matter
+			c := s
+			if len(c) < n {
+				c += strings.Repeat("a", n-len(c))
+			}
+			cands = append(cands, c[:n])
+		}
+		for _, c := range cands {
+			if protocol.IsPubkeyHex(c) != pub.MatchString(c) || protocol.IsSignatureHex(c) != sig.MatchString(c) {
+				t.Fatalf("%q: IsPubkeyHex %v, IsSignatureHex %v", c, protocol.IsPubkeyHex(c), protocol.IsSignatureHex(c))
+			}
+		}
+	})
 }
