@@ -26,6 +26,7 @@ type Metrics struct {
 	CommitToPush        prometheus.Histogram
 	CommitDuration      prometheus.Histogram
 	CommitBatchSize     prometheus.Histogram
+	FramesPerWrite      prometheus.Histogram
 	Claims              *prometheus.CounterVec // reason: local, notify, backlog, sweep, status, reattach
 	Recovered           *prometheus.CounterVec // via: backlog, sweep
 	SlowConsumers       prometheus.Counter
@@ -110,6 +111,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "broker_send_commit_seconds", Help: "Duration of one group commit of sends.", Buckets: latencyBuckets}),
 		CommitBatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "broker_send_batch_size", Help: "Messages per group commit.", Buckets: prometheus.ExponentialBuckets(1, 2, 12)}),
+		FramesPerWrite: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "broker_ws_frames_per_write", Help: "Frames a session's write loop handed the kernel in one write (corked).", Buckets: prometheus.ExponentialBuckets(1, 2, 10)}),
 		Claims: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "broker_delivery_claims_total", Help: "Delivery rows handed to a session, by what triggered the claim."}, []string{"reason"}),
 		Recovered: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -144,7 +147,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	reg.MustRegister(
 		m.ConnectionsTotal, m.ConnectionsRejected, m.ConnectionsActive, m.MessagesRouted, m.MessagesRejected,
 		m.MessagesDelivered, m.MessagesExpired, m.QueueDepth, m.TTLSweeps, m.StatusFlips, m.HookRequests,
-		m.HookRateLimited, m.DBHealthy, m.CommitToPush, m.CommitDuration, m.CommitBatchSize, m.Claims,
+		m.HookRateLimited, m.DBHealthy, m.CommitToPush, m.CommitDuration, m.CommitBatchSize, m.FramesPerWrite, m.Claims,
 		m.Recovered, m.SlowConsumers, m.ClientCloses, m.ClusterMembers, m.PresenceEntries, m.RelaySent,
 		m.RelayReceived, m.RelayLag, m.RelayReconnects, m.GossipDropped, m.AuditDropped, m.LimiterEvicted, m.MemberCacheEvicted, m.ClockOffset,
 		collectors.NewGoCollector(),

@@ -104,6 +104,7 @@ func (f frame) Dropped() { f.dropped() }
 type session struct {
 	s      *Server
 	conn   *websocket.Conn
+	cc     *corkConn  // conn's connection, corked by the write loop
 	evMu   sync.Mutex // orders system events after the hello_ack (register)
 	id     string     // connection id; leases name it
 	remote string     // client address (clientaddr), for logs and audit
@@ -165,12 +166,12 @@ type session struct {
 	closeReason string
 }
 
-func (s *Server) newSession(conn *websocket.Conn, remote, addrKey string) *session {
+func (s *Server) newSession(conn *websocket.Conn, cc *corkConn, remote, addrKey string) *session {
 	ctx, cancel := context.WithCancel(s.conns.Context())
 	id := strings.ToLower(s.node) + "/" + store.NewID()
 	slots := min(maxSendsInFlight, max(1, s.cfg.SendQueueLen/4))
 	ss := &session{
-		s: s, conn: conn, id: id, remote: remote, addrKey: addrKey, ctx: ctx, cancel: cancel,
+		s: s, conn: conn, cc: cc, id: id, remote: remote, addrKey: addrKey, ctx: ctx, cancel: cancel,
 		q:         outbox.New[frame](s.cfg.SendQueueLen, s.cfg.SendQueueBytes),
 		done:      make(chan struct{}),
 		torn:      make(chan struct{}),
@@ -208,7 +209,8 @@ func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var ss *session
-	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+	cw := &corkingWriter{ResponseWriter: w}
+	conn, err := websocket.Accept(cw, r, &websocket.AcceptOptions{
 		// Clients authenticate by signature, not cookies: any origin may connect.
 		InsecureSkipVerify: true,
 		OnPongReceived: func(context.Context, []byte) {
@@ -223,7 +225,7 @@ func (s *Server) ServeWS(w http.ResponseWriter, r *http.Request) {
 	}
 	conn.SetReadLimit(int64(s.cfg.MaxMessageBytes))
 	s.m.ConnectionsTotal.Inc()
-	ss = s.newSession(conn, addr.String(), key)
+	ss = s.newSession(conn, cw.conn, addr.String(), key)
 	s.mu.Lock()
 	s.sessions[ss] = struct{}{}
 	s.mu.Unlock()
@@ -511,36 +513,10 @@ func (ss *session) writeLoop() {
 				ss.s.engine.Kick() // room again: claim what waits
 			}
 			delivered = delivered[:0]
-			for i := range buf {
-				if p := buf[i].push; p != nil {
-					if p.after != nil {
-						ss.waitAck(p)
-					}
-					ss.signalFrame("push", p.key.MessageID)
-				}
-				if err := ss.write(buf[i].data); err != nil {
-					for j := i; j < len(buf); j++ {
-						buf[j].dropped()
-					}
-					ss.writeFailed(err)
-					ss.finishClose()
-					return
-				}
-				ss.q.Written(len(buf[i].data))
-				if buf[i].slot {
-					ss.signalFrame("ack", buf[i].ackOf)
-				}
-				buf[i].dropped() // written: what waits on it may go
-				if buf[i].slot {
-					ss.releaseSlot()
-				}
-				if p := buf[i].push; p != nil {
-					ss.pushed(p)
-					if !ss.clientAck {
-						delivered = append(delivered, p.key)
-					}
-				}
-				buf[i] = frame{}
+			if err := ss.writeBatch(buf, &delivered); err != nil {
+				ss.writeFailed(err)
+				ss.finishClose()
+				return
 			}
 			if len(delivered) > 0 {
 				// Without client_ack a written push counts as delivery.
@@ -589,6 +565,89 @@ func (ss *session) waitAck(p *pushMeta) {
 	}
 }
 
+// writeBatch writes frames taken from the queue, corked: they reach the
+// kernel together, at most corkFlushBytes at a time, and count as written
+// (acks freeing their send slots and the pushes waiting on them, pushes
+// counted as delivered without client_ack) only once they did. A push
+// whose sender's ack is not written yet sends what came before it first,
+// so that two sessions never wait on each other's corked acks. On error
+// every frame not yet on the wire is dropped.
+func (ss *session) writeBatch(buf []frame, delivered *[]delivery.Key) error {
+	lo := 0 // buf[lo:i] is written to the cork, not yet to the kernel
+	fail := func(err error) error {
+		for j := lo; j < len(buf); j++ {
+			buf[j].dropped()
+		}
+		return err
+	}
+	ss.cc.cork()
+	for i := range buf {
+		if p := buf[i].push; p != nil {
+			if p.after != nil && !isClosed(p.after) {
+				if err := ss.uncork(buf[lo:i], delivered); err != nil {
+					return fail(err)
+				}
+				lo = i
+				ss.waitAck(p)
+				ss.cc.cork()
+			}
+			ss.signalFrame("push", p.key.MessageID)
+		}
+		if err := ss.write(buf[i].data); err != nil {
+			return fail(err)
+		}
+		if ss.cc.buffered() >= corkFlushBytes {
+			if err := ss.uncork(buf[lo:i+1], delivered); err != nil {
+				return fail(err)
+			}
+			lo = i + 1
+			ss.cc.cork()
+		}
+	}
+	if err := ss.uncork(buf[lo:], delivered); err != nil {
+		return fail(err)
+	}
+	return nil
+}
+
+// uncork puts the corked frames on the wire and then counts them written.
+func (ss *session) uncork(frames []frame, delivered *[]delivery.Key) error {
+	if err := ss.cc.uncork(writeTimeout); err != nil {
+		return err
+	}
+	if len(frames) > 0 {
+		ss.s.m.FramesPerWrite.Observe(float64(len(frames)))
+	}
+	for i := range frames {
+		f := &frames[i]
+		ss.q.Written(len(f.data))
+		if f.slot {
+			ss.signalFrame("ack", f.ackOf)
+		}
+		f.dropped() // written: what waits on it may go
+		if f.slot {
+			ss.releaseSlot()
+		}
+		if p := f.push; p != nil {
+			ss.pushed(p)
+			if !ss.clientAck {
+				*delivered = append(*delivered, p.key)
+			}
+		}
+		*f = frame{}
+	}
+	return nil
+}
+
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
 func (ss *session) write(data []byte) error {
 	return ss.conn.Write(ss.writeCtx(), websocket.MessageText, data)
 }
@@ -611,7 +670,7 @@ func (ss *session) writeCtx() context.Context {
 }
 
 func (ss *session) writeFailed(err error) {
-	if errors.Is(err, context.DeadlineExceeded) {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, errCorkTimeout) {
 		ss.s.m.SlowConsumers.Inc()
 		// The timeout closed the socket, which may have ended the read
 		// loop first with a reasonless close: the cause to report is
