@@ -115,6 +115,7 @@ func (p *Partition) filterPackets() {
 	for {
 		select {
 		case <-p.stop:
+			p.drainPackets(in)
 			return
 		case pkt, ok := <-in:
 			if !ok {
@@ -126,8 +127,23 @@ func (p *Partition) filterPackets() {
 			select {
 			case p.packets <- pkt:
 			case <-p.stop:
+				p.drainPackets(in)
 				return
 			}
+		}
+	}
+}
+
+// drainPackets drops the packets the wrapped transport still hands over
+// while it shuts down: memberlist's NetTransport hands a packet it read
+// over with no way out, so its Shutdown, which waits for its listeners,
+// would never return.
+func (p *Partition) drainPackets(in <-chan *memberlist.Packet) {
+	for {
+		select {
+		case <-in:
+		case <-p.shut:
+			return
 		}
 	}
 }
