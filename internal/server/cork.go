@@ -2,6 +2,7 @@ package server
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"net"
 	"net/http"
@@ -68,7 +69,10 @@ func (c *corkConn) buffered() int {
 
 // uncork writes what was collected, within timeout, and stops collecting.
 // A peer that does not take it in time is a slow consumer (errCorkTimeout).
-func (c *corkConn) uncork(timeout time.Duration) error {
+// The write also ends when ctx does (the session closing: its error is
+// ctx's), as coder/websocket's own writes do; the connection then takes no
+// more writes.
+func (c *corkConn) uncork(ctx context.Context, timeout time.Duration) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.corked {
@@ -87,7 +91,17 @@ func (c *corkConn) uncork(timeout time.Duration) error {
 		return c.err
 	}
 	_ = c.Conn.SetWriteDeadline(time.Now().Add(timeout))
+	stop := context.AfterFunc(ctx, func() { _ = c.Conn.SetWriteDeadline(time.Now()) })
 	_, err := c.Conn.Write(*buf)
+	if !stop() {
+		// ctx ended: its deadline may land after any reset below, so no
+		// write may follow.
+		c.err = ctx.Err()
+		if err == nil {
+			return nil // the batch went out; later writes fail with c.err
+		}
+		return c.err
+	}
 	_ = c.Conn.SetWriteDeadline(time.Time{})
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -96,6 +110,21 @@ func (c *corkConn) uncork(timeout time.Duration) error {
 		c.err = err
 	}
 	return err
+}
+
+// discard drops what was collected and stops collecting: the frames failed
+// before they reached the kernel, and what the connection writes next (a
+// close frame) must not wait behind them.
+func (c *corkConn) discard() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.corked {
+		return
+	}
+	c.corked = false
+	*c.buf = (*c.buf)[:0]
+	corkBufs.Put(c.buf)
+	c.buf = nil
 }
 
 // corkingWriter hands websocket.Accept a corkConn when it hijacks the

@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"net"
 	"sync"
@@ -48,17 +49,17 @@ func TestCorkedWritesGoOutAsOne(t *testing.T) {
 	if len(rc.got()) != 1 || c.buffered() != 4 {
 		t.Fatalf("corked: %d writes reached the connection, %d bytes buffered", len(rc.got()), c.buffered())
 	}
-	if err := c.uncork(time.Second); err != nil {
+	if err := c.uncork(context.Background(), time.Second); err != nil {
 		t.Fatal(err)
 	}
 	if w := rc.got(); len(w) != 2 || string(w[1]) != "bcde" {
 		t.Fatalf("writes after uncork: %q", w)
 	}
-	if err := c.uncork(time.Second); err != nil || len(rc.got()) != 2 {
+	if err := c.uncork(context.Background(), time.Second); err != nil || len(rc.got()) != 2 {
 		t.Fatalf("a second uncork: %v, %d writes", err, len(rc.got()))
 	}
 	c.cork()
-	if err := c.uncork(time.Second); err != nil || len(rc.got()) != 2 {
+	if err := c.uncork(context.Background(), time.Second); err != nil || len(rc.got()) != 2 {
 		t.Fatalf("an empty batch wrote: %v, %d writes", err, len(rc.got()))
 	}
 }
@@ -76,7 +77,7 @@ func TestCorkTimeoutIsASlowConsumer(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	err := c.uncork(50 * time.Millisecond)
+	err := c.uncork(context.Background(), 50*time.Millisecond)
 	if !errors.Is(err, errCorkTimeout) {
 		t.Fatalf("uncork to a stuck peer: %v, want errCorkTimeout", err)
 	}
@@ -85,5 +86,52 @@ func TestCorkTimeoutIsASlowConsumer(t *testing.T) {
 	}
 	if _, err := c.Write([]byte("x")); err == nil {
 		t.Fatal("a write after the failed uncork succeeded")
+	}
+}
+
+// A session that closes while its batch is stuck on a peer that takes
+// nothing does not wait out the write timeout: the write ends with the
+// session's context, and nothing is written after it.
+func TestUncorkEndsWithTheSession(t *testing.T) {
+	a, b := net.Pipe() // b is never read
+	defer a.Close()
+	defer b.Close()
+	c := &corkConn{Conn: a}
+	c.cork()
+	if _, err := c.Write(make([]byte, 1024)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.uncork(ctx, time.Hour) }()
+	cancel()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("uncork: %v, want context.Canceled", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("uncork outlived its session")
+	}
+	if _, err := c.Write([]byte("x")); err == nil {
+		t.Fatal("a write after the session ended succeeded")
+	}
+}
+
+// Frames that failed before they reached the kernel are dropped, and the
+// close frame that follows goes out at once.
+func TestDiscardedCorkWritesThrough(t *testing.T) {
+	rc := &recConn{}
+	c := &corkConn{Conn: rc}
+	c.cork()
+	if _, err := c.Write([]byte("lost")); err != nil {
+		t.Fatal(err)
+	}
+	c.discard()
+	if _, err := c.Write([]byte("close")); err != nil {
+		t.Fatal(err)
+	}
+	if w := rc.got(); len(w) != 1 || string(w[0]) != "close" {
+		t.Fatalf("writes: %q", w)
 	}
 }

@@ -575,6 +575,7 @@ func (ss *session) waitAck(p *pushMeta) {
 func (ss *session) writeBatch(buf []frame, delivered *[]delivery.Key) error {
 	lo := 0 // buf[lo:i] is written to the cork, not yet to the kernel
 	fail := func(err error) error {
+		ss.cc.discard()
 		for j := lo; j < len(buf); j++ {
 			buf[j].dropped()
 		}
@@ -612,7 +613,7 @@ func (ss *session) writeBatch(buf []frame, delivered *[]delivery.Key) error {
 
 // uncork puts the corked frames on the wire and then counts them written.
 func (ss *session) uncork(frames []frame, delivered *[]delivery.Key) error {
-	if err := ss.cc.uncork(writeTimeout); err != nil {
+	if err := ss.cc.uncork(ss.ctx, writeTimeout); err != nil {
 		return err
 	}
 	if len(frames) > 0 {
