@@ -14,7 +14,7 @@ import (
 	"github.com/claudemesh/broker/internal/testkit"
 )
 
-// writeTimeout is the broker's bound on one frame write (server package).
+// writeTimeout is the broker's bound on writing one batch of frames (server package).
 const writeTimeout = 10 * time.Second
 
 // slowState describes what the node knows of a stuck member, for a

@@ -31,6 +31,15 @@ const corkFlushBytes = 64 << 10
 
 var corkBufs = sync.Pool{New: func() any { b := make([]byte, 0, corkFlushBytes+8<<10); return &b }}
 
+// putCorkBuf gives a buffer back to corkBufs, unless one huge frame grew
+// it.
+func putCorkBuf(buf *[]byte) {
+	*buf = (*buf)[:0]
+	if cap(*buf) <= 4*corkFlushBytes {
+		corkBufs.Put(buf)
+	}
+}
+
 // errCorkTimeout is a batch the peer did not take within writeTimeout.
 var errCorkTimeout = errors.New("write timed out")
 
@@ -81,12 +90,7 @@ func (c *corkConn) uncork(ctx context.Context, timeout time.Duration) error {
 	c.corked = false
 	buf := c.buf
 	c.buf = nil
-	defer func() {
-		*buf = (*buf)[:0]
-		if cap(*buf) <= 4*corkFlushBytes { // one huge frame's buffer is not kept
-			corkBufs.Put(buf)
-		}
-	}()
+	defer putCorkBuf(buf)
 	if c.err != nil || len(*buf) == 0 {
 		return c.err
 	}
@@ -122,8 +126,7 @@ func (c *corkConn) discard() {
 		return
 	}
 	c.corked = false
-	*c.buf = (*c.buf)[:0]
-	corkBufs.Put(c.buf)
+	putCorkBuf(c.buf)
 	c.buf = nil
 }
 

@@ -64,18 +64,24 @@ func TestCorkedWritesGoOutAsOne(t *testing.T) {
 	}
 }
 
-// A peer that takes nothing: the uncork gives up at its timeout with
-// errCorkTimeout (the session counts a slow consumer), and every write
-// after it fails.
-func TestCorkTimeoutIsASlowConsumer(t *testing.T) {
+// stuckCork is a corked connection holding a frame for a peer that never
+// reads.
+func stuckCork(t *testing.T) *corkConn {
 	a, b := net.Pipe() // b is never read
-	defer a.Close()
-	defer b.Close()
+	t.Cleanup(func() { a.Close(); b.Close() })
 	c := &corkConn{Conn: a}
 	c.cork()
 	if _, err := c.Write(make([]byte, 1024)); err != nil {
 		t.Fatal(err)
 	}
+	return c
+}
+
+// A peer that takes nothing: the uncork gives up at its timeout with
+// errCorkTimeout (the session counts a slow consumer), and every write
+// after it fails.
+func TestCorkTimeoutIsASlowConsumer(t *testing.T) {
+	c := stuckCork(t)
 	start := time.Now()
 	err := c.uncork(context.Background(), 50*time.Millisecond)
 	if !errors.Is(err, errCorkTimeout) {
@@ -93,14 +99,7 @@ func TestCorkTimeoutIsASlowConsumer(t *testing.T) {
 // nothing does not wait out the write timeout: the write ends with the
 // session's context, and nothing is written after it.
 func TestUncorkEndsWithTheSession(t *testing.T) {
-	a, b := net.Pipe() // b is never read
-	defer a.Close()
-	defer b.Close()
-	c := &corkConn{Conn: a}
-	c.cork()
-	if _, err := c.Write(make([]byte, 1024)); err != nil {
-		t.Fatal(err)
-	}
+	c := stuckCork(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- c.uncork(ctx, time.Hour) }()

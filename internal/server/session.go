@@ -29,9 +29,8 @@ const maxSendsInFlight = 256
 // maxReplyRoom is the queue room kept for replies other than acks.
 const maxReplyRoom = 16
 
-// writeTimeout bounds one frame write (between half of it and all of it:
-// writeCtx); a peer that cannot take a frame in this long is a slow
-// consumer.
+// writeTimeout bounds the write of one corked batch (uncork); a peer that
+// cannot take it in this long is a slow consumer.
 const writeTimeout = 10 * time.Second
 
 // frame is one queued outgoing WebSocket message.
@@ -129,14 +128,9 @@ type session struct {
 	nextPing atomic.Int64
 
 	q       *outbox.Queue[frame]
-	writing atomic.Bool // a write loop is running (started on demand)
-	// The context writes run under (writeCtx), owned by whichever write
-	// loop holds the writing mark.
-	wctx      context.Context
-	wcancel   context.CancelFunc
-	wdeadline time.Time
-	done      chan struct{} // closed once the socket is closed
-	torn      chan struct{} // closed once teardown has run (leases given back, audited)
+	writing atomic.Bool   // a write loop is running (started on demand)
+	done    chan struct{} // closed once the socket is closed
+	torn    chan struct{} // closed once teardown has run (leases given back, audited)
 
 	// helloDecided is set by the first of: the hello accepted (register),
 	// the hello rejected, the hello timeout. The others then do nothing.
@@ -649,33 +643,19 @@ func isClosed(c <-chan struct{}) bool {
 	}
 }
 
+// write hands a frame to coder/websocket. The write loop has the
+// connection corked, so the frame reaches the socket only in uncork, which
+// bounds it by writeTimeout; the session's end ends both.
 func (ss *session) write(data []byte) error {
-	return ss.conn.Write(ss.writeCtx(), websocket.MessageText, data)
-}
-
-// writeCtx is the context a frame is written under: one context, and one
-// timer, for every frame written in half a writeTimeout (a timer per
-// frame was 6% of a node's CPU in a burst). Every frame still gets at
-// least writeTimeout/2 and at most writeTimeout; a frame that takes
-// longer is a slow consumer's. The session's end cancels it.
-func (ss *session) writeCtx() context.Context {
-	now := time.Now()
-	if ss.wctx == nil || ss.wdeadline.Sub(now) < writeTimeout/2 {
-		if ss.wcancel != nil {
-			ss.wcancel()
-		}
-		ss.wdeadline = now.Add(writeTimeout)
-		ss.wctx, ss.wcancel = context.WithDeadline(ss.ctx, ss.wdeadline)
-	}
-	return ss.wctx
+	return ss.conn.Write(ss.ctx, websocket.MessageText, data)
 }
 
 func (ss *session) writeFailed(err error) {
-	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, errCorkTimeout) {
+	if errors.Is(err, errCorkTimeout) {
 		ss.s.m.SlowConsumers.Inc()
-		// The timeout closed the socket, which may have ended the read
-		// loop first with a reasonless close: the cause to report is
-		// still the slow consumer.
+		// The stuck write may have ended the read loop first with a
+		// reasonless close: the cause to report is still the slow
+		// consumer.
 		ss.mu.Lock()
 		if !ss.closing || ss.closeReason == "" {
 			ss.closing, ss.flushFirst = true, false
